@@ -1,0 +1,5 @@
+import sys
+
+from qgdist.cli import main
+
+sys.exit(main())

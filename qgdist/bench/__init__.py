@@ -1,0 +1,1 @@
+"""Benchmarks (``qgdist bench ...``): ratios measured side by side in one run, never timed tests."""

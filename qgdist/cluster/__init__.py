@@ -1,0 +1,1 @@
+"""Operating on clusters: Ray job submission and KubeRay."""

@@ -1,0 +1,114 @@
+"""``manifest.json``: the table of contents of a converted dataset, written last and atomically.
+
+A directory of shards is a dataset only once its manifest exists; a conversion that dies midway leaves none, so
+nothing downstream ever reads a half-written dataset. Layout (``schema_version`` 1)::
+
+    {
+      "schema_version": 1,
+      "source": "cms" | "energyflow",
+      "kind": "image" | "cloud",
+      "dtype": "float32" | "float16",
+      "label_convention": "cms: y=0 is quark, y=1 is gluon",
+      "inputs": ["file:///.../a.parquet", ...],
+      "split_fractions": {"train": 0.8, "val": 0.1, "test": 0.1},
+      "shards": [{"name": "train-000000.tar", "split": "train", "samples": 812, "bytes": 2345, "sha256": "..."}],
+      "splits": {"train": {"shards": 9, "samples": 8012, "bytes": ...}, "val": {...}, "test": {...}},
+      "rows": {"in": 10000, "written": 9990, "rejected": 10},
+      "quarantine": [{"file": "a.parquet", "row": 17, "field": "X_jets", "reason": "NaN"}],
+      "stats": {...}   # normalisation statistics from the train split only, see below
+    }
+
+``stats`` (train split only)::
+
+    {"samples": 8012,
+     "jet": {"log_pt": {"mean": m, "std": s}, "mass": {"mean": m, "std": s}},
+     "image":    {"channel_mean": [3 floats], "channel_std": [3 floats]},              # image datasets
+     "particle": {"features": ["deta", "dphi", ...], "mean": [...], "std": [...]}}    # cloud datasets
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import fsspec
+
+from qgdist.data.shards.schema import SCHEMA_VERSION
+
+MANIFEST_NAME = "manifest.json"
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class ShardInfo:
+    name: str
+    split: str
+    samples: int
+    bytes: int
+    sha256: str
+
+
+@dataclass
+class Manifest:
+    source: str
+    kind: str
+    dtype: str
+    label_convention: str
+    inputs: list[str]
+    split_fractions: dict[str, float]
+    shards: list[ShardInfo]
+    rows: dict[str, int]
+    quarantine: list[dict[str, Any]] = field(default_factory=list)
+    stats: dict[str, Any] = field(default_factory=dict)
+    schema_version: int = SCHEMA_VERSION
+
+    @property
+    def splits(self) -> dict[str, dict[str, int]]:
+        totals = {s: {"shards": 0, "samples": 0, "bytes": 0} for s in SPLITS}
+        for shard in self.shards:
+            t = totals.setdefault(shard.split, {"shards": 0, "samples": 0, "bytes": 0})
+            t["shards"] += 1
+            t["samples"] += shard.samples
+            t["bytes"] += shard.bytes
+        return totals
+
+    def shards_of(self, split: str) -> list[ShardInfo]:
+        return [s for s in self.shards if s.split == split]
+
+    def to_json(self) -> str:
+        doc = asdict(self)
+        doc["splits"] = self.splits
+        return json.dumps(doc, indent=1, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str, where: str = "manifest.json") -> "Manifest":
+        doc = json.loads(text)
+        version = doc.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise ValueError(f"{where}: schema_version {version!r}, this qgdist reads {SCHEMA_VERSION}")
+        doc.pop("splits", None)
+        doc["shards"] = [ShardInfo(**s) for s in doc["shards"]]
+        return cls(**doc)
+
+
+def write_manifest(manifest: Manifest, directory: str) -> str:
+    """Write ``directory/manifest.json`` atomically (temporary name, then rename); returns its URL."""
+    fs, root = fsspec.core.url_to_fs(directory)
+    final = posixpath.join(root, MANIFEST_NAME)
+    tmp = final + ".tmp"
+    with fs.open(tmp, "w") as f:
+        f.write(manifest.to_json())
+    fs.mv(tmp, final)
+    return final
+
+
+def read_manifest(directory: str) -> Manifest:
+    """Read the manifest of a converted dataset (local path or any fsspec URL)."""
+    fs, root = fsspec.core.url_to_fs(directory)
+    path = posixpath.join(root, MANIFEST_NAME)
+    if not fs.exists(path):
+        raise FileNotFoundError(f"{directory}: no {MANIFEST_NAME} (not a converted dataset, or conversion unfinished)")
+    with fs.open(path, "r") as f:
+        return Manifest.from_json(f.read(), where=path)

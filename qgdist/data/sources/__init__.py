@@ -1,0 +1,1 @@
+"""Streaming readers of the two public source formats."""

@@ -1,0 +1,101 @@
+"""Writers for the two public source formats, quirks included, shared by the toy and Pythia generators.
+
+* CMS End-to-End parquet: columns ``X_jets`` (list<list<list<double>>>, 3x125x125), ``pt``, ``m0``, ``y`` (all
+  double), **one row group per jet** (the original writer called ``write_table`` once per jet), nested list items
+  named ``item`` (older pyarrow) unless told ``element``; ``y = 1`` means gluon.
+* EnergyFlow npz: ``X`` float64 (N, M, 4) = (pt, rapidity, phi, pdgid) zero-padded to the file's own maximum
+  multiplicity M, ``y`` float64 with ``y = 1`` quark; members stored or deflated (``compress``).
+
+Both writers are atomic: they write a temporary name and rename it, so a reader never sees half a file.
+"""
+
+from __future__ import annotations
+
+import posixpath
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+
+def _nested_list(values: np.ndarray, item_name: str) -> pa.Array:
+    """(n, C, H, W) float64 -> list<list<list<double>>> with list items named ``item_name``."""
+    n, c, h, w = values.shape
+    t_inner = pa.list_(pa.field(item_name, pa.float64()))
+    t_mid = pa.list_(pa.field(item_name, t_inner))
+    t_outer = pa.list_(pa.field(item_name, t_mid))
+    flat = pa.array(np.ascontiguousarray(values, dtype=np.float64).reshape(-1))
+    inner = pa.ListArray.from_arrays(pa.array(np.arange(0, n * c * h * w + 1, w, dtype=np.int32)), flat, type=t_inner)
+    mid = pa.ListArray.from_arrays(pa.array(np.arange(0, n * c * h + 1, h, dtype=np.int32)), inner, type=t_mid)
+    return pa.ListArray.from_arrays(pa.array(np.arange(0, n * c + 1, c, dtype=np.int32)), mid, type=t_outer)
+
+
+def cms_table(images: np.ndarray, pt: np.ndarray, m0: np.ndarray, y: np.ndarray, item_name: str = "item") -> pa.Table:
+    """A CMS-schema table for (n, 3, H, W) images and per-jet ``pt``, ``m0``, raw label ``y``."""
+    return pa.table({
+        "X_jets": _nested_list(images, item_name),
+        "pt": pa.array(np.asarray(pt, dtype=np.float64)),
+        "m0": pa.array(np.asarray(m0, dtype=np.float64)),
+        "y": pa.array(np.asarray(y, dtype=np.float64)),
+    })
+
+
+class CMSParquetWriter:
+    """Appends jets to a CMS-format parquet file, one row group per jet, and renames it into place on close.
+
+    ``item_name="element"`` writes the modern list-item name instead of the legacy ``item``.
+    """
+
+    def __init__(self, path: str, item_name: str = "item"):
+        self.path = path
+        self.item_name = item_name
+        self._fs, self._final = fsspec.core.url_to_fs(path)
+        self._tmp = posixpath.join(posixpath.dirname(self._final), "." + posixpath.basename(self._final) + ".tmp")
+        self._file = self._fs.open(self._tmp, "wb")
+        self._writer: pq.ParquetWriter | None = None
+        self.rows = 0
+
+    def write(self, images: np.ndarray, pt: np.ndarray, m0: np.ndarray, y: np.ndarray) -> None:
+        table = cms_table(images, pt, m0, y, self.item_name)
+        if self._writer is None:
+            self._writer = pq.ParquetWriter(self._file, table.schema, compression="snappy",
+                                            use_compliant_nested_type=(self.item_name == "element"))
+        for i in range(table.num_rows):  # one row group per jet, as the original CMS writer did
+            self._writer.write_table(table.slice(i, 1), row_group_size=1)
+        self.rows += table.num_rows
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+        self._file.close()
+        self._fs.mv(self._tmp, self._final)
+
+    def __enter__(self) -> "CMSParquetWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self._file.close()
+            self._fs.rm(self._tmp)
+
+
+def write_energyflow_npz(path: str, X: np.ndarray, y: np.ndarray, compress: bool = True) -> None:
+    """Write an EnergyFlow-format npz (``X`` (N, M, 4) float64 zero-padded, ``y`` (N,) float64, 1 = quark)."""
+    fs, final = fsspec.core.url_to_fs(path)
+    tmp = posixpath.join(posixpath.dirname(final), "." + posixpath.basename(final) + ".tmp")
+    save = np.savez_compressed if compress else np.savez
+    with fs.open(tmp, "wb") as f:
+        save(f, X=np.asarray(X, dtype=np.float64), y=np.asarray(y, dtype=np.float64))
+    fs.mv(tmp, final)
+
+
+def pad_clouds(clouds: list[np.ndarray]) -> np.ndarray:
+    """Zero-pad a list of (n_i, 4) particle arrays to (N, max n_i, 4), the file's own M."""
+    m = max((len(c) for c in clouds), default=0)
+    out = np.zeros((len(clouds), m, 4), dtype=np.float64)
+    for i, c in enumerate(clouds):
+        out[i, : len(c)] = c
+    return out
