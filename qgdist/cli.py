@@ -12,6 +12,8 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+from qgdist.subcommands import register_modules
+
 #: Modules that contribute subcommands, in pipeline order.
 COMMAND_MODULES = [
     "qgdist.generate.commands",   # generate toy | pythia
@@ -21,18 +23,6 @@ COMMAND_MODULES = [
     "qgdist.cluster.commands",    # submit, jobs
     "qgdist.bench.commands",      # bench convert | knn | step | loader | train | physics
 ]
-
-
-def register_modules(subparsers: argparse._SubParsersAction, modules: Sequence[str]) -> None:
-    """Let each module in ``modules`` add its parsers; a module that does not exist (yet) is skipped."""
-    for name in modules:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as err:
-            if err.name != name:
-                raise
-            continue
-        module.register(subparsers)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from qgdist.subcommands import register_modules
+
 BENCH_MODULES = [
     "qgdist.bench.convert",   # ingest throughput, bytes per jet, memory scaling
     "qgdist.bench.knn",       # batched kNN, dense vs PyG
@@ -15,7 +17,5 @@ BENCH_MODULES = [
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from qgdist.cli import register_modules
-
     bench = subparsers.add_parser("bench", help="benchmarks that print side-by-side ratios")
     register_modules(bench.add_subparsers(dest="bench", metavar="KIND", required=True), BENCH_MODULES)
