@@ -18,7 +18,8 @@ from qgdist.subcommands import register_modules
 COMMAND_MODULES = [
     "qgdist.generate.commands",   # generate toy | pythia
     "qgdist.data.commands",       # convert, inspect
-    "qgdist.train.commands",      # train, evaluate, export, quickstart
+    "qgdist.train.commands",      # train, quickstart
+    "qgdist.train.eval_commands", # evaluate, export
     "qgdist.track.commands",      # tracker
     "qgdist.cluster.commands",    # submit, jobs
     "qgdist.bench.commands",      # bench convert | knn | step | loader | train | physics
