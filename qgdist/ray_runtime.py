@@ -6,10 +6,12 @@ import os
 
 
 def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
-    """Join the Ray cluster at ``address``, or start a private local instance bound to 127.0.0.1.
+    """Join the Ray cluster at ``address``, or start a private local instance.
 
-    A private instance (``address`` None) gets token authentication disabled unless ``RAY_AUTH_MODE`` is already
-    set: it listens on loopback only, and Ray 2.60 would otherwise warn at every start. ``address="auto"`` joins a
+    A private instance (``address`` None) runs without a dashboard and with token authentication disabled unless
+    ``RAY_AUTH_MODE`` is already set (Ray 2.60 would otherwise warn at every start). Ray itself resolves a loopback
+    node address to the machine's own IP and listens on all interfaces; on shared hosts, join a cluster started
+    with ``ray start --head --node-ip-address ...`` and token authentication instead. ``address="auto"`` joins a
     cluster started with ``ray start --head`` on this machine; inside ``ray job submit`` Ray sets ``RAY_ADDRESS``.
     """
     import ray
@@ -21,5 +23,5 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         ray.init(address=address, log_to_driver=True)
         return
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
              log_to_driver=True, configure_logging=False)
