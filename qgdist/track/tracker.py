@@ -1,0 +1,225 @@
+"""MLflow tracking for one training run, called from world rank 0 only; survives tracker outages.
+
+The whole API (everything else is private)::
+
+    tracker = Tracker(run_dir, tracking_uri=None, experiment="qgdist", enabled=(rank == 0))
+    run_id = tracker.start(run_name, config, run_id=None)   # new run, or continue `run_id` (resume)
+    tracker.log_metrics({"train/loss": 0.61}, step=global_step)
+    tracker.log_artifact("run/roc.png")                       # a file (or a directory) from the local disk
+    tracker.finish("FINISHED")                                # or "FAILED" / "KILLED"; flushes what is buffered
+
+* ``tracking_uri=None`` means the embedded local store ``sqlite:///<run_dir>/mlflow/mlflow.db`` with artifacts in
+  ``<run_dir>/mlflow/artifacts``: no server needed; ``qgdist tracker --store <run_dir>/mlflow`` shows it in the UI.
+* ``config`` (a dataclass or nested dict) is flattened to ``a.b.c`` params.
+* Resume: ``start(..., run_id=ID)`` reopens that run and drops any metric whose step is <= the last step already
+  logged for that key, so a run resumed from an older checkpoint replays steps without duplicating them.
+* Metrics are queued and sent in batches at most every ``flush_s`` seconds (one sqlite or HTTP write costs
+  ~10 ms, too much per step); artifacts and ``finish`` send at once.
+* Outage: while the server is unreachable a send is tried at most every ``retry_s`` seconds. Training never sees an exception: one warning when the tracker is lost, one
+  when it is back. Whatever ``finish`` still cannot send is written to ``<run_dir>/mlflow_unsent.jsonl``.
+* A disabled tracker (``enabled=False``, the other ranks) does nothing and returns ``None`` from ``start``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+#: Short HTTP timeouts so an unreachable server costs seconds, not minutes (MLflow's defaults: 120 s, 7 retries).
+#: Set only where the user has not set them already.
+HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "5", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
+                 "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "0.5"}
+PARAM_MAX_CHARS = 6000   # MLflow 3 rejects longer param values
+BATCH_MAX_METRICS = 1000  # MLflow's log_batch limit
+UNSENT_FILE = "mlflow_unsent.jsonl"
+
+
+def local_store_uri(run_dir: str | Path) -> str:
+    """The embedded sqlite store of a run directory (an absolute ``sqlite:////...`` URI)."""
+    return f"sqlite:///{Path(run_dir).resolve() / 'mlflow' / 'mlflow.db'}"
+
+
+def flatten_config(config: Any, prefix: str = "") -> dict[str, str]:
+    """Flatten a dataclass / nested mapping into ``{"a.b": "value"}`` strings, as MLflow params want."""
+    if dataclasses.is_dataclass(config) and not isinstance(config, type):
+        config = dataclasses.asdict(config)
+    flat: dict[str, str] = {}
+    if isinstance(config, Mapping):
+        for key, value in config.items():
+            flat.update(flatten_config(value, f"{prefix}{key}."))
+        return flat
+    value = json.dumps(config) if isinstance(config, (list, tuple)) else str(config)
+    flat[prefix[:-1]] = value[:PARAM_MAX_CHARS]
+    return flat
+
+
+class Tracker:
+    """One MLflow run, logged through a queue that survives the tracking server going away."""
+
+    def __init__(self, run_dir: str | Path, tracking_uri: str | None = None, experiment: str = "qgdist",
+                 enabled: bool = True, retry_s: float = 10.0, flush_s: float = 2.0) -> None:
+        self.run_dir = Path(run_dir)
+        self.enabled = enabled
+        self.experiment = experiment
+        self.retry_s = retry_s
+        self.flush_s = flush_s
+        self.tracking_uri = tracking_uri or local_store_uri(self.run_dir)
+        self.run_id: str | None = None
+        self._client: Any = None
+        self._pending_metrics: list[Any] = []     # mlflow.entities.Metric, original timestamps kept
+        self._pending_artifacts: list[tuple[str, str | None]] = []
+        self._last_step: dict[str, int] = {}      # per metric key, to drop replayed steps after a resume
+        self._online = True
+        self._next_try = 0.0   # monotonic time of the next send attempt
+
+    # -- public API ---------------------------------------------------------------------------------------------
+    def start(self, run_name: str, config: Any = None, run_id: str | None = None) -> str | None:
+        """Create a run (or reopen ``run_id``), log ``config`` as params; returns the MLflow run id.
+
+        Raises if the tracker cannot be reached at start: a wrong URI should fail loudly, before training.
+        """
+        if not self.enabled:
+            return None
+        from mlflow import MlflowClient
+
+        for name, value in HTTP_DEFAULTS.items():
+            os.environ.setdefault(name, value)
+        if self.tracking_uri.startswith("sqlite:"):
+            (self.run_dir / "mlflow").mkdir(parents=True, exist_ok=True)
+        self._client = MlflowClient(tracking_uri=self.tracking_uri)
+        if run_id is None:
+            run = self._client.create_run(self._experiment_id(), run_name=run_name,
+                                          tags={"qgdist.run_name": run_name})
+            self.run_id = run.info.run_id
+            self._log_params(flatten_config(config or {}))
+        else:
+            run = self._client.get_run(run_id)   # raises a clear MlflowException for an unknown id
+            self.run_id = run_id
+            self._last_step = {m.key: m.step for m in run.data._metric_objs}  # latest metric = highest step
+            self._client.update_run(run_id, status="RUNNING")
+            self._client.set_tag(run_id, "qgdist.resumed_at", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+            self._log_params(flatten_config(config or {}), known=run.data.params)
+        return self.run_id
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        """Queue ``metrics`` at ``step`` and send the queue if the server is reachable; never raises."""
+        if not self.enabled:
+            return
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        for key, value in metrics.items():
+            if step <= self._last_step.get(key, -1):
+                continue   # already logged before a resume
+            self._last_step[key] = step
+            self._pending_metrics.append(Metric(key, float(value), now, int(step)))
+        self._flush()
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        """Queue a local file or directory for upload (sent now if the server is reachable); never raises."""
+        if not self.enabled:
+            return
+        self._pending_artifacts.append((str(path), artifact_path))
+        self._flush(force=self._online)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        """Send what is queued and mark the run ``status``; spills unsendable metrics to ``mlflow_unsent.jsonl``."""
+        if not self.enabled or self.run_id is None:
+            return
+        self._flush(force=True)
+        try:
+            self._client.set_terminated(self.run_id, status=status)
+        except Exception as err:  # noqa: BLE001 -- the run must end even when the tracker is gone
+            warnings.warn(f"tracker: could not mark MLflow run {self.run_id} {status}: {err}", stacklevel=2)
+        if self._pending_metrics or self._pending_artifacts:
+            self._spill()
+
+    @property
+    def pending(self) -> int:
+        """How many metrics and artifacts wait for the server."""
+        return len(self._pending_metrics) + len(self._pending_artifacts)
+
+    def __enter__(self) -> "Tracker":
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        self.finish("FAILED" if exc_type else "FINISHED")
+
+    # -- internals ----------------------------------------------------------------------------------------------
+    def _experiment_id(self) -> str:
+        found = self._client.get_experiment_by_name(self.experiment)
+        if found is not None:
+            return found.experiment_id
+        location = None
+        if self.tracking_uri.startswith("sqlite:"):   # otherwise mlflow would put artifacts in ./mlruns
+            location = (self.run_dir / "mlflow" / "artifacts").resolve().as_uri()
+        return self._client.create_experiment(self.experiment, artifact_location=location)
+
+    def _log_params(self, params: dict[str, str], known: Mapping[str, str] | None = None) -> None:
+        from mlflow.entities import Param
+
+        known = known or {}
+        changed = {k: v for k, v in params.items() if k in known and known[k] != v}
+        new = [Param(k, v) for k, v in params.items() if k not in known]
+        for i in range(0, len(new), 100):   # log_batch takes at most 100 params
+            self._client.log_batch(self.run_id, params=new[i:i + 100])
+        if changed:   # params are immutable in MLflow: record overrides of a resumed run as tags
+            warnings.warn(f"tracker: resumed run {self.run_id} has changed params {sorted(changed)}", stacklevel=3)
+            for key, value in changed.items():
+                self._client.set_tag(self.run_id, f"qgdist.override.{key}", value)
+
+    def _flush(self, force: bool = False) -> None:
+        if not (self._pending_metrics or self._pending_artifacts):
+            return
+        if not force and time.monotonic() < self._next_try:
+            return
+        try:
+            while self._pending_metrics:
+                chunk = self._pending_metrics[:BATCH_MAX_METRICS]
+                # Identical (key, value, timestamp, step) rows are stored once, so a resend after a lost reply
+                # does not duplicate anything.
+                self._client.log_batch(self.run_id, metrics=chunk)
+                del self._pending_metrics[:len(chunk)]
+            while self._pending_artifacts:
+                local, artifact_path = self._pending_artifacts[0]
+                if Path(local).is_dir():
+                    self._client.log_artifacts(self.run_id, local, artifact_path)
+                elif Path(local).exists():
+                    self._client.log_artifact(self.run_id, local, artifact_path)
+                else:
+                    warnings.warn(f"tracker: artifact {local} no longer exists; skipped", stacklevel=3)
+                self._pending_artifacts.pop(0)
+        except Exception as err:  # noqa: BLE001 -- connection errors surface as several exception types
+            self._next_try = time.monotonic() + self.retry_s
+            if self._online:
+                self._online = False
+                warnings.warn(f"tracker: MLflow at {self.tracking_uri} unreachable ({type(err).__name__}: "
+                              f"{str(err)[:200]}); training goes on, buffering metrics until it is back",
+                              stacklevel=3)
+            return
+        self._next_try = time.monotonic() + self.flush_s
+        if not self._online:
+            self._online = True
+            warnings.warn(f"tracker: MLflow at {self.tracking_uri} reachable again; buffered data sent", stacklevel=3)
+
+    def _spill(self) -> None:
+        path = self.run_dir / UNSENT_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as out:
+            for m in self._pending_metrics:
+                out.write(json.dumps({"run_id": self.run_id, "key": m.key, "value": m.value,
+                                      "timestamp": m.timestamp, "step": m.step}) + "\n")
+            for local, artifact_path in self._pending_artifacts:
+                out.write(json.dumps({"run_id": self.run_id, "artifact": local, "artifact_path": artifact_path}) + "\n")
+        warnings.warn(f"tracker: {self.pending} metrics/artifacts could not be sent; written to {path}", stacklevel=3)
+        self._pending_metrics.clear()
+        self._pending_artifacts.clear()
