@@ -1,0 +1,279 @@
+"""Per-rank streaming loader: WebDataset shards -> model-ready batches, with exact mid-epoch positions.
+
+How an epoch is laid out (all of it derived from ``seed``, ``epoch``, the manifest's shard sizes, the world size and
+the number of DataLoader workers, so every rank computes the same plan without talking to the others):
+
+1. The split's shards are shuffled with ``Random(seed, epoch)`` and dealt to ``world_size * num_workers`` *slots*
+   (largest first, each to the slot holding the fewest samples: balanced and disjoint). Rank ``r`` owns slots
+   ``r*W .. r*W+W-1``; its DataLoader worker ``w`` streams slot ``r*W+w``. When there are fewer shards than slots,
+   a shard is split into strided parts (part ``j`` of ``n`` keeps samples ``j, j+n, ...``).
+2. Each worker reads its shards with the stock ``webdataset`` library (our own node/worker split, so
+   ``nodesplitter=None``), passes raw samples through a seeded shuffle buffer, decodes and collates them.
+3. For training every worker yields the same number ``m`` of full batches (the smallest slot decides), so every
+   rank runs exactly ``m * W`` steps: DDP needs equal step counts, and the DataLoader's round robin over workers
+   makes batch ``i`` come from worker ``i % W`` -- which is what makes a position exact.
+
+A position is ``(epoch, step)``; resuming at step ``s`` makes worker ``w`` replay its raw sample stream through the
+same shuffle buffer and discard the first batches it had already delivered, without decoding them.
+
+Images travel sparse (flat pixel indices + values) and are densified where the batch lands (on the GPU when
+training there); clouds are sorted by pt, trimmed to ``max_particles`` and padded to the longest jet in the batch.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import os
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import webdataset as wds
+from webdataset.filters import _shuffle
+
+from qgdist.data.features import CONTINUOUS, PRESETS, particle_features
+from qgdist.data.shards.manifest import Manifest, read_manifest
+
+
+@dataclass
+class LoaderConfig:
+    """What one rank reads and how it is batched."""
+
+    data: str                       # directory holding manifest.json and the shards
+    split: str = "train"
+    batch_size: int = 256
+    rank: int = 0
+    world_size: int = 1
+    num_workers: int = 0            # DataLoader worker processes (0: decode in the training process)
+    seed: int = 0
+    shuffle_buffer: int = 2000      # samples; 0 disables shuffling (evaluation)
+    training: bool = True           # equal full batches on every rank; False: every sample once, last batch partial
+    preset: str = "kin"             # cloud feature preset (qgdist.data.features.PRESETS)
+    max_particles: int = 128
+    device: str = "cpu"             # where batches land; images are densified there
+    prefetch_factor: int = 4
+
+
+@dataclass(frozen=True)
+class Unit:
+    """A piece of work: shard ``path``, part ``part`` of ``parts`` (strided), holding ``samples`` samples."""
+
+    path: str
+    part: int
+    parts: int
+    samples: int
+
+
+def plan_epoch(manifest: Manifest, data: str, split: str, seed: int, epoch: int, slots: int) -> list[list[Unit]]:
+    """Deal the split's shards to ``slots`` slots for ``epoch``: disjoint, balanced by samples, seeded."""
+    shards = manifest.shards_of(split)
+    if not shards:
+        raise ValueError(f"{data}: manifest lists no {split!r} shards")
+    parts = -(-slots // len(shards))  # ceil: split shards only when there are fewer than slots
+    units = [Unit(os.path.join(data, s.name), j, parts, (s.samples - j + parts - 1) // parts)
+             for s in shards for j in range(parts)]
+    rng = random.Random(f"{seed}-{epoch}")
+    rng.shuffle(units)
+    units.sort(key=lambda u: -u.samples)  # stable: equal sizes keep their shuffled order
+    plan: list[list[Unit]] = [[] for _ in range(slots)]
+    load = [0] * slots
+    for unit in units:
+        target = min(range(slots), key=lambda i: (load[i], i))
+        plan[target].append(unit)
+        load[target] += unit.samples
+    for units_of_slot in plan:
+        rng.shuffle(units_of_slot)
+    return plan
+
+
+def _raw_samples(units: list[Unit]) -> Iterator[dict[str, Any]]:
+    """Raw (undecoded) samples of ``units`` in order, read with the stock webdataset pipeline."""
+    for unit in units:
+        ds = wds.WebDataset(unit.path, shardshuffle=False, nodesplitter=None, workersplitter=None, empty_check=False)
+        yield from itertools.islice(iter(ds), unit.part, None, unit.parts)
+
+
+def _npy(raw: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(raw), allow_pickle=False)
+
+
+class _Collate:
+    """Turns lists of raw samples into batches of tensors (runs inside DataLoader workers)."""
+
+    def __init__(self, kind: str, stats: dict[str, Any], preset: str, max_particles: int):
+        self.kind, self.preset, self.max_particles = kind, preset, max_particles
+        jet = stats.get("jet", {})
+        self.jet_mean = np.array([jet.get(k, {}).get("mean", 0.0) for k in ("log_pt", "mass")], np.float32)
+        self.jet_std = np.array([jet.get(k, {}).get("std", 1.0) or 1.0 for k in ("log_pt", "mass")], np.float32)
+        names = PRESETS[preset]
+        part = stats.get("particle", {})
+        known = {n: i for i, n in enumerate(part.get("features", []))}
+        self.feat_mean = np.zeros(len(names), np.float32)
+        self.feat_std = np.ones(len(names), np.float32)
+        for i, name in enumerate(names[:CONTINUOUS]):
+            if name in known:
+                self.feat_mean[i] = part["mean"][known[name]]
+                self.feat_std[i] = part["std"][known[name]] or 1.0
+
+    def __call__(self, raws: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        metas = [json.loads(r["meta.json"]) for r in raws]
+        label = torch.tensor([float(m["is_quark"]) for m in metas], dtype=torch.float32)
+        jet = np.array([[np.log(max(m["pt"], 1e-9)), m["mass"]] for m in metas], np.float32)
+        batch = {"label": label, "jet": torch.from_numpy((jet - self.jet_mean) / self.jet_std),
+                 "key": [r["__key__"] for r in raws]}
+        return batch | (self._images(raws, metas) if self.kind == "image" else self._clouds(raws, metas))
+
+    def _images(self, raws: list[dict[str, Any]], metas: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        shape = tuple(metas[0]["image_shape"])
+        size = int(np.prod(shape))
+        pix, val = [], []
+        for b, (raw, meta) in enumerate(zip(raws, metas)):
+            if tuple(meta["image_shape"]) != shape:
+                raise ValueError(f"sample {raw.get('__key__')} in {raw.get('__url__')}: image_shape "
+                                 f"{meta['image_shape']} differs from {list(shape)} in the same batch")
+            pix.append(_npy(raw["pix.npy"]).astype(np.int64) + b * size)
+            val.append(_npy(raw["val.npy"]).astype(np.float32))
+        return {"pix": torch.from_numpy(np.concatenate(pix)), "val": torch.from_numpy(np.concatenate(val)),
+                "image_shape": torch.tensor(shape)}
+
+    def _clouds(self, raws: list[dict[str, Any]], metas: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        jets = []
+        for raw in raws:
+            kin, pid = _npy(raw["kin.npy"]).astype(np.float32), _npy(raw["pid.npy"])
+            order = np.argsort(-kin[:, 0], kind="stable")[: self.max_particles]  # keep the hardest particles
+            jets.append((kin[order], pid[order]))
+        n_max = max(1, max(len(k) for k, _ in jets))
+        kin = np.zeros((len(jets), n_max, 3), np.float32)
+        pid = np.zeros((len(jets), n_max), np.int64)
+        mask = np.zeros((len(jets), n_max), bool)
+        for b, (k, p) in enumerate(jets):
+            kin[b, : len(k)], pid[b, : len(k)], mask[b, : len(k)] = k, p, True
+        jet_y = np.array([m["jet_y"] for m in metas], np.float64)
+        jet_phi = np.array([m["jet_phi"] for m in metas], np.float64)
+        points, features = particle_features(kin, pid, mask, jet_y, jet_phi, self.preset)
+        features = (features - self.feat_mean) / self.feat_std * mask[..., None]
+        return {"points": torch.from_numpy(points), "features": torch.from_numpy(features.astype(np.float32)),
+                "mask": torch.from_numpy(mask)}
+
+
+class _EpochDataset(torch.utils.data.IterableDataset):
+    """One rank's epoch: DataLoader worker ``w`` streams slot ``rank * W + w`` of the epoch's plan."""
+
+    def __init__(self, cfg: LoaderConfig, plan: list[list[Unit]], batches_per_worker: int | None,
+                 skip: list[int], first: int, collate: _Collate, epoch: int):
+        self.cfg, self.plan, self.batches_per_worker = cfg, plan, batches_per_worker
+        self.skip, self.first, self.collate, self.epoch = skip, first, collate, epoch
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        info = torch.utils.data.get_worker_info()
+        workers = max(1, self.cfg.num_workers)
+        # The DataLoader always starts its round robin at its worker 0; a resumed epoch must start at logical
+        # worker ``first`` (the one whose batch is next), so DataLoader worker d plays logical worker first + d.
+        w = ((info.id if info is not None else 0) + self.first) % workers
+        stream: Iterator[dict[str, Any]] = _raw_samples(self.plan[self.cfg.rank * workers + w])
+        if self.cfg.shuffle_buffer > 0:
+            seed = f"{self.cfg.seed}-{self.epoch}-{self.cfg.rank}-{w}"
+            stream = _shuffle(stream, bufsize=self.cfg.shuffle_buffer, initial=self.cfg.shuffle_buffer, seed=seed)
+        bs = self.cfg.batch_size
+        # Resume: the skipped batches are read and shuffled exactly as before, but never decoded.
+        for _ in itertools.islice(stream, self.skip[w] * bs):
+            pass
+        for _ in range(self.skip[w], self.batches_per_worker if self.batches_per_worker is not None else 1 << 62):
+            raws = list(itertools.islice(stream, bs))
+            if not raws or (self.batches_per_worker is not None and len(raws) < bs):
+                return
+            yield self.collate(raws)
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device | str) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Move a collated batch to ``device`` and build the model inputs (``logits = model(**inputs)``)."""
+    device = torch.device(device)
+    non_blocking = device.type == "cuda"
+    label = batch["label"].to(device, non_blocking=non_blocking)
+    jet = batch["jet"].to(device, non_blocking=non_blocking)
+    if "pix" in batch:
+        shape = [int(s) for s in batch["image_shape"]]
+        dense = torch.zeros(len(label) * int(np.prod(shape)), dtype=torch.float32, device=device)
+        dense[batch["pix"].to(device, non_blocking=non_blocking)] = batch["val"].to(device, non_blocking=non_blocking)
+        return {"image": dense.view(len(label), *shape), "jet": jet}, label
+    inputs = {k: batch[k].to(device, non_blocking=non_blocking) for k in ("points", "features", "mask")}
+    return inputs, label
+
+
+class ShardLoader:
+    """Iterates one rank's batches epoch by epoch, and knows its position ``(epoch, step)`` for checkpoints.
+
+    >>> loader = ShardLoader(LoaderConfig("data/toy-cloud", batch_size=128))
+    >>> for inputs, label in loader.epoch(0):
+    ...     logits = model(**inputs)
+    """
+
+    def __init__(self, cfg: LoaderConfig):
+        self.cfg = cfg
+        self.manifest = read_manifest(cfg.data)
+        self.kind = self.manifest.kind
+        if cfg.preset not in PRESETS:
+            raise ValueError(f"unknown feature preset {cfg.preset!r}; choose from {sorted(PRESETS)}")
+        self.collate = _Collate(self.kind, self.manifest.stats, cfg.preset, cfg.max_particles)
+        self.workers = max(1, cfg.num_workers)
+        self.position = {"epoch": 0, "step": 0}
+
+    @property
+    def in_features(self) -> int:
+        """Number of per-particle features a cloud model receives (the preset's length)."""
+        return len(PRESETS[self.cfg.preset])
+
+    def _plan(self, epoch: int) -> list[list[Unit]]:
+        c = self.cfg
+        return plan_epoch(self.manifest, c.data, c.split, c.seed, epoch, c.world_size * self.workers)
+
+    def _batches_per_worker(self, plan: list[list[Unit]]) -> int | None:
+        if not self.cfg.training:
+            return None
+        return min(sum(u.samples for u in slot) for slot in plan) // self.cfg.batch_size
+
+    def steps_in_epoch(self, epoch: int) -> int:
+        """Training steps every rank runs in ``epoch`` (the same on all ranks)."""
+        per_worker = self._batches_per_worker(self._plan(epoch))
+        if per_worker is None:
+            raise ValueError("steps_in_epoch is defined for training loaders only")
+        if per_worker == 0:
+            c = self.cfg
+            raise ValueError(
+                f"{c.data}: the {c.split!r} split is too small for {c.world_size} rank(s) x {self.workers} "
+                f"loader worker(s) x batch size {c.batch_size}: a worker would get no full batch")
+        return per_worker * self.workers
+
+    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
+        """Batches ``(inputs, label)`` of ``epoch`` from step ``start_step`` on, on ``cfg.device``."""
+        for batch in self.collated(epoch, start_step):
+            yield to_device(batch, self.cfg.device)
+
+    def collated(self, epoch: int, start_step: int = 0) -> Iterator[dict[str, Any]]:
+        """The collated CPU batches (sparse images, sample ``key`` list included); updates ``position``."""
+        plan = self._plan(epoch)
+        per_worker = self._batches_per_worker(plan)
+        w = self.workers
+        # Batch i comes from worker i % W (equal counts per worker), so worker j already delivered:
+        skip = [start_step // w + (1 if j < start_step % w else 0) for j in range(w)]
+        dataset = _EpochDataset(self.cfg, plan, per_worker, skip, start_step % w, self.collate, epoch)
+        kwargs: dict[str, Any] = {}
+        if self.cfg.num_workers > 0:
+            kwargs = {"num_workers": self.cfg.num_workers, "prefetch_factor": self.cfg.prefetch_factor,
+                      "pin_memory": torch.device(self.cfg.device).type == "cuda"}
+        loader = torch.utils.data.DataLoader(dataset, batch_size=None, **kwargs)
+        self.position = {"epoch": epoch, "step": start_step}
+        for batch in loader:
+            self.position = {"epoch": epoch, "step": self.position["step"] + 1}
+            yield batch
+
+    def state_dict(self) -> dict[str, Any]:
+        """The position plus everything that shapes the plan (a resume with other values would not be exact)."""
+        c = self.cfg
+        return {**self.position, "rank": c.rank, "world_size": c.world_size, "num_workers": c.num_workers,
+                "seed": c.seed, "batch_size": c.batch_size, "shuffle_buffer": c.shuffle_buffer}
