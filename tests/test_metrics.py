@@ -1,0 +1,108 @@
+"""Metrics against a brute-force reference written from the definitions, and DDP sync in a real gloo group."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from qgdist.track.server import free_port
+from qgdist.train.metrics import JetMetrics, compute_metrics
+
+
+def brute_force(scores: list[float], labels: list[int]) -> dict[str, float]:
+    """AUC by counting pairs (ties 1/2); eps_B(eps_S) by cutting at every distinct score, then interpolating."""
+    sig = [s for s, y in zip(scores, labels) if y == 1]
+    bkg = [s for s, y in zip(scores, labels) if y == 0]
+    pairs = sum(1.0 if s > b else 0.5 if s == b else 0.0 for s in sig for b in bkg)
+    points = [(0.0, 0.0)]   # (eps_S, eps_B) for cuts "score >= t", t descending
+    for t in sorted(set(scores), reverse=True):
+        points.append((sum(s >= t for s in sig) / len(sig), sum(b >= t for b in bkg) / len(bkg)))
+    out = {"auc": pairs / (len(sig) * len(bkg)),
+           "acc": sum((s > 0.5) == (y == 1) for s, y in zip(scores, labels)) / len(scores)}
+    for wp in (0.3, 0.5):
+        for (s0, b0), (s1, b1) in zip(points, points[1:]):
+            if s0 < wp <= s1:
+                eps_b = b0 + (wp - s0) / (s1 - s0) * (b1 - b0)
+                out[f"rej{int(wp * 100)}"] = math.inf if eps_b == 0 else 1 / eps_b
+                break
+    return out
+
+
+def toy(n: int, seed: int, ties: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 2, (n,), generator=gen)
+    logits = torch.randn(n, generator=gen) + 1.2 * labels
+    if ties:   # coarse scores: many equal values across both classes
+        logits = torch.round(logits * 2) / 2
+    return logits, labels
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_metrics_match_brute_force(ties: bool) -> None:
+    logits, labels = toy(400, seed=1, ties=ties)
+    probs = torch.sigmoid(logits.double())
+    expected = brute_force(probs.tolist(), labels.tolist())
+    metrics = JetMetrics()
+    for start in range(0, 400, 64):   # uneven last batch
+        sl = slice(start, start + 64)
+        metrics.update(logits[sl], labels[sl], loss=torch.tensor(float(start)))
+    got = metrics.compute()
+    functional = compute_metrics(logits, labels)
+    for key, value in expected.items():
+        assert got[key] == pytest.approx(value, rel=1e-5), key
+        assert functional[key] == pytest.approx(value, rel=1e-6), key
+    # Loss is the per-jet mean: batch means weighted by batch sizes (6 batches of 64, one of 16).
+    weighted = sum(s * min(64, 400 - s) for s in range(0, 400, 64)) / 400
+    assert got["loss"] == pytest.approx(weighted)
+
+
+def test_perfect_separation_and_rejection_grows_with_separation() -> None:
+    labels = torch.tensor([0, 0, 0, 1, 1, 1])
+    perfect = compute_metrics(torch.tensor([-3.0, -2, -1, 1, 2, 3]), labels)
+    assert perfect["auc"] == 1.0 and perfect["acc"] == 1.0 and math.isinf(perfect["rej50"])
+    logits, labels = toy(2000, seed=2)
+    weak = compute_metrics(logits, labels)
+    scaled = compute_metrics(logits * 3, labels)   # a monotone transform changes no ROC metric
+    assert scaled["auc"] == pytest.approx(weak["auc"]) and scaled["rej50"] == pytest.approx(weak["rej50"])
+    strong = compute_metrics(logits + 2 * labels, labels)
+    assert strong["auc"] > weak["auc"] and strong["rej30"] > strong["rej50"] > weak["rej50"]
+
+
+def _ddp_worker(rank: int, world: int, port: int, queue: mp.Queue) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        logits, labels = toy(301, seed=3)
+        metrics = JetMetrics()
+        # Rank r sees every world-th jet: unequal counts per rank (151 and 150) on purpose.
+        for start in range(rank, 301, 40 * world):
+            idx = torch.arange(start, min(start + 40 * world, 301), world)
+            metrics.update(logits[idx], labels[idx], loss=torch.tensor(float(rank)))
+        queue.put((rank, metrics.compute()))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_sync_two_gloo_ranks_equals_whole_dataset() -> None:
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_ddp_worker, args=(r, 2, port, queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = dict(queue.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    logits, labels = toy(301, seed=3)
+    whole = compute_metrics(logits, labels)
+    for rank in (0, 1):
+        for key in ("auc", "acc", "rej30", "rej50"):
+            assert results[rank][key] == pytest.approx(whole[key], rel=1e-5), (rank, key)
+        # Per-jet mean over both ranks: 151 jets with loss 0, 150 with loss 1.
+        assert results[rank]["loss"] == pytest.approx(150 / 301)
