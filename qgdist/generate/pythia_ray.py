@@ -1,0 +1,61 @@
+"""Running Pythia generator tasks as Ray tasks, with a driver-side progress bar over accepted jets."""
+
+from __future__ import annotations
+
+from qgdist.generate.mc_settings import PythiaConfig
+
+
+class _Counter:
+    """A zero-CPU actor the tasks tell about every accepted jet, so the driver's bar moves within a task."""
+
+    def __init__(self) -> None:
+        self.total = 0
+
+    def add(self, n: int) -> None:
+        self.total += n
+
+    def get(self) -> int:
+        return self.total
+
+
+def _task(cfg: PythiaConfig, task_index: int, n_jets: int, counter) -> dict:
+    from qgdist.generate.pythia import generate_task
+
+    return generate_task(cfg, task_index, n_jets, lambda n: counter.add.remote(n) if n else None)
+
+
+def run_tasks_on_ray(cfg: PythiaConfig, tasks: list[tuple[int, int]], bar) -> dict[int, dict]:
+    """Run ``(task_index, n_jets)`` tasks, at most ``cfg.workers`` at once; returns their records by index.
+
+    Starts a private local Ray with ``cfg.workers`` CPUs (or joins ``cfg.address``) and shuts it down afterwards
+    if this call started it.
+    """
+    import ray
+
+    from qgdist.ray_runtime import ensure_ray
+
+    started = not ray.is_initialized()
+    ensure_ray(cfg.address, None if cfg.address else cfg.workers)
+    try:
+        counter = ray.remote(num_cpus=0)(_Counter).remote()
+        remote = ray.remote(num_cpus=1, max_retries=2)(_task)
+        pending, queue, records, done_jets = {}, list(tasks), {}, 0
+        shown = bar.n
+        while queue or pending:
+            while queue and len(pending) < cfg.workers:
+                index, n = queue.pop(0)
+                pending[remote.remote(cfg, index, n, counter)] = index
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=0.5)
+            for ref in ready:
+                record = ray.get(ref)  # re-raises a task's error with its traceback
+                records[pending.pop(ref)] = record
+                done_jets += record["jets"]
+            # A retried task reports its jets twice; the finished tasks' totals are exact, so never show less.
+            live = ray.get(counter.get.remote())
+            target = shown + max(min(live, sum(n for _, n in tasks)), done_jets)
+            if target > bar.n:
+                bar.update(target - bar.n)
+        return records
+    finally:
+        if started:
+            ray.shutdown()
