@@ -1,0 +1,155 @@
+"""Pythia 8 + FastJet generator: physics cuts, balance, multiplicities, formats, determinism, Ray tasks.
+
+Small samples (20 jets per class and task): the whole file costs about a minute of one CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from qgdist.generate.mc_settings import PythiaConfig, task_seeds
+from qgdist.generate.pythia import register, run_pythia
+
+pytest.importorskip("pythia8mc")
+pytest.importorskip("fastjet")
+
+#: Masses (GeV) of the stable visible particles Pythia leaves with default decays.
+MASS = {11: 0.000511, 13: 0.10566, 22: 0.0, 130: 0.49761, 211: 0.13957, 321: 0.49368, 2112: 0.93957, 2212: 0.93827}
+JETS, PER_TASK = 80, 40
+
+
+@pytest.fixture(scope="module")
+def local_run(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("pythia_local"))
+    cfg = PythiaConfig(out=out, jets=JETS, jets_per_task=PER_TASK, seed=11, use_ray=False)
+    return cfg, run_pythia(cfg)
+
+
+def _npz(cfg: PythiaConfig, task: int):
+    with np.load(os.path.join(cfg.out, "energyflow", f"pythia_s{cfg.seed}_t{task:05d}.npz")) as f:
+        return f["X"], f["y"]
+
+
+def _parquet(cfg: PythiaConfig, task: int):
+    return pq.ParquetFile(os.path.join(cfg.out, "cms", f"pythia_s{cfg.seed}_t{task:05d}.parquet"))
+
+
+def _jet_kinematics(X: np.ndarray):
+    """Jet pT and rapidity recomputed from the stored constituents (pt, y, phi, pdgid)."""
+    pts, ys = [], []
+    for x in X:
+        x = x[x[:, 0] > 0]
+        m = np.array([MASS[abs(int(p))] for p in x[:, 3]])
+        mt = np.sqrt(x[:, 0] ** 2 + m**2)
+        px, py = (x[:, 0] * np.cos(x[:, 2])).sum(), (x[:, 0] * np.sin(x[:, 2])).sum()
+        e, pz = (mt * np.cosh(x[:, 1])).sum(), (mt * np.sinh(x[:, 1])).sum()
+        pts.append(np.hypot(px, py))
+        ys.append(0.5 * np.log((e + pz) / (e - pz)))
+    return np.array(pts), np.array(ys)
+
+
+def test_energyflow_files_pass_cuts_balanced_and_shuffled(local_run):
+    cfg, summary = local_run
+    assert summary["jets"] == JETS and summary["quark_jets"] == summary["gluon_jets"] == JETS // 2
+    for task in range(JETS // PER_TASK):
+        X, y = _npz(cfg, task)
+        assert X.dtype == np.float64 and y.dtype == np.float64 and X.shape[0] == PER_TASK and X.shape[2] == 4
+        mult = (X[:, :, 0] > 0).sum(axis=1)
+        assert X.shape[1] == mult.max()  # padded to the file's own maximum multiplicity
+        assert set(np.unique(y)) == {0.0, 1.0} and y.sum() == PER_TASK // 2
+        assert 0 < np.abs(np.diff(y)).sum()  # not sorted by class
+        pt, rap = _jet_kinematics(X)
+        assert np.all((pt >= 500.0) & (pt <= 550.0)), pt
+        assert np.all(np.abs(rap) < 1.7), rap
+        # Particle phi within pi of the jet's phi (FastJet's E-scheme jet phi, in [0, 2 pi)).
+        for x in X:
+            x = x[x[:, 0] > 0]
+            jet_phi = np.mod(np.arctan2((x[:, 0] * np.sin(x[:, 2])).sum(), (x[:, 0] * np.cos(x[:, 2])).sum()), 2 * np.pi)
+            assert np.all(np.abs(x[:, 2] - jet_phi) <= np.pi)
+        assert set(np.unique(np.abs(X[:, :, 3][X[:, :, 0] > 0]))) <= set(MASS)
+
+
+def test_multiplicities_quark_below_gluon(local_run):
+    cfg, summary = local_run
+    q, g = [], []
+    for task in range(2):
+        Xt, y = _npz(cfg, task)
+        mult = (Xt[:, :, 0] > 0).sum(axis=1)
+        q.extend(mult[y == 1])
+        g.extend(mult[y == 0])
+    assert len(q) == len(g) == JETS // 2
+    # Literature / large-sample values: quark ~34, gluon ~53; wide bounds for 40 jets per class.
+    assert 24 < np.mean(q) < 44 and 42 < np.mean(g) < 66 and np.mean(g) > np.mean(q) + 8
+    assert summary["mean_multiplicity"]["quark"] == pytest.approx(np.mean(q))
+
+
+def test_cms_parquet_matches_energyflow(local_run):
+    cfg, _ = local_run
+    f = _parquet(cfg, 0)
+    assert f.metadata.num_row_groups == PER_TASK  # one row group per jet, as the CMS files
+    schema = f.schema_arrow
+    assert [n for n in schema.names] == ["X_jets", "pt", "m0", "y"]
+    assert str(schema.field("X_jets").type) == "list<item: list<item: list<item: double>>>"
+    t = f.read()
+    X, y_ef = _npz(cfg, 0)
+    # Same jets in the same order: CMS y = 1 means gluon, EnergyFlow y = 1 means quark.
+    np.testing.assert_array_equal(t["y"].to_numpy(), 1.0 - y_ef)
+    pt_ef, _ = _jet_kinematics(X)
+    np.testing.assert_allclose(t["pt"].to_numpy(), pt_ef, rtol=1e-9)
+    assert np.all(t["m0"].to_numpy() > 0)
+    images = np.array(t["X_jets"].to_pylist())
+    assert images.shape == (PER_TASK, 3, 125, 125)
+    assert np.all(images >= 0) and np.all(images.sum(axis=(2, 3))[:, 0] > 0)
+    # Channel 0 holds charged pT near the axis: most of it lies in the central 46x46 pixels (dR < 0.4).
+    centre = images[:, 0, 39:86, 39:86].sum(axis=(1, 2))
+    assert np.median(centre / images[:, 0].sum(axis=(1, 2))) > 0.5
+    # HCAL-like channel: constant over each aligned 5x5 tower.
+    towers = images[:, 2].reshape(PER_TASK, 25, 5, 25, 5)
+    assert np.allclose(towers, towers[:, :, :1, :, :1])
+
+
+def test_ray_tasks_reproduce_local_run_bit_identically(local_run, tmp_path):
+    cfg, _ = local_run
+    ray_cfg = PythiaConfig(out=str(tmp_path), jets=JETS, jets_per_task=PER_TASK, seed=cfg.seed, workers=2)
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    summary = run_pythia(ray_cfg)
+    assert summary["tasks_generated_now"] == 2
+    for task in range(2):
+        for a, b in zip(_npz(cfg, task), _npz(ray_cfg, task)):
+            np.testing.assert_array_equal(a, b)
+        assert _parquet(cfg, task).read().equals(_parquet(ray_cfg, task).read())
+    # Tasks of one run are independent samples: different seeds, different jets.
+    assert task_seeds(cfg.seed, 0) != task_seeds(cfg.seed, 1)
+    assert not np.array_equal(_npz(cfg, 0)[0][:, 0, 0], _npz(cfg, 1)[0][:, 0, 0])
+    # A second run reuses the finished tasks.
+    assert run_pythia(ray_cfg)["tasks_generated_now"] == 0
+
+
+def test_reuse_refuses_other_settings(local_run):
+    cfg, _ = local_run
+    other = PythiaConfig(out=cfg.out, jets=JETS, jets_per_task=PER_TASK, seed=cfg.seed, pthat_min=400.0,
+                         use_ray=False)
+    with pytest.raises(ValueError, match="other settings"):
+        run_pythia(other)
+    with open(os.path.join(cfg.out, "tasks", f"pythia_s{cfg.seed}_t00000.json")) as f:
+        assert json.load(f)["settings"]["pthat_min"] == 450.0
+
+
+def test_bad_config_names_the_field():
+    with pytest.raises(ValueError, match="jets"):
+        PythiaConfig(out="x", jets=7).validate()
+    with pytest.raises(ValueError, match="format"):
+        PythiaConfig(out="x", format="root").validate()
+
+
+def test_cli_maps_flags():
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    args = parser.parse_args(["pythia", "--out", "d", "--jets", "10", "--format", "cms", "--seed", "4", "--no-ray"])
+    assert (args.out, args.jets, args.format, args.seed, args.no_ray) == ("d", 10, "cms", 4, True)
