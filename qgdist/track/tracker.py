@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 #: Short HTTP timeouts so an unreachable server costs seconds, not minutes (MLflow's defaults: 120 s, 7 retries).
 #: Set only where the user has not set them already.
 HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "5", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
-                 "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "0.5"}
+                 "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
 PARAM_MAX_CHARS = 6000   # MLflow 3 rejects longer param values
 BATCH_MAX_METRICS = 1000  # MLflow's log_batch limit
 UNSENT_FILE = "mlflow_unsent.jsonl"

@@ -1,0 +1,165 @@
+"""The tracker against a real MLflow server on 127.0.0.1 (started once for the module) and the local sqlite store.
+
+Everything is read back with MLflow's own client.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from qgdist.track.server import MlflowServer, ServerConfig, free_port
+from qgdist.track.tracker import UNSENT_FILE, Tracker, flatten_config
+
+pytestmark = pytest.mark.slow
+
+
+@dataclass
+class Optim:
+    lr: float = 1e-3
+    betas: tuple = (0.9, 0.99)
+
+
+@dataclass
+class Config:
+    model: str = "resnet15"
+    epochs: int = 2
+    optim: Optim = field(default_factory=Optim)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> MlflowServer:
+    store = tmp_path_factory.mktemp("mlflow-server")
+    srv = MlflowServer(ServerConfig(store=store, port=free_port())).start()
+    yield srv
+    srv.stop()
+
+
+def history(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, float]]:
+    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+
+
+def test_flatten_config_nested_dataclass() -> None:
+    assert flatten_config(Config()) == {"model": "resnet15", "epochs": "2", "optim.lr": "0.001",
+                                        "optim.betas": "[0.9, 0.99]"}
+
+
+def test_run_on_server_holds_params_metrics_artifacts_and_status(server: MlflowServer, tmp_path: Path) -> None:
+    tracker = Tracker(tmp_path, tracking_uri=server.url, flush_s=0)
+    run_id = tracker.start("roundtrip", Config())
+    for step in range(1, 6):
+        tracker.log_metrics({"train/loss": 1.0 / step}, step=step)
+    tracker.log_metrics({"val/auc": 0.7, "val/rej50": 5.5}, step=5)
+    (tmp_path / "metrics.json").write_text(json.dumps({"auc": 0.7}))
+    tracker.log_artifact(tmp_path / "metrics.json")
+    tracker.finish("FINISHED")
+
+    client = MlflowClient(server.url)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.info.run_name == "roundtrip"
+    assert run.data.params == flatten_config(Config())
+    assert history(client, run_id, "train/loss") == [(s, pytest.approx(1.0 / s)) for s in range(1, 6)]
+    assert run.data.metrics["val/rej50"] == pytest.approx(5.5)
+    local = client.download_artifacts(run_id, "metrics.json", str(tmp_path / "down"))
+    assert json.loads(Path(local).read_text()) == {"auc": 0.7}
+
+
+def test_failed_run_is_marked_failed(server: MlflowServer, tmp_path: Path) -> None:
+    with pytest.raises(RuntimeError):
+        with Tracker(tmp_path, tracking_uri=server.url) as tracker:
+            run_id = tracker.start("boom", {"a": 1})
+            raise RuntimeError("training crashed")
+    assert MlflowClient(server.url).get_run(run_id).info.status == "FAILED"
+
+
+def test_resume_continues_same_run_without_duplicated_steps(server: MlflowServer, tmp_path: Path) -> None:
+    first = Tracker(tmp_path, tracking_uri=server.url, flush_s=0)
+    run_id = first.start("resumed", Config())
+    for step in range(1, 8):   # the job logged up to step 7, its last checkpoint was at step 4, then it died
+        first.log_metrics({"train/loss": float(step)}, step=step)
+    first.log_metrics({"val/auc": 0.6}, step=4)
+    first._flush(force=True)   # the "dead" job never calls finish
+
+    second = Tracker(tmp_path, tracking_uri=server.url, flush_s=0)
+    assert second.start("resumed", Config(), run_id=run_id) == run_id
+    for step in range(5, 11):   # replays 5..7 from the checkpoint, then goes on
+        second.log_metrics({"train/loss": float(step) + 0.5}, step=step)
+        if step == 8:
+            second.log_metrics({"val/auc": 0.65}, step=8)
+    second.finish()
+
+    client = MlflowClient(server.url)
+    steps = [s for s, _ in history(client, run_id, "train/loss")]
+    assert steps == list(range(1, 11))   # each step exactly once
+    assert history(client, run_id, "train/loss")[6] == (7, 7.0)   # the first write of a step is kept
+    assert [s for s, _ in history(client, run_id, "val/auc")] == [4, 8]
+    assert client.get_run(run_id).info.status == "FINISHED"
+    assert len(client.search_runs([client.get_run(run_id).info.experiment_id],
+                                  "attributes.run_name = 'resumed'")) == 1
+
+
+def test_outage_buffers_then_delivers_without_duplicates(server: MlflowServer, tmp_path: Path) -> None:
+    tracker = Tracker(tmp_path, tracking_uri=server.url, flush_s=0, retry_s=0)
+    run_id = tracker.start("outage", {"a": 1})
+    tracker.log_metrics({"train/loss": 1.0}, step=1)
+    server.stop()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in range(2, 6):   # training goes on: no exception while the server is down
+            tracker.log_metrics({"train/loss": float(step)}, step=step)
+        assert tracker.pending == 4
+        server.start()   # same port, same sqlite backend
+        tracker.log_metrics({"train/loss": 6.0}, step=6)
+    messages = [str(w.message) for w in caught if "tracker:" in str(w.message)]
+    assert sum("unreachable" in m for m in messages) == 1   # warned once, not once per step
+    assert sum("reachable again" in m for m in messages) == 1
+    assert tracker.pending == 0
+    tracker.finish()
+    client = MlflowClient(server.url)
+    assert history(client, run_id, "train/loss") == [(s, float(s)) for s in range(1, 7)]
+    assert client.get_run(run_id).info.status == "FINISHED"
+
+
+def test_unreachable_at_finish_spills_to_jsonl(tmp_path: Path) -> None:
+    dead = f"http://127.0.0.1:{free_port()}"
+    tracker = Tracker(tmp_path, tracking_uri=dead, flush_s=0)
+    with pytest.raises(Exception):   # a wrong URI fails loudly at start, before any training
+        tracker.start("nowhere", {})
+    tracker.run_id, tracker._client = "deadbeef", MlflowClient(dead)   # as if the server died after start
+    with pytest.warns(UserWarning, match="unreachable"):
+        tracker.log_metrics({"loss": 0.5}, step=3)
+    with pytest.warns(UserWarning, match="could not be sent"):
+        tracker.finish()
+    rows = [json.loads(line) for line in (tmp_path / UNSENT_FILE).read_text().splitlines()]
+    assert rows == [{"run_id": "deadbeef", "key": "loss", "value": 0.5, "timestamp": rows[0]["timestamp"],
+                     "step": 3}]
+
+
+def test_local_store_default_needs_no_server(tmp_path: Path) -> None:
+    tracker = Tracker(tmp_path / "run")
+    run_id = tracker.start("local", Config())
+    tracker.log_metrics({"train/loss": 0.5}, step=1)
+    tracker.log_metrics({"train/loss": 0.4}, step=2)   # within flush_s: queued, sent by finish
+    (tmp_path / "cfg.json").write_text("{}")
+    tracker.log_artifact(tmp_path / "cfg.json", artifact_path="config")
+    tracker.finish()
+    assert (tmp_path / "run" / "mlflow" / "mlflow.db").exists()
+    client = MlflowClient(f"sqlite:///{tmp_path / 'run' / 'mlflow' / 'mlflow.db'}")
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.params["optim.lr"] == "0.001"
+    assert history(client, run_id, "train/loss") == [(1, 0.5), (2, 0.4)]
+    assert [f.path for f in client.list_artifacts(run_id, "config")] == ["config/cfg.json"]
+    assert (tmp_path / "run" / "mlflow" / "artifacts" / run_id / "artifacts" / "config" / "cfg.json").exists()
+
+
+def test_disabled_tracker_on_other_ranks_does_nothing(tmp_path: Path) -> None:
+    tracker = Tracker(tmp_path, enabled=False)
+    assert tracker.start("rank1", Config()) is None
+    tracker.log_metrics({"x": 1.0}, step=1)
+    tracker.finish()
+    assert not any(tmp_path.iterdir())
