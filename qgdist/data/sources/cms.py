@@ -1,0 +1,172 @@
+"""Streaming reader of CMS End-to-End jet-image parquet files (``X_jets`` 3x125x125, ``pt``, ``m0``, ``y``).
+
+The public files hold one row group per jet, so a unit is many consecutive row groups, and each read coalesces up
+to ``read_rows`` of them into one ``ParquetFile.read_row_groups`` call. ``X_jets`` is decoded by flattening the
+three list levels with Arrow (no Python loop over elements); list items may be named ``item`` or ``element`` and
+values may be double or float. The list lengths of every level are checked, so a jet of the wrong shape is a
+rejected row, not a crash or a silently misaligned image.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from qgdist.data.labels import LabelConvention
+from qgdist.data.shards.schema import ImageSample
+from qgdist.data.sources.base import Chunk, Plan, Unit, file_name, open_input
+from qgdist.data.sources.errors import BadRowError, Rejected
+
+COLUMNS = ("X_jets", "pt", "m0", "y")
+IMAGE_SHAPE = (3, 125, 125)
+
+
+def plan(path: str, rows_per_unit: int) -> Plan:
+    """Units of whole row groups (about ``rows_per_unit`` rows each) from the parquet footer alone."""
+    fs, p = open_input(path)
+    try:
+        with fs.open(p, "rb") as f:
+            meta = pq.ParquetFile(f).metadata
+    except Exception as err:  # pyarrow raises ArrowInvalid/OSError for truncated or corrupt footers
+        raise BadRowError(file_name(path), None, "<file>", f"not a readable parquet file ({err})") from None
+    if meta.num_rows == 0:
+        raise BadRowError(file_name(path), None, "<file>", "file has no rows")
+    units, groups, start, row = [], [], 0, 0
+    for g in range(meta.num_row_groups):
+        groups.append(g)
+        row += meta.row_group(g).num_rows
+        if row - start >= rows_per_unit or g == meta.num_row_groups - 1:
+            units.append(Unit(path, start, row, tuple(groups)))
+            groups, start = [], row
+    return Plan(units, meta.num_rows)
+
+
+def _is_image_type(t: pa.DataType) -> bool:
+    for _ in range(3):
+        if not (pa.types.is_list(t) or pa.types.is_large_list(t)):
+            return False
+        t = t.value_type
+    return pa.types.is_floating(t) or pa.types.is_integer(t)
+
+
+def _lengths(arr: pa.Array) -> np.ndarray:
+    """List lengths with nulls as -1 (a null list is never the right shape)."""
+    return arr.value_lengths().fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
+
+
+def decode_images(x: pa.Array, shape: tuple[int, int, int] = IMAGE_SHAPE) -> tuple[np.ndarray, np.ndarray]:
+    """(good, images): which rows of a list<list<list<number>>> array have ``shape``, and their (k, C, H, W) float32."""
+    c, h, w = shape
+    n = len(x)
+    l0 = _lengths(x)
+    mid = x.flatten()
+    l1 = _lengths(mid)
+    inner = mid.flatten()
+    l2 = _lengths(inner)
+    values = inner.flatten().to_numpy(zero_copy_only=False)  # nulls come back as NaN and are caught later
+    seg1 = np.repeat(np.arange(n), np.maximum(l0, 0))
+    seg2 = np.repeat(seg1, np.maximum(l1, 0))
+    bad1 = np.bincount(seg1, weights=(l1 != h), minlength=n) > 0
+    bad2 = np.bincount(seg2, weights=(l2 != w), minlength=n) > 0
+    good = (l0 == c) & ~bad1 & ~bad2
+    if good.all():
+        return good, values.reshape(n, c, h, w).astype(np.float32)
+    per_row = np.bincount(seg2, weights=np.maximum(l2, 0), minlength=n).astype(np.int64)
+    starts = np.concatenate([[0], np.cumsum(per_row)[:-1]])
+    images = [values[s: s + c * h * w] for s in starts[good]]
+    stacked = np.stack(images) if images else np.zeros((0, c * h * w))
+    return good, stacked.reshape(-1, c, h, w).astype(np.float32)
+
+
+def _column(table: pa.Table, name: str) -> np.ndarray:
+    return table.column(name).to_numpy().astype(np.float64)  # nulls -> NaN
+
+
+def decode_table(table: pa.Table, rows: np.ndarray, name: str, labels: LabelConvention, dtype: str) -> Chunk:
+    """Validate and encode the rows of a CMS table; ``rows`` are their indices in the source file."""
+    chunk = Chunk()
+    good, images = decode_images(table.column("X_jets").combine_chunks())
+    pt, m0, y = (_column(table, c) for c in ("pt", "m0", "y"))
+    finite_img = np.ones(len(rows), dtype=bool)
+    finite_img[good] = np.isfinite(images).reshape(len(images), -1).all(axis=1)
+    k = 0
+    for i, row in enumerate(rows.tolist()):
+        problem = None
+        if not good[i]:
+            problem = ("X_jets", f"image shape is not {list(IMAGE_SHAPE)} (or null)")
+        elif not finite_img[i]:
+            problem = ("X_jets", "NaN or inf pixel")
+        elif not (np.isfinite(pt[i]) and pt[i] > 0):
+            problem = ("pt", f"jet pt {pt[i]!r} is not a positive finite number")
+        elif not np.isfinite(m0[i]):
+            problem = ("m0", f"jet mass {m0[i]!r} is not finite")
+        elif y[i] not in (0.0, 1.0):
+            problem = ("y", f"label {y[i]!r} is not 0 or 1")
+        if good[i]:
+            k += 1
+        if problem:
+            chunk.rejected.append(Rejected(name, row, *problem))
+            continue
+        meta = {"is_quark": int(labels.is_quark(y[i])), "pt": float(pt[i]), "mass": float(m0[i]),
+                "file": name, "row": row, "source": "cms"}
+        chunk.rows.append(row)
+        chunk.samples.append(ImageSample.from_dense(images[k - 1], meta, dtype))
+    return chunk
+
+
+def _read_groups(pf: pq.ParquetFile, groups: list[int], first_row: int, name: str) -> tuple[list, Chunk]:
+    """Read row groups; a group that fails to decode is rejected row by row, naming the column that failed."""
+    try:
+        return [(pf.read_row_groups(groups, columns=list(COLUMNS)), first_row)], Chunk()
+    except Exception:
+        if len(groups) == 1:
+            bad = Chunk()
+            n = pf.metadata.row_group(groups[0]).num_rows
+            for col in COLUMNS:
+                try:
+                    pf.read_row_group(groups[0], columns=[col])
+                except Exception as err:
+                    bad.rejected = [Rejected(name, first_row + r, col, f"unreadable ({err})") for r in range(n)]
+                    return [], bad
+            raise
+    tables, rejected, row = [], Chunk(), first_row
+    for g in groups:  # isolate the broken groups
+        got, bad = _read_groups(pf, [g], row, name)
+        tables += got
+        rejected.rejected += bad.rejected
+        row += pf.metadata.row_group(g).num_rows
+    return tables, rejected
+
+
+def read(unit: Unit, labels: LabelConvention, dtype: str = "float32", read_rows: int = 128) -> Iterator[Chunk]:
+    """Yield the unit's rows as chunks of at most ~``read_rows`` rows (one coalesced read each)."""
+    name = file_name(unit.path)
+    fs, p = open_input(unit.path)
+    with fs.open(p, "rb") as f:
+        pf = pq.ParquetFile(f, pre_buffer=True)
+        missing = [c for c in COLUMNS if c not in pf.schema_arrow.names]
+        bad_type = not missing and not _is_image_type(pf.schema_arrow.field("X_jets").type)
+        if missing or bad_type:
+            field = missing[0] if missing else "X_jets"
+            reason = "missing column" if missing else f"type {pf.schema_arrow.field('X_jets').type} is not nested lists"
+            yield Chunk(rejected=[Rejected(name, r, field, reason) for r in range(unit.row_start, unit.row_stop)])
+            return
+        sizes = [pf.metadata.row_group(g).num_rows for g in unit.row_groups]
+        row, i = unit.row_start, 0
+        while i < len(sizes):
+            j, rows = i, 0
+            while j < len(sizes) and (rows == 0 or rows + sizes[j] <= read_rows):
+                rows += sizes[j]
+                j += 1
+            tables, bad = _read_groups(pf, list(unit.row_groups[i:j]), row, name)
+            for table, first in tables:
+                chunk = decode_table(table, np.arange(first, first + table.num_rows), name, labels, dtype)
+                bad.rows += chunk.rows
+                bad.samples += chunk.samples
+                bad.rejected += chunk.rejected
+            bad.rejected.sort(key=lambda r: r.row)
+            yield bad
+            row, i = row + rows, j
