@@ -153,3 +153,27 @@ def test_cli_maps_flags():
     register(parser.add_subparsers())
     args = parser.parse_args(["pythia", "--out", "d", "--jets", "10", "--format", "cms", "--seed", "4", "--no-ray"])
     assert (args.out, args.jets, args.format, args.seed, args.no_ray) == ("d", 10, "cms", 4, True)
+
+
+def test_ingest_readers_read_every_row(local_run):
+    cfg, _ = local_run
+    from qgdist.data.labels import LabelConvention
+
+    for source, sub, ext in (("energyflow", "energyflow", "npz"), ("cms", "cms", "parquet")):
+        reader = pytest.importorskip(f"qgdist.data.sources.{source}")
+        path = os.path.join(cfg.out, sub, f"pythia_s{cfg.seed}_t00000.{ext}")
+        plan = reader.plan(path, 16)
+        assert plan.rows == PER_TASK and not plan.rejected
+        samples = [s for unit in plan.units for chunk in reader.read(unit, LabelConvention.default(source))
+                   for s in chunk.samples]
+        assert len(samples) == PER_TASK  # nothing rejected
+        quarks = sum(s.meta["is_quark"] for s in samples)
+        assert quarks == PER_TASK // 2
+        if source == "energyflow":
+            X, y = _npz(cfg, 0)
+            assert [s.meta["is_quark"] for s in samples] == y.astype(int).tolist()
+            assert all(500.0 <= s.meta["pt"] <= 550.0 for s in samples)
+        else:
+            # Same jets as the npz, in the same order: CMS y = 0 and EnergyFlow y = 1 both mean quark.
+            assert [s.meta["is_quark"] for s in samples] == _npz(cfg, 0)[1].astype(int).tolist()
+            assert all(s.meta.get("pt", 525.0) >= 500.0 for s in samples)

@@ -1,0 +1,218 @@
+"""``qgdist bench physics``: Pythia jets -> shards -> ParticleNet(-Lite) and ResNet-15, next to the literature.
+
+Steps: generate N quark/gluon jets with the EnergyFlow recipe (``qgdist.generate.pythia``), or reuse the finished
+tasks of an earlier ``qgdist generate pythia`` directory; convert the EnergyFlow npz files (clouds) and the CMS-style
+parquet files (images) into shards (``qgdist.data.convert``); train each model with the default recipe on the train
+split with the plain loop (``qgdist.train.loop``); evaluate the checkpoint with the best validation AUC on the test
+split; print accuracy, AUC and background rejection 1/eps_B at 50% signal (quark) efficiency next to the ParticleNet
+paper's figures (trained on 1.6M jets) and the seed notebooks' results, with the number of training jets used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+#: Literature figures (REFERENCE.md section 4; ParticleNet paper Table 3, quark/gluon with PID, 1.6M training jets).
+PAPER = {
+    "particlenet-lite": {"acc": 0.835, "auc": 0.9079, "rej50": 37.1, "note": "PN paper, EnergyFlow QG with PID"},
+    "particlenet": {"acc": 0.840, "auc": 0.9116, "rej50": 39.8, "note": "PN paper, EnergyFlow QG with PID"},
+    "resnet15": {"acc": None, "auc": 0.80, "rej50": None,
+                 "note": "E2E paper on CMS Open Data (detector sim + pileup, pT 70-337 GeV): not the same jets"},
+}
+#: What the seed notebooks reached (REFERENCE.md sections 1 and 4).
+SEEDS = {
+    "particlenet-lite": {"acc": 0.742, "note": "seed GNN notebook, raw (pt, y, phi, pid), EnergyFlow data"},
+    "particlenet": {"acc": 0.742, "note": "seed GNN notebook (its only GNN)"},
+    "resnet15": {"acc": 0.513, "note": "seed Keras CNN on CMS parquet (chance)"},
+}
+IMAGE_MODELS = ("resnet15", "seed-cnn")
+
+
+@dataclass
+class PhysicsBenchConfig:
+    """One ``qgdist bench physics`` run."""
+
+    jets: int = 4000
+    out: str = "runs/bench_physics"
+    pythia_dir: str | None = None     # reuse this generated directory's finished tasks instead of generating
+    seed: int = 2026
+    workers: int = 1
+    models: list[str] = field(default_factory=lambda: ["particlenet-lite", "particlenet", "resnet15"])
+    epochs: int = 20
+    batch_size: int = 256
+    preset: str = "kinpid"            # the paper's headline numbers use particle ID
+    max_steps: int | None = None      # cap per model (smoke runs)
+    executor: str = "local"           # conversion executor: "local" (no Ray) or "ray"
+    device: str = "auto"
+
+
+def pythia_files(cfg: PhysicsBenchConfig, formats: set[str]) -> tuple[dict[str, list[str]], int]:
+    """Generated files per format and the number of jets they hold (whole files, at least ``cfg.jets`` if there)."""
+    if cfg.pythia_dir:
+        directory = cfg.pythia_dir
+    else:
+        from qgdist.generate.mc_settings import PythiaConfig
+        from qgdist.generate.pythia import run_pythia
+
+        directory = os.path.join(cfg.out, "pythia")
+        fmt = "both" if len(formats) == 2 else next(iter(formats))
+        run_pythia(PythiaConfig(out=directory, jets=cfg.jets, format=fmt, workers=cfg.workers, seed=cfg.seed,
+                                use_ray=cfg.workers > 1))
+    records = []
+    for path in sorted(glob.glob(os.path.join(directory, "tasks", "*.json"))):
+        with open(path) as f:
+            records.append(json.load(f))
+    if not records:
+        raise FileNotFoundError(f"{directory}/tasks: no finished Pythia tasks to use")
+    chosen, jets = [], 0
+    for rec in sorted(records, key=lambda r: r["task"]):
+        if jets >= cfg.jets:
+            break
+        chosen.append(rec)
+        jets += rec["jets"]
+    files = {fmt: [os.path.join(directory, r["files"][fmt]) for r in chosen] for fmt in formats}
+    for fmt, paths in files.items():
+        missing = [p for p in paths if not os.path.exists(p)]
+        if missing:
+            raise FileNotFoundError(f"{missing[0]}: listed in its task record but missing (format {fmt})")
+    return files, jets
+
+
+def convert_files(source: str, files: list[str], out: str, executor: str):
+    """Shards of ``files`` under ``out`` (reused when the manifest there lists exactly these inputs)."""
+    from qgdist.data.convert import ConvertConfig, convert
+    from qgdist.data.shards.manifest import read_manifest
+
+    try:
+        manifest = read_manifest(out)
+        if sorted(os.path.basename(p) for p in manifest.inputs) == sorted(os.path.basename(p) for p in files):
+            return manifest
+    except FileNotFoundError:
+        pass
+    return convert(ConvertConfig(source=source, inputs=files, out=out, executor=executor))
+
+
+def train_and_test(cfg: PhysicsBenchConfig, model: str, data: str) -> dict:
+    """Train ``model`` on ``data`` with the default recipe; metrics of the best-validation checkpoint on test."""
+    import torch
+
+    from qgdist.data.loader import LoaderConfig, ShardLoader
+    from qgdist.models import count_parameters, get_model
+    from qgdist.train.checkpoint import Checkpointer, load_checkpoint
+    from qgdist.train.config import TrainConfig
+    from qgdist.train.loop import evaluate, train
+
+    run_dir = os.path.join(cfg.out, "runs", model)
+    shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run: the loop would otherwise resume the last one
+    tcfg = TrainConfig(data=data, model=model, run_dir=run_dir, run_name=f"physics-{model}", epochs=cfg.epochs,
+                       batch_size=cfg.batch_size, preset=cfg.preset, max_steps=cfg.max_steps, track=False,
+                       device=cfg.device, seed=0)
+    start = time.perf_counter()
+    result = train(tcfg)
+    seconds = time.perf_counter() - start
+    best = Checkpointer(Path(run_dir)).best() or result["checkpoint"]
+    state = load_checkpoint(best)
+    device = torch.device("cuda" if cfg.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+    loader = ShardLoader(LoaderConfig(data, split="test", batch_size=512, training=False, shuffle_buffer=0,
+                                      preset=cfg.preset, device=str(device)))
+    kwargs = {"in_features": loader.in_features} if loader.kind == "cloud" else {}
+    net = get_model(model, **kwargs).to(device)
+    net.load_state_dict(state["model"])
+    res = evaluate(net, loader, device, "bf16" if device.type == "cuda" else "fp32")
+    test, roc = res if isinstance(res, tuple) else (res, None)
+    return {"roc": roc, "model": model, "parameters": count_parameters(net), "train_seconds": round(seconds, 1),
+            "epochs_run": result["epoch"], "steps": result["global_step"], "checkpoint": str(best), "test": test}
+
+
+def run_physics(cfg: PhysicsBenchConfig) -> dict:
+    """Run the benchmark; returns (and writes to ``out/physics.json``) the results."""
+    from qgdist.data.shards.manifest import read_manifest
+
+    os.makedirs(cfg.out, exist_ok=True)
+    formats = {"cms" if m in IMAGE_MODELS else "energyflow" for m in cfg.models}
+    files, jets = pythia_files(cfg, formats)
+    data = {}
+    for fmt in sorted(formats):
+        shards = os.path.join(cfg.out, f"shards-{fmt}")
+        convert_files(fmt, files[fmt], shards, cfg.executor)
+        data[fmt] = shards
+    rows, curves = [], {}
+    for model in cfg.models:
+        fmt = "cms" if model in IMAGE_MODELS else "energyflow"
+        splits = read_manifest(data[fmt]).splits
+        row = train_and_test(cfg, model, data[fmt])
+        roc = row.pop("roc")
+        if roc is not None:
+            curves[model] = tuple(t.detach().cpu().numpy() for t in roc)
+        row.update(train_jets=splits["train"]["samples"], test_jets=splits.get("test", {}).get("samples", 0),
+                   source=fmt)
+        rows.append(row)
+        print(f"{model}: test " + " ".join(f"{k}={v:.4f}" for k, v in row["test"].items()), flush=True)
+    results = {"config": asdict(cfg), "generated_jets": jets, "rows": rows, "paper": PAPER, "seeds": SEEDS}
+    with open(os.path.join(cfg.out, "physics.json.tmp"), "w") as f:
+        json.dump(results, f, indent=1)
+    os.replace(os.path.join(cfg.out, "physics.json.tmp"), os.path.join(cfg.out, "physics.json"))
+    if curves:
+        from qgdist.train.plots import plot_roc
+
+        results["roc_plot"] = str(plot_roc(curves, os.path.join(cfg.out, "physics_roc.png"),
+                                           title=f"Pythia quark vs gluon, test split ({jets} jets generated)"))
+    print(format_table(results))
+    return results
+
+
+def _fmt(v, spec: str) -> str:
+    """``format(v, spec)``, or a dash as wide as the spec's width for a missing figure."""
+    return format(v, spec) if v is not None else "-".rjust(int(spec.split(".")[0]))
+
+
+def format_table(results: dict) -> str:
+    """The side-by-side table: ours on test, the paper's, the seeds'."""
+    lines = [f"Pythia 8 quark/gluon jets (EnergyFlow recipe): {results['generated_jets']} generated; "
+             f"the paper trained on 1.6M jets.",
+             f"{'model':18s} {'train':>6s} {'test':>6s} {'epochs':>6s} | {'acc':>6s} {'AUC':>6s} {'1/eB50':>7s} | "
+             f"{'paper acc':>9s} {'AUC':>6s} {'1/eB50':>7s} | {'seed acc':>8s}"]
+    for r in results["rows"]:
+        t, p, s = r["test"], PAPER.get(r["model"], {}), SEEDS.get(r["model"], {})
+        lines.append(f"{r['model']:18s} {r['train_jets']:6d} {r['test_jets']:6d} {r['epochs_run']:6d} | "
+                     f"{t['acc']:6.3f} {t['auc']:6.4f} {_fmt(t.get('rej50'), '7.1f')} | "
+                     f"{_fmt(p.get('acc'), '9.3f')} {_fmt(p.get('auc'), '6.4f')} {_fmt(p.get('rej50'), '7.1f')} | "
+                     f"{_fmt(s.get('acc'), '8.3f')}")
+    lines.append("notes: " + "; ".join(f"{m}: {PAPER[m]['note']}" for m in PAPER if any(
+        r["model"] == m for r in results["rows"])))
+    return "\n".join(lines)
+
+
+def _run(args: argparse.Namespace) -> int:
+    cfg = PhysicsBenchConfig(jets=args.jets, out=args.out, pythia_dir=args.pythia_dir, seed=args.seed,
+                             workers=args.workers, models=args.models, epochs=args.epochs,
+                             batch_size=args.batch_size, preset=args.preset, max_steps=args.max_steps,
+                             executor=args.executor, device=args.device)
+    run_physics(cfg)
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``physics`` to the ``qgdist bench`` kinds."""
+    p = subparsers.add_parser("physics", help="Pythia jets -> shards -> ParticleNet(-Lite)/ResNet-15 vs the paper",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--jets", type=int, default=4000, help="jets to use (whole generated files, half quark)")
+    p.add_argument("--out", default="runs/bench_physics")
+    p.add_argument("--pythia-dir", default=None, help="reuse the finished tasks of a `qgdist generate pythia` dir")
+    p.add_argument("--seed", type=int, default=2026, help="generator seed when generating")
+    p.add_argument("--workers", type=int, default=1, help="generator tasks at once (Ray when > 1)")
+    p.add_argument("--models", nargs="+", default=["particlenet-lite", "particlenet", "resnet15"])
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--preset", default="kinpid", choices=["kin", "kinpid"])
+    p.add_argument("--max-steps", type=int, default=None, help="cap on training steps per model (smoke runs)")
+    p.add_argument("--executor", default="local", choices=["local", "ray"], help="conversion executor")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.set_defaults(func=_run)
