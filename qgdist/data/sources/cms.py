@@ -100,11 +100,11 @@ def decode_table(table: pa.Table, rows: np.ndarray, name: str, labels: LabelConv
         elif not finite_img[i]:
             problem = ("X_jets", "NaN or inf pixel")
         elif not (np.isfinite(pt[i]) and pt[i] > 0):
-            problem = ("pt", f"jet pt {pt[i]!r} is not a positive finite number")
+            problem = ("pt", f"jet pt {float(pt[i])!r} is not a positive finite number")
         elif not np.isfinite(m0[i]):
-            problem = ("m0", f"jet mass {m0[i]!r} is not finite")
+            problem = ("m0", f"jet mass {float(m0[i])!r} is not finite")
         elif y[i] not in (0.0, 1.0):
-            problem = ("y", f"label {y[i]!r} is not 0 or 1")
+            problem = ("y", f"label {float(y[i])!r} is not 0 or 1")
         if good[i]:
             k += 1
         if problem:

@@ -17,11 +17,14 @@ from typing import Any
 
 import numpy as np
 
-from qgdist.data.features import four_momenta
+from qgdist.data.features import four_momenta, mass_and_charge
 from qgdist.data.labels import LabelConvention
 from qgdist.data.shards.schema import CloudSample
 from qgdist.data.sources.base import Chunk, Plan, Unit, file_name, open_input, row_units
 from qgdist.data.sources.errors import BadRowError, Rejected
+
+#: Rapidities beyond this are corrupt data, not particles (cosh would overflow on the way to energies).
+MAX_RAPIDITY = 10.0
 
 
 def _npy_header(f: Any) -> tuple[tuple[int, ...], bool, np.dtype]:
@@ -101,6 +104,20 @@ def _stored_data_offset(f: Any, info: zipfile.ZipInfo) -> int:
     return info.header_offset + 30 + name_len + extra_len
 
 
+def _known_pids(pid: np.ndarray) -> np.ndarray:
+    """Element-wise: is this an integral PDG id the particle table knows (0 = padding counts as known)?"""
+    ids = np.unique(pid)
+    known = np.zeros(len(ids), dtype=bool)
+    for i, v in enumerate(ids.tolist()):
+        if v == int(v) and abs(v) < 10**8:
+            try:
+                mass_and_charge(np.array([int(v)]))
+                known[i] = True
+            except Exception:  # the particle package raises its own errors for ids that cannot exist
+                pass
+    return known[np.searchsorted(ids, pid)]
+
+
 def jet_axes(kin: np.ndarray, pid: np.ndarray) -> dict[str, np.ndarray]:
     """Per-jet pt, mass, rapidity, phi of padded clouds (B, P, 3) (same formulas as ``features.jet_kinematics``)."""
     e, px, py, pz = np.moveaxis(four_momenta(kin, pid).sum(axis=1), -1, 0)
@@ -118,19 +135,26 @@ def decode_rows(x: np.ndarray, y: np.ndarray, rows: np.ndarray, name: str, label
     x = np.where(np.isfinite(x), x, 0.0)
     mask = (x != 0).any(axis=-1)
     bad_pt = (mask & (x[..., 0] <= 0)).any(axis=1)
+    bad_y = (mask & (np.abs(x[..., 1]) > MAX_RAPIDITY)).any(axis=1)
+    bad_pid = ~_known_pids(np.where(mask, x[..., 3], 0.0)).all(axis=1)
     n = mask.sum(axis=1)
-    pid = np.where(mask, x[..., 3], 0).astype(np.int32)
-    axes = jet_axes(x[..., :3], pid)
+    ok = finite & ~bad_pt & ~bad_y & ~bad_pid
+    pid = np.where(mask & ok[:, None], x[..., 3], 0).astype(np.int32)
+    axes = jet_axes(np.where(ok[:, None, None], x[..., :3], 0.0), pid)
     for i, row in enumerate(rows.tolist()):
         problem = None
         if not finite[i]:
             problem = ("X", "NaN or inf")
         elif bad_pt[i]:
             problem = ("X", "particle with pt <= 0 that is not all-zero padding")
+        elif bad_y[i]:
+            problem = ("X", f"particle rapidity beyond +-{MAX_RAPIDITY}")
+        elif bad_pid[i]:
+            problem = ("X", "pdgid is not a known PDG particle id")
         elif n[i] == 0:
             problem = ("X", "jet has no particles")
         elif y[i] not in (0.0, 1.0):
-            problem = ("y", f"label {y[i]!r} is not 0 or 1")
+            problem = ("y", f"label {float(y[i])!r} is not 0 or 1")
         if problem:
             chunk.rejected.append(Rejected(name, row, *problem))
             continue

@@ -1,0 +1,258 @@
+"""Readers and the conversion (in-process executor): round trips through stock webdataset, labels, splits,
+manifest integrity, and every class of bad input (error names file/row/field; quarantine keeps the books)."""
+
+import glob
+import hashlib
+import os
+import tarfile
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import webdataset as wds
+
+from qgdist.cli import main
+from qgdist.data.convert import ConvertConfig, convert
+from qgdist.data.features import jet_kinematics
+from qgdist.data.shards.manifest import read_manifest
+from qgdist.data.shards.schema import decode_sample
+from qgdist.data.sources.errors import BadRowError
+from qgdist.data.split import assign_splits
+from qgdist.generate.formats import cms_table, write_energyflow_npz
+from qgdist.generate.toy import ToyConfig, run
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("src")
+    run(ToyConfig("cms", 24, str(d / "cms.parquet"), seed=1))
+    run(ToyConfig("energyflow", 300, str(d / "ef.npz"), seed=2))
+    return d
+
+
+def _convert(source, inputs, out, **kw):
+    kw = {"executor": "local", "progress": False, **kw}
+    return convert(ConvertConfig(source, [str(p) for p in inputs], str(out), **kw))
+
+
+def _read_back(out):
+    shards = sorted(glob.glob(f"{out}/*.tar"))
+    samples = list(wds.WebDataset(shards, shardshuffle=False).decode()) if shards else []
+    return {(s["meta.json"]["file"], s["meta.json"]["row"]): decode_sample(s) for s in samples}
+
+
+def test_cms_round_trip_through_stock_webdataset(files, tmp_path):
+    m = _convert("cms", [files / "cms.parquet"], tmp_path, rows_per_task=10)
+    table = pq.read_table(files / "cms.parquet")
+    got = _read_back(tmp_path)
+    assert len(got) == table.num_rows == m.rows["written"]
+    for row in range(table.num_rows):
+        s = got[("cms.parquet", row)]
+        ref = table.slice(row, 1).to_pylist()[0]
+        np.testing.assert_array_equal(s.dense(), np.array(ref["X_jets"], dtype=np.float32))
+        assert s.meta["pt"] == ref["pt"] and s.meta["mass"] == ref["m0"]
+        assert s.meta["is_quark"] == int(ref["y"] == 0)  # CMS: y = 1 is gluon
+    assert m.label_convention == "cms: y=0 is quark, y=1 is gluon"
+
+
+def test_energyflow_round_trip_float16_stored_and_deflated(files, tmp_path):
+    data = np.load(files / "ef.npz")
+    X, y = data["X"], data["y"]
+    write_energyflow_npz(str(tmp_path / "stored.npz"), X, y, compress=False)
+    for name in ("ef.npz", "stored.npz"):
+        src = files / name if name == "ef.npz" else tmp_path / name
+        out = tmp_path / f"out_{name}"
+        _convert("energyflow", [src], out, rows_per_task=70, dtype="float16")
+        got = _read_back(out)
+        assert len(got) == len(X)
+        for row in (0, 69, 70, 151, 299):  # unit and chunk boundaries
+            s = got[(name, row)]
+            real = X[row][X[row, :, 0] > 0]
+            assert s.kin.dtype == np.float16 and s.meta["n"] == len(real) == len(s.kin)
+            np.testing.assert_allclose(s.kin.astype(np.float64), real[:, :3], rtol=1e-3, atol=4e-3)
+            np.testing.assert_array_equal(s.pid, real[:, 3].astype(np.int32))
+            assert s.meta["is_quark"] == int(y[row])  # EnergyFlow: y = 1 is quark
+            ref = jet_kinematics(real[:, :3], real[:, 3].astype(np.int64))
+            assert s.meta["pt"] == pytest.approx(ref["pt"]) and s.meta["mass"] == pytest.approx(ref["mass"])
+
+
+def test_label_quark_value_override(files, tmp_path):
+    m = _convert("cms", [files / "cms.parquet"], tmp_path, label_quark_value=1)
+    y = pq.read_table(files / "cms.parquet").column("y").to_numpy()
+    got = _read_back(tmp_path)
+    assert all(got[("cms.parquet", r)].meta["is_quark"] == int(y[r] == 1) for r in range(len(y)))
+    assert m.label_convention == "cms: y=1 is quark, y=0 is gluon"
+
+
+def test_split_is_deterministic_and_configurable(files, tmp_path):
+    a = _convert("energyflow", [files / "ef.npz"], tmp_path / "a", rows_per_task=50)
+    b = _convert("energyflow", [files / "ef.npz"], tmp_path / "b", rows_per_task=300)
+    assert a.splits["train"]["samples"] == b.splits["train"]["samples"]
+    rows_a = {s: sorted(k[1] for k in _split_keys(tmp_path / "a", s)) for s in ("train", "val", "test")}
+    rows_b = {s: sorted(k[1] for k in _split_keys(tmp_path / "b", s)) for s in ("train", "val", "test")}
+    assert rows_a == rows_b
+    expected = assign_splits("ef.npz", np.arange(300), (0.8, 0.1, 0.1))
+    assert rows_a["val"] == np.flatnonzero(expected == 1).tolist()
+    assert 200 < len(rows_a["train"]) < 280
+    c = _convert("energyflow", [files / "ef.npz"], tmp_path / "c", split=(0.5, 0.5, 0.0))
+    assert c.splits["test"]["samples"] == 0 and 100 < c.splits["val"]["samples"] < 200
+
+
+def _split_keys(out, split):
+    shards = sorted(glob.glob(f"{out}/{split}-*.tar"))
+    return [(s["meta.json"]["file"], s["meta.json"]["row"])
+            for s in wds.WebDataset(shards, shardshuffle=False).decode()] if shards else []
+
+
+def test_manifest_integrity_and_contiguous_sorted_members(files, tmp_path):
+    m = _convert("energyflow", [files / "ef.npz"], tmp_path, rows_per_task=100, shard_size=20_000)
+    assert read_manifest(str(tmp_path)).to_json() == m.to_json()
+    on_disk = sorted(os.path.basename(p) for p in glob.glob(f"{tmp_path}/*.tar"))
+    assert on_disk == [s.name for s in m.shards] and len(on_disk) > 6  # shard_size rolled shards over
+    for shard in m.shards:
+        data = (tmp_path / shard.name).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == shard.sha256 and len(data) == shard.bytes
+        with tarfile.open(tmp_path / shard.name) as tar:
+            names = tar.getnames()
+        keys = [n.split(".")[0] for n in names]
+        assert keys == sorted(keys) and len(names) == 3 * shard.samples  # contiguous members, sorted keys
+        assert {n.split(".", 1)[1] for n in names} == {"meta.json", "kin.npy", "pid.npy"}  # keys without dots
+    # statistics come from the train split only
+    train = [decode_sample(s) for s in wds.WebDataset(sorted(glob.glob(f"{tmp_path}/train-*.tar")),
+                                                      shardshuffle=False).decode()]
+    log_pt = np.log([s.meta["pt"] for s in train])
+    assert m.stats["samples"] == len(train)
+    assert m.stats["jet"]["log_pt"]["mean"] == pytest.approx(log_pt.mean())
+    assert m.stats["jet"]["log_pt"]["std"] == pytest.approx(log_pt.std(), rel=1e-6)
+    assert m.stats["particle"]["features"][:2] == ["deta", "dphi"] and len(m.stats["particle"]["mean"]) == 7
+
+
+def test_image_stats_match_dense_train_images(files, tmp_path):
+    m = _convert("cms", [files / "cms.parquet"], tmp_path)
+    train = [decode_sample(s).dense() for s in wds.WebDataset(sorted(glob.glob(f"{tmp_path}/train-*.tar")),
+                                                              shardshuffle=False).decode()]
+    dense = np.stack(train).astype(np.float64)
+    np.testing.assert_allclose(m.stats["image"]["channel_mean"], dense.mean(axis=(0, 2, 3)), rtol=1e-6)
+    np.testing.assert_allclose(m.stats["image"]["channel_std"], dense.std(axis=(0, 2, 3)), rtol=1e-5)
+
+
+# ---- bad input -------------------------------------------------------------------------------------------------
+
+def _cms_with(tmp_path, name, edit):
+    """A CMS file of 8 one-row-group jets after ``edit(images, pt, m0, y)`` (may return replacement columns)."""
+    rng = np.random.default_rng(0)
+    images = np.where(rng.random((8, 3, 125, 125)) > 0.99, rng.random((8, 3, 125, 125)), 0.0)
+    cols = {"images": images, "pt": np.full(8, 100.0), "m0": np.full(8, 10.0), "y": np.array([0, 1.0] * 4)}
+    table = edit(cols) or cms_table(cols["images"], cols["pt"], cols["m0"], cols["y"])
+    pq.write_table(table, tmp_path / name, row_group_size=1)
+    return tmp_path / name
+
+
+def _wrong_shape(c):
+    good = cms_table(c["images"][:5], c["pt"][:5], c["m0"][:5], c["y"][:5])
+    bad = cms_table(c["images"][5:6, :, :124], c["pt"][5:6], c["m0"][5:6], c["y"][5:6])
+    rest = cms_table(c["images"][6:], c["pt"][6:], c["m0"][6:], c["y"][6:])
+    return pa.concat_tables([good, bad, rest])
+
+
+CMS_BAD = {
+    "nan": (lambda c: c["images"].__setitem__((3, 1, 60, 60), np.nan), 3, "X_jets", 1),
+    "inf_pt": (lambda c: c["pt"].__setitem__(2, np.inf), 2, "pt", 1),
+    "label": (lambda c: c["y"].__setitem__(5, 2.0), 5, "y", 1),
+    "shape": (_wrong_shape, 5, "X_jets", 1),
+    "missing_column": (lambda c: cms_table(c["images"], c["pt"], c["m0"], c["y"]).drop_columns(["m0"]), 0, "m0", 8),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CMS_BAD))
+def test_cms_bad_rows(case, tmp_path):
+    edit, row, field, n_bad = CMS_BAD[case]
+    path = _cms_with(tmp_path, f"bad_{case}.parquet", edit)
+    with pytest.raises(BadRowError) as err:
+        _convert("cms", [path], tmp_path / "e")
+    assert err.value.record.row == row and err.value.record.field == field
+    assert f"bad_{case}.parquet: row {row}, field '{field}'" in str(err.value)
+    assert not (tmp_path / "e" / "manifest.json").exists()
+    m = _convert("cms", [path], tmp_path / "q", on_bad_row="quarantine")
+    assert m.rows == {"in": 8, "written": 8 - n_bad, "rejected": n_bad}
+    assert m.quarantine[0]["row"] == row and m.quarantine[0]["field"] == field
+    assert len(_read_back(tmp_path / "q")) == 8 - n_bad
+
+
+def test_cms_corrupt_page_is_rejected_by_row_and_column(files, tmp_path):
+    data = bytearray((files / "cms.parquet").read_bytes())
+    col = pq.ParquetFile(files / "cms.parquet").metadata.row_group(7).column(0)
+    data[col.data_page_offset + 40: col.data_page_offset + 80] = bytes(40)  # smash the page header
+    (tmp_path / "corrupt.parquet").write_bytes(bytes(data))
+    with pytest.raises(BadRowError, match=r"corrupt.parquet: row 7, field 'X_jets': unreadable"):
+        _convert("cms", [tmp_path / "corrupt.parquet"], tmp_path / "e")
+    m = _convert("cms", [tmp_path / "corrupt.parquet"], tmp_path / "q", on_bad_row="quarantine")
+    assert m.rows == {"in": 24, "written": 23, "rejected": 1}
+
+
+@pytest.mark.parametrize("kind", ["truncated_cms", "empty_cms", "truncated_npz", "empty_npz"])
+def test_unreadable_files(kind, files, tmp_path):
+    source = "cms" if kind.endswith("cms") else "energyflow"
+    src = files / ("cms.parquet" if source == "cms" else "ef.npz")
+    bad = tmp_path / f"{kind}{src.suffix}"
+    bad.write_bytes(src.read_bytes()[: len(src.read_bytes()) // 2] if kind.startswith("truncated") else b"")
+    with pytest.raises(BadRowError, match=rf"{bad.name}: whole file, field '<file>': "
+                                          rf"{'empty file' if kind.startswith('empty') else 'not a readable'}"):
+        _convert(source, [bad], tmp_path / "e")
+    m = _convert(source, [bad, src], tmp_path / "q", on_bad_row="quarantine")  # the good file still converts
+    assert m.quarantine[0]["file"] == bad.name and m.quarantine[0]["row"] is None
+    assert m.rows["written"] == m.rows["in"] > 0
+
+
+def _ef_with(tmp_path, name, edit, files):
+    data = np.load(files / "ef.npz")
+    X, y = data["X"][:40].copy(), data["y"][:40].copy()
+    X, y = edit(X, y) or (X, y)
+    write_energyflow_npz(str(tmp_path / name), X, y)
+    return tmp_path / name
+
+
+EF_BAD = {
+    "nan": (lambda X, y: X.__setitem__((7, 0, 1), np.nan), 7, "X", 1, 40),
+    "label": (lambda X, y: y.__setitem__(9, 2.0), 9, "y", 1, 40),
+    "y_short": (lambda X, y: (X, y[:37]), 37, "y", 3, 40),
+    "x_short": (lambda X, y: (X[:38], y), 38, "X", 2, 40),
+    "empty_jet": (lambda X, y: X.__setitem__(4, 0.0), 4, "X", 1, 40),
+}
+
+
+@pytest.mark.parametrize("case", sorted(EF_BAD))
+def test_energyflow_bad_rows(case, files, tmp_path):
+    edit, row, field, n_bad, n_in = EF_BAD[case]
+    path = _ef_with(tmp_path, f"bad_{case}.npz", edit, files)
+    with pytest.raises(BadRowError, match=rf"bad_{case}.npz: row {row}, field '{field}'"):
+        _convert("energyflow", [path], tmp_path / "e", rows_per_task=16)
+    m = _convert("energyflow", [path], tmp_path / "q", rows_per_task=16, on_bad_row="quarantine")
+    assert m.rows == {"in": n_in, "written": n_in - n_bad, "rejected": n_bad}
+    assert (m.quarantine[0]["row"], m.quarantine[0]["field"]) == (row, field)
+
+
+def test_energyflow_wrong_shape_and_corrupt_stream(files, tmp_path):
+    write_energyflow_npz(str(tmp_path / "shape.npz"), np.ones((5, 3, 3)), np.ones(5))
+    with pytest.raises(BadRowError, match=r"shape.npz: whole file, field 'X': shape \[5, 3, 3\]"):
+        _convert("energyflow", [tmp_path / "shape.npz"], tmp_path / "e")
+    data = bytearray((files / "ef.npz").read_bytes())
+    mid = len(data) // 3
+    data[mid: mid + 200] = bytes(b ^ 0x5A for b in data[mid: mid + 200])
+    (tmp_path / "corrupt.npz").write_bytes(bytes(data))
+    m = _convert("energyflow", [tmp_path / "corrupt.npz"], tmp_path / "q", rows_per_task=100,
+                 on_bad_row="quarantine")
+    assert m.rows["in"] == 300 and m.rows["rejected"] > 0
+    assert m.rows["written"] + m.rows["rejected"] == 300
+    assert {q["field"] for q in m.quarantine} == {"X"}
+
+
+def test_cli_exit_code_and_message(files, tmp_path, capsys):
+    path = _ef_with(tmp_path, "cli.npz", EF_BAD["label"][0], files)
+    code = main(["convert", "--source", "energyflow", "--out", str(tmp_path / "o"), "--no-ray", str(path)])
+    assert code == 2
+    assert "cli.npz: row 9, field 'y': label 2.0 is not 0 or 1" in capsys.readouterr().err
+    code = main(["convert", "--source", "energyflow", "--out", str(tmp_path / "o"), "--no-ray", "--quiet",
+                 "--on-bad-row", "quarantine", "--split", "0.6,0.2,0.2", str(path)])
+    assert code == 0 and read_manifest(str(tmp_path / "o")).rows["rejected"] == 1

@@ -1,0 +1,83 @@
+"""The toy generator writes exactly the public formats' quirks, and its quark/gluon differences are physical."""
+
+import zipfile
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from qgdist.cli import main
+from qgdist.generate.toy import ToyConfig, generate, run
+
+
+def test_cms_toy_has_the_real_quirks(tmp_path):
+    path = tmp_path / "cms.parquet"
+    run(ToyConfig("cms", 10, str(path), seed=3))
+    pf = pq.ParquetFile(path)
+    assert pf.metadata.num_row_groups == 10 and all(pf.metadata.row_group(i).num_rows == 1 for i in range(10))
+    schema = pf.schema_arrow
+    assert schema.field("X_jets").type.value_field.name == "item"
+    assert schema.field("X_jets").type.value_type.value_type.value_type == pa.float64()
+    assert all(schema.field(c).type == pa.float64() for c in ("pt", "m0", "y"))
+    table = pf.read()
+    y = table.column("y").to_numpy()
+    assert set(y) == {0.0, 1.0} and y.sum() == 5
+    images = np.array(table.column("X_jets").to_pylist())
+    assert images.shape == (10, 3, 125, 125)
+    assert ((images[:, 0] != 0).mean() < 0.01) and (images >= 0).all()
+    towers = images[:, 2].reshape(10, 25, 5, 25, 5)
+    assert np.allclose(towers, towers[:, :, :1, :, :1])  # HCAL: one value per 5x5 tower
+    pt = table.column("pt").to_numpy()
+    assert (pt > 60).all() and (pt < 400).all()
+
+
+def test_cms_toy_element_item_name(tmp_path):
+    path = tmp_path / "cms.parquet"
+    run(ToyConfig("cms", 2, str(path), item_name="element"))
+    assert pq.ParquetFile(path).schema_arrow.field("X_jets").type.value_field.name == "element"
+
+
+def test_energyflow_toy_has_the_real_quirks(tmp_path):
+    path = tmp_path / "ef.npz"
+    run(ToyConfig("energyflow", 400, str(path), seed=5))
+    with zipfile.ZipFile(path) as zf:
+        assert {i.filename for i in zf.infolist()} == {"X.npy", "y.npy"}
+        assert all(i.compress_type == zipfile.ZIP_DEFLATED for i in zf.infolist())
+    data = np.load(path)
+    X, y = data["X"], data["y"]
+    assert X.dtype == np.float64 and y.dtype == np.float64 and X.shape[2] == 4
+    n = (X[..., 0] > 0).sum(axis=1)
+    assert X.shape[1] == n.max()  # padded to the file's own maximum multiplicity
+    assert y.sum() == 200 and 0 < y[:200].sum() < 200  # balanced and shuffled
+    assert n[y == 1].mean() < n[y == 0].mean()  # y = 1 is quark: fewer constituents
+    real = X[..., 0] > 0
+    assert set(np.unique(np.abs(X[..., 3][real])).astype(int)) <= {11, 13, 22, 130, 211, 321, 2112, 2212}
+    np.testing.assert_array_equal(np.load(path)["X"], X)
+    run(ToyConfig("energyflow", 400, str(tmp_path / "again.npz"), seed=5))
+    np.testing.assert_array_equal(np.load(tmp_path / "again.npz")["X"], X)  # deterministic by seed
+
+
+def test_quark_gluon_differences_follow_colour_factors():
+    rng = np.random.default_rng(0)
+    n_jets = 4000
+    means = {}
+    for pt in (100.0, 1000.0):
+        q = (np.arange(n_jets) % 2).astype(np.uint8)
+        jets = generate(q, np.full(n_jets, pt), np.zeros(n_jets), np.zeros(n_jets), rng)
+        n = np.bincount(jets.jet, minlength=n_jets)
+        width = np.bincount(jets.jet, jets.pt * np.hypot(jets.deta, jets.dphi), n_jets) / np.bincount(
+            jets.jet, jets.pt, n_jets)
+        means[pt] = (n[q == 1].mean(), n[q == 0].mean())
+        assert width[q == 0].mean() > 1.15 * width[q == 1].mean()  # gluons wider
+    growth_q = means[1000.0][0] - means[100.0][0]
+    growth_g = means[1000.0][1] - means[100.0][1]
+    assert growth_g / growth_q == pytest.approx(9 / 4, rel=0.15)  # C_A / C_F
+
+
+def test_generate_toy_cli(tmp_path, capsys):
+    out = tmp_path / "t.npz"
+    assert main(["generate", "toy", "--format", "energyflow", "--jets", "50", "--out", str(out), "--stored"]) == 0
+    assert "wrote 50 toy energyflow jets" in capsys.readouterr().out
+    with zipfile.ZipFile(out) as zf:
+        assert all(i.compress_type == zipfile.ZIP_STORED for i in zf.infolist())
