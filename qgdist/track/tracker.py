@@ -7,11 +7,12 @@ The whole API (everything else is private)::
     tracker.log_metrics({"train/loss": 0.61}, step=global_step)
     tracker.log_artifact("run/roc.png")                       # a file (or a directory) from the local disk
     tracker.finish("FINISHED")                                # or "FAILED" / "KILLED"; flushes what is buffered
+    tracker.history   # {"train/loss": ([steps], [values]), ...}: everything in the run, for loss-curve plots
 
 * ``tracking_uri=None`` means the embedded local store ``sqlite:///<run_dir>/mlflow/mlflow.db`` with artifacts in
   ``<run_dir>/mlflow/artifacts``: no server needed; ``qgdist tracker --store <run_dir>/mlflow`` shows it in the UI.
 * ``config`` (a dataclass or nested dict) is flattened to ``a.b.c`` params.
-* Resume: ``start(..., run_id=ID)`` reopens that run and drops any metric whose step is <= the last step already
+* Resume: ``start(..., run_id=ID)`` (an empty id means a new run) reopens that run and drops any metric whose step is <= the last step already
   logged for that key, so a run resumed from an older checkpoint replays steps without duplicating them.
 * Metrics are queued and sent in batches at most every ``flush_s`` seconds (one sqlite or HTTP write costs
   ~10 ms, too much per step); artifacts and ``finish`` send at once.
@@ -78,6 +79,7 @@ class Tracker:
         self._pending_metrics: list[Any] = []     # mlflow.entities.Metric, original timestamps kept
         self._pending_artifacts: list[tuple[str, str | None]] = []
         self._last_step: dict[str, int] = {}      # per metric key, to drop replayed steps after a resume
+        self.history: dict[str, tuple[list[int], list[float]]] = {}
         self._online = True
         self._next_try = 0.0   # monotonic time of the next send attempt
 
@@ -96,7 +98,7 @@ class Tracker:
         if self.tracking_uri.startswith("sqlite:"):
             (self.run_dir / "mlflow").mkdir(parents=True, exist_ok=True)
         self._client = MlflowClient(tracking_uri=self.tracking_uri)
-        if run_id is None:
+        if not run_id:
             run = self._client.create_run(self._experiment_id(), run_name=run_name,
                                           tags={"qgdist.run_name": run_name})
             self.run_id = run.info.run_id
@@ -105,6 +107,9 @@ class Tracker:
             run = self._client.get_run(run_id)   # raises a clear MlflowException for an unknown id
             self.run_id = run_id
             self._last_step = {m.key: m.step for m in run.data._metric_objs}  # latest metric = highest step
+            for key in self._last_step:
+                points = sorted((m.step, m.value) for m in self._client.get_metric_history(run_id, key))
+                self.history[key] = ([p[0] for p in points], [p[1] for p in points])
             self._client.update_run(run_id, status="RUNNING")
             self._client.set_tag(run_id, "qgdist.resumed_at", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
             self._log_params(flatten_config(config or {}), known=run.data.params)
@@ -122,6 +127,9 @@ class Tracker:
                 continue   # already logged before a resume
             self._last_step[key] = step
             self._pending_metrics.append(Metric(key, float(value), now, int(step)))
+            steps, values = self.history.setdefault(key, ([], []))
+            steps.append(int(step))
+            values.append(float(value))
         self._flush()
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:

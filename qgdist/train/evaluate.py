@@ -1,0 +1,208 @@
+"""Evaluate a trained checkpoint on one split: metrics table, ROC plot, per-jet scores.
+
+``evaluate_checkpoint(EvalConfig(checkpoint, data, split="test"))`` writes into ``out`` (default
+``<run_dir>/eval/<split>``)::
+
+    metrics.json     loss, acc, auc, rej30, rej50, n_jets, split, checkpoint
+    roc.png          ROC and gluon rejection vs quark efficiency (qgdist.train.plots.plot_roc)
+    scores.parquet   one row per jet: file, row (of the source file), is_quark, score (quark probability), logit
+
+``--checkpoint`` may be a checkpoint directory, its ``state.pt``, or a run directory (its best checkpoint by
+validation AUC, else its latest). ``log_run_artifacts`` puts a finished run's results into its MLflow run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+METRIC_ORDER = ("loss", "acc", "auc", "rej30", "rej50")
+
+
+@dataclass
+class EvalConfig:
+    """One evaluation: which checkpoint, on which data and split, written where."""
+
+    checkpoint: str
+    data: str
+    split: str = "test"
+    out: str | None = None          # default: <run_dir>/eval/<split>
+    batch_size: int = 512
+    device: str = "auto"            # auto | cpu | cuda
+    progress: bool = True
+
+
+def resolve_checkpoint(path: str | os.PathLike[str]) -> Path:
+    """A checkpoint directory from a checkpoint dir, a ``state.pt`` or a run dir (best, else latest)."""
+    from qgdist.train.checkpoint import STATE_FILE, Checkpointer
+
+    path = Path(path)
+    if path.is_file():
+        return path.parent
+    if (path / STATE_FILE).exists():
+        return path
+    if (path / "checkpoints").is_dir():
+        ckpt = Checkpointer(path)
+        found = ckpt.best() or ckpt.latest()
+        if found is not None:
+            return found
+    raise FileNotFoundError(f"{path}: neither a checkpoint (no {STATE_FILE}) nor a run directory with checkpoints")
+
+
+def model_from_checkpoint(path: str | os.PathLike[str]) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Rebuild the model of a checkpoint (eval mode, CPU) and return it with the checkpoint's state dict.
+
+    The architecture comes from the checkpoint's config fingerprint (model name, model kwargs, feature preset):
+    cloud models get ``in_features`` from the preset, as in training.
+    """
+    from qgdist.data.features import PRESETS
+    from qgdist.models import get_model
+    from qgdist.train.checkpoint import load_checkpoint
+
+    state = load_checkpoint(resolve_checkpoint(path))
+    fp = state.get("fingerprint") or {}
+    if "model" not in fp:
+        raise ValueError(f"{path}: checkpoint has no config fingerprint naming its model")
+    kwargs = dict(fp.get("model_kwargs") or {})
+    model = get_model(fp["model"], **kwargs)
+    if model.kind == "cloud" and "in_features" not in kwargs:
+        model = get_model(fp["model"], **kwargs, in_features=len(PRESETS[fp.get("preset", "kin")]))
+    model.load_state_dict(state["model"])
+    return model.eval(), state
+
+
+def _jet_ids(batch: dict[str, Any]) -> tuple[list[str], list[int]]:
+    """Source file and row of each jet: from the batch if the loader passes them, else from the sample key."""
+    if "file" in batch and "row" in batch:
+        return list(batch["file"]), [int(r) for r in batch["row"]]
+    files, rows = [], []
+    for key in batch["key"]:   # schema.sample_key: "<file name with unsafe chars as _>-r<row:09d>"
+        stem, _, row = key.rpartition("-r")
+        files.append(stem)
+        rows.append(int(row))
+    return files, rows
+
+
+@torch.no_grad()
+def score_split(model: torch.nn.Module, state: dict[str, Any], cfg: EvalConfig, device: torch.device) -> dict[str, Any]:
+    """Run ``model`` over every jet of ``cfg.split`` once; returns columns file, row, is_quark, logit and the loss."""
+    from tqdm import tqdm
+
+    from qgdist.data.loader import LoaderConfig, ShardLoader, to_device
+
+    fp = state.get("fingerprint") or {}
+    loader = ShardLoader(LoaderConfig(cfg.data, split=cfg.split, batch_size=cfg.batch_size, training=False,
+                                      shuffle_buffer=0, preset=fp.get("preset", "kin"),
+                                      max_particles=int(fp.get("max_particles", 128)), device=str(device)))
+    if loader.kind != model.kind:
+        raise ValueError(f"{cfg.data} holds {loader.kind} samples but the checkpoint's model takes {model.kind}s")
+    total = loader.manifest.splits.get(cfg.split, {}).get("samples")
+    cols: dict[str, list] = {"file": [], "row": [], "is_quark": [], "logit": []}
+    loss_sum = 0.0
+    bar = tqdm(total=total, unit="jet", unit_scale=True,
+               desc=f"evaluate {cfg.split}", disable=not cfg.progress, mininterval=1.0)
+    for batch in loader.collated(0):
+        inputs, label = to_device(batch, device)
+        logits = model(**inputs).float()
+        loss_sum += float(torch.nn.functional.binary_cross_entropy_with_logits(logits, label, reduction="sum"))
+        files, rows = _jet_ids(batch)
+        cols["file"] += files
+        cols["row"] += rows
+        cols["is_quark"] += label.to(torch.uint8).tolist()
+        cols["logit"] += logits.cpu().tolist()
+        bar.update(len(label))
+    bar.close()
+    if not cols["logit"]:
+        raise ValueError(f"{cfg.data}: the {cfg.split!r} split has no jets")
+    return {"columns": cols, "loss": loss_sum / len(cols["logit"])}
+
+
+def write_scores(cols: dict[str, list], path: Path) -> Path:
+    """Per-jet scores as parquet (atomic): file, row, is_quark, score (sigmoid of logit), logit."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    logits = torch.tensor(cols["logit"], dtype=torch.float64)
+    table = pa.table({"file": pa.array(cols["file"], pa.string()), "row": pa.array(cols["row"], pa.int64()),
+                      "is_quark": pa.array(cols["is_quark"], pa.uint8()),
+                      "score": pa.array(torch.sigmoid(logits).tolist(), pa.float32()),
+                      "logit": pa.array(cols["logit"], pa.float32())})
+    tmp = path.with_name(f".{path.name}.tmp")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def format_table(metrics: dict[str, float], title: str) -> str:
+    """A small markdown table of the metrics."""
+    names = {"loss": "loss", "acc": "accuracy", "auc": "ROC AUC", "rej30": "1/eps_B @ eps_S=30%",
+             "rej50": "1/eps_B @ eps_S=50%"}
+    lines = [f"| {title} | value |", "|---|---|"]
+    lines += [f"| {names[k]} | {metrics[k]:.4f} |" for k in METRIC_ORDER if k in metrics]
+    return "\n".join(lines)
+
+
+def evaluate_checkpoint(cfg: EvalConfig) -> dict[str, Any]:
+    """Evaluate ``cfg.checkpoint`` on ``cfg.split`` of ``cfg.data``; writes metrics.json, roc.png, scores.parquet."""
+    from qgdist.train.metrics import compute_metrics
+    from qgdist.train.plots import plot_roc
+    from torchmetrics.functional.classification import binary_roc
+
+    ckpt_dir = resolve_checkpoint(cfg.checkpoint)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
+    model, state = model_from_checkpoint(ckpt_dir)
+    model.to(device)
+    run_dir = ckpt_dir.parent.parent if ckpt_dir.parent.name == "checkpoints" else ckpt_dir
+    out = Path(cfg.out) if cfg.out else run_dir / "eval" / cfg.split
+    out.mkdir(parents=True, exist_ok=True)
+
+    scored = score_split(model, state, cfg, device)
+    cols = scored["columns"]
+    logits, labels = torch.tensor(cols["logit"]), torch.tensor(cols["is_quark"])
+    metrics = compute_metrics(logits, labels, loss=scored["loss"])
+    fpr, tpr, _ = binary_roc(torch.sigmoid(logits.double()), labels.long(), thresholds=None)
+    name = (state.get("fingerprint") or {}).get("model", "model")
+    paths = {"roc": plot_roc({f"{name} ({cfg.split})": (fpr.tolist(), tpr.tolist())}, out / "roc.png"),
+             "scores": write_scores(cols, out / "scores.parquet"), "metrics": out / "metrics.json"}
+    doc = {**metrics, "n_jets": len(logits), "n_quark": int(labels.sum()), "split": cfg.split, "model": name,
+           "checkpoint": str(ckpt_dir), "epoch": state.get("epoch"), "global_step": state.get("global_step")}
+    tmp = paths["metrics"].with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(doc, indent=1))
+    os.replace(tmp, paths["metrics"])
+    return {"metrics": metrics, "paths": {k: str(v) for k, v in paths.items()}, "n_jets": len(logits),
+            "table": format_table(metrics, f"{name} on {cfg.split} ({len(logits)} jets)")}
+
+
+def log_run_artifacts(tracker: Any, run_dir: str | os.PathLike[str], config: dict[str, Any],
+                      metrics: dict[str, float], roc: tuple[Any, Any] | None = None,
+                      checkpoint: str | os.PathLike[str] | None = None) -> dict[str, str]:
+    """Write a run's summary files into ``<run_dir>/artifacts`` and hand them to ``tracker`` (rank 0, at the end).
+
+    Writes config.json, metrics.json, loss_curves.png (from ``tracker.history``), roc.png (when ``roc`` =
+    (fpr, tpr) is given) and logs them plus the final checkpoint directory (the model) as MLflow artifacts.
+    """
+    from qgdist.train.plots import plot_curves, plot_roc
+
+    out = Path(run_dir) / "artifacts"
+    out.mkdir(parents=True, exist_ok=True)
+    written: dict[str, Path] = {}
+    for name, doc in (("config", config), ("metrics", metrics)):
+        path = out / f"{name}.json"
+        path.with_suffix(".tmp").write_text(json.dumps(doc, indent=1, default=str))
+        os.replace(path.with_suffix(".tmp"), path)
+        written[name] = path
+    history = getattr(tracker, "history", None) or {}
+    if history:
+        written["loss_curves"] = plot_curves(history, out / "loss_curves.png")
+    if roc is not None:
+        written["roc"] = plot_roc({"validation": (list(roc[0]), list(roc[1]))}, out / "roc.png")
+    for path in written.values():
+        tracker.log_artifact(path)
+    if checkpoint is not None:
+        tracker.log_artifact(checkpoint, artifact_path="model")
+    return {k: str(v) for k, v in written.items()}

@@ -1,0 +1,176 @@
+"""Export a checkpoint's model to ONNX and prove the file right by running it in onnxruntime.
+
+ONNX graphs take positional inputs, so ``OnnxWrapper`` maps them onto the batch contract's keywords
+(docs/ARCHITECTURE.md): image models take ``(image, jet)``, cloud models ``(points, features, mask)``; the output
+is ``logits`` (B,). The batch axis is dynamic, and so are the particle axis of cloud models and the image size of
+models that do not fix it (ResNet-15).
+
+Two things differ from training, both checked by the onnxruntime comparison that every export ends with:
+
+* The kNN's deterministic tie-break packs float bits into int64 keys (``Tensor.view(torch.int32)``), which ONNX
+  cannot express. During export the cloud models' kNN is swapped for ``knn_onnx``: a float ``topk`` on the same
+  distances -- ONNX ``TopK`` breaks ties by lower index, the same rule -- with the same self-loop convention.
+* Cloud inputs are padded by ``k`` masked particles inside the wrapper, so ``topk`` always has ``k`` candidates
+  whatever the particle count (padding is invisible to the models: they mask it out).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+INPUT_NAMES = {"image": ("image", "jet"), "cloud": ("points", "features", "mask")}
+
+
+@dataclass
+class ExportConfig:
+    """Which checkpoint to export where, and how closely onnxruntime must agree with PyTorch."""
+
+    checkpoint: str
+    onnx: str
+    opset: int = 17
+    atol: float = 1e-4
+    rtol: float = 1e-3
+    image_size: int = 125           # H = W of the example image when the model does not fix it
+
+
+class OnnxWrapper(torch.nn.Module):
+    """Positional inputs -> ``model(**inputs)``; cloud inputs padded by ``pad`` masked particles."""
+
+    def __init__(self, model: torch.nn.Module, pad: int = 0) -> None:
+        super().__init__()
+        self.model, self.pad = model, pad
+        self.names = INPUT_NAMES[model.kind]
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        named = dict(zip(self.names, inputs))
+        if self.model.kind == "cloud" and self.pad:
+            pad = self.pad
+            named = {"points": torch.nn.functional.pad(named["points"], (0, 0, 0, pad)),
+                     "features": torch.nn.functional.pad(named["features"], (0, 0, 0, pad)),
+                     "mask": torch.nn.functional.pad(named["mask"], (0, pad), value=False)}
+        return self.model(**named)
+
+
+def knn_onnx(x: torch.Tensor, k: int, mask: torch.Tensor | None = None, **_: Any) -> torch.Tensor:
+    """``qgdist.models.knn.knn`` in ONNX-exportable ops (float topk, ties to the lower index); needs P >= k."""
+    from qgdist.models.knn import _centred_float32
+
+    b, p, _ = x.shape
+    mask = torch.ones(b, p, dtype=torch.bool, device=x.device) if mask is None else mask.bool()
+    arange = torch.arange(p, device=x.device)
+    xc = _centred_float32(x, mask)
+    sq = (xc * xc).sum(-1)
+    d = sq[:, :, None] + sq[:, None, :] - 2.0 * torch.bmm(xc, xc.transpose(1, 2))
+    d = torch.clamp(d, min=0.0)
+    invalid = ~mask[:, None, :] | (arange[:, None] == arange[None, :])[None]
+    d = d.masked_fill(invalid, float("inf"))
+    best, idx = torch.topk(d, k, dim=-1, largest=False, sorted=True)
+    ok = torch.isfinite(best) & mask[:, :, None]
+    return torch.where(ok, idx, arange.view(1, -1, 1).expand_as(idx))
+
+
+@contextlib.contextmanager
+def onnx_friendly(model: torch.nn.Module) -> Iterator[None]:
+    """Swap the cloud models' kNN for ``knn_onnx`` while exporting (see the module docstring)."""
+    if model.kind != "cloud":
+        yield
+        return
+    import qgdist.models.edgeconv as edgeconv
+
+    original = edgeconv.knn
+    edgeconv.knn = knn_onnx
+    try:
+        yield
+    finally:
+        edgeconv.knn = original
+
+
+def _max_k(model: torch.nn.Module) -> int:
+    return max((int(getattr(m, "k", 0)) for m in model.modules() if hasattr(m, "k")), default=0)
+
+
+def example_inputs(model: torch.nn.Module, batch: int, particles: int = 40, image_size: int = 125,
+                   seed: int = 0) -> dict[str, torch.Tensor]:
+    """Synthetic inputs of the right shapes: sparse non-negative images, clouds with varying jet lengths."""
+    gen = torch.Generator().manual_seed(seed)
+    cfg = getattr(model, "config", None)
+    if model.kind == "image":
+        size = int(getattr(cfg, "image_size", image_size))
+        channels = int(getattr(cfg, "in_channels", 3))
+        image = torch.rand(batch, channels, size, size, generator=gen)
+        image = image * (torch.rand(image.shape, generator=gen) < 0.05) * 50.0
+        return {"image": image, "jet": torch.randn(batch, int(getattr(cfg, "jet_features", 2)), generator=gen)}
+    lengths = torch.randint(1, particles + 1, (batch,), generator=gen)
+    lengths[0] = particles
+    mask = torch.arange(particles)[None, :] < lengths[:, None]
+    points = torch.randn(batch, particles, 2, generator=gen) * 0.2 * mask[..., None]
+    features = torch.randn(batch, particles, int(cfg.in_features), generator=gen) * mask[..., None]
+    return {"points": points, "features": features, "mask": mask}
+
+
+def export_model(model: torch.nn.Module, path: str | os.PathLike[str], opset: int = 17,
+                 image_size: int = 125) -> Path:
+    """Write ``model`` as ONNX at ``path`` (atomically); dynamic batch (and particle) axes."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model = model.eval().cpu()
+    wrapper = OnnxWrapper(model, pad=_max_k(model)).eval()
+    names = list(INPUT_NAMES[model.kind])
+    inputs = example_inputs(model, batch=4, particles=32, image_size=image_size)
+    axes: dict[str, dict[int, str]] = {n: {0: "batch"} for n in names}
+    if model.kind == "cloud":
+        for n in names:
+            axes[n][1] = "particles"
+    elif not hasattr(getattr(model, "config", None), "image_size"):   # fully convolutional: any H, W
+        axes["image"].update({2: "height", 3: "width"})
+    tmp = path.with_name(f".{path.name}.tmp")
+    with onnx_friendly(model), torch.no_grad():
+        # dynamo=False: the TorchScript exporter needs no onnxscript (not a dependency) and handles these models.
+        torch.onnx.export(wrapper, tuple(inputs[n] for n in names), str(tmp), input_names=names,
+                          output_names=["logits"], dynamic_axes={**axes, "logits": {0: "batch"}},
+                          opset_version=opset, dynamo=False)
+    os.replace(tmp, path)
+    return path
+
+
+def check_onnx(path: str | os.PathLike[str], model: torch.nn.Module, atol: float = 1e-4, rtol: float = 1e-3,
+               image_size: int = 125) -> dict[str, Any]:
+    """Load ``path`` with onnx (schema check) and onnxruntime, compare with PyTorch on fresh inputs.
+
+    The inputs differ in batch size (and particle count) from the export's example, so dynamic axes are tested.
+    Raises ``AssertionError`` naming the largest difference when outputs disagree.
+    """
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+
+    onnx.checker.check_model(onnx.load(str(path)))
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    model = model.eval().cpu()
+    inputs = example_inputs(model, batch=7, particles=45, image_size=image_size, seed=1)
+    got = session.run(["logits"], {n: inputs[n].numpy() for n in INPUT_NAMES[model.kind]})[0]
+    with torch.no_grad():
+        want = model(**inputs).float().numpy()
+    diff = float(np.max(np.abs(got - want)))
+    if got.shape != want.shape or not np.allclose(got, want, atol=atol, rtol=rtol):
+        raise AssertionError(f"{path}: onnxruntime output differs from PyTorch (max |diff| {diff:.3g}, "
+                             f"shapes {got.shape} vs {want.shape})")
+    return {"max_abs_diff": diff, "batch": int(got.shape[0]), "inputs": list(INPUT_NAMES[model.kind])}
+
+
+def export_checkpoint(cfg: ExportConfig) -> dict[str, Any]:
+    """Rebuild the checkpoint's model, export it to ``cfg.onnx`` and check it with onnxruntime."""
+    from qgdist.train.evaluate import model_from_checkpoint
+
+    model, state = model_from_checkpoint(cfg.checkpoint)
+    path = export_model(model, cfg.onnx, cfg.opset, cfg.image_size)
+    check = check_onnx(path, model, cfg.atol, cfg.rtol, cfg.image_size)
+    return {"onnx": str(path), "bytes": path.stat().st_size, "model": (state.get("fingerprint") or {}).get("model"),
+            **check}

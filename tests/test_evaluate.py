@@ -1,0 +1,151 @@
+"""``qgdist evaluate`` and ``qgdist export`` on real checkpoints (written by the project's Checkpointer) and shards.
+
+Outputs are read back with stock libraries: pyarrow for the scores, onnxruntime for the ONNX file, MLflow's
+client for the run artifacts.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pyarrow.parquet as pq
+import pytest
+import torch
+from trainkit import write_dataset
+
+from qgdist.cli import main
+from qgdist.data.loader import LoaderConfig, ShardLoader
+from qgdist.models import get_model
+from qgdist.train.checkpoint import Checkpointer
+from qgdist.train.config import TrainConfig
+from qgdist.train.evaluate import log_run_artifacts, model_from_checkpoint
+from qgdist.train.export import INPUT_NAMES, example_inputs, knn_onnx
+from qgdist.train.metrics import compute_metrics
+
+MODELS = {"cloud": ("particlenet-lite", {}), "image": ("resnet15", {"fmaps": [8, 8], "nblocks": 1})}
+TEST_JETS = 37
+
+
+@pytest.fixture(scope="module", params=["cloud", "image"])
+def run(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A shard dataset and a run directory holding one checkpoint of a freshly initialised model."""
+    kind = request.param
+    root = tmp_path_factory.mktemp(kind)
+    data = write_dataset(str(root / "data"), kind, {"train": [40], "val": [16], "test": [20, TEST_JETS - 20]})
+    name, kwargs = MODELS[kind]
+    cfg = TrainConfig(data=data, model=name, model_kwargs=kwargs, run_dir=str(root / "run"))
+    torch.manual_seed(0)
+    model = get_model(name, **kwargs, **({"in_features": 7} if kind == "cloud" else {}))
+    with torch.no_grad():   # non-trivial BatchNorm statistics, so eval mode really differs from train mode
+        for module in model.modules():
+            if isinstance(getattr(module, "running_var", None), torch.Tensor):
+                module.running_var.uniform_(0.5, 2.0)
+    Checkpointer(cfg.run_dir).save({"model": model.state_dict(), "fingerprint": cfg.fingerprint(), "epoch": 1,
+                                    "step": 0, "global_step": 3}, auc=0.5)
+    return {"kind": kind, "data": data, "run_dir": Path(cfg.run_dir), "model": model.eval()}
+
+
+def test_model_from_checkpoint_restores_weights(run: dict) -> None:
+    model, state = model_from_checkpoint(run["run_dir"])
+    assert state["global_step"] == 3 and not model.training
+    for (name, want), got in zip(run["model"].state_dict().items(), model.state_dict().values()):
+        assert torch.equal(want, got), name
+
+
+def test_evaluate_writes_metrics_plot_and_scores(run: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--checkpoint", str(run["run_dir"]), "--data", run["data"], "--split", "test",
+                 "--out", str(out), "--batch-size", "8", "--no-progress"]) == 0
+    assert "ROC AUC" in capsys.readouterr().out
+
+    scores = pq.read_table(out / "scores.parquet").to_pydict()
+    assert len(scores["row"]) == TEST_JETS and len(set(scores["row"])) == TEST_JETS   # every jet exactly once
+    assert set(scores) == {"file", "row", "is_quark", "score", "logit"}
+    np.testing.assert_allclose(scores["score"], 1 / (1 + np.exp(-np.array(scores["logit"]))), rtol=1e-5)
+
+    # The scores are the model's: recompute them from the shards with the same loader, in the same order.
+    loader = ShardLoader(LoaderConfig(run["data"], split="test", batch_size=64, training=False, shuffle_buffer=0))
+    inputs, labels = next(loader.epoch(0))
+    with torch.no_grad():
+        logits = run["model"](**inputs)
+    np.testing.assert_allclose(scores["logit"], logits.numpy(), rtol=1e-4, atol=1e-5)
+    assert scores["is_quark"] == labels.to(torch.uint8).tolist()
+
+    doc = json.loads((out / "metrics.json").read_text())
+    expected = compute_metrics(torch.tensor(scores["logit"]), torch.tensor(scores["is_quark"]))
+    assert doc["n_jets"] == TEST_JETS and doc["split"] == "test" and doc["global_step"] == 3
+    for key in ("auc", "acc", "rej30", "rej50"):
+        assert doc[key] == pytest.approx(expected[key], rel=1e-5), key
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels).item()
+    assert doc["loss"] == pytest.approx(bce, rel=1e-4)
+    assert (out / "roc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_evaluate_refuses_data_of_the_other_kind(run: dict, tmp_path: Path) -> None:
+    other = write_dataset(str(tmp_path / "other"), "image" if run["kind"] == "cloud" else "cloud",
+                          {"train": [8], "test": [8]})
+    with pytest.raises(ValueError, match="holds"):
+        main(["evaluate", "--checkpoint", str(run["run_dir"]), "--data", other, "--no-progress"])
+
+
+def test_export_round_trips_through_onnxruntime(run: dict, tmp_path: Path) -> None:
+    path = tmp_path / "model.onnx"
+    assert main(["export", "--checkpoint", str(run["run_dir"]), "--onnx", str(path)]) == 0
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = INPUT_NAMES[run["kind"]]
+    assert [i.name for i in session.get_inputs()] == list(names)
+    # Real jets from the shards this time, at a batch size the export never saw.
+    loader = ShardLoader(LoaderConfig(run["data"], split="test", batch_size=5, training=False, shuffle_buffer=0))
+    for inputs, _ in list(loader.epoch(0))[:3]:
+        got = session.run(["logits"], {n: inputs[n].numpy() for n in names})[0]
+        with torch.no_grad():
+            want = run["model"](**inputs).numpy()
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+class _KnnModule(torch.nn.Module):
+    def forward(self, points: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return knn_onnx(points, 16, mask)
+
+
+def test_knn_onnx_in_onnxruntime_matches_training_knn_with_ties_and_short_jets(tmp_path: Path) -> None:
+    from qgdist.models.knn import knn
+
+    cloud = example_inputs(get_model("particlenet-lite"), batch=6, particles=24, seed=3)
+    cloud["points"][1, :6] = 0.0   # exact ties: the lower index must win in both
+    cloud["points"][2, :10] = torch.tensor([0.1, 0.0]).repeat(10, 1)
+    points = torch.nn.functional.pad(cloud["points"], (0, 0, 0, 16))
+    mask = torch.nn.functional.pad(cloud["mask"], (0, 16), value=False)
+    torch.onnx.export(_KnnModule(), (points, mask), str(tmp_path / "knn.onnx"), input_names=["points", "mask"],
+                      output_names=["idx"], dynamic_axes={"points": {0: "b", 1: "p"}, "mask": {0: "b", 1: "p"}},
+                      opset_version=17, dynamo=False)
+    session = ort.InferenceSession(str(tmp_path / "knn.onnx"), providers=["CPUExecutionProvider"])
+    got = torch.from_numpy(session.run(None, {"points": points.numpy(), "mask": mask.numpy()})[0])
+    want = knn(points, 16, mask)
+    assert torch.equal(got[mask], want[mask])
+
+
+def test_log_run_artifacts_into_local_mlflow_store(run: dict, tmp_path: Path) -> None:
+    from mlflow import MlflowClient
+
+    from qgdist.track.tracker import Tracker
+
+    if run["kind"] != "cloud":
+        pytest.skip("one family is enough for the artifact plumbing")
+    tracker = Tracker(tmp_path / "tracked")
+    run_id = tracker.start("artifacts", {"model": "particlenet-lite"})
+    for step in (1, 2, 3):
+        tracker.log_metrics({"train/loss": 1.0 / step}, step)
+    tracker.log_metrics({"val/auc": 0.6}, 3)
+    written = log_run_artifacts(tracker, tmp_path / "tracked", {"model": "particlenet-lite"}, {"auc": 0.6},
+                                roc=([0.0, 0.5, 1.0], [0.0, 0.8, 1.0]),
+                                checkpoint=Checkpointer(run["run_dir"]).latest())
+    tracker.finish()
+    client = MlflowClient(tracker.tracking_uri)
+    top = {f.path for f in client.list_artifacts(run_id)}
+    assert top == {"config.json", "metrics.json", "loss_curves.png", "roc.png", "model"}
+    assert [f.path for f in client.list_artifacts(run_id, "model")] == ["model/state.pt"]
+    assert json.loads(Path(written["metrics"]).read_text()) == {"auc": 0.6}
