@@ -1,0 +1,152 @@
+"""``qgdist submit``: run one qgdist command as a Ray job on a cluster, optionally waiting for it.
+
+The job's entrypoint is ``python -m qgdist COMMAND ARGS`` run by the cluster's shell in the job's working
+directory, so with ``working_dir: .`` in the runtime_env the cluster runs the code you have checked out (``-m``
+puts the working directory first on ``sys.path``). ``$NAME`` / ``${NAME}`` inside ARGS are left for that shell to
+expand from the runtime_env's ``env_vars`` (write them in single quotes locally); nothing else is interpreted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shlex
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+from qgdist.cluster import jobs_client
+from qgdist.cluster.jobs_client import ClientConfig, ClusterError
+
+_ENV_REF = re.compile(r"\$(?:\{([A-Za-z_][A-Za-z0-9_]*)\}|([A-Za-z_][A-Za-z0-9_]*))")
+
+
+@dataclass
+class SubmitConfig:
+    """One ``qgdist submit`` call: which qgdist command, its arguments, where and with what environment."""
+
+    command: str
+    args: list[str] = field(default_factory=list)
+    client: ClientConfig = field(default_factory=ClientConfig)
+    runtime_env_file: str | None = None
+    env: dict[str, str] = field(default_factory=dict)   # added to / overriding the runtime_env's env_vars
+    drop_pip: bool = False                              # the cluster already has the project's environment
+    submission_id: str | None = None
+    wait: bool = False
+    follow: bool = True                                 # stream the job's log while waiting
+    check_with: Mapping[str, argparse.ArgumentParser] | None = None  # parsers to check ARGS with before submitting
+    timeout_s: float | None = None
+    tail_lines: int = 40
+
+
+def shell_word(arg: str) -> str:
+    """Quote ``arg`` for a POSIX shell, leaving ``$NAME`` / ``${NAME}`` references to expand there."""
+    parts, pos = [], 0
+    for match in _ENV_REF.finditer(arg):
+        if match.start() > pos:
+            parts.append(shlex.quote(arg[pos:match.start()]))
+        parts.append('"${%s}"' % (match.group(1) or match.group(2)))
+        pos = match.end()
+    if pos < len(arg) or not parts:
+        parts.append(shlex.quote(arg[pos:]))
+    return "".join(parts)
+
+
+def build_entrypoint(command: str, args: list[str]) -> str:
+    """The shell command line a Ray job runs for ``qgdist COMMAND ARGS``."""
+    return " ".join(["python", "-m", "qgdist", shell_word(command), *map(shell_word, args)])
+
+
+def load_runtime_env(path: str | None, env: dict[str, str] | None = None, drop_pip: bool = False) -> dict[str, Any]:
+    """Read a runtime_env YAML (the format of ``ray job submit --runtime-env``), apply overrides, check it.
+
+    A relative ``working_dir`` or ``py_modules`` entry is resolved against the submitting shell's current directory,
+    as ``ray job submit`` does. Ray's own ``RuntimeEnv`` validates the result, so mistakes surface before upload.
+    """
+    import yaml
+    from ray.runtime_env import RuntimeEnv
+
+    runtime_env: dict[str, Any] = {}
+    if path:
+        try:
+            runtime_env = yaml.safe_load(Path(path).read_text()) or {}
+        except OSError as err:
+            raise ClusterError(f"cannot read runtime_env file {path}: {err.strerror}") from err
+        except yaml.YAMLError as err:
+            raise ClusterError(f"runtime_env file {path} is not valid YAML: {err}") from err
+        if not isinstance(runtime_env, dict):
+            raise ClusterError(f"runtime_env file {path} must hold a mapping, not {type(runtime_env).__name__}")
+    if drop_pip:
+        runtime_env.pop("pip", None)
+    if env:
+        runtime_env["env_vars"] = {**(runtime_env.get("env_vars") or {}), **env}
+    for key, value in (runtime_env.get("env_vars") or {}).items():
+        if not isinstance(value, str):  # Ray demands strings; YAML turns `1` or `true` into other types
+            raise ClusterError(f"runtime_env {path}: env_vars.{key} must be a string (quote it), got {value!r}")
+    try:
+        RuntimeEnv(**runtime_env)
+    except (TypeError, ValueError) as err:
+        raise ClusterError(f"runtime_env {path or '(flags)'} is invalid: {err}") from err
+    return runtime_env
+
+
+def check_command_args(parsers: Mapping[str, argparse.ArgumentParser], command: str, args: list[str],
+                       env_vars: dict[str, str]) -> None:
+    """Parse ``qgdist COMMAND ARGS`` locally, as the job will, so a typo fails in a second, not after upload.
+
+    ``parsers`` maps command names to their argparse parsers (the CLI's subparsers). ``$NAME`` references take
+    the runtime_env's value, else the local environment's, else stay as written.
+    """
+    if command not in parsers:
+        raise ClusterError(f"unknown qgdist command {command!r}; choose from {', '.join(sorted(parsers))}")
+
+    def expand(arg: str) -> str:
+        def one(match: re.Match) -> str:
+            name = match.group(1) or match.group(2)
+            return env_vars.get(name, os.environ.get(name, match.group(0)))
+        return _ENV_REF.sub(one, arg)
+
+    try:
+        parsers[command].parse_args(list(map(expand, args)))
+    except SystemExit as err:  # argparse has printed the usage error already
+        if err.code:
+            raise ClusterError(f"qgdist {command} rejects these arguments (see above); nothing was submitted") from err
+
+
+def submit(config: SubmitConfig, out: TextIO | None = None, err: TextIO | None = None) -> int:
+    """Submit the job; with ``wait``, follow it to the end. Returns the exit code (0 only if it SUCCEEDED)."""
+    out, err = out or sys.stdout, err or sys.stderr
+    runtime_env = load_runtime_env(config.runtime_env_file, config.env, config.drop_pip)
+    if config.check_with is not None:
+        check_command_args(config.check_with, config.command, config.args, runtime_env.get("env_vars") or {})
+    entrypoint = build_entrypoint(config.command, config.args)
+    client = jobs_client.connect(config.client)
+    job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env or None,
+                               submission_id=config.submission_id, metadata={"qgdist_command": config.command})
+    address = config.client.resolved_address()
+    print(f"submitted {job_id} to {address}: {entrypoint}", file=err, flush=True)
+    if not config.wait:
+        print(job_id, file=out)
+        return 0
+    try:
+        status = jobs_client.wait(client, job_id, follow=config.follow, out=out, timeout_s=config.timeout_s)
+    except KeyboardInterrupt:
+        print(f"\nstopped waiting; job {job_id} keeps running (`qgdist jobs stop {job_id} --address {address}`)",
+              file=err)
+        return 130
+    return report_end(client, job_id, status, config.tail_lines, err)
+
+
+def report_end(client: Any, job_id: str, status: str, tail_lines: int, err: TextIO) -> int:
+    """Say how the job ended; a job that did not succeed prints its log tail and gives exit code 1."""
+    if status == "SUCCEEDED":
+        print(f"job {job_id} SUCCEEDED", file=err)
+        return 0
+    message = client.get_job_info(job_id).message or ""
+    print(f"job {job_id} {status}: {message.splitlines()[0] if message else 'no message'}", file=err)
+    print(f"--- last {tail_lines} log lines of {job_id} ---", file=err)
+    print(jobs_client.log_tail(client, job_id, tail_lines), file=err)
+    return 1
