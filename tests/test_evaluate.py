@@ -1,7 +1,7 @@
 """``qgdist evaluate`` and ``qgdist export`` on real checkpoints (written by the project's Checkpointer) and shards.
 
-Outputs are read back with stock libraries: pyarrow for the scores, onnxruntime for the ONNX file, MLflow's
-client for the run artifacts.
+Outputs are read back with stock libraries: pyarrow for the scores, onnxruntime for the ONNX file. The run
+artifacts that the tracker uploads (``log_run_artifacts``) are tested in test_track.py, against the real server.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from qgdist.data.loader import LoaderConfig, ShardLoader
 from qgdist.models import get_model
 from qgdist.train.checkpoint import Checkpointer
 from qgdist.train.config import TrainConfig
-from qgdist.train.evaluate import log_run_artifacts, model_from_checkpoint
+from qgdist.train.evaluate import model_from_checkpoint
 from qgdist.train.export import INPUT_NAMES, example_inputs, knn_onnx
 from qgdist.train.metrics import compute_metrics
 
@@ -126,26 +126,3 @@ def test_knn_onnx_in_onnxruntime_matches_training_knn_with_ties_and_short_jets(t
     got = torch.from_numpy(session.run(None, {"points": points.numpy(), "mask": mask.numpy()})[0])
     want = knn(points, 16, mask)
     assert torch.equal(got[mask], want[mask])
-
-
-def test_log_run_artifacts_into_local_mlflow_store(run: dict, tmp_path: Path) -> None:
-    from mlflow import MlflowClient
-
-    from qgdist.track.tracker import Tracker
-
-    if run["kind"] != "cloud":
-        pytest.skip("one family is enough for the artifact plumbing")
-    tracker = Tracker(tmp_path / "tracked")
-    run_id = tracker.start("artifacts", {"model": "particlenet-lite"})
-    for step in (1, 2, 3):
-        tracker.log_metrics({"train/loss": 1.0 / step}, step)
-    tracker.log_metrics({"val/auc": 0.6}, 3)
-    written = log_run_artifacts(tracker, tmp_path / "tracked", {"model": "particlenet-lite"}, {"auc": 0.6},
-                                roc=([0.0, 0.5, 1.0], [0.0, 0.8, 1.0]),
-                                checkpoint=Checkpointer(run["run_dir"]).latest())
-    tracker.finish()
-    client = MlflowClient(tracker.tracking_uri)
-    top = {f.path for f in client.list_artifacts(run_id)}
-    assert top == {"config.json", "metrics.json", "loss_curves.png", "roc.png", "model"}
-    assert [f.path for f in client.list_artifacts(run_id, "model")] == ["model/state.pt"]
-    assert json.loads(Path(written["metrics"]).read_text()) == {"auc": 0.6}

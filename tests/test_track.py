@@ -163,3 +163,27 @@ def test_disabled_tracker_on_other_ranks_does_nothing(tmp_path: Path) -> None:
     tracker.log_metrics({"x": 1.0}, step=1)
     tracker.finish()
     assert not any(tmp_path.iterdir())
+
+
+def test_run_artifacts_config_metrics_plots_and_model(server: MlflowServer, tmp_path: Path) -> None:
+    from qgdist.train.evaluate import log_run_artifacts
+
+    checkpoint = tmp_path / "checkpoints" / "step-000000003"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "state.pt").write_bytes(b"weights")
+    tracker = Tracker(tmp_path, tracking_uri=server.url)
+    run_id = tracker.start("artifacts", Config())
+    for step in (1, 2, 3):
+        tracker.log_metrics({"train/loss": 1.0 / step}, step)
+    tracker.log_metrics({"val/auc": 0.6}, 3)
+    log_run_artifacts(tracker, tmp_path, {"model": "resnet15"}, {"auc": 0.6},
+                      roc=([0.0, 0.5, 1.0], [0.0, 0.8, 1.0]), checkpoint=checkpoint)
+    tracker.finish()
+    client = MlflowClient(server.url)
+    assert {f.path for f in client.list_artifacts(run_id)} == {"config.json", "metrics.json", "loss_curves.png",
+                                                                "roc.png", "model"}
+    assert [f.path for f in client.list_artifacts(run_id, "model")] == ["model/state.pt"]
+    down = Path(client.download_artifacts(run_id, "loss_curves.png", str(tmp_path / "down")))
+    assert down.read_bytes()[:4] == b"\x89PNG"
+    assert json.loads(Path(client.download_artifacts(run_id, "metrics.json", str(tmp_path / "down"))).read_text()) \
+        == {"auc": 0.6}
