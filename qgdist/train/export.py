@@ -166,11 +166,20 @@ def check_onnx(path: str | os.PathLike[str], model: torch.nn.Module, atol: float
 
 
 def export_checkpoint(cfg: ExportConfig) -> dict[str, Any]:
-    """Rebuild the checkpoint's model, export it to ``cfg.onnx`` and check it with onnxruntime."""
+    """Rebuild the checkpoint's model, export it to ``cfg.onnx`` and check it with onnxruntime.
+
+    A ``*-pyg`` model is exported through its dense twin (same weights), and checked against the PyG model.
+    """
     from qgdist.train.evaluate import model_from_checkpoint
 
+    from qgdist.models import get_model, model_config
+
     model, state = model_from_checkpoint(cfg.checkpoint)
-    path = export_model(model, cfg.onnx, cfg.opset, cfg.image_size)
-    check = check_onnx(path, model, cfg.atol, cfg.rtol, cfg.image_size)
-    return {"onnx": str(path), "bytes": path.stat().st_size, "model": (state.get("fingerprint") or {}).get("model"),
-            **check}
+    name = (state.get("fingerprint") or {}).get("model", "")
+    exported = model
+    if name.endswith("-pyg"):   # PyG's EdgeConv does not trace; the dense twin shares its state dict
+        exported = get_model(name.removesuffix("-pyg"), **model_config(model))
+        exported.load_state_dict(model.state_dict())
+    path = export_model(exported, cfg.onnx, cfg.opset, cfg.image_size)
+    check = check_onnx(path, model, cfg.atol, cfg.rtol, cfg.image_size)   # against the checkpoint's own model
+    return {"onnx": str(path), "bytes": path.stat().st_size, "model": name, **check}
