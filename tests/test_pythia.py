@@ -114,21 +114,24 @@ def test_cms_parquet_matches_energyflow(local_run):
     assert np.allclose(towers, towers[:, :, :1, :, :1])
 
 
-def test_ray_tasks_reproduce_local_run_bit_identically(local_run, tmp_path):
-    cfg, _ = local_run
-    ray_cfg = PythiaConfig(out=str(tmp_path), jets=JETS, jets_per_task=PER_TASK, seed=cfg.seed, workers=2)
+def test_ray_tasks_reproduce_in_process_run_bit_identically(tmp_path):
+    """Two Ray tasks on a real private 2-CPU Ray give the same files as the same tasks run in-process."""
+    small = dict(jets=20, jets_per_task=10, seed=5)
+    local = PythiaConfig(out=str(tmp_path / "local"), use_ray=False, **small)
+    on_ray = PythiaConfig(out=str(tmp_path / "ray"), workers=2, **small)
+    run_pythia(local)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    summary = run_pythia(ray_cfg)
-    assert summary["tasks_generated_now"] == 2
+    summary = run_pythia(on_ray)
+    assert summary["tasks_generated_now"] == 2 and summary["jets"] == 20
     for task in range(2):
-        for a, b in zip(_npz(cfg, task), _npz(ray_cfg, task)):
+        for a, b in zip(_npz(local, task), _npz(on_ray, task)):
             np.testing.assert_array_equal(a, b)
-        assert _parquet(cfg, task).read().equals(_parquet(ray_cfg, task).read())
+        assert _parquet(local, task).read().equals(_parquet(on_ray, task).read())
     # Tasks of one run are independent samples: different seeds, different jets.
-    assert task_seeds(cfg.seed, 0) != task_seeds(cfg.seed, 1)
-    assert not np.array_equal(_npz(cfg, 0)[0][:, 0, 0], _npz(cfg, 1)[0][:, 0, 0])
+    assert task_seeds(5, 0) != task_seeds(5, 1)
+    assert not np.array_equal(_npz(local, 0)[0][:, 0, 0], _npz(local, 1)[0][:, 0, 0])
     # A second run reuses the finished tasks.
-    assert run_pythia(ray_cfg)["tasks_generated_now"] == 0
+    assert run_pythia(on_ray)["tasks_generated_now"] == 0
 
 
 def test_reuse_refuses_other_settings(local_run):
@@ -177,3 +180,42 @@ def test_ingest_readers_read_every_row(local_run):
             # Same jets as the npz, in the same order: CMS y = 0 and EnergyFlow y = 1 both mean quark.
             assert [s.meta["is_quark"] for s in samples] == _npz(cfg, 0)[1].astype(int).tolist()
             assert all(s.meta.get("pt", 525.0) >= 500.0 for s in samples)
+
+
+def test_converts_to_shards_read_by_webdataset(local_run, tmp_path):
+    cfg, _ = local_run
+    convert = pytest.importorskip("qgdist.data.convert")
+    import webdataset as wds
+
+    for source, sub, n_files in (("energyflow", "energyflow", 2), ("cms", "cms", 1)):
+        out = tmp_path / source
+        inputs = [os.path.join(cfg.out, sub)] if n_files == 2 else [str(_parquet_path(cfg, 0))]
+        manifest = convert.convert(convert.ConvertConfig(source=source, inputs=inputs, out=str(out),
+                                                         executor="local", progress=False))
+        rows = PER_TASK * n_files
+        assert manifest.rows == {"in": rows, "written": rows, "rejected": 0}
+        tars = sorted(str(p) for p in out.glob("*.tar"))
+        metas = [s["meta.json"] for s in wds.WebDataset(tars, shardshuffle=False, nodesplitter=None).decode()]
+        assert len(metas) == rows and sum(m["is_quark"] for m in metas) == rows // 2
+        assert all(500.0 <= m["pt"] <= 550.0 for m in metas)
+
+
+def _parquet_path(cfg: PythiaConfig, task: int) -> str:
+    return os.path.join(cfg.out, "cms", f"pythia_s{cfg.seed}_t{task:05d}.parquet")
+
+
+def test_physics_bench_smoke(local_run, tmp_path):
+    """The bench wires generation -> convert -> train -> test metrics; two steps per model, not a physics check."""
+    cfg, _ = local_run
+    pytest.importorskip("qgdist.train.loop")
+    from qgdist.bench.physics import PhysicsBenchConfig, format_table, run_physics
+
+    results = run_physics(PhysicsBenchConfig(jets=JETS, out=str(tmp_path), pythia_dir=cfg.out, epochs=1,
+                                             batch_size=16, max_steps=2, models=["particlenet-lite", "resnet15"]))
+    rows = {r["model"]: r for r in results["rows"]}
+    assert set(rows) == {"particlenet-lite", "resnet15"} and results["generated_jets"] == JETS
+    for r in rows.values():
+        assert 0 < r["train_jets"] < JETS and r["steps"] == 2
+        assert 0.0 <= r["test"]["acc"] <= 1.0
+    table = format_table(results)
+    assert "0.9079" in table and f"{rows['resnet15']['train_jets']:6d}" in table
