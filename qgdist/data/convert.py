@@ -118,9 +118,6 @@ def _ray_results(units: list[Unit], cfg: dict[str, Any]) -> Iterator[dict[str, A
 
     import ray
 
-    from qgdist.ray_runtime import ensure_ray
-
-    ensure_ray(cfg["address"], cfg["num_cpus"])
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # our own bar counts rows; Ray's per-operator bars would interleave with it
     logging.getLogger("ray.data").setLevel(logging.WARNING)
@@ -177,7 +174,13 @@ def convert(cfg: ConvertConfig) -> Manifest:
     if cfg.source not in READERS or cfg.on_bad_row not in ("error", "quarantine") or \
             cfg.dtype not in ("float32", "float16"):
         raise ValueError(f"bad config: source={cfg.source!r} on_bad_row={cfg.on_bad_row!r} dtype={cfg.dtype!r}")
+    ray_seconds = time.perf_counter()
+    if cfg.executor == "ray":
+        from qgdist.ray_runtime import ensure_ray
+
+        ensure_ray(cfg.address, cfg.num_cpus)
     start = time.perf_counter()
+    ray_seconds = start - ray_seconds
     inputs = expand_inputs(cfg.inputs, cfg.source)
     clean_output(cfg.out)
     units, rows_total, quarantine = plan_inputs(cfg, inputs)
@@ -212,6 +215,8 @@ def convert(cfg: ConvertConfig) -> Manifest:
     write_manifest(manifest, cfg.out)
     if cfg.progress:
         print(summary(manifest, time.perf_counter() - start), file=sys.stderr)
+        if cfg.executor == "ray":
+            print(f"(plus {ray_seconds:.1f} s to start or join Ray)", file=sys.stderr)
     return manifest
 
 

@@ -81,6 +81,17 @@ def decode_images(x: pa.Array, shape: tuple[int, int, int] = IMAGE_SHAPE) -> tup
     return good, stacked.reshape(-1, c, h, w).astype(np.float32)
 
 
+def _sparse_rows(images: np.ndarray, dtype: str) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per image (flat non-zero indices, values), as ``ImageSample.from_dense`` makes them, in one batched pass."""
+    flat = images.reshape(len(images), -1)
+    rows, pix = np.nonzero(flat)
+    values = flat[rows, pix].astype(dtype)
+    index_dtype = np.uint16 if flat.shape[1] <= np.iinfo(np.uint16).max + 1 else np.int32
+    pix = pix.astype(index_dtype)
+    cuts = np.searchsorted(rows, np.arange(1, len(images)))
+    return list(zip(np.split(pix, cuts), np.split(values, cuts)))
+
+
 def _column(table: pa.Table, name: str) -> np.ndarray:
     return table.column(name).to_numpy().astype(np.float64)  # nulls -> NaN
 
@@ -92,6 +103,7 @@ def decode_table(table: pa.Table, rows: np.ndarray, name: str, labels: LabelConv
     pt, m0, y = (_column(table, c) for c in ("pt", "m0", "y"))
     finite_img = np.ones(len(rows), dtype=bool)
     finite_img[good] = np.isfinite(images).reshape(len(images), -1).all(axis=1)
+    sparse = _sparse_rows(images, dtype)
     k = 0
     for i, row in enumerate(rows.tolist()):
         problem = None
@@ -111,16 +123,17 @@ def decode_table(table: pa.Table, rows: np.ndarray, name: str, labels: LabelConv
             chunk.rejected.append(Rejected(name, row, *problem))
             continue
         meta = {"is_quark": int(labels.is_quark(y[i])), "pt": float(pt[i]), "mass": float(m0[i]),
-                "file": name, "row": row, "source": "cms"}
+                "file": name, "row": row, "source": "cms", "image_shape": list(IMAGE_SHAPE)}
         chunk.rows.append(row)
-        chunk.samples.append(ImageSample.from_dense(images[k - 1], meta, dtype))
+        chunk.samples.append(ImageSample(meta, *sparse[k - 1]))
     return chunk
 
 
 def _read_groups(pf: pq.ParquetFile, groups: list[int], first_row: int, name: str) -> tuple[list, Chunk]:
     """Read row groups; a group that fails to decode is rejected row by row, naming the column that failed."""
     try:
-        return [(pf.read_row_groups(groups, columns=list(COLUMNS)), first_row)], Chunk()
+        # one thread: a task owns one CPU, and Arrow's thread pool only adds contention here
+        return [(pf.read_row_groups(groups, columns=list(COLUMNS), use_threads=False), first_row)], Chunk()
     except Exception:
         if len(groups) == 1:
             bad = Chunk()
