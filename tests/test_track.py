@@ -92,6 +92,7 @@ def test_resume_continues_same_run_without_duplicated_steps(server: MlflowServer
         if step == 8:
             second.log_metrics({"val/auc": 0.65}, step=8)
     second.finish()
+    assert second.history["train/loss"][0] == list(range(1, 11))   # read back from the run, then extended
 
     client = MlflowClient(server.url)
     steps = [s for s, _ in history(client, run_id, "train/loss")]
@@ -165,8 +166,8 @@ def test_disabled_tracker_on_other_ranks_does_nothing(tmp_path: Path) -> None:
     assert not any(tmp_path.iterdir())
 
 
-def test_run_artifacts_config_metrics_plots_and_model(server: MlflowServer, tmp_path: Path) -> None:
-    from qgdist.train.evaluate import log_run_artifacts
+def test_artifacts_files_plots_and_model_directory(server: MlflowServer, tmp_path: Path) -> None:
+    from qgdist.train.plots import plot_curves
 
     checkpoint = tmp_path / "checkpoints" / "step-000000003"
     checkpoint.mkdir(parents=True)
@@ -175,15 +176,14 @@ def test_run_artifacts_config_metrics_plots_and_model(server: MlflowServer, tmp_
     run_id = tracker.start("artifacts", Config())
     for step in (1, 2, 3):
         tracker.log_metrics({"train/loss": 1.0 / step}, step)
-    tracker.log_metrics({"val/auc": 0.6}, 3)
-    log_run_artifacts(tracker, tmp_path, {"model": "resnet15"}, {"auc": 0.6},
-                      roc=([0.0, 0.5, 1.0], [0.0, 0.8, 1.0]), checkpoint=checkpoint)
+    (tmp_path / "metrics.json").write_text(json.dumps({"auc": 0.6}))
+    tracker.log_artifact(tmp_path / "metrics.json")
+    tracker.log_artifact(plot_curves(tracker.history, tmp_path / "curves.png"))
+    tracker.log_artifact(checkpoint, artifact_path="model")   # a directory
     tracker.finish()
     client = MlflowClient(server.url)
-    assert {f.path for f in client.list_artifacts(run_id)} == {"config.json", "metrics.json", "loss_curves.png",
-                                                                "roc.png", "model"}
+    assert {f.path for f in client.list_artifacts(run_id)} == {"metrics.json", "curves.png", "model"}
     assert [f.path for f in client.list_artifacts(run_id, "model")] == ["model/state.pt"]
-    down = Path(client.download_artifacts(run_id, "loss_curves.png", str(tmp_path / "down")))
+    down = Path(client.download_artifacts(run_id, "curves.png", str(tmp_path / "down")))
     assert down.read_bytes()[:4] == b"\x89PNG"
-    assert json.loads(Path(client.download_artifacts(run_id, "metrics.json", str(tmp_path / "down"))).read_text()) \
-        == {"auc": 0.6}
+    assert tracker.history["train/loss"] == ([1, 2, 3], [1.0, 0.5, pytest.approx(1 / 3)])

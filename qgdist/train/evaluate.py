@@ -8,7 +8,7 @@
     scores.parquet   one row per jet: file, row (of the source file), is_quark, score (quark probability), logit
 
 ``--checkpoint`` may be a checkpoint directory, its ``state.pt``, or a run directory (its best checkpoint by
-validation AUC, else its latest). ``log_run_artifacts`` puts a finished run's results into its MLflow run.
+validation AUC, else its latest).
 """
 
 from __future__ import annotations
@@ -176,33 +176,3 @@ def evaluate_checkpoint(cfg: EvalConfig) -> dict[str, Any]:
     os.replace(tmp, paths["metrics"])
     return {"metrics": metrics, "paths": {k: str(v) for k, v in paths.items()}, "n_jets": len(logits),
             "table": format_table(metrics, f"{name} on {cfg.split} ({len(logits)} jets)")}
-
-
-def log_run_artifacts(tracker: Any, run_dir: str | os.PathLike[str], config: dict[str, Any],
-                      metrics: dict[str, float], roc: tuple[Any, Any] | None = None,
-                      checkpoint: str | os.PathLike[str] | None = None) -> dict[str, str]:
-    """Write a run's summary files into ``<run_dir>/artifacts`` and hand them to ``tracker`` (rank 0, at the end).
-
-    Writes config.json, metrics.json, loss_curves.png (from ``tracker.history``), roc.png (when ``roc`` =
-    (fpr, tpr) is given) and logs them plus the final checkpoint directory (the model) as MLflow artifacts.
-    """
-    from qgdist.train.plots import plot_curves, plot_roc
-
-    out = Path(run_dir) / "artifacts"
-    out.mkdir(parents=True, exist_ok=True)
-    written: dict[str, Path] = {}
-    for name, doc in (("config", config), ("metrics", metrics)):
-        path = out / f"{name}.json"
-        path.with_suffix(".tmp").write_text(json.dumps(doc, indent=1, default=str))
-        os.replace(path.with_suffix(".tmp"), path)
-        written[name] = path
-    history = getattr(tracker, "history", None) or {}
-    if history:
-        written["loss_curves"] = plot_curves(history, out / "loss_curves.png")
-    if roc is not None:
-        written["roc"] = plot_roc({"validation": (list(roc[0]), list(roc[1]))}, out / "roc.png")
-    for path in written.values():
-        tracker.log_artifact(path)
-    if checkpoint is not None:
-        tracker.log_artifact(checkpoint, artifact_path="model")
-    return {k: str(v) for k, v in written.items()}
