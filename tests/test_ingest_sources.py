@@ -105,7 +105,7 @@ def _split_keys(out, split):
             for s in wds.WebDataset(shards, shardshuffle=False).decode()] if shards else []
 
 
-def test_manifest_integrity_and_contiguous_sorted_members(files, tmp_path):
+def test_manifest_integrity_and_contiguous_sorted_members(files, tmp_path, capsys):
     m = _convert("energyflow", [files / "ef.npz"], tmp_path, rows_per_task=100, shard_size=20_000)
     assert read_manifest(str(tmp_path)).to_json() == m.to_json()
     on_disk = sorted(os.path.basename(p) for p in glob.glob(f"{tmp_path}/*.tar"))
@@ -126,6 +126,14 @@ def test_manifest_integrity_and_contiguous_sorted_members(files, tmp_path):
     assert m.stats["jet"]["log_pt"]["mean"] == pytest.approx(log_pt.mean())
     assert m.stats["jet"]["log_pt"]["std"] == pytest.approx(log_pt.std(), rel=1e-6)
     assert m.stats["particle"]["features"][:2] == ["deta", "dphi"] and len(m.stats["particle"]["mean"]) == 7
+    # `qgdist inspect --verify` re-hashes the shards and notices a changed or stray one
+    assert main(["inspect", str(tmp_path), "--verify"]) == 0
+    with open(tmp_path / m.shards[0].name, "ab") as f:
+        f.write(b"x")
+    (tmp_path / "val-000099-000.tar").write_bytes(b"")
+    assert main(["inspect", str(tmp_path), "--verify"]) == 1
+    out = capsys.readouterr().out
+    assert f"{m.shards[0].name}: {m.shards[0].bytes + 1} bytes" in out and "val-000099-000.tar: not in" in out
 
 
 def test_image_stats_match_dense_train_images(files, tmp_path):

@@ -1,4 +1,4 @@
-"""``qgdist convert``: CMS parquet / EnergyFlow npz -> WebDataset shards + manifest.json."""
+"""``qgdist convert``: CMS parquet / EnergyFlow npz -> WebDataset shards + manifest.json; ``qgdist inspect``."""
 
 from __future__ import annotations
 
@@ -35,6 +35,24 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _inspect(args: argparse.Namespace) -> int:
+    from qgdist.data.convert import verify_output
+    from qgdist.data.shards.manifest import read_manifest
+
+    m = read_manifest(args.dir)
+    print(f"{args.dir}: {m.source} ({m.kind}, {m.dtype}), {m.label_convention}")
+    print(f"rows in {m.rows['in']}, written {m.rows['written']}, rejected {m.rows['rejected']}")
+    for split, t in m.splits.items():
+        print(f"  {split:5s} {t['shards']:4d} shards {t['samples']:9d} jets {t['bytes'] / 1e6:10.1f} MB")
+    for q in m.quarantine[: args.show]:
+        print(f"  rejected {q['file']} row {q['row']} field {q['field']}: {q['reason']}")
+    if not args.verify:
+        return 0
+    problems = verify_output(args.dir)
+    print("\n".join(problems) if problems else f"all {len(m.shards)} shards match their sha256")
+    return 1 if problems else 0
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("convert", help="convert CMS parquet / EnergyFlow npz files into WebDataset shards",
                               description="Stream source files into compact tar shards (Ray Data tasks over row "
@@ -57,3 +75,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--no-ray", action="store_true", help="run the same tasks in this process, without Ray")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     p.set_defaults(func=_run)
+
+    q = subparsers.add_parser("inspect", help="summarise a converted directory; --verify checks every shard's sha256")
+    q.add_argument("dir", help="output directory of qgdist convert (path or fsspec URL)")
+    q.add_argument("--verify", action="store_true", help="re-hash every shard; exit 1 on any mismatch")
+    q.add_argument("--show", type=int, default=10, help="quarantine entries to print")
+    q.set_defaults(func=_inspect)

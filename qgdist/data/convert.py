@@ -145,6 +145,33 @@ def clean_output(out: str) -> None:
             fs.rm(path)
 
 
+def verify_output(out: str) -> list[str]:
+    """Problems of a converted directory: shards missing, altered (size or sha256) or not in the manifest."""
+    import hashlib
+
+    from qgdist.data.shards.manifest import read_manifest
+
+    manifest = read_manifest(out)
+    fs, root = fsspec.core.url_to_fs(out)
+    problems = []
+    for shard in manifest.shards:
+        path = posixpath.join(root, shard.name)
+        if not fs.exists(path):
+            problems.append(f"{shard.name}: missing")
+            continue
+        sha, size = hashlib.sha256(), 0
+        with fs.open(path, "rb") as f:
+            while block := f.read(1 << 20):
+                sha.update(block)
+                size += len(block)
+        if size != shard.bytes or sha.hexdigest() != shard.sha256:
+            problems.append(f"{shard.name}: {size} bytes, sha256 {sha.hexdigest()[:12]}... does not match")
+    listed = {s.name for s in manifest.shards}
+    problems += [f"{posixpath.basename(p)}: not in the manifest" for p in fs.ls(root, detail=False)
+                 if _OUR_FILES.match(posixpath.basename(p)) and posixpath.basename(p) not in listed]
+    return problems
+
+
 def plan_inputs(cfg: ConvertConfig, inputs: list[str]) -> tuple[list[Unit], int, list[Rejected]]:
     """Units of every input (numbered), total rows, and rows/files rejected while planning."""
     units, rows, rejected = [], 0, []
@@ -185,7 +212,8 @@ def convert(cfg: ConvertConfig) -> Manifest:
     clean_output(cfg.out)
     units, rows_total, quarantine = plan_inputs(cfg, inputs)
     settings = dataclasses.asdict(cfg)
-    results = _ray_results(units, settings) if cfg.executor == "ray" else _local_results(units, settings)
+    run_units = _ray_results if cfg.executor == "ray" and units else _local_results
+    results = run_units(units, settings)
     shards: list[ShardInfo] = []
     stats, rows_in, written = StatSums(), sum(1 for r in quarantine if r.row is not None), 0
     bar = tqdm(total=rows_total, unit="rows", desc=f"convert {cfg.source}", disable=not cfg.progress,
