@@ -266,7 +266,10 @@ class ShardLoader:
         if self.cfg.num_workers > 0:
             kwargs = {"num_workers": self.cfg.num_workers, "prefetch_factor": self.cfg.prefetch_factor,
                       "pin_memory": torch.device(self.cfg.device).type == "cuda"}
-        loader = torch.utils.data.DataLoader(dataset, batch_size=None, **kwargs)
+        # Our own generator: creating a DataLoader iterator draws a seed from it, which must not shift the global
+        # torch RNG (dropout) differently in a resumed epoch than in an uninterrupted one.
+        generator = torch.Generator().manual_seed(self.cfg.seed)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=None, generator=generator, **kwargs)
         self.position = {"epoch": epoch, "step": start_step}
         for batch in loader:
             self.position = {"epoch": epoch, "step": self.position["step"] + 1}

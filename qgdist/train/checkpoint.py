@@ -1,0 +1,132 @@
+"""Checkpoints: complete training state in a directory, an atomic pointer to the latest one, best + last K kept.
+
+Layout under ``<run_dir>/checkpoints/``::
+
+    step-000000120/state.pt   model, optimizer, scheduler, scaler, RNG states of every rank, position, fingerprint
+    latest.json               {"name": "step-000000120", "epoch": 1, "step": 0, "global_step": 120, ...}
+    best.json                 the same for the checkpoint with the highest validation AUC
+
+A checkpoint directory is written under a temporary name and renamed when complete; ``latest.json`` is replaced
+atomically afterwards. A run killed at any instant therefore leaves a pointer to a complete checkpoint (or none),
+which is why we keep our own pointer instead of trusting Ray's bookkeeping (a SIGINT between Ray creating a
+checkpoint folder and registering it makes a re-run start from scratch). Files are read with
+``torch.load(weights_only=True)``: nothing in them is unpickled as code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+STATE_FILE = "state.pt"
+LATEST = "latest.json"
+BEST = "best.json"
+
+
+class IncompatibleCheckpoint(RuntimeError):
+    """The checkpoint was written by a run whose trajectory-shaping config differs."""
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's RNG states (python, numpy, torch, cuda) in a form ``weights_only`` loading accepts."""
+    np_name, np_key, np_pos, np_gauss, np_cached = np.random.get_state()
+    state = {"python": random.getstate(),
+             "numpy": [np_name, torch.from_numpy(np_key.astype(np.int64)), np_pos, np_gauss, np_cached],
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what ``rng_state`` captured."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, key, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, key.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _write_json_atomic(path: Path, doc: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(doc, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+
+
+class Checkpointer:
+    """Saves and finds checkpoints of one run (call ``save`` on world rank 0 only)."""
+
+    def __init__(self, run_dir: str | os.PathLike[str], keep_last: int = 2):
+        self.root = Path(run_dir) / "checkpoints"
+        self.keep_last = max(1, keep_last)
+
+    def save(self, state: dict[str, Any], auc: float | None = None) -> Path:
+        """Write ``state`` (must hold ``global_step``, ``epoch``, ``step``) and move the pointers; returns its dir."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        name = f"step-{state['global_step']:09d}"
+        final, tmp = self.root / name, self.root / f".{name}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        torch.save(state, tmp / STATE_FILE)
+        shutil.rmtree(final, ignore_errors=True)  # a re-run that reaches the same step again
+        os.replace(tmp, final)
+        summary = {"name": name, "epoch": state["epoch"], "step": state["step"],
+                   "global_step": state["global_step"], "val_auc": auc}
+        _write_json_atomic(self.root / LATEST, summary)
+        best = self.pointer(BEST)
+        if auc is not None and (best is None or best.get("val_auc") is None or auc > best["val_auc"]):
+            _write_json_atomic(self.root / BEST, summary)
+        self._prune()
+        return final
+
+    def pointer(self, which: str = LATEST) -> dict[str, Any] | None:
+        """The ``latest.json`` / ``best.json`` summary, or None when the run has no checkpoint yet."""
+        path = self.root / which
+        return json.loads(path.read_text()) if path.exists() else None
+
+    def latest(self) -> Path | None:
+        """The latest complete checkpoint directory, or None."""
+        doc = self.pointer(LATEST)
+        return self.root / doc["name"] if doc else None
+
+    def best(self) -> Path | None:
+        doc = self.pointer(BEST)
+        return self.root / doc["name"] if doc else None
+
+    def _prune(self) -> None:
+        keep = {d["name"] for d in (self.pointer(LATEST), self.pointer(BEST)) if d}
+        names = sorted(p.name for p in self.root.glob("step-*") if p.is_dir())
+        keep |= set(names[-self.keep_last:])
+        for name in names:
+            if name not in keep:
+                shutil.rmtree(self.root / name, ignore_errors=True)
+
+
+def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Load a checkpoint directory (or its ``state.pt``) safely (``weights_only=True``) onto the CPU."""
+    path = Path(path)
+    file = path / STATE_FILE if path.is_dir() else path
+    if not file.exists():
+        raise FileNotFoundError(f"{path}: no {STATE_FILE} (not a qgdist checkpoint, or an incomplete one)")
+    return torch.load(file, map_location="cpu", weights_only=True)
+
+
+def check_fingerprint(saved: dict[str, Any], current: dict[str, Any], where: str, allow: bool = False) -> list[str]:
+    """Differences between a checkpoint's fingerprint and this run's; raises unless ``allow``."""
+    diffs = [f"{k}: checkpoint {saved.get(k)!r} != now {current.get(k)!r}"
+             for k in sorted(set(saved) | set(current)) if k != "hash" and saved.get(k) != current.get(k)]
+    if diffs and not allow:
+        raise IncompatibleCheckpoint(
+            f"{where} was written with a different training config, so it cannot be resumed exactly:\n  "
+            + "\n  ".join(diffs)
+            + "\nUse another --run-name to start afresh, or --allow-config-change to resume anyway.")
+    return diffs

@@ -1,0 +1,106 @@
+"""The plain training loop (no Ray): both model families, checkpoints, exact resume, --resume-from, refusals."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from qgdist.train.checkpoint import Checkpointer, IncompatibleCheckpoint, load_checkpoint
+from qgdist.train.config import TrainConfig
+from qgdist.train.loop import train
+from tests.trainkit import write_dataset
+
+#: Tiny versions of the real models: the loop and the checkpoints are under test here, not the physics.
+TINY = {"particlenet-lite": {"conv_params": ((4, (8, 8)),), "fc_params": ((16, 0.1),)},
+        "resnet15": {"fmaps": (4, 8), "nblocks": 1}}
+
+
+@pytest.fixture(scope="module")
+def cloud_dir(tmp_path_factory):
+    return write_dataset(str(tmp_path_factory.mktemp("cloud")), "cloud",
+                         {"train": [16, 16, 16, 16], "val": [16]}, seed=5)
+
+
+@pytest.fixture(scope="module")
+def image_dir(tmp_path_factory):
+    return write_dataset(str(tmp_path_factory.mktemp("image")), "image", {"train": [16, 16, 16], "val": [16]}, seed=6)
+
+
+def _cfg(data: str, model: str, run_dir, **kw) -> TrainConfig:
+    base = dict(model_kwargs=TINY[model], run_dir=str(run_dir), epochs=2, batch_size=8, shuffle_buffer=16,
+                track=False, progress=False, log_every=2)
+    return TrainConfig(data, model, **(base | kw))
+
+
+def _weights(run_dir) -> dict[str, torch.Tensor]:
+    return load_checkpoint(Checkpointer(run_dir).latest())["model"]
+
+
+@pytest.mark.parametrize("model", ["particlenet-lite", "resnet15"])
+def test_plain_loop_trains_both_families(model, cloud_dir, image_dir, tmp_path):
+    data = cloud_dir if model == "particlenet-lite" else image_dir
+    out = train(_cfg(data, model, tmp_path, checkpoint_every=5))
+    assert out["epoch"] == 2 and out["global_step"] > 0
+    assert set(out["val"]) >= {"loss", "acc", "auc", "rej30", "rej50"}
+    assert 0.0 <= out["val"]["auc"] <= 1.0
+    history = json.loads((tmp_path / "artifacts" / "metrics.json").read_text())["history"]
+    assert [s for s, _ in history["val/auc"]] == [out["global_step"] // 2, out["global_step"]]
+    for name in ("curves.png", "roc.png", "model.pt", "config.json"):
+        assert (tmp_path / "artifacts" / name).stat().st_size > 0
+    ckpt = Checkpointer(tmp_path)
+    latest = ckpt.pointer()
+    assert latest["global_step"] == out["global_step"] and latest["epoch"] == 2 and latest["step"] == 0
+    assert ckpt.best() is not None and ckpt.best().exists()
+    # keep_last=2 plus the best one; the state loads with weights_only=True.
+    assert len(list((tmp_path / "checkpoints").glob("step-*"))) <= 3
+    state = torch.load(ckpt.latest() / "state.pt", weights_only=True)
+    assert state["fingerprint"]["hash"] == _cfg(data, model, tmp_path).fingerprint()["hash"]
+
+
+def test_interrupted_and_resumed_run_is_bit_identical(cloud_dir, tmp_path, capsys):
+    """Stop mid-epoch (max_steps), re-run the same config: same weights, bit for bit, as never stopping."""
+    kw = dict(epochs=2, batch_size=16, loader_workers=2, checkpoint_every=3, track=True)
+    whole = train(_cfg(cloud_dir, "particlenet-lite", tmp_path / "whole", **kw))
+    steps_per_epoch = whole["global_step"] // 2
+    stop = steps_per_epoch // 2 + 1
+    first = train(_cfg(cloud_dir, "particlenet-lite", tmp_path / "cut", max_steps=stop, **kw))
+    assert first["global_step"] == stop and first["epoch"] == 0
+    capsys.readouterr()
+    resumed = train(_cfg(cloud_dir, "particlenet-lite", tmp_path / "cut", **kw))
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0].startswith("resumed from") and f"epoch 0 step {stop} (global step {stop})" in printed[0]
+    assert resumed["global_step"] == whole["global_step"]
+    a, b = _weights(tmp_path / "whole"), _weights(tmp_path / "cut")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed["val"] == whole["val"]
+    # One MLflow run, continued, each train/loss step logged once.
+    from mlflow.tracking import MlflowClient
+
+    from qgdist.track.tracker import local_store_uri
+
+    client = MlflowClient(local_store_uri(tmp_path / "cut"))
+    assert resumed["mlflow_run_id"] == first["mlflow_run_id"]
+    run = client.get_run(resumed["mlflow_run_id"])
+    assert run.info.status == "FINISHED" and run.data.params["model"] == "particlenet-lite"
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
+    assert steps == sorted(set(steps)) and steps[-1] == whole["global_step"]
+    artifacts = {f.path for f in client.list_artifacts(run.info.run_id)}
+    assert {"roc.png", "curves.png", "metrics.json", "model.pt"} <= artifacts
+
+
+def test_resume_from_path_and_config_refusal(cloud_dir, tmp_path, capsys):
+    train(_cfg(cloud_dir, "particlenet-lite", tmp_path / "a", epochs=1))
+    first_epoch = Checkpointer(tmp_path / "a").latest()
+    # A changed batch size changes the trajectory: refused with the differing field named ...
+    with pytest.raises(IncompatibleCheckpoint, match="batch_size: checkpoint 8 != now 4"):
+        train(_cfg(cloud_dir, "particlenet-lite", tmp_path / "a", batch_size=4))
+    # ... and the same config resumes from an explicit path into a fresh run directory.
+    capsys.readouterr()
+    out = train(_cfg(cloud_dir, "particlenet-lite", tmp_path / "b", epochs=1, resume_from=str(first_epoch)))
+    assert capsys.readouterr().out.startswith(f"resumed from {first_epoch} at epoch 1 step 0")
+    assert out["epoch"] == 1
+    more = train(_cfg(cloud_dir, "particlenet-lite", tmp_path / "c", epochs=2, resume_from=str(first_epoch),
+                      allow_config_change=True))
+    assert more["epoch"] == 2 and more["global_step"] > out["global_step"]
