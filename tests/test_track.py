@@ -6,6 +6,7 @@ Everything is read back with MLflow's own client.
 from __future__ import annotations
 
 import json
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,7 +51,7 @@ def test_flatten_config_nested_dataclass() -> None:
 
 
 def test_run_on_server_holds_params_metrics_artifacts_and_status(server: MlflowServer, tmp_path: Path) -> None:
-    tracker = Tracker(tmp_path, tracking_uri=server.url, flush_s=0)
+    tracker = Tracker(tmp_path, tracking_uri=server.url)
     run_id = tracker.start("roundtrip", Config())
     for step in range(1, 6):
         tracker.log_metrics({"train/loss": 1.0 / step}, step=step)
@@ -78,14 +79,14 @@ def test_failed_run_is_marked_failed(server: MlflowServer, tmp_path: Path) -> No
 
 
 def test_resume_continues_same_run_without_duplicated_steps(server: MlflowServer, tmp_path: Path) -> None:
-    first = Tracker(tmp_path, tracking_uri=server.url, flush_s=0)
+    first = Tracker(tmp_path, tracking_uri=server.url)
     run_id = first.start("resumed", Config())
     for step in range(1, 8):   # the job logged up to step 7, its last checkpoint was at step 4, then it died
         first.log_metrics({"train/loss": float(step)}, step=step)
     first.log_metrics({"val/auc": 0.6}, step=4)
-    first._flush(force=True)   # the "dead" job never calls finish
+    assert first.flush(timeout_s=30)   # sent; the "dead" job never calls finish
 
-    second = Tracker(tmp_path, tracking_uri=server.url, flush_s=0)
+    second = Tracker(tmp_path, tracking_uri=server.url)
     assert second.start("resumed", Config(), run_id=run_id) == run_id
     for step in range(5, 11):   # replays 5..7 from the checkpoint, then goes on
         second.log_metrics({"train/loss": float(step) + 0.5}, step=step)
@@ -105,40 +106,41 @@ def test_resume_continues_same_run_without_duplicated_steps(server: MlflowServer
 
 
 def test_outage_buffers_then_delivers_without_duplicates(server: MlflowServer, tmp_path: Path) -> None:
-    tracker = Tracker(tmp_path, tracking_uri=server.url, flush_s=0, retry_s=0)
+    tracker = Tracker(tmp_path / "a", tracking_uri=server.url, flush_s=0.1, retry_s=0.2)
     run_id = tracker.start("outage", {"a": 1})
+    # A second run whose job ends while the server is down: what it cannot send is spilled to a file.
+    ending = Tracker(tmp_path / "b", tracking_uri=server.url, finish_timeout_s=1)
+    ending_id = ending.start("ends-in-outage", {"a": 2})
     tracker.log_metrics({"train/loss": 1.0}, step=1)
+    assert tracker.flush(timeout_s=30)
     server.stop()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        for step in range(2, 6):   # training goes on: no exception while the server is down
+        started = time.monotonic()
+        for step in range(2, 6):   # training goes on: no exception, no waiting on the network
             tracker.log_metrics({"train/loss": float(step)}, step=step)
-        assert tracker.pending == 4
+        assert time.monotonic() - started < 0.5
+        ending.log_metrics({"loss": 0.5}, step=3)
+        assert not tracker.flush(timeout_s=1) and tracker.pending == 4
+        ending.finish()
         server.start()   # same port, same sqlite backend
         tracker.log_metrics({"train/loss": 6.0}, step=6)
+        assert tracker.flush(timeout_s=30) and tracker.pending == 0
     messages = [str(w.message) for w in caught if "tracker:" in str(w.message)]
-    assert sum("unreachable" in m for m in messages) == 1   # warned once, not once per step
+    assert tracker.outages == 1   # warned once, not once per step or per retry
     assert sum("reachable again" in m for m in messages) == 1
-    assert tracker.pending == 0
+    assert any("could not be sent" in m for m in messages)
     tracker.finish()
     client = MlflowClient(server.url)
     assert history(client, run_id, "train/loss") == [(s, float(s)) for s in range(1, 7)]
     assert client.get_run(run_id).info.status == "FINISHED"
+    rows = [json.loads(line) for line in (tmp_path / "b" / UNSENT_FILE).read_text().splitlines()]
+    assert [(r["run_id"], r["key"], r["value"], r["step"]) for r in rows] == [(ending_id, "loss", 0.5, 3)]
 
 
-def test_unreachable_at_finish_spills_to_jsonl(tmp_path: Path) -> None:
-    dead = f"http://127.0.0.1:{free_port()}"
-    tracker = Tracker(tmp_path, tracking_uri=dead, flush_s=0)
-    with pytest.raises(Exception):   # a wrong URI fails loudly at start, before any training
-        tracker.start("nowhere", {})
-    tracker.run_id, tracker._client = "deadbeef", MlflowClient(dead)   # as if the server died after start
-    with pytest.warns(UserWarning, match="unreachable"):
-        tracker.log_metrics({"loss": 0.5}, step=3)
-    with pytest.warns(UserWarning, match="could not be sent"):
-        tracker.finish()
-    rows = [json.loads(line) for line in (tmp_path / UNSENT_FILE).read_text().splitlines()]
-    assert rows == [{"run_id": "deadbeef", "key": "loss", "value": 0.5, "timestamp": rows[0]["timestamp"],
-                     "step": 3}]
+def test_unreachable_tracker_at_start_fails_loudly(tmp_path: Path) -> None:
+    with pytest.raises(Exception, match="127.0.0.1"):
+        Tracker(tmp_path, tracking_uri=f"http://127.0.0.1:{free_port()}").start("nowhere", {})
 
 
 def test_local_store_default_needs_no_server(tmp_path: Path) -> None:

@@ -6,18 +6,21 @@ The whole API (everything else is private)::
     run_id = tracker.start(run_name, config, run_id=None)   # new run, or continue `run_id` (resume)
     tracker.log_metrics({"train/loss": 0.61}, step=global_step)
     tracker.log_artifact("run/roc.png")                       # a file (or a directory) from the local disk
-    tracker.finish("FINISHED")                                # or "FAILED" / "KILLED"; flushes what is buffered
+    tracker.flush(timeout_s=10)                               # optional: wait until the queue is sent
+    tracker.finish("FINISHED")                                # or "FAILED" / "KILLED"; sends what is queued
     tracker.history   # {"train/loss": ([steps], [values]), ...}: everything in the run, for loss-curve plots
 
 * ``tracking_uri=None`` means the embedded local store ``sqlite:///<run_dir>/mlflow/mlflow.db`` with artifacts in
   ``<run_dir>/mlflow/artifacts``: no server needed; ``qgdist tracker --store <run_dir>/mlflow`` shows it in the UI.
 * ``config`` (a dataclass or nested dict) is flattened to ``a.b.c`` params.
-* Resume: ``start(..., run_id=ID)`` (an empty id means a new run) reopens that run and drops any metric whose step is <= the last step already
-  logged for that key, so a run resumed from an older checkpoint replays steps without duplicating them.
-* Metrics are queued and sent in batches at most every ``flush_s`` seconds (one sqlite or HTTP write costs
-  ~10 ms, too much per step); artifacts and ``finish`` send at once.
-* Outage: while the server is unreachable a send is tried at most every ``retry_s`` seconds. Training never sees an exception: one warning when the tracker is lost, one
-  when it is back. Whatever ``finish`` still cannot send is written to ``<run_dir>/mlflow_unsent.jsonl``.
+* Resume: ``start(..., run_id=ID)`` (an empty id means a new run) reopens that run and drops any metric whose step
+  is <= the last step already logged for that key, so a run resumed from an older checkpoint replays steps
+  without duplicating them.
+* ``log_metrics`` and ``log_artifact`` only queue; a background thread sends the queue in batches every
+  ``flush_s`` seconds, so the training step never waits for the network or sqlite (~10 ms a write).
+* Outage: while the server is unreachable, the thread retries every ``retry_s`` seconds and training goes on;
+  one warning when the tracker is lost, one when it is back. Whatever ``finish`` still cannot send within
+  ``finish_timeout_s`` is written to ``<run_dir>/mlflow_unsent.jsonl``.
 * A disabled tracker (``enabled=False``, the other ranks) does nothing and returns ``None`` from ``start``.
 """
 
@@ -27,6 +30,7 @@ import dataclasses
 import json
 import logging
 import os
+import threading
 import time
 import warnings
 from collections.abc import Mapping
@@ -64,24 +68,32 @@ def flatten_config(config: Any, prefix: str = "") -> dict[str, str]:
 
 
 class Tracker:
-    """One MLflow run, logged through a queue that survives the tracking server going away."""
+    """One MLflow run, logged through a queue that a background thread sends; survives the server going away."""
 
     def __init__(self, run_dir: str | Path, tracking_uri: str | None = None, experiment: str = "qgdist",
-                 enabled: bool = True, retry_s: float = 10.0, flush_s: float = 2.0) -> None:
+                 enabled: bool = True, retry_s: float = 10.0, flush_s: float = 2.0,
+                 finish_timeout_s: float = 30.0) -> None:
         self.run_dir = Path(run_dir)
         self.enabled = enabled
         self.experiment = experiment
-        self.retry_s = retry_s
-        self.flush_s = flush_s
+        # Floors keep the sender thread from spinning when a test asks for "immediately".
+        self.retry_s, self.flush_s = max(retry_s, 0.05), max(flush_s, 0.05)
+        self.finish_timeout_s = finish_timeout_s
         self.tracking_uri = tracking_uri or local_store_uri(self.run_dir)
         self.run_id: str | None = None
+        self.history: dict[str, tuple[list[int], list[float]]] = {}
+        self.outages = 0                          # how many times the tracker was lost (and warned about)
         self._client: Any = None
+        # Producers only append; the sender thread only removes what it has sent from the front.
         self._pending_metrics: list[Any] = []     # mlflow.entities.Metric, original timestamps kept
         self._pending_artifacts: list[tuple[str, str | None]] = []
         self._last_step: dict[str, int] = {}      # per metric key, to drop replayed steps after a resume
-        self.history: dict[str, tuple[list[int], list[float]]] = {}
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._idle = threading.Event()            # set while the queue is empty
+        self._stop = False
         self._online = True
-        self._next_try = 0.0   # monotonic time of the next send attempt
+        self._thread: threading.Thread | None = None
 
     # -- public API ---------------------------------------------------------------------------------------------
     def start(self, run_name: str, config: Any = None, run_id: str | None = None) -> str | None:
@@ -113,48 +125,66 @@ class Tracker:
             self._client.update_run(run_id, status="RUNNING")
             self._client.set_tag(run_id, "qgdist.resumed_at", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
             self._log_params(flatten_config(config or {}), known=run.data.params)
+        self._idle.set()
+        self._thread = threading.Thread(target=self._sender, name="qgdist-tracker", daemon=True)
+        self._thread.start()
         return self.run_id
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
-        """Queue ``metrics`` at ``step`` and send the queue if the server is reachable; never raises."""
-        if not self.enabled:
+        """Queue ``metrics`` at ``step`` for the sender thread; never blocks on the network, never raises."""
+        if not self.enabled or self.run_id is None:
             return
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        for key, value in metrics.items():
-            if step <= self._last_step.get(key, -1):
-                continue   # already logged before a resume
-            self._last_step[key] = step
-            self._pending_metrics.append(Metric(key, float(value), now, int(step)))
-            steps, values = self.history.setdefault(key, ([], []))
-            steps.append(int(step))
-            values.append(float(value))
-        self._flush()
+        with self._lock:
+            for key, value in metrics.items():
+                if step <= self._last_step.get(key, -1):
+                    continue   # already logged before a resume
+                self._last_step[key] = step
+                self._pending_metrics.append(Metric(key, float(value), now, int(step)))
+                steps, values = self.history.setdefault(key, ([], []))
+                steps.append(int(step))
+                values.append(float(value))
+            self._idle.clear()
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        """Queue a local file or directory for upload (sent now if the server is reachable); never raises."""
-        if not self.enabled:
-            return
-        self._pending_artifacts.append((str(path), artifact_path))
-        self._flush(force=self._online)
-
-    def finish(self, status: str = "FINISHED") -> None:
-        """Send what is queued and mark the run ``status``; spills unsendable metrics to ``mlflow_unsent.jsonl``."""
+        """Queue a local file or directory for upload (read when sent: keep it until ``finish``); never raises."""
         if not self.enabled or self.run_id is None:
             return
-        self._flush(force=True)
+        with self._lock:
+            self._pending_artifacts.append((str(path), artifact_path))
+            self._idle.clear()
+        self._wake.set()
+
+    def flush(self, timeout_s: float | None = None) -> bool:
+        """Ask the sender to send now and wait up to ``timeout_s`` until the queue is empty; True if it is."""
+        if not self.enabled or self._thread is None:
+            return True
+        self._wake.set()
+        return self._idle.wait(timeout_s)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        """Send what is queued (up to ``finish_timeout_s``), mark the run ``status``, spill what is left."""
+        if not self.enabled or self.run_id is None or self._thread is None:
+            return
+        self.flush(self.finish_timeout_s)
+        self._stop = True
+        self._wake.set()
+        self._thread.join(self.finish_timeout_s)
+        self._thread = None
         try:
             self._client.set_terminated(self.run_id, status=status)
         except Exception as err:  # noqa: BLE001 -- the run must end even when the tracker is gone
             warnings.warn(f"tracker: could not mark MLflow run {self.run_id} {status}: {err}", stacklevel=2)
-        if self._pending_metrics or self._pending_artifacts:
+        if self.pending:
             self._spill()
 
     @property
     def pending(self) -> int:
         """How many metrics and artifacts wait for the server."""
-        return len(self._pending_metrics) + len(self._pending_artifacts)
+        with self._lock:
+            return len(self._pending_metrics) + len(self._pending_artifacts)
 
     def __enter__(self) -> "Tracker":
         return self
@@ -185,39 +215,55 @@ class Tracker:
             for key, value in changed.items():
                 self._client.set_tag(self.run_id, f"qgdist.override.{key}", value)
 
-    def _flush(self, force: bool = False) -> None:
-        if not (self._pending_metrics or self._pending_artifacts):
-            return
-        if not force and time.monotonic() < self._next_try:
-            return
+    def _sender(self) -> None:
+        """The background thread: send the queue every ``flush_s`` (when woken: now), ``retry_s`` when offline."""
+        while True:
+            self._wake.wait(self.flush_s if self._online else self.retry_s)
+            self._wake.clear()
+            stopping = self._stop
+            self._send()
+            if stopping:
+                return
+
+    def _send(self) -> None:
         try:
-            while self._pending_metrics:
-                chunk = self._pending_metrics[:BATCH_MAX_METRICS]
+            while True:
+                with self._lock:
+                    chunk = self._pending_metrics[:BATCH_MAX_METRICS]
+                if not chunk:
+                    break
                 # Identical (key, value, timestamp, step) rows are stored once, so a resend after a lost reply
                 # does not duplicate anything.
                 self._client.log_batch(self.run_id, metrics=chunk)
-                del self._pending_metrics[:len(chunk)]
-            while self._pending_artifacts:
-                local, artifact_path = self._pending_artifacts[0]
+                with self._lock:
+                    del self._pending_metrics[:len(chunk)]
+            while True:
+                with self._lock:
+                    if not self._pending_artifacts:
+                        break
+                    local, artifact_path = self._pending_artifacts[0]
                 if Path(local).is_dir():
                     self._client.log_artifacts(self.run_id, local, artifact_path)
                 elif Path(local).exists():
                     self._client.log_artifact(self.run_id, local, artifact_path)
                 else:
-                    warnings.warn(f"tracker: artifact {local} no longer exists; skipped", stacklevel=3)
-                self._pending_artifacts.pop(0)
+                    warnings.warn(f"tracker: artifact {local} no longer exists; skipped", stacklevel=2)
+                with self._lock:
+                    self._pending_artifacts.pop(0)
         except Exception as err:  # noqa: BLE001 -- connection errors surface as several exception types
-            self._next_try = time.monotonic() + self.retry_s
             if self._online:
                 self._online = False
+                self.outages += 1
                 warnings.warn(f"tracker: MLflow at {self.tracking_uri} unreachable ({type(err).__name__}: "
                               f"{str(err)[:200]}); training goes on, buffering metrics until it is back",
-                              stacklevel=3)
+                              stacklevel=2)
             return
-        self._next_try = time.monotonic() + self.flush_s
+        with self._lock:
+            if not (self._pending_metrics or self._pending_artifacts):
+                self._idle.set()
         if not self._online:
             self._online = True
-            warnings.warn(f"tracker: MLflow at {self.tracking_uri} reachable again; buffered data sent", stacklevel=3)
+            warnings.warn(f"tracker: MLflow at {self.tracking_uri} reachable again; buffered data sent", stacklevel=2)
 
     def _spill(self) -> None:
         path = self.run_dir / UNSENT_FILE
