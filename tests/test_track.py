@@ -1,12 +1,17 @@
-"""The tracker against a real MLflow server on 127.0.0.1 (started once for the module) and the local sqlite store.
+"""The tracker against a real MLflow server on 127.0.0.1 and against the local sqlite store.
 
-Everything is read back with MLflow's own client.
+The server is started once for the module through the ``qgdist tracker`` command itself (stopped with Ctrl-C,
+restarted on the same port and store for the outage test). Everything is read back with MLflow's own client.
 """
 
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
 import time
+import urllib.request
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,7 +19,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from qgdist.track.server import MlflowServer, ServerConfig, free_port
+from qgdist.track.server import free_port
 from qgdist.track.tracker import UNSENT_FILE, Tracker, flatten_config
 
 pytestmark = pytest.mark.slow
@@ -33,12 +38,41 @@ class Config:
     optim: Optim = field(default_factory=Optim)
 
 
+class TrackerCommand:
+    """``qgdist tracker`` run as a user would: started in a subprocess, stopped with Ctrl-C (SIGINT)."""
+
+    def __init__(self, store: Path, port: int) -> None:
+        self.store, self.port = store, port
+        self.url = f"http://127.0.0.1:{port}"
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> "TrackerCommand":
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "qgdist", "tracker", "--store", str(self.store), "--port", str(self.port)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        lines = []
+        for line in self.process.stdout:   # the command prints the UI URL once the server answers /health
+            lines.append(line)
+            if line.startswith("MLflow UI:"):
+                assert line.split()[-1] == self.url
+                with urllib.request.urlopen(f"{self.url}/health", timeout=5) as reply:
+                    assert reply.status == 200
+                return self
+        raise RuntimeError("qgdist tracker exited early:\n" + "".join(lines))
+
+    def stop(self) -> None:
+        self.process.send_signal(signal.SIGINT)
+        assert self.process.wait(60) == 130   # the CLI's exit code for Ctrl-C, after stopping the server
+        with pytest.raises(OSError):
+            urllib.request.urlopen(f"{self.url}/health", timeout=2)
+
+
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> MlflowServer:
-    store = tmp_path_factory.mktemp("mlflow-server")
-    srv = MlflowServer(ServerConfig(store=store, port=free_port())).start()
+def server(tmp_path_factory: pytest.TempPathFactory) -> TrackerCommand:
+    srv = TrackerCommand(tmp_path_factory.mktemp("mlflow-server"), free_port()).start()
     yield srv
     srv.stop()
+    assert (srv.store / "mlflow.db").exists() and (srv.store / "artifacts").is_dir()
 
 
 def history(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, float]]:
@@ -50,7 +84,7 @@ def test_flatten_config_nested_dataclass() -> None:
                                         "optim.betas": "[0.9, 0.99]"}
 
 
-def test_run_on_server_holds_params_metrics_artifacts_and_status(server: MlflowServer, tmp_path: Path) -> None:
+def test_run_on_server_holds_params_metrics_artifacts_and_status(server: TrackerCommand, tmp_path: Path) -> None:
     tracker = Tracker(tmp_path, tracking_uri=server.url)
     run_id = tracker.start("roundtrip", Config())
     for step in range(1, 6):
@@ -70,7 +104,7 @@ def test_run_on_server_holds_params_metrics_artifacts_and_status(server: MlflowS
     assert json.loads(Path(local).read_text()) == {"auc": 0.7}
 
 
-def test_failed_run_is_marked_failed(server: MlflowServer, tmp_path: Path) -> None:
+def test_failed_run_is_marked_failed(server: TrackerCommand, tmp_path: Path) -> None:
     with pytest.raises(RuntimeError):
         with Tracker(tmp_path, tracking_uri=server.url) as tracker:
             run_id = tracker.start("boom", {"a": 1})
@@ -78,7 +112,7 @@ def test_failed_run_is_marked_failed(server: MlflowServer, tmp_path: Path) -> No
     assert MlflowClient(server.url).get_run(run_id).info.status == "FAILED"
 
 
-def test_resume_continues_same_run_without_duplicated_steps(server: MlflowServer, tmp_path: Path) -> None:
+def test_resume_continues_same_run_without_duplicated_steps(server: TrackerCommand, tmp_path: Path) -> None:
     first = Tracker(tmp_path, tracking_uri=server.url)
     run_id = first.start("resumed", Config())
     for step in range(1, 8):   # the job logged up to step 7, its last checkpoint was at step 4, then it died
@@ -105,7 +139,7 @@ def test_resume_continues_same_run_without_duplicated_steps(server: MlflowServer
                                   "attributes.run_name = 'resumed'")) == 1
 
 
-def test_outage_buffers_then_delivers_without_duplicates(server: MlflowServer, tmp_path: Path) -> None:
+def test_outage_buffers_then_delivers_without_duplicates(server: TrackerCommand, tmp_path: Path) -> None:
     tracker = Tracker(tmp_path / "a", tracking_uri=server.url, flush_s=0.1, retry_s=0.2)
     run_id = tracker.start("outage", {"a": 1})
     # A second run whose job ends while the server is down: what it cannot send is spilled to a file.
@@ -168,7 +202,7 @@ def test_disabled_tracker_on_other_ranks_does_nothing(tmp_path: Path) -> None:
     assert not any(tmp_path.iterdir())
 
 
-def test_artifacts_files_plots_and_model_directory(server: MlflowServer, tmp_path: Path) -> None:
+def test_artifacts_files_plots_and_model_directory(server: TrackerCommand, tmp_path: Path) -> None:
     from qgdist.train.plots import plot_curves
 
     checkpoint = tmp_path / "checkpoints" / "step-000000003"
