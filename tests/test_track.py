@@ -82,6 +82,7 @@ def history(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, floa
 def test_flatten_config_nested_dataclass() -> None:
     assert flatten_config(Config()) == {"model": "resnet15", "epochs": "2", "optim.lr": "0.001",
                                         "optim.betas": "[0.9, 0.99]"}
+    assert flatten_config({"model_kwargs": {}, "grad_clip": None}) == {"model_kwargs": "{}", "grad_clip": "None"}
 
 
 def test_run_on_server_holds_params_metrics_artifacts_and_status(server: TrackerCommand, tmp_path: Path) -> None:

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import os
 import threading
 import time
@@ -36,8 +35,6 @@ import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
-
-log = logging.getLogger(__name__)
 
 #: Short HTTP timeouts so an unreachable server costs seconds, not minutes (MLflow's defaults: 120 s, 7 retries).
 #: Set only where the user has not set them already.
@@ -58,11 +55,11 @@ def flatten_config(config: Any, prefix: str = "") -> dict[str, str]:
     if dataclasses.is_dataclass(config) and not isinstance(config, type):
         config = dataclasses.asdict(config)
     flat: dict[str, str] = {}
-    if isinstance(config, Mapping):
+    if isinstance(config, Mapping) and (config or not prefix):
         for key, value in config.items():
             flat.update(flatten_config(value, f"{prefix}{key}."))
         return flat
-    value = json.dumps(config) if isinstance(config, (list, tuple)) else str(config)
+    value = json.dumps(config, default=str) if isinstance(config, (list, tuple, Mapping)) else str(config)
     flat[prefix[:-1]] = value[:PARAM_MAX_CHARS]
     return flat
 
