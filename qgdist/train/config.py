@@ -83,7 +83,8 @@ class TrainConfig:
 
     def fingerprint(self) -> dict[str, Any]:
         """The trajectory-shaping fields (see ``TRAJECTORY_FIELDS``) with a short hash under ``"hash"``."""
-        fields = {k: getattr(self, k) for k in TRAJECTORY_FIELDS}
+        # A JSON round trip makes tuples and lists (CLI JSON vs Python defaults) compare equal.
+        fields = json.loads(json.dumps({k: getattr(self, k) for k in TRAJECTORY_FIELDS}, default=str))
         digest = hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
         return {**fields, "hash": digest}
 
