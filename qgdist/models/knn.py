@@ -63,16 +63,20 @@ def knn(x: torch.Tensor, k: int, mask: torch.Tensor | None = None, *,
     with torch.autocast(device_type=x.device.type, enabled=False):
         xc = _centred_float32(x, mask)
         sq = (xc * xc).sum(-1)  # (B, P)
+        # +inf on padded columns rides along in the GEMM's additive term: no separate masking pass.
+        col = (sq + torch.zeros_like(sq).masked_fill(~mask, float("inf"))).unsqueeze(1)
+        xt = xc.transpose(1, 2)
         chunk = max(1, min(p, max_elements // max(1, b * p)))
         parts = []
         for q0 in range(0, p, chunk):  # static Python loop: shapes only, no data-dependent control flow
             q1 = min(p, q0 + chunk)
-            xq = xc[:, q0:q1]
-            d = sq[:, q0:q1, None] + sq[:, None, :] - 2.0 * torch.bmm(xq, xc.transpose(1, 2))
-            d = torch.where(d > 0, d, torch.zeros_like(d))  # rounding can go below 0 (and -0.0 has the sign bit)
-            invalid = ~mask[:, None, :] | (arange[q0:q1, None] == arange[None, :])[None]
-            d = d.masked_fill(invalid, float("inf"))
-            key = d.view(torch.int32).to(torch.int64) * p + arange  # unique per row: distance, then index
+            base = sq[:, q0:q1, None] + col  # (B, q, P) = |x_i|^2 + |x_j|^2 (+inf if j is padding)
+            base.diagonal(offset=q0, dim1=1, dim2=2).fill_(float("inf"))  # exclude self
+            d = torch.baddbmm(base, xc[:, q0:q1], xt, alpha=-2.0)
+            # Non-negative float32 bit patterns sort like the floats; rounding can make d slightly negative (sign
+            # bit set, negative as int32), so clamp those to +0. Then key = bits * P + j: unique, ties -> lower j.
+            bits = d.view(torch.int32).clamp_min(0)
+            key = torch.add(arange, bits, alpha=p)  # int64
             best = torch.topk(key, kk, dim=-1, largest=False, sorted=True).values
             idx = best % p
             ok = (best < _INF_BITS * p) & mask[:, q0:q1, None]

@@ -102,7 +102,8 @@ class ParticleNet(ParticleNetBase):
         mask = mask.bool()
         if self.config.trim_padding:
             mask, points, features = trim_padding(mask, points, features)
-        fts = self.input_norm(features, mask) * mask.unsqueeze(-1).to(features.dtype)
+        # Padding may hold anything on input; from here on it is exactly zero (MaskedBatchNorm relies on it).
+        fts = self.input_norm(features * mask.unsqueeze(-1).to(features.dtype), mask)
         pts = points
         for block in self.blocks:
             fts = block(pts, fts, mask)

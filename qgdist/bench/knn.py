@@ -1,0 +1,144 @@
+"""``qgdist bench knn``: batched kNN time, ours against the usual alternatives, side by side in one run.
+
+Rows, for each coordinate width D and k (first ParticleNet block: D = 2; later blocks: D = block width):
+
+* ``ours``: :func:`qgdist.models.knn.knn` (float32 distances, +inf masking, int64 (distance, index) keys).
+* ``ours chunked``: the same with queries in 8 chunks (the memory bound for large P).
+* ``cdist+topk``: ``torch.cdist``, padded and self set to +inf, float ``topk`` (no tie rule, no float32 guard).
+* ``shift trick``: weaver-core's reference: ``-2 x.x + |x|^2`` with padded points shifted by a constant (1e9 in
+  float32, 99 under reduced precision, as in weaver), ``topk(k + 1)`` minus the first column, all in ``--dtype``.
+* ``+ edge_index``: ours followed by the conversion to a PyG ``edge_index`` (the PyG path's extra cost).
+
+``agree`` is the fraction of real points whose neighbour set equals ours. Needs neither Ray nor data files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+
+@dataclass
+class KnnBenchConfig:
+    device: str = "cpu"
+    dtype: str = "fp32"
+    batch_size: int | None = None  # None: 1024 on CUDA, 256 on CPU
+    max_particles: int = 128
+    dims: tuple[int, ...] = (2, 32, 128)
+    ks: tuple[int, ...] = (7, 16)
+    repeats: int = 5
+
+
+def _time(fn: Callable[[], object], repeats: int, device: str) -> tuple[float, object]:
+    import torch
+
+    out = fn()  # warm-up (and the result to compare)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / repeats, out
+
+
+def run(cfg: KnnBenchConfig) -> int:
+    """Print the kNN table described in the module docstring."""
+    import torch
+
+    from qgdist.models.knn import edge_index_from_knn, knn
+    from qgdist.models.synthetic import cloud_batch
+    from qgdist.train.step import resolve_dtype
+
+    device = cfg.device
+    batch_size = cfg.batch_size or (1024 if device.startswith("cuda") else 256)
+    dtype = resolve_dtype(cfg.dtype)
+    inputs, _ = cloud_batch(batch_size, max(cfg.dims), cfg.max_particles, device=device)
+    mask = inputs["mask"]
+    b, p = mask.shape
+    print(f"kNN on {device}, batch {b} x P {p} (mean {mask.sum(1).float().mean():.1f} real), dtype {cfg.dtype}, "
+          f"{cfg.repeats} repeats; times are per call")
+    print(f"{'D':>4}{'k':>4}  {'method':<16}{'ms':>9}{'jets/s':>12}{'vs ours':>9}{'agree':>8}")
+
+    def sets(idx: torch.Tensor) -> torch.Tensor:
+        return idx.sort(-1).values
+
+    for d in cfg.dims:
+        x = inputs["features"][..., :d] if d > 2 else inputs["points"]
+        x = x * (1.0 + torch.arange(d, device=device) / d)  # anisotropic: avoid exact ties
+        for k in cfg.ks:
+            def autocast():
+                return torch.autocast(device.split(":")[0], dtype=dtype or torch.float32, enabled=dtype is not None)
+
+            def ours(chunks: int = 1):
+                with autocast():
+                    return knn(x, k, mask, max_elements=b * p * max(1, p // chunks))
+
+            def cdist_topk():
+                with autocast():
+                    dist = torch.cdist(x, x)
+                    eye = torch.eye(p, dtype=torch.bool, device=device)
+                    dist = dist.masked_fill(~mask[:, None, :] | eye, float("inf"))
+                    return torch.topk(dist, k, dim=-1, largest=False).indices
+
+            def shift_trick():
+                xs = x.to(dtype or torch.float32)
+                shift = 1e9 if dtype is None else 99.0
+                xs = xs + shift * (~mask).unsqueeze(-1).to(xs.dtype)
+                inner = -2 * torch.bmm(xs, xs.transpose(1, 2))
+                sq = (xs * xs).sum(-1, keepdim=True)
+                dist = -(sq + inner + sq.transpose(1, 2))
+                return torch.topk(dist, k + 1, dim=-1).indices[..., 1:]
+
+            def with_edge_index():
+                return edge_index_from_knn(ours(), mask)
+
+            t_ours, ref = _time(ours, cfg.repeats, device)
+            ref_sets = sets(ref)[mask]
+            rows = [("ours", t_ours, ref), ("ours chunked", *_time(lambda: ours(8), cfg.repeats, device)),
+                    ("cdist+topk", *_time(cdist_topk, cfg.repeats, device)),
+                    ("shift trick", *_time(shift_trick, cfg.repeats, device)),
+                    ("+ edge_index", *_time(with_edge_index, cfg.repeats, device))]
+            for name, seconds, idx in rows:
+                agree = "" if name == "+ edge_index" else f"{(sets(idx)[mask] == ref_sets).all(-1).float().mean():.3f}"
+                print(f"{d:>4}{k:>4}  {name:<16}{1e3 * seconds:>9.2f}{b / seconds:>12.0f}"
+                      f"{t_ours / seconds:>8.2f}x{agree:>8}")
+    return 0
+
+
+def _add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="autocast precision")
+    p.add_argument("--batch-size", type=int, default=None, help="default 1024 on CUDA, 256 on CPU")
+    p.add_argument("--max-particles", type=int, default=128)
+    p.add_argument("--dims", default="2,32,128", help="coordinate widths, comma-separated")
+    p.add_argument("--k", default="7,16", help="neighbour counts, comma-separated")
+    p.add_argument("--repeats", type=int, default=5)
+    p.set_defaults(func=_run_args)
+
+
+def _run_args(args: argparse.Namespace) -> int:
+    ints = lambda s: tuple(int(v) for v in s.split(",") if v.strip())  # noqa: E731
+    return run(KnnBenchConfig(device=args.device, dtype=args.dtype, batch_size=args.batch_size,
+                              max_particles=args.max_particles, dims=ints(args.dims), ks=ints(args.k),
+                              repeats=args.repeats))
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``knn`` to the ``qgdist bench`` subcommands."""
+    _add_arguments(subparsers.add_parser("knn", help="batched kNN time: ours vs cdist / shift trick / PyG"))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the benchmark without the full CLI."""
+    parser = argparse.ArgumentParser(prog="qgdist bench knn", description=__doc__.split("\n\n")[0])
+    _add_arguments(parser)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
