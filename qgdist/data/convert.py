@@ -172,12 +172,24 @@ def verify_output(out: str) -> list[str]:
     return problems
 
 
-def plan_inputs(cfg: ConvertConfig, inputs: list[str]) -> tuple[list[Unit], int, list[Rejected]]:
-    """Units of every input (numbered), total rows, and rows/files rejected while planning."""
+def plan_inputs(cfg: ConvertConfig, inputs: list[str], cpus: int = 1) -> tuple[list[Unit], int, list[Rejected]]:
+    """Units of every input (numbered), total rows, and rows/files rejected while planning.
+
+    Without an explicit ``rows_per_task``, units shrink until there are at least ``cpus`` of them, so a small
+    input still keeps every CPU busy (planning reads footers only, so planning twice is cheap).
+    """
+    per_task = cfg.rows_per_task or ROWS_PER_TASK[cfg.source]
+    units, rows, rejected = _plan(cfg, inputs, per_task)
+    if cfg.rows_per_task is None and 0 < len(units) < cpus and rows > len(units):
+        units, rows, rejected = _plan(cfg, inputs, max(1, -(-rows // cpus)))
+    return [dataclasses.replace(u, index=i) for i, u in enumerate(units)], rows, rejected
+
+
+def _plan(cfg: ConvertConfig, inputs: list[str], per_task: int) -> tuple[list[Unit], int, list[Rejected]]:
     units, rows, rejected = [], 0, []
     for path in inputs:
         try:
-            plan: Plan = READERS[cfg.source].plan(path, cfg.rows_per_task or ROWS_PER_TASK[cfg.source])
+            plan: Plan = READERS[cfg.source].plan(path, per_task)
         except BadRowError as err:
             if cfg.on_bad_row == "error":
                 raise
@@ -188,7 +200,7 @@ def plan_inputs(cfg: ConvertConfig, inputs: list[str]) -> tuple[list[Unit], int,
         units += plan.units
         rows += plan.rows
         rejected += plan.rejected
-    return [dataclasses.replace(u, index=i) for i, u in enumerate(units)], rows, rejected
+    return units, rows, rejected
 
 
 def convert(cfg: ConvertConfig) -> Manifest:
@@ -201,16 +213,19 @@ def convert(cfg: ConvertConfig) -> Manifest:
     if cfg.source not in READERS or cfg.on_bad_row not in ("error", "quarantine") or \
             cfg.dtype not in ("float32", "float16"):
         raise ValueError(f"bad config: source={cfg.source!r} on_bad_row={cfg.on_bad_row!r} dtype={cfg.dtype!r}")
-    ray_seconds = time.perf_counter()
+    ray_seconds, cpus = time.perf_counter(), 1
     if cfg.executor == "ray":
+        import ray
+
         from qgdist.ray_runtime import ensure_ray
 
         ensure_ray(cfg.address, cfg.num_cpus)
+        cpus = int(ray.cluster_resources().get("CPU", 1))
     start = time.perf_counter()
     ray_seconds = start - ray_seconds
     inputs = expand_inputs(cfg.inputs, cfg.source)
     clean_output(cfg.out)
-    units, rows_total, quarantine = plan_inputs(cfg, inputs)
+    units, rows_total, quarantine = plan_inputs(cfg, inputs, cpus)
     settings = dataclasses.asdict(cfg)
     run_units = _ray_results if cfg.executor == "ray" and units else _local_results
     results = run_units(units, settings)

@@ -181,5 +181,7 @@ def read(unit: Unit, labels: LabelConvention, dtype: str = "float32", read_rows:
                 bad.samples += chunk.samples
                 bad.rejected += chunk.rejected
             bad.rejected.sort(key=lambda r: r.row)
+            del tables
+            pa.default_memory_pool().release_unused()  # keep a long-lived worker's footprint flat across units
             yield bad
             row, i = row + rows, j
