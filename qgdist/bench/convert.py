@@ -6,6 +6,8 @@ process tree (Ray's raylet, GCS and workers included) is sampled for memory:
 * ``seed``      the seed notebooks' path: ``pandas.read_parquet`` + per-row Python list flattening to dense float32;
 * ``pyarrow``   a single-process baseline: coalesced ``read_row_groups`` + Arrow flatten to dense float32 +
                 ``webdataset.TarWriter`` (dense .npy per jet), the straightforward fast way;
+* ``arrow_read`` only Arrow's decode of the nested column (one thread), no flatten or write: the per-core floor
+                of every parquet-based path, and so the bound on what N cores can reach;
 * ``local``     our task code in one process without Ray (``qgdist convert --no-ray``);
 * ``ours``      ``qgdist convert`` (Ray Data, private local Ray), on the 1x file and on the 10x file.
 
@@ -117,6 +119,16 @@ def pyarrow_path(path: str, out: str, rows: int = 128) -> int:
     return n
 
 
+def arrow_read(path: str, rows: int = 128) -> int:
+    """Only the Arrow decode of the parquet file, one thread: the floor of any parquet path on one core."""
+    import pyarrow.parquet as pq
+
+    pf = pq.ParquetFile(path)
+    groups = list(range(pf.metadata.num_row_groups))
+    return sum(pf.read_row_groups(groups[lo: lo + rows], use_threads=False).num_rows
+               for lo in range(0, len(groups), rows))
+
+
 def _convert_cmd(src: str, out: str, cfg: BenchConvertConfig, ray: bool) -> list[str]:
     cmd = [sys.executable, "-m", "qgdist", "convert", "--source", "cms", "--out", out, src]
     if cfg.num_cpus:
@@ -149,6 +161,7 @@ def run(cfg: BenchConvertConfig) -> dict[str, Any]:
     results: dict[str, dict[str, Any]] = {}
     runs = [("seed", me + ["_seed", src["1x"]], "1x"),
             ("pyarrow", me + ["_pyarrow", src["1x"], os.path.join(cfg.workdir, "dense.tar")], "1x"),
+            ("arrow_read", me + ["_arrow_read", src["1x"]], "1x"),
             ("local", _convert_cmd(src["1x"], os.path.join(cfg.workdir, "local"), cfg, False), "1x"),
             ("ours", _convert_cmd(src["1x"], os.path.join(cfg.workdir, "ours_1x"), cfg, True), "1x"),
             ("ours_10x", _convert_cmd(src["10x"], os.path.join(cfg.workdir, "ours_10x"), cfg, True), "10x")]
@@ -157,7 +170,7 @@ def run(cfg: BenchConvertConfig) -> dict[str, Any]:
         r = measure(cmd)
         results[name] = {"rows": sizes[size], "seconds": r["seconds"], "rows_per_s": sizes[size] / r["seconds"],
                          "peak_pss_mb": r["peak_pss"] / 1e6, "peak_rss_mb": r["peak_rss"] / 1e6}
-        if name in ("seed", "pyarrow"):
+        if name in ("seed", "pyarrow", "arrow_read"):
             results[name]["loop_rows_per_s"] = sizes[size] / json.loads(r["stdout"])["seconds"]
         else:
             results[name]["loop_rows_per_s"] = _loop_rate(r["stderr"])
@@ -169,6 +182,7 @@ def run(cfg: BenchConvertConfig) -> dict[str, Any]:
     ours = results["ours"]
     big, seed, pa = results["ours_10x"], results["seed"], results["pyarrow"]
     summary = {
+        "arrow_read_vs_seed_per_core": results["arrow_read"]["loop_rows_per_s"] / seed["loop_rows_per_s"],
         # throughput: conversion loops (after imports and Ray start), ours on the 10x input (steady state)
         "speedup_vs_seed": big["loop_rows_per_s"] / seed["loop_rows_per_s"],
         "ratio_vs_pyarrow": big["loop_rows_per_s"] / pa["loop_rows_per_s"],
@@ -202,6 +216,7 @@ def table(res: dict[str, Any]) -> str:
               f"Ray start: {s['speedup_vs_seed_end_to_end_10x']:.1f}x",
               f"ours (10x, loop) vs single-process pyarrow: {s['ratio_vs_pyarrow']:.2f}x (target >= 0.5x); "
               f"end to end: {s['ratio_vs_pyarrow_end_to_end_10x']:.2f}x",
+              f"Arrow decode alone, one core: {s['arrow_read_vs_seed_per_core']:.1f}x the seed (the ceiling per core)",
               f"bytes per jet: {s['bytes_per_jet']:.0f} vs dense float32 {DENSE_BYTES}: "
               f"{s['compaction_vs_dense']:.1f}x smaller (target >= 10x)",
               f"peak memory 10x vs 1x: {100 * s['memory_growth_10x_pss']:+.1f}% PSS, "
@@ -229,5 +244,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 if __name__ == "__main__":  # worker entry points, run in their own processes by ``measure``
     t0 = time.perf_counter()
-    n = seed_path(sys.argv[2]) if sys.argv[1] == "_seed" else pyarrow_path(sys.argv[2], sys.argv[3])
+    workers = {"_seed": seed_path, "_pyarrow": pyarrow_path, "_arrow_read": arrow_read}
+    n = workers[sys.argv[1]](*sys.argv[2:])
     print(json.dumps({"rows": n, "seconds": time.perf_counter() - t0}))
