@@ -54,6 +54,7 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume-from", default=None, help="checkpoint directory to start from")
     p.add_argument("--allow-config-change", action="store_true",
                    help="resume although the checkpoint was written with another training config")
+    p.add_argument("--log-every", type=int, default=20, help="steps between train-loss logs")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -70,7 +71,8 @@ def config_from_args(args: argparse.Namespace):
         loader_workers=args.loader_workers, shuffle_buffer=args.shuffle_buffer, preset=args.preset,
         max_particles=args.max_particles, checkpoint_every=args.checkpoint_every, keep_last=args.keep_last,
         max_steps=args.max_steps, track=not args.no_track, tracking_uri=args.tracking_uri,
-        resume_from=args.resume_from, allow_config_change=args.allow_config_change, progress=not args.no_progress)
+        resume_from=args.resume_from, allow_config_change=args.allow_config_change, progress=not args.no_progress,
+        log_every=args.log_every)
 
 
 def run_train(args: argparse.Namespace) -> int:

@@ -171,8 +171,16 @@ def train(cfg: TrainConfig, device: torch.device | str | None = None, report: Re
     if cfg.compile:
         model = torch.compile(model)
 
+    # The MLflow run id is also kept next to the checkpoints, so a run killed before its first checkpoint
+    # continues the same MLflow run too.
+    id_file = Path(cfg.run_dir) / "mlflow_run_id"
+    if run_id is None and source is None and id_file.exists():
+        run_id = id_file.read_text().strip() or None
     tracker = Tracker(cfg.run_dir, cfg.tracking_uri, enabled=cfg.track and rank == 0)
     run_id = tracker.start(cfg.run_name, cfg.to_dict(), run_id=run_id)
+    if run_id and rank == 0:
+        id_file.parent.mkdir(parents=True, exist_ok=True)
+        id_file.write_text(run_id)
 
     def save(val: dict[str, float] | None = None) -> Path | None:
         state_rngs = _gather(rng_state())              # collective: every rank takes part
