@@ -14,7 +14,9 @@ process tree (Ray's raylet, GCS and workers included) is sampled for memory:
 Throughput is compared on the conversion loops (rows / seconds after imports and Ray start; ``ours`` on the 10x
 input, where the fixed start-up no longer dominates); end-to-end rates (whole subprocess wall time, Python and
 Ray start included: what a user waits for) are printed alongside.
-Memory is the peak over time of the summed PSS of the tree (shared pages counted once), RSS sum alongside.
+Memory: the peak over time of the tree's summed PSS (shared pages counted once) and RSS, sampled every 0.2 s, and
+the sum of every process's own kernel peak mark (VmHWM), which a sampler cannot miss (an upper bound: the
+processes need not peak at the same moment).
 """
 
 from __future__ import annotations
@@ -44,8 +46,20 @@ class BenchConvertConfig:
     seed: int = 0
 
 
-def _tree_memory(root: Any) -> tuple[int, int]:
-    """(sum of PSS, sum of RSS) in bytes over ``root`` and all its descendants."""
+def _hwm(pid: int) -> int:
+    """The kernel's peak-RSS mark of a process (VmHWM), in bytes; 0 where unavailable."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def _tree_memory(root: Any, hwm: dict[int, int]) -> tuple[int, int]:
+    """(sum of PSS, sum of RSS) in bytes over ``root`` and all its descendants; updates per-pid peak marks."""
     import psutil
 
     pss = rss = 0
@@ -54,6 +68,7 @@ def _tree_memory(root: Any) -> tuple[int, int]:
             info = p.memory_full_info()
             pss += getattr(info, "pss", info.rss)
             rss += info.rss
+            hwm[p.pid] = max(hwm.get(p.pid, 0), _hwm(p.pid))
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             pass
     return pss, rss
@@ -66,14 +81,14 @@ def measure(cmd: list[str]) -> dict[str, Any]:
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")})
-    root, peak = psutil.Process(proc.pid), [0, 0]
+    root, peak, hwm = psutil.Process(proc.pid), [0, 0], {}
     out: dict[str, str] = {}
     readers = [threading.Thread(target=lambda k=k, f=f: out.__setitem__(k, f.read()))
                for k, f in (("stdout", proc.stdout), ("stderr", proc.stderr))]
     for t in readers:
         t.start()
     while proc.poll() is None:
-        pss, rss = _tree_memory(root)
+        pss, rss = _tree_memory(root, hwm)
         peak = [max(peak[0], pss), max(peak[1], rss)]
         time.sleep(0.2)
     for t in readers:
@@ -81,7 +96,8 @@ def measure(cmd: list[str]) -> dict[str, Any]:
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{out['stderr'][-3000:]}")
-    return {"seconds": wall, "peak_pss": peak[0], "peak_rss": peak[1], "stdout": out["stdout"],
+    return {"seconds": wall, "peak_pss": peak[0], "peak_rss": peak[1], "sum_hwm": sum(hwm.values()),
+            "stdout": out["stdout"],
             "stderr": out["stderr"]}
 
 
@@ -169,7 +185,8 @@ def run(cfg: BenchConvertConfig) -> dict[str, Any]:
         print(f"running {name} on {sizes[size]} jets ...", file=sys.stderr)
         r = measure(cmd)
         results[name] = {"rows": sizes[size], "seconds": r["seconds"], "rows_per_s": sizes[size] / r["seconds"],
-                         "peak_pss_mb": r["peak_pss"] / 1e6, "peak_rss_mb": r["peak_rss"] / 1e6}
+                         "peak_pss_mb": r["peak_pss"] / 1e6, "peak_rss_mb": r["peak_rss"] / 1e6,
+                         "sum_peak_rss_mb": r["sum_hwm"] / 1e6}
         if name in ("seed", "pyarrow", "arrow_read"):
             results[name]["loop_rows_per_s"] = sizes[size] / json.loads(r["stdout"])["seconds"]
         else:
@@ -193,24 +210,26 @@ def run(cfg: BenchConvertConfig) -> dict[str, Any]:
         "input_parquet_bytes_per_jet": os.path.getsize(src["1x"]) / cfg.jets,
         "memory_growth_10x_pss": results["ours_10x"]["peak_pss_mb"] / ours["peak_pss_mb"] - 1,
         "memory_growth_10x_rss": results["ours_10x"]["peak_rss_mb"] / ours["peak_rss_mb"] - 1,
+        "memory_growth_10x_hwm": results["ours_10x"]["sum_peak_rss_mb"] / ours["sum_peak_rss_mb"] - 1,
         "targets": {"speedup_vs_seed>=30": None, "ratio_vs_pyarrow>=0.5": None, "compaction>=10": None,
                     "memory_growth<=0.10": None},
     }
     summary["targets"] = {"speedup_vs_seed>=30": summary["speedup_vs_seed"] >= 30,
                           "ratio_vs_pyarrow>=0.5": summary["ratio_vs_pyarrow"] >= 0.5,
                           "compaction>=10": summary["compaction_vs_dense"] >= 10,
-                          "memory_growth<=0.10": summary["memory_growth_10x_pss"] <= 0.10}
+                          "memory_growth<=0.10": max(summary["memory_growth_10x_pss"],
+                                                     summary["memory_growth_10x_hwm"]) <= 0.10}
     return {"config": asdict(cfg), "cpus": os.cpu_count(), "methods": results, "summary": summary}
 
 
 def table(res: dict[str, Any]) -> str:
     """A fixed-width table of the methods and the target ratios."""
     lines = [f"{'method':10s} {'rows':>6s} {'wall s':>7s} {'rows/s':>8s} {'loop r/s':>9s} {'KB/jet':>8s} "
-             f"{'peak PSS MB':>12s} {'peak RSS MB':>12s}"]
+             f"{'peak PSS MB':>12s} {'peak RSS MB':>12s} {'sum HWM MB':>11s}"]
     for name, r in res["methods"].items():
         lines.append(f"{name:10s} {r['rows']:6d} {r['seconds']:7.1f} {r['rows_per_s']:8.0f} "
                      f"{r.get('loop_rows_per_s', float('nan')):9.0f} {r.get('bytes_per_jet', float('nan')) / 1e3:8.2f} "
-                     f"{r['peak_pss_mb']:12.0f} {r['peak_rss_mb']:12.0f}")
+                     f"{r['peak_pss_mb']:12.0f} {r['peak_rss_mb']:12.0f} {r['sum_peak_rss_mb']:11.0f}")
     s = res["summary"]
     lines += [f"ours (10x, loop) vs seed: {s['speedup_vs_seed']:.1f}x (target >= 30x); end to end incl. Python and "
               f"Ray start: {s['speedup_vs_seed_end_to_end_10x']:.1f}x",
@@ -220,7 +239,8 @@ def table(res: dict[str, Any]) -> str:
               f"bytes per jet: {s['bytes_per_jet']:.0f} vs dense float32 {DENSE_BYTES}: "
               f"{s['compaction_vs_dense']:.1f}x smaller (target >= 10x)",
               f"peak memory 10x vs 1x: {100 * s['memory_growth_10x_pss']:+.1f}% PSS, "
-              f"{100 * s['memory_growth_10x_rss']:+.1f}% RSS (target <= +10%)"]
+              f"{100 * s['memory_growth_10x_rss']:+.1f}% RSS, {100 * s['memory_growth_10x_hwm']:+.1f}% summed per-process "
+              f"peak RSS (target <= +10%)"]
     return "\n".join(lines)
 
 

@@ -154,8 +154,11 @@ def _read_groups(pf: pq.ParquetFile, groups: list[int], first_row: int, name: st
     return tables, rejected
 
 
-def read(unit: Unit, labels: LabelConvention, dtype: str = "float32", read_rows: int = 128) -> Iterator[Chunk]:
-    """Yield the unit's rows as chunks of at most ~``read_rows`` rows (one coalesced read each)."""
+def read(unit: Unit, labels: LabelConvention, dtype: str = "float32", read_rows: int = 32) -> Iterator[Chunk]:
+    """Yield the unit's rows as chunks of at most ~``read_rows`` rows (one coalesced read each).
+
+    32 jets a read: ~6 MB of float64 pixels, which keeps a task near 240 MB (128 a read: ~430 MB) at the same speed.
+    """
     name = file_name(unit.path)
     fs, p = open_input(unit.path)
     with fs.open(p, "rb") as f:
