@@ -29,6 +29,7 @@ from qgdist.train.config import TrainConfig
 from qgdist.train.metrics import JetMetrics
 from qgdist.train.step import forward_logits, train_step
 
+WARMUP_STEPS = 3  # steps left out of the steady-state throughput (first batches, allocator, DDP buckets)
 Report = Callable[[dict[str, float], Path | None], None]
 
 
@@ -194,11 +195,13 @@ def train(cfg: TrainConfig, device: torch.device | str | None = None, report: Re
                 "fingerprint": cfg.fingerprint(), "mlflow_run_id": run_id or "", "history": history,
                 "config": {k: str(v) for k, v in cfg.to_dict().items()}}, auc=(val or {}).get("auc"))
         if report is not None:
-            report({"epoch": epoch, "step": step, "global_step": global_step, **(val or {})}, path)
+            speed = history.get("train/jets_per_s", [[0, float("nan")]])[-1][1]
+            report({"epoch": epoch, "step": step, "global_step": global_step, "jets_per_s": speed,
+                    "started_unix": started or float("nan"), **(val or {})}, path)
         return path
 
     # -- the loop --------------------------------------------------------------------------------------------
-    status, val, roc, last_path, evaluated = "FAILED", {}, None, None, False
+    status, val, roc, last_path, evaluated, started = "FAILED", {}, None, None, False, None
     try:
         from tqdm import tqdm
 
@@ -207,7 +210,7 @@ def train(cfg: TrainConfig, device: torch.device | str | None = None, report: Re
             bar = tqdm(total=steps[epoch] * cfg.batch_size * cfg.world_size, initial=step * cfg.batch_size *
                        cfg.world_size, unit="jet", unit_scale=True, desc=f"epoch {epoch}",
                        disable=rank != 0 or not cfg.progress, mininterval=2.0)
-            t0, running = time.perf_counter(), []
+            t0, running, warm = time.perf_counter(), [], None  # warm: (time, step) once past the first steps
             for inputs, label in train_loader.epoch(epoch, step):
                 loss = train_step(model, inputs, label, optimizer, autocast_dtype=precision,
                                   grad_clip=cfg.grad_clip, scaler=scaler if scaler.is_enabled() else None)
@@ -215,6 +218,10 @@ def train(cfg: TrainConfig, device: torch.device | str | None = None, report: Re
                 step, global_step = step + 1, global_step + 1
                 running.append(loss)
                 bar.update(cfg.batch_size * cfg.world_size)
+                if started is None:
+                    started = time.time()
+                if warm is None and step >= WARMUP_STEPS:
+                    warm = (time.perf_counter(), step)
                 if global_step % cfg.log_every == 0:
                     mean = torch.stack(running).mean().item()
                     running = []
@@ -230,6 +237,9 @@ def train(cfg: TrainConfig, device: torch.device | str | None = None, report: Re
             if step < steps[epoch]:
                 break  # max_steps reached mid-epoch
             seconds = time.perf_counter() - t0
+            if warm is not None and step > warm[1]:  # steady-state throughput (global jets/s), for bench train
+                speed = (step - warm[1]) * cfg.batch_size * cfg.world_size / (time.perf_counter() - warm[0])
+                history.setdefault("train/jets_per_s", []).append([global_step, speed])
             val, roc = evaluate(raw_model, val_loader, device, precision) if cfg.eval_every_epoch else ({}, None)
             for k, v in val.items():
                 history.setdefault(f"val/{k}", []).append([global_step, v])
@@ -244,5 +254,6 @@ def train(cfg: TrainConfig, device: torch.device | str | None = None, report: Re
         status = "FINISHED"
     finally:
         tracker.finish(status)
-    return {"val": val, "checkpoint": str(last_path) if last_path else None, "global_step": global_step,
-            "epoch": epoch, "history": history, "mlflow_run_id": run_id}
+    return {"val": val, "started_unix": started, "history": history,
+            "checkpoint": str(last_path) if last_path else None, "global_step": global_step,
+            "epoch": epoch, "mlflow_run_id": run_id}
