@@ -224,3 +224,32 @@ def test_artifacts_files_plots_and_model_directory(server: TrackerCommand, tmp_p
     down = Path(client.download_artifacts(run_id, "curves.png", str(tmp_path / "down")))
     assert down.read_bytes()[:4] == b"\x89PNG"
     assert tracker.history["train/loss"] == ([1, 2, 3], [1.0, 0.5, pytest.approx(1 / 3)])
+
+
+def test_evaluate_track_adds_test_metrics_to_the_training_run(server: TrackerCommand, tmp_path: Path) -> None:
+    from trainkit import write_dataset
+
+    from qgdist.cli import main
+    from qgdist.models import get_model
+    from qgdist.train.checkpoint import Checkpointer
+    from qgdist.train.config import TrainConfig
+
+    data = write_dataset(str(tmp_path / "data"), "cloud", {"train": [16], "test": [24]})
+    cfg = TrainConfig(data=data, model="particlenet-lite", run_dir=str(tmp_path / "run"))
+    tracker = Tracker(cfg.run_dir, tracking_uri=server.url)
+    run_id = tracker.start("trained", cfg)
+    tracker.log_metrics({"val/auc": 0.5}, step=7)
+    tracker.finish()
+    Checkpointer(cfg.run_dir).save({"model": get_model("particlenet-lite", in_features=7).state_dict(),
+                                    "fingerprint": cfg.fingerprint(), "epoch": 1, "step": 0, "global_step": 7,
+                                    "mlflow_run_id": run_id})
+    assert main(["evaluate", "--checkpoint", cfg.run_dir, "--data", data, "--no-progress", "--track",
+                 "--tracking-uri", server.url]) == 0
+    client = MlflowClient(server.url)
+    run = client.get_run(run_id)
+    written = json.loads((Path(cfg.run_dir) / "eval" / "test" / "metrics.json").read_text())
+    assert run.info.status == "FINISHED"
+    assert history(client, run_id, "test/auc") == [(7, pytest.approx(written["auc"]))]
+    assert {f.path for f in client.list_artifacts(run_id, "eval/test")} == {
+        "eval/test/metrics.json", "eval/test/roc.png", "eval/test/scores.parquet"}
+    assert len(client.search_runs([run.info.experiment_id], "attributes.run_name = 'trained'")) == 1

@@ -19,6 +19,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ev.add_argument("--batch-size", type=int, default=512)
     ev.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ev.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ev.add_argument("--track", action="store_true",
+                    help="also log SPLIT/* metrics and the outputs into the MLflow run that trained the checkpoint")
+    ev.add_argument("--tracking-uri", default=None,
+                    help="MLflow server of that run (default: the run directory's local store)")
     ev.set_defaults(func=run_evaluate)
 
     ex = subparsers.add_parser(
@@ -38,7 +42,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
     result = evaluate_checkpoint(EvalConfig(checkpoint=args.checkpoint, data=args.data, split=args.split,
                                             out=args.out, batch_size=args.batch_size, device=args.device,
-                                            progress=not args.no_progress))
+                                            progress=not args.no_progress, track=args.track,
+                                            tracking_uri=args.tracking_uri))
     print(result["table"])
     for name, path in result["paths"].items():
         print(f"{name}: {path}")

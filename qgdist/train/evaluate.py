@@ -35,6 +35,8 @@ class EvalConfig:
     batch_size: int = 512
     device: str = "auto"            # auto | cpu | cuda
     progress: bool = True
+    track: bool = False             # also log <split>/* metrics and the outputs into the checkpoint's MLflow run
+    tracking_uri: str | None = None # default: the run directory's local store
 
 
 def resolve_checkpoint(path: str | os.PathLike[str]) -> Path:
@@ -174,5 +176,27 @@ def evaluate_checkpoint(cfg: EvalConfig) -> dict[str, Any]:
     tmp = paths["metrics"].with_suffix(".json.tmp")
     tmp.write_text(json.dumps(doc, indent=1))
     os.replace(tmp, paths["metrics"])
+    if cfg.track:
+        track_results(cfg, run_dir, state, metrics, paths)
     return {"metrics": metrics, "paths": {k: str(v) for k, v in paths.items()}, "n_jets": len(logits),
             "table": format_table(metrics, f"{name} on {cfg.split} ({len(logits)} jets)")}
+
+
+def track_results(cfg: EvalConfig, run_dir: Path, state: dict[str, Any], metrics: dict[str, float],
+                  paths: dict[str, Path]) -> str:
+    """Add ``<split>/<metric>`` (at the checkpoint's global step) and the outputs to the run that trained it."""
+    import math
+
+    from qgdist.track.tracker import Tracker
+
+    run_id = state.get("mlflow_run_id")
+    if not run_id:
+        raise ValueError(f"{cfg.checkpoint}: the checkpoint names no MLflow run (trained with tracking off?)")
+    tracker = Tracker(run_dir, cfg.tracking_uri)
+    tracker.start(f"evaluate {cfg.split}", run_id=run_id)
+    with tracker:
+        tracker.log_metrics({f"{cfg.split}/{k}": v for k, v in metrics.items() if math.isfinite(v)},
+                            step=int(state.get("global_step") or 0))
+        for path in paths.values():
+            tracker.log_artifact(path, artifact_path=f"eval/{cfg.split}")
+    return run_id
