@@ -264,3 +264,14 @@ def test_cli_exit_code_and_message(files, tmp_path, capsys):
     code = main(["convert", "--source", "energyflow", "--out", str(tmp_path / "o"), "--no-ray", "--quiet",
                  "--on-bad-row", "quarantine", "--split", "0.6,0.2,0.2", str(path)])
     assert code == 0 and read_manifest(str(tmp_path / "o")).rows["rejected"] == 1
+
+
+def test_directory_and_glob_inputs(files, tmp_path):
+    m = _convert("energyflow", [files], tmp_path / "d", rows_per_task=300)  # picks *.npz only
+    assert [os.path.basename(p) for p in m.inputs] == ["ef.npz"] and m.rows["written"] == 300
+    m = _convert("cms", [f"file://{files}/*.parquet"], tmp_path / "g")
+    assert m.inputs == [f"file://{files}/cms.parquet"] and m.rows["written"] == 24
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "ef.npz").write_bytes((files / "ef.npz").read_bytes())
+    with pytest.raises(ValueError, match="share a file name"):
+        _convert("energyflow", [files / "ef.npz", tmp_path / "other" / "ef.npz"], tmp_path / "x")
