@@ -17,7 +17,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import psutil
@@ -85,7 +84,7 @@ class Head:
                 proc.send_signal(signal.SIGTERM)
             except psutil.Error:
                 pass
-        _, alive = psutil.wait_procs(procs, timeout=5)
+        _, alive = psutil.wait_procs(procs, timeout=3)
         for proc in alive:  # gcs_server and raylet may ignore SIGTERM for a while
             try:
                 proc.kill()
@@ -166,7 +165,8 @@ def test_convert_then_train_jobs_leave_shards_checkpoint_and_mlflow_run(head, cl
     # that the runtime_env's MLFLOW_TRACKING_URI names.
     tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     code, out, err = cli("submit", "train", "--runtime-env", "jobs/train.yaml", *stage, "--env",
-                         f"MLFLOW_TRACKING_URI={tracking_uri}", "--", "--tracking-uri", "${MLFLOW_TRACKING_URI}", "--data", "${QGDIST_STORAGE}/shards/toy", "--model",
+                         f"MLFLOW_TRACKING_URI={tracking_uri}", "--", "--tracking-uri", "${MLFLOW_TRACKING_URI}",
+                         "--data", "${QGDIST_STORAGE}/shards/toy", "--model",
                          "particlenet-lite", "--workers", "0", "--epochs", "1", "--batch-size", "64",
                          "--run-name", "job-test", "--storage", "${QGDIST_STORAGE}/runs",
                          "--no-progress")
