@@ -19,6 +19,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 
+def _temp_path(url: str) -> tuple[fsspec.AbstractFileSystem, str, str]:
+    """(filesystem, final path, hidden temporary path beside it), creating the parent directory."""
+    fs, final = fsspec.core.url_to_fs(url)
+    parent = posixpath.dirname(final)
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
+    return fs, final, posixpath.join(parent, "." + posixpath.basename(final) + ".tmp")
+
+
 def _nested_list(values: np.ndarray, item_name: str) -> pa.Array:
     """(n, C, H, W) float64 -> list<list<list<double>>> with list items named ``item_name``."""
     n, c, h, w = values.shape
@@ -50,8 +59,7 @@ class CMSParquetWriter:
     def __init__(self, path: str, item_name: str = "item"):
         self.path = path
         self.item_name = item_name
-        self._fs, self._final = fsspec.core.url_to_fs(path)
-        self._tmp = posixpath.join(posixpath.dirname(self._final), "." + posixpath.basename(self._final) + ".tmp")
+        self._fs, self._final, self._tmp = _temp_path(path)
         self._file = self._fs.open(self._tmp, "wb")
         self._writer: pq.ParquetWriter | None = None
         self.rows = 0
@@ -84,8 +92,7 @@ class CMSParquetWriter:
 
 def write_energyflow_npz(path: str, X: np.ndarray, y: np.ndarray, compress: bool = True) -> None:
     """Write an EnergyFlow-format npz (``X`` (N, M, 4) float64 zero-padded, ``y`` (N,) float64, 1 = quark)."""
-    fs, final = fsspec.core.url_to_fs(path)
-    tmp = posixpath.join(posixpath.dirname(final), "." + posixpath.basename(final) + ".tmp")
+    fs, final, tmp = _temp_path(path)
     save = np.savez_compressed if compress else np.savez
     with fs.open(tmp, "wb") as f:
         save(f, X=np.asarray(X, dtype=np.float64), y=np.asarray(y, dtype=np.float64))
