@@ -24,10 +24,12 @@ class TrainBenchConfig:
     workers: int = 2
     batch_size: int = 128            # per Ray worker; the plain loop uses workers * batch_size
     epochs: int = 1
+    plain_threads: int | None = None  # torch threads of the plain loop (None: torch's default, one per core)
 
 
 def run(cfg: TrainBenchConfig) -> dict[str, float]:
     import ray
+    import torch
 
     from qgdist.bench.loader import _toy
     from qgdist.ray_runtime import ensure_ray
@@ -39,6 +41,9 @@ def run(cfg: TrainBenchConfig) -> dict[str, float]:
         data = cfg.data or _toy("cloud", cfg.jets, Path(tmp))
         common = dict(epochs=cfg.epochs, track=False, progress=False, checkpoint_every=0, eval_every_epoch=False)
 
+        if cfg.plain_threads:
+            torch.set_num_threads(cfg.plain_threads)
+        threads = torch.get_num_threads()
         t = time.time()
         plain = train(TrainConfig(data, cfg.model, run_dir=f"{tmp}/plain", batch_size=cfg.workers * cfg.batch_size,
                                   **common))
@@ -60,7 +65,7 @@ def run(cfg: TrainBenchConfig) -> dict[str, float]:
            "ray_init_s": ray_init, "ray_fit_to_first_step_s": ray_start, "plain_to_first_step_s": plain_start,
            "ray_fit_total_s": fit_total}
     print(f"model {cfg.model}, global batch {cfg.workers * cfg.batch_size}, {cfg.epochs} epoch(s)")
-    print(f"  plain loop (1 process)        {plain_speed:9.0f} jets/s   first step after {plain_start:5.1f} s")
+    print(f"  plain loop (1 process, {threads} thr) {plain_speed:9.0f} jets/s   first step after {plain_start:5.1f} s")
     print(f"  Ray Train ({cfg.workers} workers, gloo)  {ray_speed:9.0f} jets/s   first step after {ray_start:5.1f} s "
           f"of fit() (+ ray.init {ray_init:.1f} s; fit() total {fit_total:.1f} s)")
     print(f"  steady-state ratio Ray / plain: {row['ratio']:.2f}x  (target >= 0.9x)")
@@ -75,5 +80,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=128, help="per Ray worker")
     p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--plain-threads", type=int, default=None,
+                   help="torch threads for the plain loop (default: torch's, one per core); on a shared, "
+                        "oversubscribed machine 1 can be faster")
     p.set_defaults(func=lambda a: run(TrainBenchConfig(a.data, a.model, a.jets, a.workers, a.batch_size,
-                                                       a.epochs)) and 0)
+                                                       a.epochs, a.plain_threads)) and 0)
