@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 
 
 def _model_arg(text: str) -> tuple[str, object]:
@@ -76,6 +77,16 @@ def config_from_args(args: argparse.Namespace):
 
 
 def run_train(args: argparse.Namespace) -> int:
+    from qgdist.train.checkpoint import IncompatibleCheckpoint
+
+    try:
+        return _train(args)
+    except IncompatibleCheckpoint as err:
+        print(f"qgdist train: {err}", file=sys.stderr)
+        return 2
+
+
+def _train(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     if args.workers == 0:
         from qgdist.train.loop import train

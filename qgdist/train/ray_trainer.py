@@ -57,11 +57,16 @@ def fit(cfg: TrainConfig, storage: str, num_workers: int = 2, use_gpu: bool = Fa
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from qgdist.ray_runtime import ensure_ray
-    from qgdist.train.checkpoint import Checkpointer
+    from qgdist.train.checkpoint import STATE_FILE, Checkpointer, check_fingerprint, load_checkpoint
 
     storage = storage if "://" in storage else os.path.abspath(storage)
     cfg.run_dir = os.path.join(storage, cfg.run_name)
     cfg.world_size = num_workers
+    # Refuse an incompatible resume here, in the driver, with a clear message (not from inside a worker).
+    source = cfg.resume_from or Checkpointer(cfg.run_dir).latest()
+    if source is not None and Path(source, STATE_FILE).exists():
+        check_fingerprint(load_checkpoint(source)["fingerprint"], cfg.fingerprint(), str(source),
+                          cfg.allow_config_change)
     ensure_ray(address, num_cpus=None)
     resources = {"CPU": cpus_per_worker} | ({"GPU": 1} if use_gpu else {})
     trainer = TorchTrainer(
