@@ -113,6 +113,7 @@ def test_image_batch_is_densified_exactly(image_dir):
     for i, key in enumerate(batch["key"]):
         np.testing.assert_array_equal(inputs["image"][i].numpy(), stored[key].dense())
         assert label[i] == stored[key].meta["is_quark"]
+        assert (batch["file"][i], int(batch["row"][i])) == (stored[key].meta["file"], stored[key].meta["row"])
 
 
 def test_too_small_split_is_a_clear_error(image_dir):

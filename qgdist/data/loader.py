@@ -125,7 +125,8 @@ class _Collate:
         label = torch.tensor([float(m["is_quark"]) for m in metas], dtype=torch.float32)
         jet = np.array([[np.log(max(m["pt"], 1e-9)), m["mass"]] for m in metas], np.float32)
         batch = {"label": label, "jet": torch.from_numpy((jet - self.jet_mean) / self.jet_std),
-                 "key": [r["__key__"] for r in raws]}
+                 "key": [r["__key__"] for r in raws], "file": [m.get("file", "") for m in metas],
+                 "row": torch.tensor([int(m.get("row", -1)) for m in metas], dtype=torch.int64)}
         return batch | (self._images(raws, metas) if self.kind == "image" else self._clouds(raws, metas))
 
     def _images(self, raws: list[dict[str, Any]], metas: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
@@ -255,7 +256,7 @@ class ShardLoader:
             yield to_device(batch, self.cfg.device)
 
     def collated(self, epoch: int, start_step: int = 0) -> Iterator[dict[str, Any]]:
-        """The collated CPU batches (sparse images, sample ``key`` list included); updates ``position``."""
+        """The collated CPU batches (sparse images; sample ``key``, source ``file`` and ``row`` included)."""
         plan = self._plan(epoch)
         per_worker = self._batches_per_worker(plan)
         w = self.workers
