@@ -45,7 +45,8 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-particles", type=int, default=128)
     p.add_argument("--run-name", default="qgdist")
     p.add_argument("--storage", default="runs", help="directory holding <run-name>/ (shared by all workers)")
-    p.add_argument("--tracking-uri", default=None, help="MLflow server (default: local store in the run dir)")
+    p.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"),
+                   help="MLflow server (default: $MLFLOW_TRACKING_URI, else a local store in the run dir)")
     p.add_argument("--no-track", action="store_true", help="no MLflow tracking")
     p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a private one)")
     p.add_argument("--max-failures", type=int, default=2, help="worker-group restarts Ray may do")
@@ -59,10 +60,16 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true")
 
 
+def _absolute(path: str | None) -> str | None:
+    """Local paths made absolute: Ray Train workers run in another working directory. URLs stay as they are."""
+    return path if path is None or "://" in path else os.path.abspath(path)
+
+
 def config_from_args(args: argparse.Namespace):
     """Map ``qgdist train`` flags onto a ``TrainConfig``."""
     from qgdist.train.config import TrainConfig
 
+    args.data, args.storage, args.resume_from = map(_absolute, (args.data, args.storage, args.resume_from))
     return TrainConfig(
         data=args.data, model=args.model, model_kwargs=dict(args.model_arg),
         run_dir=os.path.join(args.storage, args.run_name), run_name=args.run_name, epochs=args.epochs,
