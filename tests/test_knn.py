@@ -8,13 +8,7 @@ import torch
 from qgdist.models.knn import edge_index_from_knn, knn, knn_reference, trim_padding
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster and immune to oversubscribed CI cores (restored after)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _cloud(b: int = 5, p: int = 24, c: int = 3, seed: int = 0, offset: float = 0.0):

@@ -15,13 +15,7 @@ from qgdist.train.step import train_step
 CLOUD_MODELS = ["particlenet-lite", "particlenet", "particlenet-lite-pyg", "particlenet-pyg"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster and immune to oversubscribed CI cores (restored after)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _small_cloud(b: int = 6, p: int = 20, c: int = 7, seed: int = 0):

@@ -55,7 +55,7 @@ class ParticleNetBase(nn.Module):
 
     kind = "cloud"
 
-    def __init__(self, config: ParticleNetConfig) -> None:
+    def __init__(self, config: ParticleNetConfig, block_type: type[nn.Module]) -> None:
         super().__init__()
         if config.pooling not in ("real", "all"):
             raise ValueError(f"pooling must be 'real' or 'all', got {config.pooling!r}")
@@ -68,6 +68,12 @@ class ParticleNetBase(nn.Module):
             width = units
         layers.append(nn.Linear(width, 1))
         self.head = nn.Sequential(*layers)
+        blocks, width = [], config.in_features
+        for k, channels in config.conv_params:
+            blocks.append(block_type(k, width, channels, knn_max_elements=config.knn_max_elements))
+            width = channels[-1]
+        self.blocks = nn.ModuleList(blocks)
+        _set_bn(self, config.bn_eps, config.bn_momentum)
 
     def _pool(self, features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """(B, P, C) features, zero on padding -> (B, C) mean over real particles (or all slots)."""
@@ -89,13 +95,7 @@ class ParticleNet(ParticleNetBase):
     """Dense ParticleNet: ``model(points=(B,P,2), features=(B,P,C), mask=(B,P) bool) -> logits (B,)``."""
 
     def __init__(self, config: ParticleNetConfig) -> None:
-        super().__init__(config)
-        blocks, width = [], config.in_features
-        for k, channels in config.conv_params:
-            blocks.append(EdgeConvBlock(k, width, channels, knn_max_elements=config.knn_max_elements))
-            width = channels[-1]
-        self.blocks = nn.ModuleList(blocks)
-        _set_bn(self, config.bn_eps, config.bn_momentum)
+        super().__init__(config, EdgeConvBlock)
 
     def forward(self, points: torch.Tensor, features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         self._check(points, features, mask)

@@ -19,7 +19,7 @@ from torch import nn
 
 from qgdist.models.edgeconv import EdgeMLP, MaskedBatchNorm
 from qgdist.models.knn import DEFAULT_MAX_ELEMENTS, edge_index_from_knn, knn, trim_padding
-from qgdist.models.particlenet import FULL_CONV, ParticleNetBase, ParticleNetConfig, _set_bn
+from qgdist.models.particlenet import FULL_CONV, ParticleNetBase, ParticleNetConfig
 
 
 class PygEdgeConvBlock(nn.Module):
@@ -49,13 +49,7 @@ class ParticleNetPyG(ParticleNetBase):
     """PyG ParticleNet with the dense model's contract: ``model(points, features, mask) -> logits (B,)``."""
 
     def __init__(self, config: ParticleNetConfig) -> None:
-        super().__init__(config)
-        blocks, width = [], config.in_features
-        for k, channels in config.conv_params:
-            blocks.append(PygEdgeConvBlock(k, width, channels, knn_max_elements=config.knn_max_elements))
-            width = channels[-1]
-        self.blocks = nn.ModuleList(blocks)
-        _set_bn(self, config.bn_eps, config.bn_momentum)
+        super().__init__(config, PygEdgeConvBlock)
 
     def forward(self, points: torch.Tensor, features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         from torch_geometric.nn import global_mean_pool
