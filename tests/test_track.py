@@ -146,6 +146,8 @@ def test_outage_buffers_then_delivers_without_duplicates(server: TrackerCommand,
     # A second run whose job ends while the server is down: what it cannot send is spilled to a file.
     ending = Tracker(tmp_path / "b", tracking_uri=server.url, finish_timeout_s=1)
     ending_id = ending.start("ends-in-outage", {"a": 2})
+    dying = Tracker(tmp_path / "c", tracking_uri=server.url, finish_timeout_s=1)   # its job dies, then resumes
+    dying_id = dying.start("dies-in-outage", {"a": 3})
     tracker.log_metrics({"train/loss": 1.0}, step=1)
     assert tracker.flush(timeout_s=30)
     server.stop()
@@ -158,6 +160,8 @@ def test_outage_buffers_then_delivers_without_duplicates(server: TrackerCommand,
         ending.log_metrics({"loss": 0.5}, step=3)
         assert not tracker.flush(timeout_s=1) and tracker.pending == 4
         ending.finish()
+        dying.log_metrics({"loss": 0.7}, step=2)
+        dying.finish("FAILED")
         server.start()   # same port, same sqlite backend
         tracker.log_metrics({"train/loss": 6.0}, step=6)
         assert tracker.flush(timeout_s=30) and tracker.pending == 0
@@ -170,7 +174,29 @@ def test_outage_buffers_then_delivers_without_duplicates(server: TrackerCommand,
     assert history(client, run_id, "train/loss") == [(s, float(s)) for s in range(1, 7)]
     assert client.get_run(run_id).info.status == "FINISHED"
     rows = [json.loads(line) for line in (tmp_path / "b" / UNSENT_FILE).read_text().splitlines()]
-    assert [(r["run_id"], r["key"], r["value"], r["step"]) for r in rows] == [(ending_id, "loss", 0.5, 3)]
+    assert [(r["run_id"], r["key"], r["value"], r["step"]) for r in rows if "key" in r] == [(ending_id, "loss", 0.5, 3)]
+    assert [r["status"] for r in rows if "status" in r] == ["FINISHED"]   # the server was down at finish, too
+    assert client.get_run(ending_id).info.status == "RUNNING"
+
+    # Once the tracker is back, `qgdist tracker --replay RUN_DIR` delivers the spilled file and removes it.
+    replay = [sys.executable, "-m", "qgdist", "tracker", "--replay", str(tmp_path / "b"), "--tracking-uri", server.url]
+    done = subprocess.run(replay, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "replayed 2 records" in done.stdout, done.stdout + done.stderr
+    assert history(client, ending_id, "loss") == [(3, 0.5)]
+    assert client.get_run(ending_id).info.status == "FINISHED"
+    assert not (tmp_path / "b" / UNSENT_FILE).exists()
+    again = subprocess.run(replay, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0 and "nothing to replay" in again.stdout
+
+    # A run resumed in the same run directory sends what its last attempt spilled before it goes on.
+    resumed = Tracker(tmp_path / "c", tracking_uri=server.url)
+    assert resumed.start("dies-in-outage", {"a": 3}, run_id=dying_id) == dying_id
+    assert resumed.history["loss"] == ([2], [0.7]) and not (tmp_path / "c" / UNSENT_FILE).exists()
+    resumed.log_metrics({"loss": 0.6}, step=2)   # the resumed job replays step 2: dropped, not duplicated
+    resumed.log_metrics({"loss": 0.5}, step=3)
+    resumed.finish()
+    assert history(client, dying_id, "loss") == [(2, 0.7), (3, 0.5)]
+    assert client.get_run(dying_id).info.status == "FINISHED"
 
 
 def test_unreachable_tracker_at_start_fails_loudly(tmp_path: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 
@@ -15,10 +16,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--store", type=Path, default=Path("mlflow-store"),
                         help="directory for mlflow.db and artifacts/ (default: ./mlflow-store)")
     parser.add_argument("--port", type=int, default=5000, help="port on 127.0.0.1 (default 5000)")
+    parser.add_argument("--replay", type=Path, metavar="RUN_DIR",
+                        help="instead of serving: send what a run could not deliver during a tracker outage "
+                             "(RUN_DIR/mlflow_unsent.jsonl) to --tracking-uri, then exit")
+    parser.add_argument("--tracking-uri", default=None,
+                        help="with --replay: the tracker the run logged to (default: $MLFLOW_TRACKING_URI, "
+                             "else the run's own local store)")
     parser.set_defaults(func=run_tracker)
 
 
 def run_tracker(args: argparse.Namespace) -> int:
+    if args.replay is not None:
+        return replay(args.replay, args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"))
     from qgdist.track.server import MlflowServer, ServerConfig
 
     server = MlflowServer(ServerConfig(store=args.store, port=args.port))
@@ -30,4 +39,15 @@ def run_tracker(args: argparse.Namespace) -> int:
         server.process.wait()
     finally:
         server.stop()
+    return 0
+
+
+def replay(run_dir: Path, tracking_uri: str | None) -> int:
+    from qgdist.track.tracker import UNSENT_FILE, replay_unsent
+
+    if not (run_dir / UNSENT_FILE).exists():
+        print(f"nothing to replay: {run_dir / UNSENT_FILE} does not exist")
+        return 0
+    sent = replay_unsent(run_dir, tracking_uri)
+    print(f"replayed {sent} records from {run_dir / UNSENT_FILE} to {tracking_uri or 'the local store'}")
     return 0

@@ -20,7 +20,9 @@ The whole API (everything else is private)::
   ``flush_s`` seconds, so the training step never waits for the network or sqlite (~10 ms a write).
 * Outage: while the server is unreachable, the thread retries every ``retry_s`` seconds and training goes on;
   one warning when the tracker is lost, one when it is back. Whatever ``finish`` still cannot send within
-  ``finish_timeout_s`` is written to ``<run_dir>/mlflow_unsent.jsonl``.
+  ``finish_timeout_s`` is written to ``<run_dir>/mlflow_unsent.jsonl`` (with the run's final status if that
+  could not be set either); ``replay_unsent`` sends it later (``qgdist tracker --replay RUN_DIR``), and a run
+  resumed in the same run directory replays it by itself when it starts.
 * A disabled tracker (``enabled=False``, the other ranks) does nothing and returns ``None`` from ``start``.
 """
 
@@ -114,6 +116,8 @@ class Tracker:
             self._log_params(flatten_config(config or {}))
         else:
             run = self._client.get_run(run_id)   # raises a clear MlflowException for an unknown id
+            if replay_unsent(self.run_dir, self.tracking_uri, run_id=run_id):   # what the last attempt spilled
+                run = self._client.get_run(run_id)
             self.run_id = run_id
             self._last_step = {m.key: m.step for m in run.data._metric_objs}  # latest metric = highest step
             for key in self._last_step:
@@ -174,6 +178,8 @@ class Tracker:
             self._client.set_terminated(self.run_id, status=status)
         except Exception as err:  # noqa: BLE001 -- the run must end even when the tracker is gone
             warnings.warn(f"tracker: could not mark MLflow run {self.run_id} {status}: {err}", stacklevel=2)
+            self._spill(status)
+            return
         if self.pending:
             self._spill()
 
@@ -262,15 +268,69 @@ class Tracker:
             self._online = True
             warnings.warn(f"tracker: MLflow at {self.tracking_uri} reachable again; buffered data sent", stacklevel=2)
 
-    def _spill(self) -> None:
+    def _spill(self, status: str | None = None) -> None:
         path = self.run_dir / UNSENT_FILE
         path.parent.mkdir(parents=True, exist_ok=True)
+        count = self.pending
         with open(path, "a") as out:
             for m in self._pending_metrics:
                 out.write(json.dumps({"run_id": self.run_id, "key": m.key, "value": m.value,
                                       "timestamp": m.timestamp, "step": m.step}) + "\n")
             for local, artifact_path in self._pending_artifacts:
                 out.write(json.dumps({"run_id": self.run_id, "artifact": local, "artifact_path": artifact_path}) + "\n")
-        warnings.warn(f"tracker: {self.pending} metrics/artifacts could not be sent; written to {path}", stacklevel=3)
+            if status is not None:
+                out.write(json.dumps({"run_id": self.run_id, "status": status}) + "\n")
+        warnings.warn(f"tracker: {count} metrics/artifacts could not be sent; written to {path} "
+                      f"(send later with `qgdist tracker --replay {self.run_dir}`)", stacklevel=3)
         self._pending_metrics.clear()
         self._pending_artifacts.clear()
+
+
+def replay_unsent(run_dir: str | Path, tracking_uri: str | None = None, run_id: str | None = None) -> int:
+    """Send what a run spilled to ``<run_dir>/mlflow_unsent.jsonl``; returns how many records were sent.
+
+    Metrics keep their original timestamps and MLflow stores identical rows once, so replaying twice (or after a
+    partial replay) duplicates nothing. Only records of ``run_id`` are sent when it is given; the others stay in
+    the file. The file is rewritten atomically with what is left, and removed when nothing is.
+    """
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+
+    path = Path(run_dir) / UNSENT_FILE
+    if not path.exists():
+        return 0
+    records = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}: line {number} is not JSON ({err}); fix or remove it") from err
+    mine = [r for r in records if run_id is None or r["run_id"] == run_id]
+    rest = [r for r in records if not (run_id is None or r["run_id"] == run_id)]
+    client = MlflowClient(tracking_uri=tracking_uri or local_store_uri(run_dir))
+    by_run: dict[str, list[dict]] = {}
+    for record in mine:
+        by_run.setdefault(record["run_id"], []).append(record)
+    for rid, rows in by_run.items():
+        metrics = [Metric(r["key"], float(r["value"]), int(r["timestamp"]), int(r["step"])) for r in rows if "key" in r]
+        for i in range(0, len(metrics), BATCH_MAX_METRICS):
+            client.log_batch(rid, metrics=metrics[i:i + BATCH_MAX_METRICS])
+        for r in rows:
+            if "artifact" in r:
+                if Path(r["artifact"]).is_dir():
+                    client.log_artifacts(rid, r["artifact"], r["artifact_path"])
+                elif Path(r["artifact"]).exists():
+                    client.log_artifact(rid, r["artifact"], r["artifact_path"])
+                else:
+                    warnings.warn(f"tracker: spilled artifact {r['artifact']} no longer exists; skipped", stacklevel=2)
+        for r in rows:
+            if "status" in r:
+                client.set_terminated(rid, status=r["status"])
+    if rest:
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rest))
+        os.replace(tmp, path)
+    else:
+        path.unlink()
+    return len(mine)
