@@ -38,6 +38,12 @@ class Config:
     optim: Optim = field(default_factory=Optim)
 
 
+def _ctrl_c_enabled() -> None:
+    # A shell script that runs the tests in the background hands every child SIGINT ignored (POSIX), and the
+    # ignore survives exec: the command would never see our Ctrl-C. A terminal user's process has the default.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class TrackerCommand:
     """``qgdist tracker`` run as a user would: started in a subprocess, stopped with Ctrl-C (SIGINT)."""
 
@@ -49,7 +55,7 @@ class TrackerCommand:
     def start(self) -> "TrackerCommand":
         self.process = subprocess.Popen(
             [sys.executable, "-m", "qgdist", "tracker", "--store", str(self.store), "--port", str(self.port)],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, preexec_fn=_ctrl_c_enabled)
         lines = []
         for line in self.process.stdout:   # the command prints the UI URL once the server answers /health
             lines.append(line)
