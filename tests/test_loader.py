@@ -120,3 +120,16 @@ def test_too_small_split_is_a_clear_error(image_dir):
     loader = ShardLoader(LoaderConfig(image_dir, batch_size=64, world_size=2, num_workers=2))
     with pytest.raises(ValueError, match="too small"):
         loader.steps_in_epoch(0)
+
+
+def test_shards_at_an_fsspec_url_read_like_local_ones(cloud_dir):
+    """--data s3://...: shards that only fsspec can open (its in-memory filesystem here) stream like local ones."""
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    for name in fsspec.filesystem("file").ls(cloud_dir, detail=False):
+        fs.pipe(f"/loader-test/{name.rsplit('/', 1)[-1]}", open(name, "rb").read())
+    cfg = dict(batch_size=8, rank=0, world_size=2, num_workers=0, seed=3)
+    local = _keys(ShardLoader(LoaderConfig(cloud_dir, **cfg)), 1)
+    remote = _keys(ShardLoader(LoaderConfig("memory://loader-test", **cfg)), 1)
+    assert remote == local and len(local) > 0

@@ -30,11 +30,14 @@ import random
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlparse
 
+import fsspec
 import numpy as np
 import torch
 import webdataset as wds
 from webdataset.filters import _shuffle
+from webdataset.gopen import gopen_schemes
 
 from qgdist.data.features import CONTINUOUS, PRESETS, particle_features
 from qgdist.data.shards.manifest import Manifest, read_manifest
@@ -91,9 +94,25 @@ def plan_epoch(manifest: Manifest, data: str, split: str, seed: int, epoch: int,
     return plan
 
 
+def _fsspec_gopen(url: str, mode: str = "rb", bufsize: int = 8192, **kw: Any) -> Any:
+    return fsspec.open(url, mode).open()
+
+
+def _register_url_scheme(path: str) -> None:
+    """Let webdataset open ``s3://`` (and any other fsspec URL) through fsspec, as the rest of qgdist does.
+
+    webdataset opens local paths, ``file://``, ``pipe:``, http(s) and a few more itself; for a scheme it has no
+    handler for it raises "no gopen handler defined". Its dispatch table is the documented extension point.
+    """
+    scheme = urlparse(path).scheme
+    if len(scheme) > 1 and scheme not in gopen_schemes:
+        gopen_schemes[scheme] = _fsspec_gopen
+
+
 def _raw_samples(units: list[Unit]) -> Iterator[dict[str, Any]]:
     """Raw (undecoded) samples of ``units`` in order, read with the stock webdataset pipeline."""
     for unit in units:
+        _register_url_scheme(unit.path)   # here, in the DataLoader worker process that opens the shard
         ds = wds.WebDataset(unit.path, shardshuffle=False, nodesplitter=None, workersplitter=None, empty_check=False)
         yield from itertools.islice(iter(ds), unit.part, None, unit.parts)
 

@@ -7,7 +7,7 @@ Layout under ``<run_dir>/checkpoints/``::
     best.json                 the same for the checkpoint with the highest validation AUC
 
 A checkpoint directory is written under a temporary name and renamed when complete; ``latest.json`` is replaced
-atomically afterwards. A run killed at any instant therefore leaves a pointer to a complete checkpoint (or none),
+atomically afterwards. The run directory may be a local path or an fsspec URL (``qgdist.train.storage``). A run killed at any instant therefore leaves a pointer to a complete checkpoint (or none),
 which is why we keep our own pointer instead of trusting Ray's bookkeeping (a SIGINT between Ray creating a
 checkpoint folder and registering it makes a re-run start from scratch). Files are read with
 ``torch.load(weights_only=True)``: nothing in them is unpickled as code.
@@ -15,15 +15,17 @@ checkpoint folder and registering it makes a re-run start from scratch). Files a
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import random
-import shutil
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from upath import UPath
+
+from qgdist.train.storage import move, remove_tree, run_path, write_text_atomic
 
 STATE_FILE = "state.pt"
 LATEST = "latest.json"
@@ -56,35 +58,31 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _write_json_atomic(path: Path, doc: dict[str, Any]) -> None:
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(doc, indent=1, sort_keys=True))
-    os.replace(tmp, path)
-
-
 class Checkpointer:
     """Saves and finds checkpoints of one run (call ``save`` on world rank 0 only)."""
 
     def __init__(self, run_dir: str | os.PathLike[str], keep_last: int = 2):
-        self.root = Path(run_dir) / "checkpoints"
+        self.root = run_path(run_dir) / "checkpoints"
         self.keep_last = max(1, keep_last)
 
-    def save(self, state: dict[str, Any], auc: float | None = None) -> Path:
+    def save(self, state: dict[str, Any], auc: float | None = None) -> UPath:
         """Write ``state`` (must hold ``global_step``, ``epoch``, ``step``) and move the pointers; returns its dir."""
         self.root.mkdir(parents=True, exist_ok=True)
         name = f"step-{state['global_step']:09d}"
         final, tmp = self.root / name, self.root / f".{name}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_tree(tmp)
         tmp.mkdir()
-        torch.save(state, tmp / STATE_FILE)
-        shutil.rmtree(final, ignore_errors=True)  # a re-run that reaches the same step again
-        os.replace(tmp, final)
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        (tmp / STATE_FILE).write_bytes(buffer.getbuffer())
+        remove_tree(final)  # a re-run that reaches the same step again
+        move(tmp, final)
         summary = {"name": name, "epoch": state["epoch"], "step": state["step"],
                    "global_step": state["global_step"], "val_auc": auc}
-        _write_json_atomic(self.root / LATEST, summary)
+        write_text_atomic(self.root / LATEST, json.dumps(summary, indent=1, sort_keys=True))
         best = self.pointer(BEST)
         if auc is not None and (best is None or best.get("val_auc") is None or auc > best["val_auc"]):
-            _write_json_atomic(self.root / BEST, summary)
+            write_text_atomic(self.root / BEST, json.dumps(summary, indent=1, sort_keys=True))
         self._prune()
         return final
 
@@ -93,12 +91,12 @@ class Checkpointer:
         path = self.root / which
         return json.loads(path.read_text()) if path.exists() else None
 
-    def latest(self) -> Path | None:
+    def latest(self) -> UPath | None:
         """The latest complete checkpoint directory, or None."""
         doc = self.pointer(LATEST)
         return self.root / doc["name"] if doc else None
 
-    def best(self) -> Path | None:
+    def best(self) -> UPath | None:
         doc = self.pointer(BEST)
         return self.root / doc["name"] if doc else None
 
@@ -108,16 +106,16 @@ class Checkpointer:
         keep |= set(names[-self.keep_last:])
         for name in names:
             if name not in keep:
-                shutil.rmtree(self.root / name, ignore_errors=True)
+                remove_tree(self.root / name)
 
 
 def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Load a checkpoint directory (or its ``state.pt``) safely (``weights_only=True``) onto the CPU."""
-    path = Path(path)
+    path = run_path(path)
     file = path / STATE_FILE if path.is_dir() else path
     if not file.exists():
         raise FileNotFoundError(f"{path}: no {STATE_FILE} (not a qgdist checkpoint, or an incomplete one)")
-    return torch.load(file, map_location="cpu", weights_only=True)
+    return torch.load(io.BytesIO(file.read_bytes()), map_location="cpu", weights_only=True)
 
 
 def check_fingerprint(saved: dict[str, Any], current: dict[str, Any], where: str, allow: bool = False) -> list[str]:

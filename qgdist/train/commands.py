@@ -44,7 +44,7 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="kin", choices=["kin", "kinpid"], help="cloud feature preset")
     p.add_argument("--max-particles", type=int, default=128)
     p.add_argument("--run-name", default="qgdist")
-    p.add_argument("--storage", default="runs", help="directory holding <run-name>/ (shared by all workers)")
+    p.add_argument("--storage", default="runs", help="directory or fsspec URL (s3://...) holding <run-name>/; every worker must see it")
     p.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"),
                    help="MLflow server (default: $MLFLOW_TRACKING_URI, else a local store in the run dir)")
     p.add_argument("--no-track", action="store_true", help="no MLflow tracking")

@@ -20,6 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from upath import UPath
+
+from qgdist.train.storage import is_local, run_path, scratch_dir, upload
 
 METRIC_ORDER = ("loss", "acc", "auc", "rej30", "rej50")
 
@@ -31,7 +34,7 @@ class EvalConfig:
     checkpoint: str
     data: str
     split: str = "test"
-    out: str | None = None          # default: <run_dir>/eval/<split>
+    out: str | None = None          # default: <run_dir>/eval/<split> (written locally, copied up for a URL)
     batch_size: int = 512
     device: str = "auto"            # auto | cpu | cuda
     progress: bool = True
@@ -39,11 +42,11 @@ class EvalConfig:
     tracking_uri: str | None = None # default: the run directory's local store
 
 
-def resolve_checkpoint(path: str | os.PathLike[str]) -> Path:
-    """A checkpoint directory from a checkpoint dir, a ``state.pt`` or a run dir (best, else latest)."""
+def resolve_checkpoint(path: str | os.PathLike[str]) -> UPath:
+    """A checkpoint directory from a checkpoint dir, a ``state.pt`` or a run dir (best, else latest); local or URL."""
     from qgdist.train.checkpoint import STATE_FILE, Checkpointer
 
-    path = Path(path)
+    path = run_path(path)
     if path.is_file():
         return path.parent
     if (path / STATE_FILE).exists():
@@ -160,7 +163,7 @@ def evaluate_checkpoint(cfg: EvalConfig) -> dict[str, Any]:
     model, state = model_from_checkpoint(ckpt_dir)
     model.to(device)
     run_dir = ckpt_dir.parent.parent if ckpt_dir.parent.name == "checkpoints" else ckpt_dir
-    out = Path(cfg.out) if cfg.out else run_dir / "eval" / cfg.split
+    out = Path(cfg.out) if cfg.out else scratch_dir(run_dir) / "eval" / cfg.split
     out.mkdir(parents=True, exist_ok=True)
 
     scored = score_split(model, state, cfg, device)
@@ -176,8 +179,10 @@ def evaluate_checkpoint(cfg: EvalConfig) -> dict[str, Any]:
     tmp = paths["metrics"].with_suffix(".json.tmp")
     tmp.write_text(json.dumps(doc, indent=1))
     os.replace(tmp, paths["metrics"])
+    if not cfg.out and not is_local(run_dir):
+        upload(out, run_dir / "eval" / cfg.split)
     if cfg.track:
-        track_results(cfg, run_dir, state, metrics, paths)
+        track_results(cfg, scratch_dir(run_dir), state, metrics, paths)
     return {"metrics": metrics, "paths": {k: str(v) for k, v in paths.items()}, "n_jets": len(logits),
             "table": format_table(metrics, f"{name} on {cfg.split} ({len(logits)} jets)")}
 

@@ -22,15 +22,17 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from upath import UPath
 
 from qgdist.data.loader import LoaderConfig, ShardLoader
 from qgdist.train.checkpoint import Checkpointer, check_fingerprint, load_checkpoint, rng_state, set_rng_state
 from qgdist.train.config import TrainConfig
 from qgdist.train.metrics import JetMetrics
+from qgdist.train.storage import is_local, run_path, scratch_dir, upload
 from qgdist.train.step import forward_logits, train_step
 
 WARMUP_STEPS = 3  # steps left out of the steady-state throughput (first batches, allocator, DDP buckets)
-Report = Callable[[dict[str, float], Path | None], None]
+Report = Callable[[dict[str, float], UPath | None], None]
 
 
 def _gather(obj: Any) -> list[Any]:
@@ -79,10 +81,14 @@ def evaluate(model: torch.nn.Module, loader: ShardLoader, device: torch.device,
 
 def write_artifacts(cfg: TrainConfig, model: torch.nn.Module, history: dict[str, list[list[float]]],
                     val: dict[str, float], roc: tuple[torch.Tensor, torch.Tensor] | None) -> list[Path]:
-    """Config, final metrics, loss curves, validation ROC and final weights in ``<run_dir>/artifacts`` (rank 0)."""
+    """Config, final metrics, loss curves, validation ROC and final weights in ``<run_dir>/artifacts`` (rank 0).
+
+    Written locally (the run directory, or its scratch folder when the run directory is a URL) and copied up.
+    Returns the local files.
+    """
     from qgdist.train.plots import plot_curves, plot_roc
 
-    out = Path(cfg.run_dir) / "artifacts"
+    out = scratch_dir(cfg.run_dir) / "artifacts"
     out.mkdir(parents=True, exist_ok=True)
     files = []
     for name, doc in (("config.json", cfg.to_dict()), ("metrics.json", {"val": val, "history": history})):
@@ -97,6 +103,8 @@ def write_artifacts(cfg: TrainConfig, model: torch.nn.Module, history: dict[str,
         files.append(plot_curves({k: tuple(zip(*v)) for k, v in history.items() if v}, out / "curves.png"))
     if roc is not None:
         files.append(plot_roc({f"{cfg.model} val": (roc[0].cpu().numpy(), roc[1].cpu().numpy())}, out / "roc.png"))
+    if not is_local(cfg.run_dir):
+        upload(out, run_path(cfg.run_dir) / "artifacts")
     return files
 
 
@@ -140,8 +148,8 @@ def train(cfg: TrainConfig, device: torch.device | str | None = None, report: Re
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
     # -- resume ----------------------------------------------------------------------------------------------
-    ckpt = Checkpointer(Path(cfg.run_dir), cfg.keep_last)
-    source = Path(cfg.resume_from) if cfg.resume_from else ckpt.latest()
+    ckpt = Checkpointer(cfg.run_dir, cfg.keep_last)
+    source = run_path(cfg.resume_from) if cfg.resume_from else ckpt.latest()
     epoch, step, global_step, run_id = 0, 0, 0, None
     history: dict[str, list[list[float]]] = {}  # metric -> [[global_step, value], ...], kept across resumes
     if source is not None:
@@ -174,16 +182,20 @@ def train(cfg: TrainConfig, device: torch.device | str | None = None, report: Re
 
     # The MLflow run id is also kept next to the checkpoints, so a run killed before its first checkpoint
     # continues the same MLflow run too.
-    id_file = Path(cfg.run_dir) / "mlflow_run_id"
+    id_file = run_path(cfg.run_dir) / "mlflow_run_id"
     if run_id is None and source is None and id_file.exists():
         run_id = id_file.read_text().strip() or None
-    tracker = Tracker(cfg.run_dir, cfg.tracking_uri, enabled=cfg.track and rank == 0)
+    if cfg.track and rank == 0 and cfg.tracking_uri is None and not is_local(cfg.run_dir):
+        say(f"note: run directory {cfg.run_dir} is not a local path, so the embedded MLflow store lives in "
+            f"{scratch_dir(cfg.run_dir) / 'mlflow'} on this machine; give --tracking-uri to keep runs centrally",
+            flush=True)
+    tracker = Tracker(scratch_dir(cfg.run_dir), cfg.tracking_uri, enabled=cfg.track and rank == 0)
     run_id = tracker.start(cfg.run_name, cfg.to_dict(), run_id=run_id)
     if run_id and rank == 0:
         id_file.parent.mkdir(parents=True, exist_ok=True)
         id_file.write_text(run_id)
 
-    def save(val: dict[str, float] | None = None) -> Path | None:
+    def save(val: dict[str, float] | None = None) -> UPath | None:
         state_rngs = _gather(rng_state())              # collective: every rank takes part
         positions = _gather(train_loader.state_dict())
         path = None

@@ -11,7 +11,8 @@ restart all continue mid-epoch from the latest complete checkpoint:
   own checkpoint exists, ``ray.train.get_checkpoint()`` provides it;
 * ``resume_from``: a checkpoint directory given explicitly.
 
-``storage`` must be a filesystem every worker sees (local disk on one machine, NFS / a PVC on a cluster).
+``storage`` must be a filesystem every worker sees: local disk on one machine, NFS / a PVC on a cluster, or an
+fsspec URL such as ``s3://bucket/runs`` (see ``qgdist.train.storage``).
 """
 
 from __future__ import annotations
@@ -19,10 +20,12 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Callable
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from qgdist.train.config import TrainConfig
+
+if TYPE_CHECKING:
+    from upath import UPath
 
 
 def worker_loop(config: dict[str, Any]) -> None:
@@ -32,16 +35,18 @@ def worker_loop(config: dict[str, Any]) -> None:
 
     from qgdist.train.checkpoint import Checkpointer
     from qgdist.train.loop import train
+    from qgdist.train.storage import is_local
 
     cfg = TrainConfig(**config["train"])
     ray_ckpt = ray.train.get_checkpoint()
     if cfg.resume_from is None and Checkpointer(cfg.run_dir).latest() is None and ray_ckpt is not None:
         cfg.resume_from = ray_ckpt.to_directory()  # our pointer is gone but Ray kept one: use it
 
-    def report(metrics: dict[str, float], path: Path | None) -> None:
-        # Ray keeps a copy of epoch-end checkpoints only (mid-epoch ones are ours alone, to save copying).
+    def report(metrics: dict[str, float], path: UPath | None) -> None:
+        # Ray keeps a copy of epoch-end checkpoints only (mid-epoch ones are ours alone, to save copying); on
+        # URL storage ours are already where Ray would copy them.
         checkpoint = None
-        if path is not None and metrics.get("step") == 0:
+        if path is not None and metrics.get("step") == 0 and is_local(path):
             checkpoint = ray.train.Checkpoint.from_directory(str(path))
         ray.train.report({k: float(v) for k, v in metrics.items()}, checkpoint=checkpoint,
                          checkpoint_dir_name=path.name if checkpoint else None)
@@ -58,13 +63,14 @@ def fit(cfg: TrainConfig, storage: str, num_workers: int = 2, use_gpu: bool = Fa
 
     from qgdist.ray_runtime import ensure_ray
     from qgdist.train.checkpoint import STATE_FILE, Checkpointer, check_fingerprint, load_checkpoint
+    from qgdist.train.storage import run_path
 
     storage = storage if "://" in storage else os.path.abspath(storage)
     cfg.run_dir = os.path.join(storage, cfg.run_name)
     cfg.world_size = num_workers
     # Refuse an incompatible resume here, in the driver, with a clear message (not from inside a worker).
     source = cfg.resume_from or Checkpointer(cfg.run_dir).latest()
-    if source is not None and Path(source, STATE_FILE).exists():
+    if source is not None and (run_path(source) / STATE_FILE).exists():
         check_fingerprint(load_checkpoint(source)["fingerprint"], cfg.fingerprint(), str(source),
                           cfg.allow_config_change)
     ensure_ray(address, num_cpus=None)
