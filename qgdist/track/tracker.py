@@ -245,12 +245,7 @@ class Tracker:
                     if not self._pending_artifacts:
                         break
                     local, artifact_path = self._pending_artifacts[0]
-                if Path(local).is_dir():
-                    self._client.log_artifacts(self.run_id, local, artifact_path)
-                elif Path(local).exists():
-                    self._client.log_artifact(self.run_id, local, artifact_path)
-                else:
-                    warnings.warn(f"tracker: artifact {local} no longer exists; skipped", stacklevel=2)
+                _log_local_artifact(self._client, self.run_id, local, artifact_path)
                 with self._lock:
                     self._pending_artifacts.pop(0)
         except Exception as err:  # noqa: BLE001 -- connection errors surface as several exception types
@@ -286,6 +281,16 @@ class Tracker:
         self._pending_artifacts.clear()
 
 
+def _log_local_artifact(client: Any, run_id: str, local: str, artifact_path: str | None) -> None:
+    """Upload a local file or directory to the run; a file deleted since it was queued is skipped with a warning."""
+    if Path(local).is_dir():
+        client.log_artifacts(run_id, local, artifact_path)
+    elif Path(local).exists():
+        client.log_artifact(run_id, local, artifact_path)
+    else:
+        warnings.warn(f"tracker: artifact {local} no longer exists; skipped", stacklevel=3)
+
+
 def replay_unsent(run_dir: str | Path, tracking_uri: str | None = None, run_id: str | None = None) -> int:
     """Send what a run spilled to ``<run_dir>/mlflow_unsent.jsonl``; returns how many records were sent.
 
@@ -306,8 +311,8 @@ def replay_unsent(run_dir: str | Path, tracking_uri: str | None = None, run_id: 
                 records.append(json.loads(line))
             except json.JSONDecodeError as err:
                 raise ValueError(f"{path}: line {number} is not JSON ({err}); fix or remove it") from err
-    mine = [r for r in records if run_id is None or r["run_id"] == run_id]
-    rest = [r for r in records if not (run_id is None or r["run_id"] == run_id)]
+    mine = [r for r in records if run_id in (None, r["run_id"])]
+    rest = [r for r in records if run_id not in (None, r["run_id"])]
     client = MlflowClient(tracking_uri=tracking_uri or local_store_uri(run_dir))
     by_run: dict[str, list[dict]] = {}
     for record in mine:
@@ -318,12 +323,7 @@ def replay_unsent(run_dir: str | Path, tracking_uri: str | None = None, run_id: 
             client.log_batch(rid, metrics=metrics[i:i + BATCH_MAX_METRICS])
         for r in rows:
             if "artifact" in r:
-                if Path(r["artifact"]).is_dir():
-                    client.log_artifacts(rid, r["artifact"], r["artifact_path"])
-                elif Path(r["artifact"]).exists():
-                    client.log_artifact(rid, r["artifact"], r["artifact_path"])
-                else:
-                    warnings.warn(f"tracker: spilled artifact {r['artifact']} no longer exists; skipped", stacklevel=2)
+                _log_local_artifact(client, rid, r["artifact"], r["artifact_path"])
         for r in rows:
             if "status" in r:
                 client.set_terminated(rid, status=r["status"])

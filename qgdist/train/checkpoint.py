@@ -7,10 +7,11 @@ Layout under ``<run_dir>/checkpoints/``::
     best.json                 the same for the checkpoint with the highest validation AUC
 
 A checkpoint directory is written under a temporary name and renamed when complete; ``latest.json`` is replaced
-atomically afterwards. The run directory may be a local path or an fsspec URL (``qgdist.train.storage``). A run killed at any instant therefore leaves a pointer to a complete checkpoint (or none),
+atomically afterwards. A run killed at any instant therefore leaves a pointer to a complete checkpoint (or none),
 which is why we keep our own pointer instead of trusting Ray's bookkeeping (a SIGINT between Ray creating a
 checkpoint folder and registering it makes a re-run start from scratch). Files are read with
-``torch.load(weights_only=True)``: nothing in them is unpickled as code.
+``torch.load(weights_only=True)``: nothing in them is unpickled as code. The run directory may be a local path
+or an fsspec URL (``qgdist.train.storage``).
 """
 
 from __future__ import annotations
