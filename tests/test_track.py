@@ -285,3 +285,14 @@ def test_evaluate_track_adds_test_metrics_to_the_training_run(server: TrackerCom
     assert {f.path for f in client.list_artifacts(run_id, "eval/test")} == {
         "eval/test/metrics.json", "eval/test/roc.png", "eval/test/scores.parquet"}
     assert len(client.search_runs([run.info.experiment_id], "attributes.run_name = 'trained'")) == 1
+
+
+def test_replay_names_the_file_and_line_of_a_corrupt_spill(tmp_path: Path) -> None:
+    from qgdist.track.tracker import replay_unsent
+
+    spill = tmp_path / UNSENT_FILE
+    spill.write_text(json.dumps({"run_id": "r", "key": "loss", "value": 1.0, "timestamp": 1, "step": 1})
+                     + "\n{truncated\n")
+    with pytest.raises(ValueError, match=rf"{UNSENT_FILE}: line 2 is not JSON"):
+        replay_unsent(tmp_path)
+    assert spill.exists()   # nothing was sent and nothing is lost: the file stays for the user to fix
