@@ -1,8 +1,7 @@
 """qgdist: distributed streaming quark/gluon jet tagging.
 
-Pipeline stages, each a subpackage that imports only the stages before it:
-``generate`` -> ``data`` -> ``models`` -> ``track`` -> ``train`` -> ``cluster``.
-``qgdist.cli`` and ``qgdist.bench`` sit on top.
+Layers, each importing only those below it (docs/ARCHITECTURE.md; checked with import-linter):
+``cli`` > ``bench`` > ``pipelines`` > ``train | cluster`` > ``track | models | generate`` > ``data`` > ``core``.
 """
 
 __version__ = "0.1.0"

@@ -20,7 +20,7 @@ from qgdist.cli import main
 from qgdist.data.loader import LoaderConfig, ShardLoader
 from qgdist.models import get_model
 from qgdist.train.checkpoint import Checkpointer
-from qgdist.train.config import TrainConfig
+from qgdist.train.config import TrainConfig, resolve
 from qgdist.train.evaluate import model_from_checkpoint
 from qgdist.train.export import INPUT_NAMES, example_inputs, knn_onnx
 from qgdist.train.metrics import compute_metrics
@@ -36,7 +36,7 @@ def run(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
     root = tmp_path_factory.mktemp(kind)
     data = write_dataset(str(root / "data"), kind, {"train": [40], "val": [16], "test": [20, TEST_JETS - 20]})
     name, kwargs = MODELS[kind]
-    cfg = TrainConfig(data=data, model=name, model_kwargs=kwargs, run_dir=str(root / "run"))
+    cfg = resolve(TrainConfig.of(data=data, model=name, model_kwargs=kwargs, storage=str(root), run_name="run"))
     torch.manual_seed(0)
     model = get_model(name, **kwargs, **({"in_features": 7} if kind == "cloud" else {}))
     with torch.no_grad():   # non-trivial BatchNorm statistics, so eval mode really differs from train mode

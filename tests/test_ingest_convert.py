@@ -20,7 +20,7 @@ def ray_local():
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
 
-    from qgdist.ray_runtime import ensure_ray
+    from qgdist.core.ray import ensure_ray
 
     ensure_ray(None, num_cpus=2)
     yield ray

@@ -275,3 +275,53 @@ def test_directory_and_glob_inputs(files, tmp_path):
     (tmp_path / "other" / "ef.npz").write_bytes((files / "ef.npz").read_bytes())
     with pytest.raises(ValueError, match="share a file name"):
         _convert("energyflow", [files / "ef.npz", tmp_path / "other" / "ef.npz"], tmp_path / "x")
+
+
+def test_convert_flags_and_old_spellings_build_the_config(tmp_path):
+    from qgdist.cli import build_parser
+    from qgdist.core.config import from_args
+
+    args = build_parser().parse_args(["convert", "--source", "cms", "--out", "o", "--no-ray", "--quiet",
+                                      "--shard-size", "512KiB", "--split", "0.7,0.2,0.1", "--label-quark-value",
+                                      "1", "a.parquet", "b.parquet"])
+    assert from_args(ConvertConfig, args) == ConvertConfig(
+        "cms", ["a.parquet", "b.parquet"], "o", shard_size=512 << 10, split=(0.7, 0.2, 0.1), label_quark_value=1,
+        executor="local", progress=False)
+    defaults = from_args(ConvertConfig, build_parser().parse_args(["convert", "--source", "cms", "--out", "o", "x"]))
+    assert (defaults.executor, defaults.progress, defaults.shard_size) == ("ray", True, 64 << 20)
+    (tmp_path / "c.yaml").write_text("source: energyflow\nshard_size: 2MB\nsplit: '0.5,0.5,0'\n")
+    cfg = from_args(ConvertConfig, build_parser().parse_args(
+        ["convert", "--config", str(tmp_path / "c.yaml"), "--out", "o", "--executor", "local", "x"]))
+    assert (cfg.source, cfg.shard_size, cfg.split, cfg.executor) == ("energyflow", 2 * 10**6, (0.5, 0.5, 0.0), "local")
+
+
+def test_toy_and_conversion_write_to_an_fsspec_url(files):
+    """memory:// stands in for object storage: the toy file, every shard and the manifest go through fsspec."""
+    import fsspec
+
+    url = "memory://qgdist-ingest-test"
+    run(ToyConfig("energyflow", 120, f"{url}/raw/ef.npz", seed=4))
+    m = _convert("energyflow", [f"{url}/raw/ef.npz"], f"{url}/out", rows_per_task=60, shard_size=20_000)
+    assert m.rows == {"in": 120, "written": 120, "rejected": 0}
+    assert read_manifest(f"{url}/out").to_json() == m.to_json()
+    fs = fsspec.filesystem("memory")
+    names = sorted(os.path.basename(p) for p in fs.ls("/qgdist-ingest-test/out", detail=False))
+    assert names == sorted([s.name for s in m.shards] + ["manifest.json"])  # no temporary files left behind
+    for shard in m.shards:
+        assert hashlib.sha256(fs.cat(f"/qgdist-ingest-test/out/{shard.name}")).hexdigest() == shard.sha256
+    fs.rm("/qgdist-ingest-test", recursive=True)
+
+
+def test_aborted_shard_and_failed_parquet_leave_nothing(tmp_path):
+    from qgdist.data.shards.writer import ShardWriter
+    from qgdist.generate.formats import CMSParquetWriter
+
+    w = ShardWriter(str(tmp_path), "train", lambda k: f"train-000000-{k:03d}.tar", max_bytes=1 << 20)
+    w.write({"__key__": "a", "bin": b"x" * 100})
+    assert os.listdir(tmp_path) == [".train-000000-000.tar.tmp"]
+    w.abort()
+    assert os.listdir(tmp_path) == []
+    with pytest.raises(RuntimeError, match="boom"), CMSParquetWriter(str(tmp_path / "c.parquet")) as writer:
+        writer.write(np.zeros((1, 3, 4, 4)), np.ones(1), np.ones(1), np.zeros(1))
+        raise RuntimeError("boom")
+    assert os.listdir(tmp_path) == []

@@ -174,7 +174,8 @@ def test_convert_then_train_jobs_leave_shards_checkpoint_and_mlflow_run(head, cl
     run_dir = tmp_path / "runs" / "job-test"
     latest = json.loads((run_dir / "checkpoints" / "latest.json").read_text())
     state = torch.load(run_dir / "checkpoints" / latest["name"] / "state.pt", weights_only=True)
-    assert state  # a real checkpoint, loadable without unpickling code
+    # A real checkpoint of the run the job trained, loadable without unpickling code.
+    assert state["global_step"] == latest["global_step"] > 0 and state["fingerprint"]["model"] == "particlenet-lite"
     client = MlflowClient(tracking_uri)
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert [r.data.tags.get("mlflow.runName", r.info.run_name) for r in runs] == ["job-test"]
@@ -204,8 +205,11 @@ def test_failing_job_is_reported_failed_with_its_log_tail(head, cli, tmp_path):
 
 def test_bad_arguments_are_rejected_before_anything_is_submitted(cli):
     before = cli("jobs", "list")[1].count("\n")
-    code, _, err = cli("submit", "generate", "--", "toy", "--no-such-flag")
-    assert code == 2 and "nothing was submitted" in err
+    # `--env N=1` stays the string "1" (Ray refuses other types), so the arguments are what gets refused.
+    code, _, err = cli("submit", "generate", "--env", "N=1", "--", "toy", "--no-such-flag")
+    assert code == 2 and "nothing was submitted" in err and "env_vars" not in err, err
+    code, _, err = cli("submit", "evaluate", "--", "--data", "shards")   # parses, but --checkpoint is required
+    assert code == 2 and "--checkpoint is required" in err and "nothing was submitted" in err, err
     assert cli("jobs", "list")[1].count("\n") == before
 
 

@@ -107,6 +107,7 @@ def test_strict_validation_rejects_what_the_api_server_would(crds, rendered):
 
 def test_every_qgdist_command_line_parses(rendered):
     from qgdist.cli import build_parser
+    from qgdist.core.config import from_args
 
     parser = build_parser()
     commands = next(a for a in parser._actions if a.dest == "command").choices
@@ -117,7 +118,9 @@ def test_every_qgdist_command_line_parses(rendered):
                 assert argv and argv[0] in commands, (
                     f"{name}: {obj['kind']}/{obj['metadata']['name']} runs `qgdist {shlex.join(argv)}`, but qgdist "
                     f"has no {argv[:1]} command (has: {', '.join(sorted(commands))})")
-                parser.parse_args(argv)  # SystemExit (argparse's message on stderr) fails the test
+                args = parser.parse_args(argv)  # SystemExit (argparse's message on stderr) fails the test
+                if getattr(args, "config_cls", None):   # required settings are checked when the config is built
+                    from_args(args.config_cls, args)
                 seen.add(argv[0])
     assert {"train", "convert", "evaluate"} <= seen
 
@@ -176,19 +179,23 @@ def test_ray_clusters_autoscale_share_storage_and_have_shm(name, rendered):
 @pytest.mark.parametrize("name", RENDERINGS)
 def test_training_job_resumes_by_run_name_on_shared_storage(name, rendered):
     from qgdist.cli import build_parser
+    from qgdist.core.config import from_args
+    from qgdist.train.config import TrainConfig
 
     train = next(o for o in rendered[name] if o["metadata"]["name"] == "qgdist-train")
     spec = train["spec"]
     assert spec["shutdownAfterJobFinishes"] is True and spec["ttlSecondsAfterFinished"] > 0
     assert spec["backoffLimit"] >= 1
-    args = build_parser().parse_args(m.qgdist_argv(train)[0])
-    assert args.run_name, "without a fixed --run-name a retry would start a new run instead of resuming"
-    assert args.storage.startswith(DATA_MOUNT) and args.data.startswith(DATA_MOUNT)
+    argv = m.qgdist_argv(train)[0]
+    cfg = from_args(TrainConfig, build_parser().parse_args(argv))   # the config the job will run
+    # The default run name would do too, but every such job would then resume the same run.
+    assert "--run-name" in argv, "the training job must name its run, so that a retry resumes that run"
+    assert cfg.checkpoint.storage.startswith(DATA_MOUNT) and cfg.data.data.startswith(DATA_MOUNT)
     groups = spec["rayClusterSpec"]["workerGroupSpecs"]
-    if args.gpu:
+    if cfg.launch.gpu:
         slots = sum(g["maxReplicas"] * int(g["template"]["spec"]["containers"][0]["resources"]["limits"].get(
             "nvidia.com/gpu", 0)) for g in groups)
-        assert 0 < args.workers <= slots, f"{args.workers} GPU workers but room for {slots}"
+        assert 0 < cfg.launch.workers <= slots, f"{cfg.launch.workers} GPU workers but room for {slots}"
     else:
         assert not any("nvidia.com/gpu" in m.yaml.safe_dump(g) for g in groups), "CPU job asks for GPUs"
-    assert (name == "overlays/cpu-small") != bool(args.gpu)
+    assert (name == "overlays/cpu-small") != cfg.launch.gpu

@@ -162,8 +162,8 @@ def test_models_step_and_benchmarks_import_without_ray() -> None:
         "import torch; torch.set_num_threads(1)\n"
         "import qgdist.models, qgdist.models.cnn, qgdist.models.particlenet, qgdist.models.particlenet_pyg\n"
         "import qgdist.train.step, qgdist.bench.knn, qgdist.bench.step\n"
-        "from qgdist.bench.step import main\n"
-        "main(['--model', 'particlenet-lite', '--batch-size', '8', '--steps', '1', '--warmup', '0'])\n"
+        "from qgdist.cli.bench import run_kind\n"
+        "run_kind('step', ['--model', 'particlenet-lite', '--batch-size', '8', '--steps', '1', '--warmup', '0'])\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr

@@ -5,7 +5,6 @@ Small samples (20 jets per class and task): the whole file costs about a minute 
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 
@@ -13,8 +12,13 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from qgdist.cli import build_parser
+from qgdist.core.config import from_args
+from qgdist.data import convert
+from qgdist.data.labels import LabelConvention
+from qgdist.data.sources import cms, energyflow
 from qgdist.generate.mc_settings import PythiaConfig, task_seeds
-from qgdist.generate.pythia import register, run_pythia
+from qgdist.generate.pythia import run_pythia
 
 pytest.importorskip("pythia8mc")
 pytest.importorskip("fastjet")
@@ -152,18 +156,26 @@ def test_bad_config_names_the_field():
 
 
 def test_cli_maps_flags():
-    parser = argparse.ArgumentParser()
-    register(parser.add_subparsers())
-    args = parser.parse_args(["pythia", "--out", "d", "--jets", "10", "--format", "cms", "--seed", "4", "--no-ray"])
-    assert (args.out, args.jets, args.format, args.seed, args.no_ray) == ("d", 10, "cms", 4, True)
+    args = build_parser().parse_args(["generate", "pythia", "--out", "d", "--jets", "10", "--format", "cms",
+                                      "--seed", "4", "--no-ray", "--no-compress"])
+    cfg = from_args(PythiaConfig, args)
+    assert cfg == PythiaConfig(out="d", jets=10, format="cms", seed=4, use_ray=False, compress=False)
+    assert from_args(PythiaConfig, build_parser().parse_args(["generate", "pythia", "--out", "d"])).use_ray
+
+
+def test_pythia_ray_does_not_import_pythia():
+    """``pythia`` hands its task function to ``pythia_ray``; the Ray runner never imports ``pythia`` back."""
+    import subprocess
+    import sys
+
+    code = "import sys, qgdist.generate.pythia_ray; assert 'qgdist.generate.pythia' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_ingest_readers_read_every_row(local_run):
     cfg, _ = local_run
-    from qgdist.data.labels import LabelConvention
-
     for source, sub, ext in (("energyflow", "energyflow", "npz"), ("cms", "cms", "parquet")):
-        reader = pytest.importorskip(f"qgdist.data.sources.{source}")
+        reader = {"energyflow": energyflow, "cms": cms}[source]
         path = os.path.join(cfg.out, sub, f"pythia_s{cfg.seed}_t00000.{ext}")
         plan = reader.plan(path, 16)
         assert plan.rows == PER_TASK and not plan.rejected
@@ -184,7 +196,6 @@ def test_ingest_readers_read_every_row(local_run):
 
 def test_converts_to_shards_read_by_webdataset(local_run, tmp_path):
     cfg, _ = local_run
-    convert = pytest.importorskip("qgdist.data.convert")
     import webdataset as wds
 
     for source, sub, n_files in (("energyflow", "energyflow", 2), ("cms", "cms", 1)):
@@ -207,7 +218,6 @@ def _parquet_path(cfg: PythiaConfig, task: int) -> str:
 def test_physics_bench_smoke(local_run, tmp_path):
     """The bench wires generation -> convert -> train -> test metrics; two steps per model, not a physics check."""
     cfg, _ = local_run
-    pytest.importorskip("qgdist.train.loop")
     from qgdist.bench.physics import PhysicsBenchConfig, format_table, run_physics
 
     results = run_physics(PhysicsBenchConfig(jets=JETS, out=str(tmp_path), pythia_dir=cfg.out, epochs=1,

@@ -12,7 +12,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
@@ -67,7 +66,7 @@ def test_driver_killed_mid_epoch_resumes_mid_epoch(tmp_path, monkeypatch):
     from mlflow.tracking import MlflowClient
 
     from qgdist.track.tracker import local_store_uri
-    from qgdist.train.storage import scratch_dir
+    from qgdist.core.storage import scratch_dir
 
     assert not (tmp_path / "runs" / "drv" / "mlflow").exists()   # sqlite cannot live on object storage: scratch
     monkeypatch.setenv("QGDIST_SCRATCH", env["QGDIST_SCRATCH"])

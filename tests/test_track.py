@@ -264,10 +264,10 @@ def test_evaluate_track_adds_test_metrics_to_the_training_run(server: TrackerCom
     from qgdist.cli import main
     from qgdist.models import get_model
     from qgdist.train.checkpoint import Checkpointer
-    from qgdist.train.config import TrainConfig
+    from qgdist.train.config import TrainConfig, resolve
 
     data = write_dataset(str(tmp_path / "data"), "cloud", {"train": [16], "test": [24]})
-    cfg = TrainConfig(data=data, model="particlenet-lite", run_dir=str(tmp_path / "run"))
+    cfg = resolve(TrainConfig.of(data=data, model="particlenet-lite", storage=str(tmp_path), run_name="run"))
     tracker = Tracker(cfg.run_dir, tracking_uri=server.url)
     run_id = tracker.start("trained", cfg)
     tracker.log_metrics({"val/auc": 0.5}, step=7)
@@ -285,6 +285,47 @@ def test_evaluate_track_adds_test_metrics_to_the_training_run(server: TrackerCom
     assert {f.path for f in client.list_artifacts(run_id, "eval/test")} == {
         "eval/test/metrics.json", "eval/test/roc.png", "eval/test/scores.parquet"}
     assert len(client.search_runs([run.info.experiment_id], "attributes.run_name = 'trained'")) == 1
+
+
+def test_evaluate_track_finds_the_server_run_through_the_environment(server: TrackerCommand, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Train against the server named only by $MLFLOW_TRACKING_URI, then `qgdist evaluate --track` (no
+    --tracking-uri): the test metrics land in that same server run, and nothing in the run's local store."""
+    import pyarrow.parquet as pq
+    import torch
+    from trainkit import write_dataset
+
+    from qgdist.cli import main
+    from qgdist.train.config import TrainConfig, resolve
+    from qgdist.train.loop import train
+    from qgdist.train.metrics import compute_metrics
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)
+    data = write_dataset(str(tmp_path / "data"), "cloud", {"train": [16, 16], "val": [16], "test": [24]}, seed=3)
+    tiny = {"conv_params": ((4, (8, 8)),), "fc_params": ((16, 0.1),)}
+    cfg = resolve(TrainConfig.of(data=data, model="particlenet-lite", model_kwargs=tiny, storage=str(tmp_path),
+                                 run_name="env-run", workers=0, epochs=1, max_steps=3, batch_size=8,
+                                 shuffle_buffer=16, checkpoint_every=0, log_every=1, track=True, progress=False))
+    trained = train(cfg)
+
+    assert main(["evaluate", "--checkpoint", cfg.run_dir, "--data", data, "--no-progress", "--track"]) == 0
+    client = MlflowClient(server.url)
+    experiment = client.get_experiment_by_name("qgdist")
+    runs = client.search_runs([experiment.experiment_id], "attributes.run_name = 'env-run'")
+    assert len(runs) == 1   # evaluate added to the training run instead of starting one
+    run_id = runs[0].info.run_id
+    assert [s for s, _ in history(client, run_id, "train/loss")] == [1, 2, 3]   # the run training logged
+    # The AUC logged at the checkpoint's step is the one of metrics.json and, recomputed from the per-jet scores
+    # that evaluate wrote, the same again.
+    written = json.loads((tmp_path / "env-run" / "eval" / "test" / "metrics.json").read_text())
+    scores = pq.read_table(tmp_path / "env-run" / "eval" / "test" / "scores.parquet").to_pydict()
+    recomputed = compute_metrics(torch.tensor(scores["logit"]), torch.tensor(scores["is_quark"]))
+    assert written["n_jets"] == 24 and written["global_step"] == trained["global_step"] == 3
+    assert history(client, run_id, "test/auc") == [(3, pytest.approx(written["auc"]))]
+    assert history(client, run_id, "test/auc")[0][1] == pytest.approx(recomputed["auc"], rel=1e-5)
+    assert {f.path for f in client.list_artifacts(run_id, "eval/test")} == {
+        "eval/test/metrics.json", "eval/test/roc.png", "eval/test/scores.parquet"}
+    assert not (tmp_path / "env-run" / "mlflow").exists()   # neither command fell back to the local store
 
 
 def test_replay_names_the_file_and_line_of_a_corrupt_spill(tmp_path: Path) -> None:

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from qgdist.train.checkpoint import Checkpointer, IncompatibleCheckpoint, load_checkpoint
-from qgdist.train.config import TrainConfig
+from qgdist.core.storage import run_path
+from qgdist.train.config import TrainConfig, resolve
 from qgdist.train.loop import train
 from tests.trainkit import write_dataset
 
@@ -29,9 +30,11 @@ def image_dir(tmp_path_factory):
 
 
 def _cfg(data: str, model: str, run_dir, **kw) -> TrainConfig:
-    base = dict(model_kwargs=TINY[model], run_dir=str(run_dir), epochs=2, batch_size=8, shuffle_buffer=16,
-                track=False, progress=False, log_every=2)
-    return TrainConfig(data, model, **(base | kw))
+    """A resolved plain-loop config whose run directory is ``run_dir`` (a path or URL)."""
+    run = run_path(str(run_dir))
+    base = dict(model_kwargs=TINY[model], storage=str(run.parent), run_name=run.name, workers=0, epochs=2,
+                batch_size=8, shuffle_buffer=16, checkpoint_every=0, track=False, progress=False, log_every=2)
+    return resolve(TrainConfig.of(data=data, model=model, **(base | kw)))
 
 
 def _weights(run_dir) -> dict[str, torch.Tensor]:

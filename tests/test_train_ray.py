@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from qgdist.train.checkpoint import Checkpointer, load_checkpoint
-from qgdist.train.config import TrainConfig
+from qgdist.train.config import TrainConfig, resolve
 from qgdist.train.ray_trainer import fit, worker_loop
 from tests.trainkit import write_dataset
 
@@ -29,7 +29,7 @@ TINY = {"particlenet-lite": {"conv_params": [[4, [8, 8]]], "fc_params": [[16, 0.
 def ray_local():
     import ray
 
-    from qgdist.ray_runtime import ensure_ray
+    from qgdist.core.ray import ensure_ray
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     ensure_ray(num_cpus=2)
@@ -44,10 +44,11 @@ def data(tmp_path_factory):
     return {"cloud": write_dataset(str(root / "cloud"), "cloud", {"train": [32] * 4, "val": [16, 16]}, seed=7)}
 
 
-def ray_cfg(data_dir: str, model: str, **kw) -> TrainConfig:
-    base = dict(model_kwargs=TINY[model], epochs=2, batch_size=8, shuffle_buffer=16, track=False, progress=False,
-                checkpoint_every=2, run_name=f"{model}-ref")
-    return TrainConfig(data_dir, model, **(base | kw))
+def ray_cfg(data_dir: str, model: str, storage, **kw) -> TrainConfig:
+    """A resolved 2-worker config (no worker-group restarts unless ``max_failures`` is given)."""
+    base = dict(model_kwargs=TINY[model], storage=str(storage), workers=2, max_failures=0, epochs=2, batch_size=8,
+                shuffle_buffer=16, track=False, progress=False, checkpoint_every=2, run_name=f"{model}-ref")
+    return resolve(TrainConfig.of(data=data_dir, model=model, **(base | kw)))
 
 
 def final_weights(run_dir: str | Path) -> dict[str, torch.Tensor]:
@@ -58,14 +59,16 @@ def final_weights(run_dir: str | Path) -> dict[str, torch.Tensor]:
 def reference(ray_local, data, tmp_path_factory):
     """An uninterrupted 2-worker run of the cloud model."""
     storage = tmp_path_factory.mktemp("ref")
-    out = fit(ray_cfg(data["cloud"], "particlenet-lite"), str(storage), num_workers=2)
+    out = fit(ray_cfg(data["cloud"], "particlenet-lite", storage))
     return out
 
 
 def test_ddp_trains_cloud_model(reference):
     latest = Checkpointer(reference["run_dir"]).pointer()
     assert latest["epoch"] == 2 and latest["step"] == 0
-    assert reference["metrics"]["epoch"] == 2 and 0 <= reference["metrics"]["auc"] <= 1
+    # It learned: the synthetic jets separate easily (quarks narrower, fewer particles); chance is 0.5 and the
+    # 32 validation jets put a statistical error of about 0.1 on the AUC, so 0.75 is a clear margin.
+    assert reference["metrics"]["epoch"] == 2 and reference["metrics"]["auc"] > 0.75
     state = load_checkpoint(reference["checkpoint"])
     assert state["fingerprint"]["world_size"] == 2
     assert [p["rank"] for p in state["loader"]] == [0, 1]       # every rank's loader position is kept
@@ -80,7 +83,8 @@ def _dying_worker(config: dict) -> None:
 
     import qgdist.train.loop as loop
 
-    marker = Path(config["train"]["run_dir"]) / "killed-once"
+    run = config["train"]["checkpoint"]
+    marker = Path(run["storage"]) / run["run_name"] / "killed-once"
     if ray.train.get_context().get_world_rank() == 1 and not marker.exists():
         real_step, calls = loop.train_step, [0]
 
@@ -96,9 +100,26 @@ def _dying_worker(config: dict) -> None:
 
 
 def test_worker_killed_mid_epoch_recovers_bit_identically(reference, data, tmp_path):
-    cfg = ray_cfg(data["cloud"], "particlenet-lite", run_name="killed")
-    out = fit(cfg, str(tmp_path), num_workers=2, max_failures=1, worker_fn=_dying_worker)
+    cfg = ray_cfg(data["cloud"], "particlenet-lite", tmp_path, run_name="killed", max_failures=1)
+    out = fit(cfg, worker_fn=_dying_worker)
     assert (Path(out["run_dir"]) / "killed-once").exists()
     assert Checkpointer(out["run_dir"]).pointer()["global_step"] == 16
     a, b = final_weights(reference["run_dir"]), final_weights(out["run_dir"])
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_seed_recipe_run_resumes_under_ray(data, ray_local, tmp_path, capfd):
+    """The seed recipe is resolved in the driver, before the fingerprint: a stopped run resumes (it was refused
+    before, because workers applied the recipe after the driver had fingerprinted the config)."""
+    cfg = ray_cfg(data["cloud"], "particlenet-lite", tmp_path, run_name="seed", recipe="seed", epochs=1)
+    assert (cfg.optim.optimizer, cfg.optim.lr, cfg.optim.schedule) == ("adam", 1e-3, "step")
+    first = fit(cfg.replace(max_steps=3))
+    assert Checkpointer(first["run_dir"]).pointer()["global_step"] == 3
+    capfd.readouterr()
+    fit(cfg)
+    relayed = capfd.readouterr().out
+    assert "resumed from" in relayed and "at epoch 0 step 3" in relayed   # rank 0's line reached the driver
+    assert "epoch 0: " in relayed and "auc=" in relayed
+    state = load_checkpoint(Checkpointer(first["run_dir"]).latest())
+    assert state["global_step"] == 8 and state["fingerprint"]["optimizer"] == "adam"
+    assert state["optimizer"]["param_groups"][0]["initial_lr"] == pytest.approx(1e-3)

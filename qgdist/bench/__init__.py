@@ -1,1 +1,17 @@
-"""Benchmarks (``qgdist bench ...``): ratios measured side by side in one run, never timed tests."""
+"""Benchmarks (``qgdist bench ...``): ratios measured side by side in one run, never timed tests.
+
+Each module holds a frozen config dataclass (its fields are the flags, see ``qgdist.core.config``) and the
+function that runs it; ``qgdist.cli.bench`` builds the parsers. Heavy libraries are imported when a bench runs.
+"""
+
+from __future__ import annotations
+
+
+def comma_names(text: str) -> tuple[str, ...]:
+    """``"a, b,c"`` -> ``("a", "b", "c")``: the parser of comma-separated list flags (``--model A,B``)."""
+    return tuple(v.strip() for v in text.split(",") if v.strip())
+
+
+def comma_ints(text: str) -> tuple[int, ...]:
+    """``"2,32,128"`` -> ``(2, 32, 128)``."""
+    return tuple(int(v) for v in comma_names(text))

@@ -21,7 +21,6 @@ processes need not peak at the same moment).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -30,20 +29,23 @@ import sys
 import threading
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
+
+from qgdist.core.config import option
 
 DENSE_BYTES = 3 * 125 * 125 * 4
 
 
-@dataclass
+@dataclass(frozen=True)
 class BenchConvertConfig:
     """``qgdist bench convert`` settings."""
 
-    jets: int = 1000           # the 1x input; the 10x input has ``scale`` times as many
-    scale: int = 10
-    workdir: str = "runs/bench_convert"
-    num_cpus: int | None = None
-    seed: int = 0
+    jets: int = option(1000, "jets in the 1x input")
+    scale: int = option(10, "the large input is this many times bigger")
+    workdir: str = option("runs/bench_convert", "inputs, outputs and bench_convert.json")
+    num_cpus: int | None = option(None, "CPUs of the conversion's local Ray")
+    seed: int = option(0, "seed of the generated CMS toy inputs")
 
 
 def _hwm(pid: int) -> int:
@@ -149,7 +151,7 @@ def _convert_cmd(src: str, out: str, cfg: BenchConvertConfig, ray: bool) -> list
     cmd = [sys.executable, "-m", "qgdist", "convert", "--source", "cms", "--out", out, src]
     if cfg.num_cpus:
         cmd += ["--num-cpus", str(cfg.num_cpus)]
-    return cmd + ([] if ray else ["--no-ray"])
+    return cmd + ([] if ray else ["--executor", "local"])
 
 
 def _loop_rate(stderr: str) -> float:
@@ -161,17 +163,17 @@ def _loop_rate(stderr: str) -> float:
 def run(cfg: BenchConvertConfig) -> dict[str, Any]:
     """Generate inputs, run every method, and return the result dict (also printed as a table and JSON)."""
     from qgdist.data.shards.manifest import read_manifest
-    from qgdist.generate.toy import ToyConfig
-    from qgdist.generate.toy import run as generate
+    from qgdist.pipelines.toy_data import toy_file
 
     os.makedirs(cfg.workdir, exist_ok=True)
     src = {k: os.path.join(cfg.workdir, f"toy_{k}.parquet") for k in ("1x", "10x")}
     sizes = {"1x": cfg.jets, "10x": cfg.jets * cfg.scale}
     for k, path in src.items():
-        if not os.path.exists(path + ".done") or open(path + ".done").read() != str(sizes[k]):
+        done = path + ".done"  # the jet count of a finished input: regenerate only when it differs
+        if not os.path.exists(done) or Path(done).read_text() != str(sizes[k]):
             t = time.perf_counter()
-            generate(ToyConfig("cms", sizes[k], path, seed=cfg.seed + len(k)))
-            open(path + ".done", "w").write(str(sizes[k]))
+            toy_file("cms", sizes[k], path, seed=cfg.seed + len(k))
+            Path(done).write_text(str(sizes[k]))
             print(f"generated {sizes[k]} CMS toy jets in {time.perf_counter() - t:.1f} s", file=sys.stderr)
     me = [sys.executable, "-m", "qgdist.bench.convert"]
     results: dict[str, dict[str, Any]] = {}
@@ -244,22 +246,15 @@ def table(res: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _run_cli(args: argparse.Namespace) -> int:
-    res = run(BenchConvertConfig(args.jets, args.scale, args.workdir, args.num_cpus))
+def main(cfg: BenchConvertConfig) -> int:
+    """``qgdist bench convert``: run, print the table and the JSON, write ``workdir/bench_convert.json``."""
+    from qgdist.core.atomic import write_json
+
+    res = run(cfg)
     print(table(res))
     print(json.dumps(res, indent=1))
-    with open(os.path.join(args.workdir, "bench_convert.json"), "w") as f:
-        json.dump(res, f, indent=1)
+    write_json(os.path.join(cfg.workdir, "bench_convert.json"), res)
     return 0
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("convert", help="ingest throughput vs the seed and pyarrow paths, bytes/jet, memory")
-    p.add_argument("--jets", type=int, default=1000, help="jets in the 1x input (default 1000)")
-    p.add_argument("--scale", type=int, default=10, help="the large input is this many times bigger")
-    p.add_argument("--workdir", default="runs/bench_convert", help="inputs, outputs and bench_convert.json")
-    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the conversion's local Ray")
-    p.set_defaults(func=_run_cli)
 
 
 if __name__ == "__main__":  # worker entry points, run in their own processes by ``measure``

@@ -14,34 +14,49 @@ Rows, for each coordinate width D and k (first ParticleNet block: D = 2; later b
 
 from __future__ import annotations
 
-import argparse
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, Literal
+
+from qgdist.bench import comma_ints
+from qgdist.core.config import option
 
 
-@dataclass
+@dataclass(frozen=True)
 class KnnBenchConfig:
-    device: str = "cpu"
-    dtype: str = "fp32"
-    batch_size: int | None = None  # None: 1024 on CUDA, 256 on CPU
-    max_particles: int = 128
-    dims: tuple[int, ...] = (2, 32, 128)
-    ks: tuple[int, ...] = (7, 16)
-    repeats: int = 5
+    """``qgdist bench knn`` settings."""
+
+    device: str = option("cpu", "cpu | cuda | cuda:N | auto (CUDA when visible)")
+    dtype: Literal["fp32", "bf16", "fp16"] = option("fp32", "autocast precision")
+    batch_size: int | None = option(None, "jets per batch (default 1024 on CUDA, 256 on CPU)")
+    max_particles: int = option(128, "particles per jet at most (the batch is padded to its longest jet)")
+    dims: tuple[int, ...] = option((2, 32, 128), "coordinate widths, comma-separated (e.g. 2,32,128)",
+                                   parse=comma_ints, metavar="D,D,...")
+    ks: tuple[int, ...] = option((7, 16), "neighbour counts, comma-separated (e.g. 7,16)", flag="--k",
+                                 parse=comma_ints, metavar="K,K,...")
+    repeats: int = option(5, "timed calls per method (after one untimed call)")
+
+    def __post_init__(self) -> None:
+        for name in ("dims", "ks"):  # "2,32" (or one int) from a --config file; flags are split by their parser
+            value = getattr(self, name)
+            if isinstance(value, (str, int)):
+                object.__setattr__(self, name, comma_ints(str(value)))
+        if not self.dims or not self.ks:
+            raise ValueError("--dims and --k: give at least one value each")
 
 
-def _time(fn: Callable[[], object], repeats: int, device: str) -> tuple[float, object]:
+def _time(fn: Callable[[], object], repeats: int, device: Any) -> tuple[float, object]:
     import torch
 
     out = fn()  # warm-up (and the result to compare)
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     start = time.perf_counter()
     for _ in range(repeats):
         fn()
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     return (time.perf_counter() - start) / repeats, out
 
 
@@ -49,12 +64,13 @@ def run(cfg: KnnBenchConfig) -> int:
     """Print the kNN table described in the module docstring."""
     import torch
 
+    from qgdist.core.device import resolve_device
     from qgdist.models.knn import edge_index_from_knn, knn
     from qgdist.models.synthetic import cloud_batch
     from qgdist.train.step import resolve_dtype
 
-    device = cfg.device
-    batch_size = cfg.batch_size or (1024 if device.startswith("cuda") else 256)
+    device = resolve_device(cfg.device)
+    batch_size = cfg.batch_size or (1024 if device.type == "cuda" else 256)
     dtype = resolve_dtype(cfg.dtype)
     inputs, _ = cloud_batch(batch_size, max(cfg.dims), cfg.max_particles, device=device)
     mask = inputs["mask"]
@@ -71,7 +87,7 @@ def run(cfg: KnnBenchConfig) -> int:
         x = x * (1.0 + torch.arange(d, device=device) / d)  # anisotropic: avoid exact ties
         for k in cfg.ks:
             def autocast():
-                return torch.autocast(device.split(":")[0], dtype=dtype or torch.float32, enabled=dtype is not None)
+                return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
             def ours(chunks: int = 1):
                 with autocast():
@@ -107,38 +123,3 @@ def run(cfg: KnnBenchConfig) -> int:
                 print(f"{d:>4}{k:>4}  {name:<16}{1e3 * seconds:>9.2f}{b / seconds:>12.0f}"
                       f"{t_ours / seconds:>8.2f}x{agree:>8}")
     return 0
-
-
-def _add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="autocast precision")
-    p.add_argument("--batch-size", type=int, default=None, help="default 1024 on CUDA, 256 on CPU")
-    p.add_argument("--max-particles", type=int, default=128)
-    p.add_argument("--dims", default="2,32,128", help="coordinate widths, comma-separated")
-    p.add_argument("--k", default="7,16", help="neighbour counts, comma-separated")
-    p.add_argument("--repeats", type=int, default=5)
-    p.set_defaults(func=_run_args)
-
-
-def _run_args(args: argparse.Namespace) -> int:
-    ints = lambda s: tuple(int(v) for v in s.split(",") if v.strip())  # noqa: E731
-    return run(KnnBenchConfig(device=args.device, dtype=args.dtype, batch_size=args.batch_size,
-                              max_particles=args.max_particles, dims=ints(args.dims), ks=ints(args.k),
-                              repeats=args.repeats))
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``knn`` to the ``qgdist bench`` subcommands."""
-    _add_arguments(subparsers.add_parser("knn", help="batched kNN time: ours vs cdist / shift trick / PyG"))
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the benchmark without the full CLI."""
-    parser = argparse.ArgumentParser(prog="qgdist bench knn", description=__doc__.split("\n\n")[0])
-    _add_arguments(parser)
-    args = parser.parse_args(argv)
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -12,35 +12,25 @@ generated and converted (in-process executor) into a temporary directory.
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 import time
 from dataclasses import dataclass
-from pathlib import Path
+
+from qgdist.core.config import option
 
 
-@dataclass
+@dataclass(frozen=True)
 class LoaderBenchConfig:
-    cloud_data: str | None = None
-    image_data: str | None = None
-    jets: int = 3000               # toy clouds when no data is given (images: a third)
-    cloud_model: str = "particlenet-lite"
-    image_model: str = "resnet15"
-    cloud_batch: int = 128
-    image_batch: int = 32
-    model_steps: int = 6
+    """``qgdist bench loader`` settings."""
 
-
-def _toy(kind: str, jets: int, root: Path) -> str:
-    from qgdist.data.convert import ConvertConfig, convert
-    from qgdist.generate.toy import ToyConfig
-    from qgdist.generate.toy import run as make_toy
-
-    source, name = ("energyflow", "toy.npz") if kind == "cloud" else ("cms", "toy.parquet")
-    make_toy(ToyConfig(source, jets, str(root / name), 0))
-    convert(ConvertConfig(source=source, inputs=[str(root / name)], out=str(root / kind), executor="local",
-                          progress=False))
-    return str(root / kind)
+    cloud_data: str | None = option(None, "converted cloud dataset (default: toy clouds)")
+    image_data: str | None = option(None, "converted image dataset (default: toy images)")
+    jets: int = option(3000, "toy clouds when no data is given (images: a third)")
+    cloud_model: str = option("particlenet-lite", "model that consumes the clouds")
+    image_model: str = option("resnet15", "model that consumes the images")
+    cloud_batch: int = option(128, "jets per cloud batch")
+    image_batch: int = option(32, "jets per image batch")
+    model_steps: int = option(6, "timed model steps per format")
 
 
 def loader_speed(data: str, batch_size: int) -> tuple[float, list]:
@@ -78,12 +68,14 @@ def model_speed(name: str, batches: list, in_features: int, steps: int) -> float
 def run(cfg: LoaderBenchConfig) -> list[dict]:
     import torch
 
+    from qgdist.pipelines.toy_data import toy_dataset
+
     torch.set_num_threads(1)  # per core
     rows = []
     with tempfile.TemporaryDirectory(prefix="qgdist-bench-loader-") as tmp:
         for kind, data, model, batch in (("cloud", cfg.cloud_data, cfg.cloud_model, cfg.cloud_batch),
                                          ("image", cfg.image_data, cfg.image_model, cfg.image_batch)):
-            data = data or _toy(kind, cfg.jets if kind == "cloud" else max(cfg.jets // 3, 200), Path(tmp))
+            data = data or toy_dataset(kind, cfg.jets if kind == "cloud" else max(cfg.jets // 3, 200), tmp)
             load, batches = loader_speed(data, batch)
             in_features = batches[0][0]["features"].shape[-1] if kind == "cloud" else 0
             consume = model_speed(model, batches, in_features, cfg.model_steps)
@@ -95,15 +87,3 @@ def run(cfg: LoaderBenchConfig) -> list[dict]:
         print(f"{r['format']:7} {r['model']:18} {r['batch']:5d} {r['loader_jets_s']:19.0f} "
               f"{r['model_jets_s']:18.1f} {r['ratio']:11.1f}x")
     return rows
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("loader", help="loader jets/s per core for both formats vs model consumption")
-    p.add_argument("--cloud-data", default=None)
-    p.add_argument("--image-data", default=None)
-    p.add_argument("--jets", type=int, default=3000, help="toy clouds when no data is given (images: a third)")
-    p.add_argument("--cloud-batch", type=int, default=128)
-    p.add_argument("--image-batch", type=int, default=32)
-    p.set_defaults(func=lambda a: run(LoaderBenchConfig(a.cloud_data, a.image_data, a.jets,
-                                                        cloud_batch=a.cloud_batch, image_batch=a.image_batch))
-                   and 0)

@@ -10,14 +10,17 @@ paper's figures (trained on 1.6M jets) and the seed notebooks' results, with the
 
 from __future__ import annotations
 
-import argparse
 import glob
 import json
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+from qgdist.bench import comma_names
+from qgdist.core.config import option
+from qgdist.core.device import Device
 
 #: Literature figures (REFERENCE.md section 4; ParticleNet paper Table 3, quark/gluon with PID, 1.6M training jets).
 PAPER = {
@@ -35,22 +38,27 @@ SEEDS = {
 IMAGE_MODELS = ("resnet15", "seed-cnn")
 
 
-@dataclass
+@dataclass(frozen=True)
 class PhysicsBenchConfig:
     """One ``qgdist bench physics`` run."""
 
-    jets: int = 4000
-    out: str = "runs/bench_physics"
-    pythia_dir: str | None = None     # reuse this generated directory's finished tasks instead of generating
-    seed: int = 2026
-    workers: int = 1
-    models: list[str] = field(default_factory=lambda: ["particlenet-lite", "particlenet", "resnet15"])
-    epochs: int = 20
-    batch_size: int = 256
-    preset: str = "kinpid"            # the paper's headline numbers use particle ID
-    max_steps: int | None = None      # cap per model (smoke runs)
-    executor: str = "local"           # conversion executor: "local" (no Ray) or "ray"
-    device: str = "auto"
+    jets: int = option(4000, "jets to use (whole generated files, half quark)")
+    out: str = option("runs/bench_physics", "shards, training runs, physics.json and physics_roc.png")
+    pythia_dir: str | None = option(None, "reuse the finished tasks of a `qgdist generate pythia` dir")
+    seed: int = option(2026, "generator seed when generating")
+    workers: int = option(1, "generator tasks at once (Ray when > 1)")
+    models: tuple[str, ...] = option(("particlenet-lite", "particlenet", "resnet15"), "models to train and test")
+    epochs: int = option(20, "training epochs per model")
+    batch_size: int = option(256, "jets per training step")
+    preset: Literal["kin", "kinpid"] = option("kinpid", "particle features of the cloud models (the paper's "
+                                                        "headline numbers use particle ID: kinpid)")
+    max_steps: int | None = option(None, "cap on training steps per model (smoke runs)")
+    executor: Literal["local", "ray"] = option("local", "conversion executor (local: in this process, no Ray)")
+    device: Device = option("auto", "where training and testing run (auto: CUDA when visible)")
+
+    def __post_init__(self) -> None:
+        if isinstance(self.models, str):  # "a,b" from a --config file
+            object.__setattr__(self, "models", comma_names(self.models))
 
 
 def pythia_files(cfg: PhysicsBenchConfig, formats: set[str]) -> tuple[dict[str, list[str]], int]:
@@ -101,38 +109,37 @@ def convert_files(source: str, files: list[str], out: str, executor: str):
 
 def train_and_test(cfg: PhysicsBenchConfig, model: str, data: str) -> dict:
     """Train ``model`` on ``data`` with the default recipe; metrics of the best-validation checkpoint on test."""
-    import torch
-
+    from qgdist.core.device import resolve_device
     from qgdist.data.loader import LoaderConfig, ShardLoader
     from qgdist.models import count_parameters, get_model
     from qgdist.train.checkpoint import Checkpointer, load_checkpoint
-    from qgdist.train.config import TrainConfig
+    from qgdist.train.config import TrainConfig, resolve
     from qgdist.train.loop import evaluate, train
 
-    run_dir = os.path.join(cfg.out, "runs", model)
-    shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run: the loop would otherwise resume the last one
-    tcfg = TrainConfig(data=data, model=model, run_dir=run_dir, run_name=f"physics-{model}", epochs=cfg.epochs,
-                       batch_size=cfg.batch_size, preset=cfg.preset, max_steps=cfg.max_steps, track=False,
-                       device=cfg.device, seed=0)
+    device = resolve_device(cfg.device)
+    tcfg = resolve(TrainConfig.of(data=data, model=model, storage=os.path.join(cfg.out, "runs"), run_name=model,
+                                  epochs=cfg.epochs, batch_size=cfg.batch_size, preset=cfg.preset,
+                                  max_steps=cfg.max_steps, track=False, workers=0, seed=0),
+                   cuda_available=device.type == "cuda")
+    shutil.rmtree(tcfg.run_dir, ignore_errors=True)  # a fresh run: the loop would otherwise resume the last one
     start = time.perf_counter()
-    result = train(tcfg)
+    result = train(tcfg, device=device)
     seconds = time.perf_counter() - start
-    best = Checkpointer(Path(run_dir)).best() or result["checkpoint"]
+    best = Checkpointer(tcfg.run_dir).best() or result["checkpoint"]
     state = load_checkpoint(best)
-    device = torch.device("cuda" if cfg.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
     loader = ShardLoader(LoaderConfig(data, split="test", batch_size=512, training=False, shuffle_buffer=0,
-                                      preset=cfg.preset, device=str(device)))
+                                      preset=cfg.preset, max_particles=tcfg.data.max_particles, device=str(device)))
     kwargs = {"in_features": loader.in_features} if loader.kind == "cloud" else {}
     net = get_model(model, **kwargs).to(device)
     net.load_state_dict(state["model"])
-    res = evaluate(net, loader, device, "bf16" if device.type == "cuda" else "fp32")
-    test, roc = res if isinstance(res, tuple) else (res, None)
+    test, roc = evaluate(net, loader, device, tcfg.optim.precision)
     return {"roc": roc, "model": model, "parameters": count_parameters(net), "train_seconds": round(seconds, 1),
             "epochs_run": result["epoch"], "steps": result["global_step"], "checkpoint": str(best), "test": test}
 
 
 def run_physics(cfg: PhysicsBenchConfig) -> dict:
     """Run the benchmark; returns (and writes to ``out/physics.json``) the results."""
+    from qgdist.core.atomic import write_json
     from qgdist.data.shards.manifest import read_manifest
 
     os.makedirs(cfg.out, exist_ok=True)
@@ -156,9 +163,7 @@ def run_physics(cfg: PhysicsBenchConfig) -> dict:
         rows.append(row)
         print(f"{model}: test " + " ".join(f"{k}={v:.4f}" for k, v in row["test"].items()), flush=True)
     results = {"config": asdict(cfg), "generated_jets": jets, "rows": rows, "paper": PAPER, "seeds": SEEDS}
-    with open(os.path.join(cfg.out, "physics.json.tmp"), "w") as f:
-        json.dump(results, f, indent=1)
-    os.replace(os.path.join(cfg.out, "physics.json.tmp"), os.path.join(cfg.out, "physics.json"))
+    write_json(os.path.join(cfg.out, "physics.json"), results)
     if curves:
         from qgdist.train.plots import plot_roc
 
@@ -188,31 +193,3 @@ def format_table(results: dict) -> str:
     lines.append("notes: " + "; ".join(f"{m}: {PAPER[m]['note']}" for m in PAPER if any(
         r["model"] == m for r in results["rows"])))
     return "\n".join(lines)
-
-
-def _run(args: argparse.Namespace) -> int:
-    cfg = PhysicsBenchConfig(jets=args.jets, out=args.out, pythia_dir=args.pythia_dir, seed=args.seed,
-                             workers=args.workers, models=args.models, epochs=args.epochs,
-                             batch_size=args.batch_size, preset=args.preset, max_steps=args.max_steps,
-                             executor=args.executor, device=args.device)
-    run_physics(cfg)
-    return 0
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``physics`` to the ``qgdist bench`` kinds."""
-    p = subparsers.add_parser("physics", help="Pythia jets -> shards -> ParticleNet(-Lite)/ResNet-15 vs the paper",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--jets", type=int, default=4000, help="jets to use (whole generated files, half quark)")
-    p.add_argument("--out", default="runs/bench_physics")
-    p.add_argument("--pythia-dir", default=None, help="reuse the finished tasks of a `qgdist generate pythia` dir")
-    p.add_argument("--seed", type=int, default=2026, help="generator seed when generating")
-    p.add_argument("--workers", type=int, default=1, help="generator tasks at once (Ray when > 1)")
-    p.add_argument("--models", nargs="+", default=["particlenet-lite", "particlenet", "resnet15"])
-    p.add_argument("--epochs", type=int, default=20)
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--preset", default="kinpid", choices=["kin", "kinpid"])
-    p.add_argument("--max-steps", type=int, default=None, help="cap on training steps per model (smoke runs)")
-    p.add_argument("--executor", default="local", choices=["local", "ray"], help="conversion executor")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.set_defaults(func=_run)

@@ -9,44 +9,53 @@ first training step. Target: Ray >= 0.9x the plain loop.
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 import time
 from dataclasses import dataclass
-from pathlib import Path
+
+from qgdist.core.config import option
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainBenchConfig:
-    data: str | None = None          # a converted dataset; default: toy clouds
-    model: str = "particlenet-lite"
-    jets: int = 4000
-    workers: int = 2
-    batch_size: int = 128            # per Ray worker; the plain loop uses workers * batch_size
-    epochs: int = 1
-    plain_threads: int | None = None  # torch threads of the plain loop (None: torch's default, one per core)
+    """``qgdist bench train`` settings."""
+
+    data: str | None = option(None, "converted dataset (default: toy clouds)")
+    model: str = option("particlenet-lite", "model to train (qgdist.models)")
+    jets: int = option(4000, "toy clouds when no --data is given")
+    workers: int = option(2, "Ray Train workers (one CPU each); the plain loop's batch is workers x batch size")
+    batch_size: int = option(128, "per Ray worker")
+    epochs: int = option(1, "epochs of each run (validation runs after every epoch)")
+    plain_threads: int | None = option(None, "torch threads for the plain loop (default: torch's, one per core); "
+                                             "on a shared, oversubscribed machine 1 can be faster")
+
+    def __post_init__(self) -> None:
+        if self.workers < 1:
+            raise ValueError("--workers: Ray Train needs at least one worker")
 
 
 def run(cfg: TrainBenchConfig) -> dict[str, float]:
+    """Train the plain loop, then Ray Train, on the same data; print and return the throughput figures."""
     import ray
     import torch
 
-    from qgdist.bench.loader import _toy
-    from qgdist.ray_runtime import ensure_ray
-    from qgdist.train.config import TrainConfig
+    from qgdist.core.ray import ensure_ray
+    from qgdist.pipelines.toy_data import toy_dataset
+    from qgdist.train.config import TrainConfig, resolve
     from qgdist.train.loop import train
     from qgdist.train.ray_trainer import fit
 
     with tempfile.TemporaryDirectory(prefix="qgdist-bench-train-") as tmp:
-        data = cfg.data or _toy("cloud", cfg.jets, Path(tmp))
-        common = dict(epochs=cfg.epochs, track=False, progress=False, checkpoint_every=0, eval_every_epoch=False)
+        data = cfg.data or toy_dataset("cloud", cfg.jets, tmp)
+        common = {"data": data, "model": cfg.model, "epochs": cfg.epochs, "storage": tmp, "track": False,
+                  "progress": False, "checkpoint_every": 0}
 
         if cfg.plain_threads:
             torch.set_num_threads(cfg.plain_threads)
         threads = torch.get_num_threads()
         t = time.time()
-        plain = train(TrainConfig(data, cfg.model, run_dir=f"{tmp}/plain", batch_size=cfg.workers * cfg.batch_size,
-                                  **common))
+        plain = train(resolve(TrainConfig.of(run_name="plain", workers=0, batch_size=cfg.workers * cfg.batch_size,
+                                             **common)))
         plain_start = plain["started_unix"] - t
         plain_speed = plain["history"]["train/jets_per_s"][-1][1]
 
@@ -54,8 +63,8 @@ def run(cfg: TrainBenchConfig) -> dict[str, float]:
         ensure_ray()
         ray_init = time.time() - t
         t = time.time()
-        out = fit(TrainConfig(data, cfg.model, run_name="bench", batch_size=cfg.batch_size, **common), tmp,
-                  num_workers=cfg.workers)
+        out = fit(resolve(TrainConfig.of(run_name="bench", workers=cfg.workers, batch_size=cfg.batch_size,
+                                         **common)))
         fit_total = time.time() - t
         ray_start = out["metrics"]["started_unix"] - t
         ray_speed = out["metrics"]["jets_per_s"]
@@ -70,18 +79,3 @@ def run(cfg: TrainBenchConfig) -> dict[str, float]:
           f"of fit() (+ ray.init {ray_init:.1f} s; fit() total {fit_total:.1f} s)")
     print(f"  steady-state ratio Ray / plain: {row['ratio']:.2f}x  (target >= 0.9x)")
     return row
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("train", help="Ray Train DDP vs plain loop throughput, Ray start-up cost")
-    p.add_argument("--data", default=None, help="converted dataset (default: toy clouds)")
-    p.add_argument("--model", default="particlenet-lite")
-    p.add_argument("--jets", type=int, default=4000)
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--batch-size", type=int, default=128, help="per Ray worker")
-    p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--plain-threads", type=int, default=None,
-                   help="torch threads for the plain loop (default: torch's, one per core); on a shared, "
-                        "oversubscribed machine 1 can be faster")
-    p.set_defaults(func=lambda a: run(TrainBenchConfig(a.data, a.model, a.jets, a.workers, a.batch_size,
-                                                       a.epochs, a.plain_threads)) and 0)

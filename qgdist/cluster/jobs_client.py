@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
+from qgdist.core.config import option
+
 if TYPE_CHECKING:  # ray is imported lazily so that `qgdist --help` stays fast
     from ray.job_submission import JobSubmissionClient
 
@@ -29,12 +31,15 @@ class ClusterError(RuntimeError):
     """The cluster could not be reached, refused us, or does not know the job; the message says what to do."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class ClientConfig:
     """How to reach a Ray cluster's job server (its dashboard, port 8265 by default)."""
 
-    address: str | None = None
-    auth_token_file: str | None = None
+    address: str | None = option(None, f"job server URL, http://HOST:8265 (default: ${ADDRESS_ENV}, then "
+                                       f"{DEFAULT_ADDRESS})")
+    auth_token_file: str | None = option(None, "file holding the cluster's token (default: $RAY_AUTH_TOKEN, "
+                                               "$RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token); needed when the cluster "
+                                               "runs with RAY_AUTH_MODE=token")
 
     def resolved_address(self) -> str:
         address = self.address or os.environ.get(ADDRESS_ENV) or os.environ.get("RAY_ADDRESS") or DEFAULT_ADDRESS
@@ -123,3 +128,38 @@ def wait(client: JobSubmissionClient, job_id: str, follow: bool = True, out: Tex
             raise ClusterError(f"job {job_id} still {status} after {timeout_s:.0f} s (it keeps running; "
                                f"`qgdist jobs stop {job_id}` ends it)")
         time.sleep(poll_s)
+
+
+# -- qgdist jobs list | status | logs | stop -------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ListConfig:
+    """``qgdist jobs list``: every job of a cluster."""
+
+    client: ClientConfig = ClientConfig()
+
+
+@dataclass(frozen=True)
+class StatusConfig:
+    """``qgdist jobs status``: one job's status."""
+
+    job_id: str = option(help="submission id of the job", positional=True)
+    client: ClientConfig = ClientConfig()
+
+
+@dataclass(frozen=True)
+class LogsConfig:
+    """``qgdist jobs logs``: one job's driver log."""
+
+    job_id: str = option(help="submission id of the job", positional=True)
+    follow: bool = option(False, "keep printing until the job ends", aliases={"-f": True})
+    tail: int | None = option(None, "only the last LINES lines", metavar="LINES")
+    client: ClientConfig = ClientConfig()
+
+
+@dataclass(frozen=True)
+class StopConfig:
+    """``qgdist jobs stop``: stop one job."""
+
+    job_id: str = option(help="submission id of the job", positional=True)
+    wait: bool = option(False, "wait until the job has stopped")
+    client: ClientConfig = ClientConfig()

@@ -14,32 +14,41 @@ import re
 import shlex
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
 from qgdist.cluster import jobs_client
 from qgdist.cluster.jobs_client import ClientConfig, ClusterError
+from qgdist.core.config import CONFIG_FLAG, from_args, option
 
 _ENV_REF = re.compile(r"\$(?:\{([A-Za-z_][A-Za-z0-9_]*)\}|([A-Za-z_][A-Za-z0-9_]*))")
 
 
-@dataclass
+@dataclass(frozen=True)
 class SubmitConfig:
     """One ``qgdist submit`` call: which qgdist command, its arguments, where and with what environment."""
 
-    command: str
-    args: list[str] = field(default_factory=list)
-    client: ClientConfig = field(default_factory=ClientConfig)
-    runtime_env_file: str | None = None
-    env: dict[str, str] = field(default_factory=dict)   # added to / overriding the runtime_env's env_vars
-    drop_pip: bool = False                              # the cluster already has the project's environment
-    submission_id: str | None = None
-    wait: bool = False
-    follow: bool = True                                 # stream the job's log while waiting
-    check_with: Mapping[str, argparse.ArgumentParser] | None = None  # parsers to check ARGS with before submitting
-    timeout_s: float | None = None
-    tail_lines: int = 40
+    command: str = option(help="qgdist command to run (generate, convert, train, ...)", positional=True,
+                          metavar="COMMAND")
+    #: The job's own arguments: on the command line, everything after ``--``.
+    args: list[str] = option([], "arguments of the qgdist command", cli=False)
+    client: ClientConfig = ClientConfig()
+    runtime_env_file: str | None = option(None, "runtime_env YAML (see jobs/*.yaml)", flag="--runtime-env",
+                                          metavar="FILE")
+    env: dict[str, str] = option({}, "set an env var of the job (overrides the runtime_env's)")
+    pip: bool = option(True, "install the runtime_env's pip list on the cluster; --no-pip: the cluster already "
+                             "runs the project's environment")
+    submission_id: str | None = option(None, "job id to use (default: Ray makes one)")
+    wait: bool = option(False, "follow the job to its end, streaming its log; exit 1 with the log tail unless it "
+                               "SUCCEEDED")
+    follow: bool = option(True, "with --wait, stream the job's log", aliases={"--quiet": False})
+    check: bool = option(True, "parse ARGS locally with qgdist's own parser before submitting")
+    #: The parsers ``check`` uses (the CLI's subparsers, by command name); None: no check.
+    check_with: Mapping[str, argparse.ArgumentParser] | None = option(None, "parsers to check ARGS with", cli=False)
+    timeout_s: float | None = option(None, "with --wait, give up waiting after this long (the job keeps running)",
+                                     flag="--timeout", metavar="SECONDS")
+    tail_lines: int = option(40, "log lines shown when a job fails", flag="--tail", metavar="LINES")
 
 
 def shell_word(arg: str) -> str:
@@ -98,7 +107,9 @@ def check_command_args(parsers: Mapping[str, argparse.ArgumentParser], command: 
     """Parse ``qgdist COMMAND ARGS`` locally, as the job will, so a typo fails in a second, not after upload.
 
     ``parsers`` maps command names to their argparse parsers (the CLI's subparsers). ``$NAME`` references take
-    the runtime_env's value, else the local environment's, else stay as written.
+    the runtime_env's value, else the local environment's, else stay as written. A command whose parser names its
+    config class (``set_defaults(config_cls=...)``) also gets its config built, so a missing required setting is
+    caught here too -- unless ARGS pass a ``--config`` file, which lives on the cluster.
     """
     if command not in parsers:
         raise ClusterError(f"unknown qgdist command {command!r}; choose from {', '.join(sorted(parsers))}")
@@ -110,17 +121,24 @@ def check_command_args(parsers: Mapping[str, argparse.ArgumentParser], command: 
         return _ENV_REF.sub(one, arg)
 
     try:
-        parsers[command].parse_args(list(map(expand, args)))
+        namespace = parsers[command].parse_args(list(map(expand, args)))
     except SystemExit as err:  # argparse has printed the usage error already
         if err.code:
             raise ClusterError(f"qgdist {command} rejects these arguments (see above); nothing was submitted") from err
+        return   # --help
+    config_cls = getattr(namespace, "config_cls", None)
+    if config_cls is not None and getattr(namespace, CONFIG_FLAG, None) is None:
+        try:
+            from_args(config_cls, namespace)
+        except ValueError as err:
+            raise ClusterError(f"qgdist {command} rejects these arguments: {err}; nothing was submitted") from err
 
 
 def submit(config: SubmitConfig, out: TextIO | None = None, err: TextIO | None = None) -> int:
     """Submit the job; with ``wait``, follow it to the end. Returns the exit code (0 only if it SUCCEEDED)."""
     out, err = out or sys.stdout, err or sys.stderr
-    runtime_env = load_runtime_env(config.runtime_env_file, config.env, config.drop_pip)
-    if config.check_with is not None:
+    runtime_env = load_runtime_env(config.runtime_env_file, config.env, drop_pip=not config.pip)
+    if config.check and config.check_with is not None:
         check_command_args(config.check_with, config.command, config.args, runtime_env.get("env_vars") or {})
     entrypoint = build_entrypoint(config.command, config.args)
     client = jobs_client.connect(config.client)

@@ -21,11 +21,12 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Literal
 
 import fsspec
 import numpy as np
 
+from qgdist.core.config import option
 from qgdist.data.labels import LabelConvention
 from qgdist.data.shards.manifest import MANIFEST_NAME, Manifest, ShardInfo, write_manifest
 from qgdist.data.shards.schema import encode_sample, sample_key
@@ -33,7 +34,7 @@ from qgdist.data.shards.writer import ShardWriter
 from qgdist.data.sources import cms, energyflow
 from qgdist.data.sources.base import Plan, Unit, file_name
 from qgdist.data.sources.errors import BadRowError, Rejected
-from qgdist.data.split import DEFAULT_FRACTIONS, SPLIT_NAMES, assign_splits
+from qgdist.data.split import DEFAULT_FRACTIONS, SPLIT_NAMES, assign_splits, parse_fractions
 from qgdist.data.stats import StatSums
 
 READERS = {"cms": cms, "energyflow": energyflow}
@@ -42,30 +43,69 @@ EXTENSIONS = {"cms": ".parquet", "energyflow": ".npz"}
 #: Rows per task: a CMS unit of 1024 jets is ~5 MB of shards and ~1-2 s of work; clouds are ~10x cheaper.
 ROWS_PER_TASK = {"cms": 1024, "energyflow": 16384}
 _OUR_FILES = re.compile(r"^(?:\.)?(?:train|val|test)-\d{6}-\d{3}\.tar(?:\.tmp)?$")
+_SIZE_UNITS = {"kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "kb": 10**3, "mb": 10**6, "gb": 10**9, "b": 1}
+
+Source = Literal["cms", "energyflow"]
 
 
-@dataclass
+def parse_size(text: str) -> int:
+    """``64MiB``, ``512KB``, ``1e6`` -> bytes."""
+    t = text.strip().lower()
+    for suffix, factor in _SIZE_UNITS.items():
+        if t.endswith(suffix):
+            return int(float(t[: -len(suffix)]) * factor)
+    return int(float(t))
+
+
+@dataclass(frozen=True)
 class ConvertConfig:
     """``qgdist convert`` settings."""
 
-    source: str                                   # "cms" | "energyflow"
-    inputs: list[str]                             # files, directories or globs; local paths or fsspec URLs
-    out: str                                      # output directory (local path or fsspec URL)
-    shard_size: int = 64 << 20                    # target bytes per shard (a task's shards never span tasks)
-    split: tuple[float, float, float] = DEFAULT_FRACTIONS
-    on_bad_row: str = "error"                     # "error" | "quarantine"
-    dtype: str = "float32"                        # "float32" | "float16" for image values / particle kinematics
-    label_quark_value: Optional[int] = None       # raw y that means quark; None = the source's convention
-    address: Optional[str] = None                 # Ray cluster to join; None = private local Ray
-    num_cpus: Optional[int] = None                # CPUs of a private local Ray
-    rows_per_task: Optional[int] = None           # None = ROWS_PER_TASK[source]
-    executor: str = "ray"                         # "ray" | "local" (same task code, in this process, no Ray)
-    progress: bool = True
+    source: Source = option(help="source format: CMS End-to-End parquet or EnergyFlow npz")
+    inputs: list[str] = option(help="files, directories or globs (paths or fsspec URLs)",
+                               positional=True, metavar="INPUT")
+    out: str = option(help="output directory (path or fsspec URL)")
+    shard_size: int = option(64 << 20, "target bytes per shard, e.g. 64MiB, 512KB, 1e6 (a task's shards never "
+                             "span tasks)", parse=parse_size, metavar="SIZE")
+    split: tuple[float, float, float] = option(
+        DEFAULT_FRACTIONS, "train,val,test fractions (hash of file name and row)", parse=parse_fractions,
+        metavar="TRAIN,VAL,TEST")
+    on_bad_row: Literal["error", "quarantine"] = option(
+        "error", "error: stop at the first bad row (exit 2); quarantine: skip, count and list them")
+    dtype: Literal["float32", "float16"] = option(
+        "float32", "storage precision of image values / particle kinematics")
+    label_quark_value: Literal[0, 1] | None = option(
+        None, "raw y that means quark (default: the source's convention, cms 0, energyflow 1)")
+    address: str | None = option(None, "Ray cluster to join (default: start a private local Ray)")
+    num_cpus: int | None = option(None, "CPUs of the private local Ray (default: all)")
+    rows_per_task: int | None = option(None, "rows per read task (default: cms 1024, energyflow 16384)")
+    executor: Literal["ray", "local"] = option(
+        "ray", "ray: Ray Data tasks; local: the same task code in this process, without Ray",
+        aliases={"--no-ray": "local"})
+    progress: bool = option(True, "progress bar and closing summary on stderr", aliases={"--quiet": False})
+
+    def __post_init__(self) -> None:
+        # A --config YAML file may give these as text ("64MiB", "0.8,0.1,0.1"): keep the parsed values.
+        if isinstance(self.shard_size, str):
+            object.__setattr__(self, "shard_size", parse_size(self.shard_size))
+        if isinstance(self.split, str):
+            object.__setattr__(self, "split", parse_fractions(self.split))
+        elif not isinstance(self.split, tuple):
+            object.__setattr__(self, "split", tuple(self.split))
 
     def labels(self) -> LabelConvention:
         if self.label_quark_value is None:
             return LabelConvention.default(self.source)
         return LabelConvention(self.source, self.label_quark_value)
+
+
+@dataclass(frozen=True)
+class InspectConfig:
+    """``qgdist inspect`` settings."""
+
+    dir: str = option(help="output directory of qgdist convert (path or fsspec URL)", positional=True)
+    verify: bool = option(False, "re-hash every shard; exit 1 on any mismatch")
+    show: int = option(10, "quarantine entries to print")
 
 
 def expand_inputs(inputs: list[str], source: str) -> list[str]:
@@ -217,7 +257,7 @@ def convert(cfg: ConvertConfig) -> Manifest:
     if cfg.executor == "ray":
         import ray
 
-        from qgdist.ray_runtime import ensure_ray
+        from qgdist.core.ray import ensure_ray
 
         ensure_ray(cfg.address, cfg.num_cpus)
         cpus = int(ray.cluster_resources().get("CPU", 1))

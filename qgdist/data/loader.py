@@ -39,6 +39,7 @@ import webdataset as wds
 from webdataset.filters import _shuffle
 from webdataset.gopen import gopen_schemes
 
+from qgdist.data.config import DataConfig
 from qgdist.data.features import CONTINUOUS, PRESETS, particle_features
 from qgdist.data.shards.manifest import Manifest, read_manifest
 
@@ -61,9 +62,17 @@ class LoaderConfig:
     device: str = "cpu"             # where batches land; images are densified there
     prefetch_factor: int = 4
 
+    @classmethod
+    def of_run(cls, data: DataConfig, split: str, *, training: bool, rank: int = 0, world_size: int = 1,
+               seed: int = 0, device: str = "cpu") -> LoaderConfig:
+        """One rank's loader for a training run's ``data`` section (no shuffling unless ``training``)."""
+        return cls(data.data, split=split, batch_size=data.batch_size, rank=rank, world_size=world_size,
+                   num_workers=data.loader_workers, seed=seed, shuffle_buffer=data.shuffle_buffer if training else 0,
+                   training=training, preset=data.preset, max_particles=data.max_particles, device=device)
+
 
 @dataclass(frozen=True)
-class Unit:
+class ShardPart:
     """A piece of work: shard ``path``, part ``part`` of ``parts`` (strided), holding ``samples`` samples."""
 
     path: str
@@ -72,18 +81,19 @@ class Unit:
     samples: int
 
 
-def plan_epoch(manifest: Manifest, data: str, split: str, seed: int, epoch: int, slots: int) -> list[list[Unit]]:
+def plan_epoch(manifest: Manifest, data: str, split: str, seed: int, epoch: int,
+               slots: int) -> list[list[ShardPart]]:
     """Deal the split's shards to ``slots`` slots for ``epoch``: disjoint, balanced by samples, seeded."""
     shards = manifest.shards_of(split)
     if not shards:
         raise ValueError(f"{data}: manifest lists no {split!r} shards")
     parts = -(-slots // len(shards))  # ceil: split shards only when there are fewer than slots
-    units = [Unit(os.path.join(data, s.name), j, parts, (s.samples - j + parts - 1) // parts)
+    units = [ShardPart(os.path.join(data, s.name), j, parts, (s.samples - j + parts - 1) // parts)
              for s in shards for j in range(parts)]
     rng = random.Random(f"{seed}-{epoch}")
     rng.shuffle(units)
     units.sort(key=lambda u: -u.samples)  # stable: equal sizes keep their shuffled order
-    plan: list[list[Unit]] = [[] for _ in range(slots)]
+    plan: list[list[ShardPart]] = [[] for _ in range(slots)]
     load = [0] * slots
     for unit in units:
         target = min(range(slots), key=lambda i: (load[i], i))
@@ -109,7 +119,7 @@ def _register_url_scheme(path: str) -> None:
         gopen_schemes[scheme] = _fsspec_gopen
 
 
-def _raw_samples(units: list[Unit]) -> Iterator[dict[str, Any]]:
+def _raw_samples(units: list[ShardPart]) -> Iterator[dict[str, Any]]:
     """Raw (undecoded) samples of ``units`` in order, read with the stock webdataset pipeline."""
     for unit in units:
         _register_url_scheme(unit.path)   # here, in the DataLoader worker process that opens the shard
@@ -184,7 +194,7 @@ class _Collate:
 class _EpochDataset(torch.utils.data.IterableDataset):
     """One rank's epoch: DataLoader worker ``w`` streams slot ``rank * W + w`` of the epoch's plan."""
 
-    def __init__(self, cfg: LoaderConfig, plan: list[list[Unit]], batches_per_worker: int | None,
+    def __init__(self, cfg: LoaderConfig, plan: list[list[ShardPart]], batches_per_worker: int | None,
                  skip: list[int], first: int, collate: _Collate, epoch: int):
         self.cfg, self.plan, self.batches_per_worker = cfg, plan, batches_per_worker
         self.skip, self.first, self.collate, self.epoch = skip, first, collate, epoch
@@ -248,11 +258,11 @@ class ShardLoader:
         """Number of per-particle features a cloud model receives (the preset's length)."""
         return len(PRESETS[self.cfg.preset])
 
-    def _plan(self, epoch: int) -> list[list[Unit]]:
+    def _plan(self, epoch: int) -> list[list[ShardPart]]:
         c = self.cfg
         return plan_epoch(self.manifest, c.data, c.split, c.seed, epoch, c.world_size * self.workers)
 
-    def _batches_per_worker(self, plan: list[list[Unit]]) -> int | None:
+    def _batches_per_worker(self, plan: list[list[ShardPart]]) -> int | None:
         if not self.cfg.training:
             return None
         return min(sum(u.samples for u in slot) for slot in plan) // self.cfg.batch_size

@@ -6,26 +6,19 @@
 * EnergyFlow npz: ``X`` float64 (N, M, 4) = (pt, rapidity, phi, pdgid) zero-padded to the file's own maximum
   multiplicity M, ``y`` float64 with ``y = 1`` quark; members stored or deflated (``compress``).
 
-Both writers are atomic: they write a temporary name and rename it, so a reader never sees half a file.
+Both writers are atomic (``qgdist.core.atomic.atomic_path``): they write a temporary file and rename (or upload)
+it into place, so a reader never sees half a file. Paths may be local or fsspec URLs.
 """
 
 from __future__ import annotations
 
-import posixpath
+from contextlib import ExitStack
 
-import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-
-def _temp_path(url: str) -> tuple[fsspec.AbstractFileSystem, str, str]:
-    """(filesystem, final path, hidden temporary path beside it), creating the parent directory."""
-    fs, final = fsspec.core.url_to_fs(url)
-    parent = posixpath.dirname(final)
-    if parent:
-        fs.makedirs(parent, exist_ok=True)
-    return fs, final, posixpath.join(parent, "." + posixpath.basename(final) + ".tmp")
+from qgdist.core.atomic import atomic_path
 
 
 def _nested_list(values: np.ndarray, item_name: str) -> pa.Array:
@@ -51,7 +44,8 @@ def cms_table(images: np.ndarray, pt: np.ndarray, m0: np.ndarray, y: np.ndarray,
 
 
 class CMSParquetWriter:
-    """Appends jets to a CMS-format parquet file, one row group per jet, and renames it into place on close.
+    """Appends jets to a CMS-format parquet file, one row group per jet, and renames it into place on close
+    (a ``with`` block that raises leaves no file).
 
     ``item_name="element"`` writes the modern list-item name instead of the legacy ``item``.
     """
@@ -59,25 +53,24 @@ class CMSParquetWriter:
     def __init__(self, path: str, item_name: str = "item"):
         self.path = path
         self.item_name = item_name
-        self._fs, self._final, self._tmp = _temp_path(path)
-        self._file = self._fs.open(self._tmp, "wb")
+        self._commit = ExitStack()  # the open temporary file inside its atomic_path block
+        tmp = self._commit.enter_context(atomic_path(path))
+        self._file = self._commit.enter_context(open(tmp, "wb"))
         self._writer: pq.ParquetWriter | None = None
         self.rows = 0
 
     def write(self, images: np.ndarray, pt: np.ndarray, m0: np.ndarray, y: np.ndarray) -> None:
         table = cms_table(images, pt, m0, y, self.item_name)
         if self._writer is None:
-            self._writer = pq.ParquetWriter(self._file, table.schema, compression="snappy",
-                                            use_compliant_nested_type=(self.item_name == "element"))
+            writer = pq.ParquetWriter(self._file, table.schema, compression="snappy",
+                                      use_compliant_nested_type=(self.item_name == "element"))
+            self._writer = self._commit.enter_context(writer)  # closed before the file (last in, first out)
         for i in range(table.num_rows):  # one row group per jet, as the original CMS writer did
             self._writer.write_table(table.slice(i, 1), row_group_size=1)
         self.rows += table.num_rows
 
     def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-        self._file.close()
-        self._fs.mv(self._tmp, self._final)
+        self._commit.close()  # closes the parquet writer and the file, then renames (or uploads) it into place
 
     def __enter__(self) -> "CMSParquetWriter":
         return self
@@ -86,17 +79,14 @@ class CMSParquetWriter:
         if exc_type is None:
             self.close()
         else:
-            self._file.close()
-            self._fs.rm(self._tmp)
+            self._commit.__exit__(exc_type, exc, tb)  # closes writer and file; atomic_path removes the file
 
 
 def write_energyflow_npz(path: str, X: np.ndarray, y: np.ndarray, compress: bool = True) -> None:
     """Write an EnergyFlow-format npz (``X`` (N, M, 4) float64 zero-padded, ``y`` (N,) float64, 1 = quark)."""
-    fs, final, tmp = _temp_path(path)
     save = np.savez_compressed if compress else np.savez
-    with fs.open(tmp, "wb") as f:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a name
         save(f, X=np.asarray(X, dtype=np.float64), y=np.asarray(y, dtype=np.float64))
-    fs.mv(tmp, final)
 
 
 def pad_clouds(clouds: list[np.ndarray]) -> np.ndarray:

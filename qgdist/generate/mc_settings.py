@@ -7,9 +7,13 @@ The recipe is the one behind the EnergyFlow / ParticleNet quark-gluon files (Kom
 
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
+
+from qgdist.core.config import option
 
 #: Pythia process switch for each jet class.
 PROCESS = {"quark": "WeakBosonAndParton:qg2gmZq = on", "gluon": "WeakBosonAndParton:qqbar2gmZg = on"}
@@ -17,29 +21,33 @@ PROCESS = {"quark": "WeakBosonAndParton:qg2gmZq = on", "gluon": "WeakBosonAndPar
 #: Pythia's ``Random:seed`` must lie in [0, 900000000]; 0 would mean "seed from the clock".
 _PYTHIA_SEED_MAX = 900_000_000
 
-FORMATS = ("energyflow", "cms", "both")
+Format = Literal["energyflow", "cms", "both"]
+FORMATS: tuple[str, ...] = typing.get_args(Format)
 
 
-@dataclass
+@dataclass(frozen=True)
 class PythiaConfig:
     """One ``qgdist generate pythia`` run: N balanced quark/gluon jets split into fixed-size Ray tasks."""
 
-    out: str
-    jets: int = 1000
-    format: str = "both"            # energyflow | cms | both
-    workers: int = 1                # tasks running at once (and CPUs of a private local Ray)
-    seed: int = 0
-    pthat_min: float = 450.0        # below ~450 GeV the [500, 550] window fills with low-pTHat events (REFERENCE 3)
-    jets_per_task: int = 500        # fixed, so the same seed gives the same files whatever --workers is
-    ecm: float = 14000.0
-    jet_r: float = 0.4
-    pt_min: float = 500.0
-    pt_max: float = 550.0
-    max_abs_y: float = 1.7
-    batch_events: int = 100         # events per Pythia nextBatch call (also the progress granularity)
-    compress: bool = True           # npz members deflated (np.savez_compressed), like the public files
-    use_ray: bool = True            # False: run the tasks one after another in this process
-    address: str | None = None      # Ray cluster to join; None = private local instance
+    out: str = option(help="output directory (energyflow/, cms/, tasks/, summary.json)")
+    jets: int = option(1000, "total jets, even: half quark, half gluon")
+    format: Format = option("both", "files to write: EnergyFlow npz, CMS parquet or both")
+    workers: int = option(1, "tasks running at once (CPUs of a private local Ray)")
+    seed: int = option(0, "run seed; task i derives its own seeds from (seed, i)")
+    # Below ~450 GeV the [500, 550] window fills with low-pTHat events (REFERENCE 3).
+    pthat_min: float = option(450.0, "Pythia PhaseSpace:pTHatMin in GeV")
+    # Fixed, so the same seed gives the same files whatever --workers is.
+    jets_per_task: int = option(500, "jets per task and per output file (even)")
+    ecm: float = option(14000.0, "centre-of-mass energy in GeV (Beams:eCM)")
+    jet_r: float = option(0.4, "anti-kT jet radius R")
+    pt_min: float = option(500.0, "lowest leading-jet pT kept, GeV")
+    pt_max: float = option(550.0, "highest leading-jet pT kept, GeV")
+    max_abs_y: float = option(1.7, "largest leading-jet |rapidity| kept")
+    batch_events: int = option(100, "events per Pythia nextBatch call (also the progress granularity)")
+    compress: bool = option(True, "deflate the npz members (np.savez_compressed), like the public files")
+    use_ray: bool = option(True, "run the tasks as Ray tasks (--no-ray: one after another in this process)",
+                           flag="--ray")
+    address: str | None = option(None, "Ray cluster to join (default: start a private local one)")
 
     def validate(self) -> None:
         """Raise ValueError naming the bad field."""

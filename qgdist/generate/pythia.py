@@ -1,4 +1,4 @@
-"""``qgdist generate pythia``: real quark and gluon jets from Pythia 8 + FastJet, written in both source formats.
+"""Real quark and gluon jets from Pythia 8 + FastJet, written in both source formats.
 
 The run is split into tasks of a fixed number of jets (``jets_per_task``). Task ``i`` derives its seeds from
 ``(seed, i)`` (``mc_settings.task_seeds``), generates half quark and half gluon jets with two Pythia instances,
@@ -11,7 +11,6 @@ reused, so an interrupted run continues where it stopped. Same seed -> bit-ident
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -20,8 +19,10 @@ from collections.abc import Callable
 
 import numpy as np
 
+from qgdist.core.atomic import write_json
 from qgdist.data.labels import DEFAULT_QUARK_VALUE
-from qgdist.generate.mc_settings import FORMATS, PythiaConfig, pythia_settings, task_seeds
+from qgdist.generate.mc_settings import PythiaConfig, pythia_settings, task_seeds
+from qgdist.generate.pythia_ray import run_tasks_on_ray
 
 #: Config fields that decide a task's content (a reused task record must agree on all of them).
 _CONTENT_FIELDS = ("format", "seed", "pthat_min", "jets_per_task", "ecm", "jet_r", "pt_min", "pt_max", "max_abs_y",
@@ -66,13 +67,6 @@ def _generate_class(cfg: PythiaConfig, kind: str, n: int, pythia_seed: int, prog
     return jets, events, selector.dropped_heavy
 
 
-def _atomic_json(path: str, payload: dict) -> None:
-    tmp = os.path.join(os.path.dirname(path), "." + os.path.basename(path) + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=1, sort_keys=True)
-    os.replace(tmp, path)
-
-
 def generate_task(cfg: PythiaConfig, task_index: int, n_jets: int,
                   progress: Callable[[int], None] = lambda n: None) -> dict:
     """Generate, shuffle and write one task's ``n_jets`` jets (half quark, half gluon); returns its record."""
@@ -109,7 +103,7 @@ def generate_task(cfg: PythiaConfig, task_index: int, n_jets: int,
         "files": {k: os.path.relpath(v, cfg.out) for k, v in paths.items() if k != "record"},
         "settings": {k: getattr(cfg, k) for k in _CONTENT_FIELDS},
     }
-    _atomic_json(paths["record"], record)
+    write_json(paths["record"], record)
     return record
 
 
@@ -150,14 +144,12 @@ def run_pythia(cfg: PythiaConfig) -> dict:
     with tqdm(total=cfg.jets, initial=sum(r["jets"] for r in records.values()), unit="jet",
               desc="pythia jets", smoothing=0.1, mininterval=1.0) as bar:
         if todo and cfg.use_ray:
-            from qgdist.generate.pythia_ray import run_tasks_on_ray
-
-            records.update(run_tasks_on_ray(cfg, [(i, sizes[i]) for i in todo], bar))
+            records.update(run_tasks_on_ray(cfg, [(i, sizes[i]) for i in todo], bar, generate_task))
         else:
             for i in todo:
                 records[i] = generate_task(cfg, i, sizes[i], bar.update)
     summary = _summarise(cfg, [records[i] for i in range(len(sizes))], time.time() - start, len(todo))
-    _atomic_json(os.path.join(cfg.out, "summary.json"), summary)
+    write_json(os.path.join(cfg.out, "summary.json"), summary)
     return summary
 
 
@@ -178,32 +170,3 @@ def _summarise(cfg: PythiaConfig, records: list[dict], seconds: float, generated
         "dropped_heavy_quark_events": total("dropped_heavy_quark_events"),
         "wall_seconds": round(seconds, 1), "files": [f for r in records for f in r["files"].values()],
     }
-
-
-def _run(args: argparse.Namespace) -> int:
-    cfg = PythiaConfig(out=args.out, jets=args.jets, format=args.format, workers=args.workers, seed=args.seed,
-                       pthat_min=args.pthat_min, jets_per_task=args.jets_per_task, compress=not args.no_compress,
-                       use_ray=not args.no_ray, address=args.address)
-    s = run_pythia(cfg)
-    print(f"{s['jets']} jets ({s['quark_jets']} quark, {s['gluon_jets']} gluon) in {s['tasks']} tasks -> {cfg.out}; "
-          f"acceptance quark {s['acceptance']['quark']:.3f} gluon {s['acceptance']['gluon']:.3f}; "
-          f"mean multiplicity quark {s['mean_multiplicity']['quark']:.1f} gluon {s['mean_multiplicity']['gluon']:.1f}; "
-          f"{s['wall_seconds']} s")
-    return 0
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``pythia`` to the ``qgdist generate`` subcommands."""
-    p = subparsers.add_parser("pythia", help="real quark/gluon jets from Pythia 8 + FastJet (EnergyFlow recipe)",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True, help="output directory (energyflow/, cms/, tasks/, summary.json)")
-    p.add_argument("--format", choices=FORMATS, default="both")
-    p.add_argument("--jets", type=int, default=1000, help="total jets, even: half quark, half gluon")
-    p.add_argument("--workers", type=int, default=1, help="tasks running at once (CPUs of a private local Ray)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--pthat-min", type=float, default=450.0, help="Pythia PhaseSpace:pTHatMin in GeV")
-    p.add_argument("--jets-per-task", type=int, default=500, help="jets per task and per output file (even)")
-    p.add_argument("--address", default=None, help="Ray cluster to join (default: start a private local one)")
-    p.add_argument("--no-ray", action="store_true", help="run the tasks one after another in this process")
-    p.add_argument("--no-compress", action="store_true", help="store npz members uncompressed")
-    p.set_defaults(func=_run)

@@ -1,8 +1,17 @@
-"""Running Pythia generator tasks as Ray tasks, with a driver-side progress bar over accepted jets."""
+"""Running Pythia generator tasks as Ray tasks, with a driver-side progress bar over accepted jets.
+
+The task itself (``qgdist.generate.pythia.generate_task``) is passed in, so this module imports nothing of
+``pythia``: ``pythia`` imports this one, never the other way round.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from qgdist.generate.mc_settings import PythiaConfig
+
+#: ``(cfg, task_index, n_jets, progress)`` -> the task's record; ``progress(n)`` is told of every accepted jet.
+TaskFn = Callable[[PythiaConfig, int, int, Callable[[int], None]], dict]
 
 
 class _Counter:
@@ -18,21 +27,20 @@ class _Counter:
         return self.total
 
 
-def _task(cfg: PythiaConfig, task_index: int, n_jets: int, counter) -> dict:
-    from qgdist.generate.pythia import generate_task
-
-    return generate_task(cfg, task_index, n_jets, lambda n: counter.add.remote(n) if n else None)
+def _task(task_fn: TaskFn, cfg: PythiaConfig, task_index: int, n_jets: int, counter) -> dict:
+    return task_fn(cfg, task_index, n_jets, lambda n: counter.add.remote(n) if n else None)
 
 
-def run_tasks_on_ray(cfg: PythiaConfig, tasks: list[tuple[int, int]], bar) -> dict[int, dict]:
-    """Run ``(task_index, n_jets)`` tasks, at most ``cfg.workers`` at once; returns their records by index.
+def run_tasks_on_ray(cfg: PythiaConfig, tasks: list[tuple[int, int]], bar, task_fn: TaskFn) -> dict[int, dict]:
+    """Run ``task_fn`` for each ``(task_index, n_jets)``, at most ``cfg.workers`` at once; returns the records by
+    index. A module-level ``task_fn`` travels to the workers by reference (cloudpickle), not by value.
 
     Starts a private local Ray with ``cfg.workers`` CPUs (or joins ``cfg.address``) and shuts it down afterwards
     if this call started it.
     """
     import ray
 
-    from qgdist.ray_runtime import ensure_ray
+    from qgdist.core.ray import ensure_ray
 
     started = not ray.is_initialized()
     ensure_ray(cfg.address, None if cfg.address else cfg.workers)
@@ -44,7 +52,7 @@ def run_tasks_on_ray(cfg: PythiaConfig, tasks: list[tuple[int, int]], bar) -> di
         while queue or pending:
             while queue and len(pending) < cfg.workers:
                 index, n = queue.pop(0)
-                pending[remote.remote(cfg, index, n, counter)] = index
+                pending[remote.remote(task_fn, cfg, index, n, counter)] = index
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=0.5)
             for ref in ready:
                 record = ray.get(ref)  # re-raises a task's error with its traceback

@@ -18,11 +18,12 @@ spread evenly over the tower's 25 pixels).
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 
+from qgdist.core.config import option
 from qgdist.data.features import mass_and_charge
 from qgdist.generate.formats import CMSParquetWriter, pad_clouds, write_energyflow_npz
 
@@ -38,16 +39,17 @@ _SPECIES_P = np.array([0.34, 0.10, 0.06, 0.35, 0.05, 0.05, 0.03, 0.02])
 _CHARGED = {211, 321, 2212, 11, 13}
 
 
-@dataclass
+@dataclass(frozen=True)
 class ToyConfig:
     """``qgdist generate toy`` settings."""
 
-    format: str = "energyflow"     # "cms" or "energyflow"
-    jets: int = 1000
-    out: str = "toy.npz"
-    seed: int = 0
-    item_name: str = "item"        # CMS list item name: legacy "item" or modern "element"
-    compress: bool = True          # EnergyFlow: deflate the npz members (as the public files are)
+    format: Literal["cms", "energyflow"] = option(help="source format to write")
+    jets: int = option(help="number of jets (half quark, half gluon)")
+    out: str = option(help="output file (local path or fsspec URL)")
+    seed: int = option(0, "random seed (the same seed writes the same jets)")
+    item_name: Literal["item", "element"] = option("item", "CMS nested list item name: legacy item or modern element")
+    compress: bool = option(True, "EnergyFlow: deflate the npz members, as the public files are",
+                            aliases={"--stored": False})
 
 
 @dataclass
@@ -179,26 +181,3 @@ def run(cfg: ToyConfig) -> None:
         write_energyflow(cfg)
     else:
         raise ValueError(f"unknown toy format {cfg.format!r}; choose cms or energyflow")
-
-
-def _run_cli(args: argparse.Namespace) -> int:
-    import time
-
-    start = time.perf_counter()
-    run(ToyConfig(args.format, args.jets, args.out, args.seed, args.item_name, not args.stored))
-    seconds = time.perf_counter() - start
-    print(f"wrote {args.jets} toy {args.format} jets to {args.out} in {seconds:.1f} s "
-          f"({args.jets / max(seconds, 1e-9):.0f} jets/s)")
-    return 0
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``toy`` to the ``qgdist generate`` subcommands."""
-    p = subparsers.add_parser("toy", help="fast numpy toy jets in the CMS parquet or EnergyFlow npz format")
-    p.add_argument("--format", choices=["cms", "energyflow"], required=True)
-    p.add_argument("--jets", type=int, required=True, help="number of jets (half quark, half gluon)")
-    p.add_argument("--out", required=True, help="output file (local path or fsspec URL)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--item-name", choices=["item", "element"], default="item", help="CMS nested list item name")
-    p.add_argument("--stored", action="store_true", help="EnergyFlow: store npz members uncompressed")
-    p.set_defaults(func=_run_cli)

@@ -13,7 +13,7 @@ import importlib
 
 import torch
 
-#: name -> (module, factory function, one-line description)
+#: name -> (module, factory function, one-line description); the module tells the kind (cnn: image, else cloud)
 _REGISTRY: dict[str, tuple[str, str, str]] = {
     "seed-cnn": ("qgdist.models.cnn", "seed_cnn", "seed notebook's Keras CNN (baseline)"),
     "resnet15": ("qgdist.models.cnn", "resnet15", "CMS E2E ResNet-15 with the E2E input transform"),
@@ -31,6 +31,13 @@ _REGISTRY: dict[str, tuple[str, str, str]] = {
 def list_models() -> dict[str, str]:
     """Registry names and a one-line description of each."""
     return {name: desc for name, (_, _, desc) in _REGISTRY.items()}
+
+
+def model_kind(name: str) -> str:
+    """``"image"`` or ``"cloud"``: the inputs model ``name`` takes, known without building it."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown model {name!r}; choose from {sorted(_REGISTRY)}")
+    return "image" if _REGISTRY[name][0] == "qgdist.models.cnn" else "cloud"
 
 
 def get_model(name: str, **cfg) -> torch.nn.Module:

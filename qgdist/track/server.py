@@ -16,6 +16,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from qgdist.core.config import option
+
 
 def free_port() -> int:
     """A TCP port that is free on 127.0.0.1 right now."""
@@ -24,14 +26,27 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-@dataclass
+@dataclass(frozen=True)
 class ServerConfig:
     """Where the server keeps its data and where it listens."""
 
-    store: Path                 # holds mlflow.db (runs, params, metrics) and artifacts/
-    port: int = 5000
-    host: str = "127.0.0.1"
-    ready_timeout_s: float = 120.0
+    store: Path = option(Path("mlflow-store"), "directory for mlflow.db (runs, params, metrics) and artifacts/")
+    port: int = option(5000, "port on 127.0.0.1")
+    # Not flags: the server binds to loopback only (reach it through an SSH tunnel or kubectl port-forward).
+    host: str = option("127.0.0.1", "interface to bind", cli=False)
+    ready_timeout_s: float = option(120.0, "seconds to wait for /health", cli=False)
+
+
+@dataclass(frozen=True)
+class TrackerConfig:
+    """``qgdist tracker``: serve a store for the UI, or (``replay``) send what a run could not deliver, then exit."""
+
+    server: ServerConfig = ServerConfig()
+    replay: Path | None = option(None, "instead of serving: send what a run could not deliver during a tracker "
+                                       "outage (RUN_DIR/mlflow_unsent.jsonl) to --tracking-uri, then exit",
+                                 metavar="RUN_DIR")
+    tracking_uri: str | None = option(None, "with --replay: the tracker the run logged to (default: "
+                                            "$MLFLOW_TRACKING_URI, else the run's own local store)")
 
 
 @dataclass

@@ -12,6 +12,8 @@ The whole API (everything else is private)::
 
 * ``tracking_uri=None`` means the embedded local store ``sqlite:///<run_dir>/mlflow/mlflow.db`` with artifacts in
   ``<run_dir>/mlflow/artifacts``: no server needed; ``qgdist tracker --store <run_dir>/mlflow`` shows it in the UI.
+  The tracker itself reads no environment: commands pass ``qgdist.core.tracking.resolve_tracking_uri(flag)``
+  (the flag, else ``$MLFLOW_TRACKING_URI``, else None).
 * ``config`` (a dataclass or nested dict) is flattened to ``a.b.c`` params.
 * Resume: ``start(..., run_id=ID)`` (an empty id means a new run) reopens that run and drops any metric whose step
   is <= the last step already logged for that key, so a run resumed from an older checkpoint replays steps
@@ -37,6 +39,8 @@ import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+from qgdist.core.atomic import write_text
 
 #: Short HTTP timeouts so an unreachable server costs seconds, not minutes (MLflow's defaults: 120 s, 7 retries).
 #: Set only where the user has not set them already.
@@ -328,9 +332,7 @@ def replay_unsent(run_dir: str | Path, tracking_uri: str | None = None, run_id: 
             if "status" in r:
                 client.set_terminated(rid, status=r["status"])
     if rest:
-        tmp = path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in rest))
-        os.replace(tmp, path)
+        write_text(path, "".join(json.dumps(r) + "\n" for r in rest))
     else:
         path.unlink()
     return len(mine)

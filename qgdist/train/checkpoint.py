@@ -11,7 +11,7 @@ atomically afterwards. A run killed at any instant therefore leaves a pointer to
 which is why we keep our own pointer instead of trusting Ray's bookkeeping (a SIGINT between Ray creating a
 checkpoint folder and registering it makes a re-run start from scratch). Files are read with
 ``torch.load(weights_only=True)``: nothing in them is unpickled as code. The run directory may be a local path
-or an fsspec URL (``qgdist.train.storage``).
+or an fsspec URL (``qgdist.core.storage``).
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ import numpy as np
 import torch
 from upath import UPath
 
-from qgdist.train.storage import move, remove_tree, run_path, write_text_atomic
+from qgdist.core.atomic import write_text
+from qgdist.core.storage import move, remove_tree, run_path
 
 STATE_FILE = "state.pt"
 LATEST = "latest.json"
@@ -38,13 +39,18 @@ class IncompatibleCheckpoint(RuntimeError):
 
 
 def rng_state() -> dict[str, Any]:
-    """This process's RNG states (python, numpy, torch, cuda) in a form ``weights_only`` loading accepts."""
+    """This process's RNG states (python, numpy, torch, and the current CUDA device's) in a form ``weights_only``
+    loading accepts.
+
+    Only the current device's CUDA state is kept: a rank drives one GPU, and a resume may see fewer GPUs or give
+    the rank another local index, where a list of every visible GPU's state would not fit.
+    """
     np_name, np_key, np_pos, np_gauss, np_cached = np.random.get_state()
     state = {"python": random.getstate(),
              "numpy": [np_name, torch.from_numpy(np_key.astype(np.int64)), np_pos, np_gauss, np_cached],
              "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -56,7 +62,20 @@ def set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state((name, key.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        cuda = state["cuda"]
+        # Checkpoints written before this change hold a list of every visible GPU's state: take the first.
+        torch.cuda.set_rng_state(cuda[0] if isinstance(cuda, (list, tuple)) else cuda)
+
+
+def to_cpu(obj: Any) -> Any:
+    """``obj`` with every tensor in it moved to the CPU (dicts, lists and tuples are rebuilt)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_cpu(v) for v in obj)
+    return obj
 
 
 class Checkpointer:
@@ -74,16 +93,16 @@ class Checkpointer:
         remove_tree(tmp)
         tmp.mkdir()
         buffer = io.BytesIO()
-        torch.save(state, buffer)
+        torch.save(to_cpu(state), buffer)  # loadable on a machine without the GPU that trained it
         (tmp / STATE_FILE).write_bytes(buffer.getbuffer())
         remove_tree(final)  # a re-run that reaches the same step again
         move(tmp, final)
         summary = {"name": name, "epoch": state["epoch"], "step": state["step"],
                    "global_step": state["global_step"], "val_auc": auc}
-        write_text_atomic(self.root / LATEST, json.dumps(summary, indent=1, sort_keys=True))
+        write_text(self.root / LATEST, json.dumps(summary, indent=1, sort_keys=True))
         best = self.pointer(BEST)
         if auc is not None and (best is None or best.get("val_auc") is None or auc > best["val_auc"]):
-            write_text_atomic(self.root / BEST, json.dumps(summary, indent=1, sort_keys=True))
+            write_text(self.root / BEST, json.dumps(summary, indent=1, sort_keys=True))
         self._prune()
         return final
 

@@ -1,13 +1,20 @@
-"""``TrainConfig``: everything one training run needs, the CLI maps flags onto it.
+"""``TrainConfig``: everything one training run needs, in sections; the single source of ``qgdist train``'s flags.
 
-Recipes (``recipe``) fill the optimiser and schedule:
+Each field below is one flag (``qgdist.core.config`` builds the parser from these dataclasses), so adding a
+training setting is one edit: a field with its default and help text in the right section.
+
+A config is frozen. ``resolve`` turns what the user gave into the config that runs, before anything fingerprints
+it: the recipe's optimiser settings fill only the fields the user left unset (an explicit ``--lr`` always wins),
+``precision="auto"`` becomes the precision of the device the run will use, and local paths become absolute (Ray
+Train workers run in another working directory).
+
+Recipes (``recipe``):
 
 * ``paper`` (default): AdamW, weight decay 1e-4, the ParticleNet paper's one-cycle schedule -- learning rate
   3e-4 -> 3e-3 over the first 40% of steps, back to 3e-4 over the next 40%, then down to 5e-7
   (``torch.optim.lr_scheduler.OneCycleLR`` with ``three_phase=True`` is exactly this).
 * ``seed``: what the seed notebooks did -- CNN: SGD lr 0.01 momentum 0.6, constant; GNN: Adam lr 1e-3, x0.1 after
   epoch 10 (the notebook's second step never fired).
-* ``custom``: take ``optimizer``, ``lr``, ``weight_decay``, ``momentum``, ``schedule`` as given.
 """
 
 from __future__ import annotations
@@ -15,8 +22,87 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from qgdist.core.config import build, option, to_dict, to_flat_dict
+from qgdist.core.storage import absolute, join
+from qgdist.core.tracking import resolve_tracking_uri
+from qgdist.data.config import DataConfig
+
+Recipe = Literal["paper", "seed"]
+Optimizer = Literal["adamw", "adam", "sgd"]
+Schedule = Literal["onecycle", "step", "constant"]
+
+#: Optimiser settings of each recipe, by model kind ("image" | "cloud").
+RECIPES: dict[str, dict[str, dict[str, Any]]] = {
+    "paper": {kind: {"optimizer": "adamw", "lr": 3e-3, "weight_decay": 1e-4, "momentum": 0.9,
+                     "schedule": "onecycle"} for kind in ("image", "cloud")},
+    "seed": {"image": {"optimizer": "sgd", "lr": 0.01, "weight_decay": 0.0, "momentum": 0.6, "schedule": "constant"},
+             "cloud": {"optimizer": "adam", "lr": 1e-3, "weight_decay": 0.0, "momentum": 0.9, "schedule": "step"}},
+}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which network."""
+
+    model: str = option(help="model name: particlenet-lite, particlenet, resnet15, seed-cnn, ... (qgdist.models)")
+    model_kwargs: dict[str, Any] = option({}, "extra model setting", flag="--model-arg")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """How long and how the weights move; unset optimiser fields come from the recipe."""
+
+    epochs: int = option(20, "passes over the training split")
+    max_steps: int | None = option(None, "stop after this many global steps (tests, benchmarks)")
+    recipe: Recipe = option("paper", "paper: AdamW + one-cycle; seed: the seed notebooks' optimiser")
+    optimizer: Optimizer | None = option(None, "optimiser (default: the recipe's)")
+    lr: float | None = option(None, "(peak) learning rate (default: the recipe's)")
+    weight_decay: float | None = option(None, "weight decay (default: the recipe's)")
+    momentum: float | None = option(None, "SGD momentum (default: the recipe's)")
+    schedule: Schedule | None = option(None, "learning-rate schedule (default: the recipe's)")
+    grad_clip: float = option(1.0, "max gradient norm (0: off)")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = option(
+        "auto", "autocast precision; auto: bf16 on GPU workers, fp32 on CPU")
+    compile: bool = option(False, "torch.compile the model")
+    seed: int = option(0, "seed of weights, shuffling and dropout")
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    """Where the run lives and how it checkpoints and resumes."""
+
+    run_name: str = option("qgdist", "run name: the run directory is STORAGE/RUN_NAME; re-running it resumes")
+    storage: str = option("runs", "directory or fsspec URL (s3://...) holding run directories; every worker must see it")
+    checkpoint_every: int = option(200, "steps between mid-epoch checkpoints (0: epoch ends only)")
+    keep_last: int = option(2, "checkpoints kept besides the best one")
+    resume_from: str | None = option(None, "checkpoint directory to start from instead of the run's latest")
+    allow_config_change: bool = option(False, "resume although the checkpoint was written with another config")
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    """What the run reports, and where."""
+
+    track: bool = option(True, "track the run with MLflow")
+    tracking_uri: str | None = option(None, "MLflow server (default: $MLFLOW_TRACKING_URI, else the run's local store)")
+    log_every: int = option(20, "steps between train-loss logs")
+    progress: bool = option(True, "progress bar")
+    verbose: bool = option(False, "show Ray's own log lines on the terminal (they always go to the run's log file)")
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """Where the workers run."""
+
+    workers: int = option(2, "Ray Train workers (0: the plain loop in this process, no Ray)")
+    gpu: bool = option(False, "one GPU per worker (nccl)")
+    cpus_per_worker: float = option(1.0, "CPUs Ray reserves per worker")
+    max_failures: int = option(2, "worker-group restarts Ray may do")
+    address: str | None = option(None, "Ray cluster address (default: $RAY_ADDRESS or a private local Ray)")
+
 
 #: Fields that shape the training trajectory: a checkpoint written under other values cannot be resumed exactly.
 TRAJECTORY_FIELDS = ("model", "model_kwargs", "epochs", "batch_size", "recipe", "optimizer", "lr", "weight_decay",
@@ -24,69 +110,90 @@ TRAJECTORY_FIELDS = ("model", "model_kwargs", "epochs", "batch_size", "recipe", 
                      "max_particles", "loader_workers", "world_size")
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
-    """One training run (``batch_size`` is per rank; the global batch is ``batch_size * world_size``)."""
+    """One training run (``batch_size`` is per worker; the global batch is ``batch_size * world_size``)."""
 
-    data: str
-    model: str
-    model_kwargs: dict[str, Any] = field(default_factory=dict)
-    run_dir: str = "runs/qgdist"
-    run_name: str = "qgdist"
-    epochs: int = 20
-    batch_size: int = 256
-    recipe: str = "paper"             # paper | seed | custom
-    optimizer: str = "adamw"          # adamw | adam | sgd (custom recipe)
-    lr: float = 3e-3                  # peak learning rate of the one-cycle schedule
-    weight_decay: float = 1e-4
-    momentum: float = 0.9
-    schedule: str = "onecycle"        # onecycle | step | constant
-    grad_clip: float | None = 1.0
-    precision: str = "auto"           # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
-    compile: bool = False
-    seed: int = 0
-    device: str = "auto"              # auto | cpu | cuda
-    loader_workers: int = 0           # DataLoader worker processes per rank
-    shuffle_buffer: int = 2000
-    preset: str = "kin"
-    max_particles: int = 128
-    world_size: int = 1               # set by the Ray trainer; part of the fingerprint (shard plan depends on it)
-    checkpoint_every: int = 0         # steps between mid-epoch checkpoints (0: epoch ends only)
-    keep_last: int = 2
-    max_steps: int | None = None      # stop after this many global steps (tests, benchmarks)
-    eval_every_epoch: bool = True
-    log_every: int = 20
-    track: bool = True
-    tracking_uri: str | None = None
-    resume_from: str | None = None    # a checkpoint directory to start from instead of the run's latest
-    allow_config_change: bool = False # resume even when the checkpoint's fingerprint differs
-    progress: bool = True
+    data: DataConfig
+    model: ModelConfig
+    optim: OptimConfig = OptimConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    launch: LaunchConfig = LaunchConfig()
 
-    def __post_init__(self) -> None:
-        if self.recipe not in ("paper", "seed", "custom"):
-            raise ValueError(f"unknown recipe {self.recipe!r}; choose paper, seed or custom")
-        if self.recipe == "paper":
-            self.optimizer, self.lr, self.weight_decay, self.schedule = "adamw", 3e-3, 1e-4, "onecycle"
-        if self.optimizer not in ("adamw", "adam", "sgd"):
-            raise ValueError(f"unknown optimizer {self.optimizer!r}; choose adamw, adam or sgd")
-        if self.schedule not in ("onecycle", "step", "constant"):
-            raise ValueError(f"unknown schedule {self.schedule!r}; choose onecycle, step or constant")
+    @classmethod
+    def of(cls, **flat: Any) -> TrainConfig:
+        """Build from flat settings, as flags name them: ``TrainConfig.of(data="shards", model="resnet15", lr=1e-3)``."""
+        return build(cls, flat, where="TrainConfig.of")
 
-    def apply_seed_recipe(self, model_kind: str) -> None:
-        """Fill the seed notebooks' optimiser for ``model_kind`` ("image" | "cloud") when ``recipe == "seed"``."""
-        if self.recipe != "seed":
-            return
-        if model_kind == "image":
-            self.optimizer, self.lr, self.momentum, self.weight_decay, self.schedule = "sgd", 0.01, 0.6, 0.0, "constant"
-        else:
-            self.optimizer, self.lr, self.weight_decay, self.schedule = "adam", 1e-3, 0.0, "step"
+    @property
+    def run_dir(self) -> str:
+        """Where checkpoints, artifacts and the local MLflow store go: ``storage/run_name``."""
+        return join(self.checkpoint.storage, self.checkpoint.run_name)
+
+    @property
+    def world_size(self) -> int:
+        """Training processes: the Ray Train workers, or 1 for the plain loop."""
+        return max(1, self.launch.workers)
+
+    @property
+    def resolved(self) -> bool:
+        """True once ``resolve`` has filled every recipe field and the precision."""
+        o = self.optim
+        return None not in (o.optimizer, o.lr, o.weight_decay, o.momentum, o.schedule) and o.precision != "auto"
+
+    def replace(self, **flat: Any) -> TrainConfig:
+        """A copy with fields changed by flat name (``cfg.replace(lr=1e-3, run_name="x")``)."""
+        sections = {}
+        for f in dataclasses.fields(self):
+            section = getattr(self, f.name)
+            mine = {k: v for k, v in flat.items() if k in {g.name for g in dataclasses.fields(section)}}
+            sections[f.name] = dataclasses.replace(section, **mine) if mine else section
+        unknown = set(flat) - {g.name for s in sections.values() for g in dataclasses.fields(s)}
+        if unknown:
+            raise ValueError(f"unknown training settings: {sorted(unknown)}")
+        return TrainConfig(**sections)
 
     def fingerprint(self) -> dict[str, Any]:
         """The trajectory-shaping fields (see ``TRAJECTORY_FIELDS``) with a short hash under ``"hash"``."""
+        if not self.resolved:
+            raise ValueError("fingerprint of an unresolved config: call resolve() first")
+        flat = to_flat_dict(self) | {"model": self.model.model, "world_size": self.world_size}
         # A JSON round trip makes tuples and lists (CLI JSON vs Python defaults) compare equal.
-        fields = json.loads(json.dumps({k: getattr(self, k) for k in TRAJECTORY_FIELDS}, default=str))
+        fields = json.loads(json.dumps({k: flat[k] for k in TRAJECTORY_FIELDS}, default=str))
         digest = hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
         return {**fields, "hash": digest}
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Nested plain data: what travels to Ray workers and into MLflow and checkpoints."""
+        return to_dict(self)
+
+
+def resolve(cfg: TrainConfig, model_kind: str | None = None, cuda_available: bool | None = None) -> TrainConfig:
+    """The config that runs: recipe defaults under explicit values, concrete precision, absolute local paths.
+
+    ``model_kind`` ("image" | "cloud") picks the seed recipe's optimiser (default: looked up in the model
+    registry); ``cuda_available`` decides ``precision="auto"`` for the plain loop (default: asks torch).
+    Resolving a resolved config changes nothing.
+    """
+    o = cfg.optim
+    if model_kind is None:
+        from qgdist.models import model_kind as lookup  # noqa: PLC0415 -- the registry imports torch
+
+        model_kind = lookup(cfg.model.model)
+    recipe = RECIPES[o.recipe][model_kind]
+    filled = {k: v if getattr(o, k) is None else getattr(o, k) for k, v in recipe.items()}
+    precision = o.precision
+    if precision == "auto":
+        if cfg.launch.workers == 0 and not cfg.launch.gpu and cuda_available is None:
+            import torch  # noqa: PLC0415
+
+            cuda_available = torch.cuda.is_available()
+        precision = "bf16" if cfg.launch.gpu or (cfg.launch.workers == 0 and cuda_available) else "fp32"
+    c = cfg.checkpoint
+    return dataclasses.replace(
+        cfg,
+        data=dataclasses.replace(cfg.data, data=absolute(cfg.data.data)),
+        optim=dataclasses.replace(o, precision=precision, **filled),
+        checkpoint=dataclasses.replace(c, storage=absolute(c.storage), resume_from=absolute(c.resume_from)),
+        tracking=dataclasses.replace(cfg.tracking, tracking_uri=resolve_tracking_uri(cfg.tracking.tracking_uri)))

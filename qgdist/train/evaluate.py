@@ -13,33 +13,40 @@ validation AUC, else its latest).
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
-import torch
-from upath import UPath
+from qgdist.core.atomic import atomic_path, write_json
+from qgdist.core.config import option
+from qgdist.core.device import Device
+from qgdist.core.storage import is_local, run_path, scratch_dir, upload
 
-from qgdist.train.storage import is_local, run_path, scratch_dir, upload
+if TYPE_CHECKING:   # torch is imported when evaluating, so that the command line's parser stays light
+    import torch
+    from upath import UPath
 
 METRIC_ORDER = ("loss", "acc", "auc", "rej30", "rej50")
 
 
-@dataclass
+@dataclass(frozen=True)
 class EvalConfig:
-    """One evaluation: which checkpoint, on which data and split, written where."""
+    """One evaluation: which checkpoint, on which data and split, written where (the flags of ``qgdist evaluate``)."""
 
-    checkpoint: str
-    data: str
-    split: str = "test"
-    out: str | None = None          # default: <run_dir>/eval/<split> (written locally, copied up for a URL)
-    batch_size: int = 512
-    device: str = "auto"            # auto | cpu | cuda
-    progress: bool = True
-    track: bool = False             # also log <split>/* metrics and the outputs into the checkpoint's MLflow run
-    tracking_uri: str | None = None # default: the run directory's local store
+    checkpoint: str = option(help="checkpoint directory, its state.pt, or a run directory (best checkpoint, else "
+                                  "latest)")
+    data: str = option(help="shard directory (manifest.json + tar shards)")
+    split: Literal["train", "val", "test"] = option("test", "split to score")
+    out: str | None = option(None, "output directory (default RUN_DIR/eval/SPLIT; written locally, copied up when "
+                                   "the run directory is a URL)")
+    batch_size: int = option(512, "jets per batch")
+    device: Device = option("auto", "where the model runs; auto: CUDA when visible")
+    progress: bool = option(True, "progress bar")
+    track: bool = option(False, "also log SPLIT/* metrics and the outputs into the MLflow run that trained the "
+                                "checkpoint")
+    tracking_uri: str | None = option(None, "MLflow server of that run (default: $MLFLOW_TRACKING_URI, else the run "
+                                            "directory's local store)")
 
 
 def resolve_checkpoint(path: str | os.PathLike[str]) -> UPath:
@@ -93,9 +100,9 @@ def _jet_ids(batch: dict[str, Any]) -> tuple[list[str], list[int]]:
     return files, rows
 
 
-@torch.no_grad()
 def score_split(model: torch.nn.Module, state: dict[str, Any], cfg: EvalConfig, device: torch.device) -> dict[str, Any]:
     """Run ``model`` over every jet of ``cfg.split`` once; returns columns file, row, is_quark, logit and the loss."""
+    import torch
     from tqdm import tqdm
 
     from qgdist.data.loader import LoaderConfig, ShardLoader, to_device
@@ -113,7 +120,8 @@ def score_split(model: torch.nn.Module, state: dict[str, Any], cfg: EvalConfig, 
                desc=f"evaluate {cfg.split}", disable=not cfg.progress, mininterval=1.0)
     for batch in loader.collated(0):
         inputs, label = to_device(batch, device)
-        logits = model(**inputs).float()
+        with torch.no_grad():
+            logits = model(**inputs).float()
         loss_sum += float(torch.nn.functional.binary_cross_entropy_with_logits(logits, label, reduction="sum"))
         files, rows = _jet_ids(batch)
         cols["file"] += files
@@ -131,15 +139,15 @@ def write_scores(cols: dict[str, list], path: Path) -> Path:
     """Per-jet scores as parquet (atomic): file, row, is_quark, score (sigmoid of logit), logit."""
     import pyarrow as pa
     import pyarrow.parquet as pq
+    import torch
 
     logits = torch.tensor(cols["logit"], dtype=torch.float64)
     table = pa.table({"file": pa.array(cols["file"], pa.string()), "row": pa.array(cols["row"], pa.int64()),
                       "is_quark": pa.array(cols["is_quark"], pa.uint8()),
                       "score": pa.array(torch.sigmoid(logits).tolist(), pa.float32()),
                       "logit": pa.array(cols["logit"], pa.float32())})
-    tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
     return path
 
 
@@ -154,12 +162,15 @@ def format_table(metrics: dict[str, float], title: str) -> str:
 
 def evaluate_checkpoint(cfg: EvalConfig) -> dict[str, Any]:
     """Evaluate ``cfg.checkpoint`` on ``cfg.split`` of ``cfg.data``; writes metrics.json, roc.png, scores.parquet."""
-    from qgdist.train.metrics import compute_metrics
-    from qgdist.train.plots import plot_roc
+    import torch
     from torchmetrics.functional.classification import binary_roc
 
+    from qgdist.core.device import resolve_device
+    from qgdist.train.metrics import compute_metrics
+    from qgdist.train.plots import plot_roc
+
     ckpt_dir = resolve_checkpoint(cfg.checkpoint)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
+    device = resolve_device(cfg.device)
     model, state = model_from_checkpoint(ckpt_dir)
     model.to(device)
     run_dir = ckpt_dir.parent.parent if ckpt_dir.parent.name == "checkpoints" else ckpt_dir
@@ -176,9 +187,7 @@ def evaluate_checkpoint(cfg: EvalConfig) -> dict[str, Any]:
              "scores": write_scores(cols, out / "scores.parquet"), "metrics": out / "metrics.json"}
     doc = {**metrics, "n_jets": len(logits), "n_quark": int(labels.sum()), "split": cfg.split, "model": name,
            "checkpoint": str(ckpt_dir), "epoch": state.get("epoch"), "global_step": state.get("global_step")}
-    tmp = paths["metrics"].with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(doc, indent=1))
-    os.replace(tmp, paths["metrics"])
+    write_json(paths["metrics"], doc)
     if not cfg.out and not is_local(run_dir):
         upload(out, run_dir / "eval" / cfg.split)
     if cfg.track:
@@ -189,15 +198,20 @@ def evaluate_checkpoint(cfg: EvalConfig) -> dict[str, Any]:
 
 def track_results(cfg: EvalConfig, run_dir: Path, state: dict[str, Any], metrics: dict[str, float],
                   paths: dict[str, Path]) -> str:
-    """Add ``<split>/<metric>`` (at the checkpoint's global step) and the outputs to the run that trained it."""
+    """Add ``<split>/<metric>`` (at the checkpoint's global step) and the outputs to the run that trained it.
+
+    The tracker is ``cfg.tracking_uri``, else ``$MLFLOW_TRACKING_URI``, else the run directory's local store: the
+    same rule as training (``qgdist.core.tracking``), so a run trained against a server is found there.
+    """
     import math
 
+    from qgdist.core.tracking import resolve_tracking_uri
     from qgdist.track.tracker import Tracker
 
     run_id = state.get("mlflow_run_id")
     if not run_id:
         raise ValueError(f"{cfg.checkpoint}: the checkpoint names no MLflow run (trained with tracking off?)")
-    tracker = Tracker(run_dir, cfg.tracking_uri)
+    tracker = Tracker(run_dir, resolve_tracking_uri(cfg.tracking_uri))
     tracker.start(f"evaluate {cfg.split}", run_id=run_id)
     with tracker:
         tracker.log_metrics({f"{cfg.split}/{k}": v for k, v in metrics.items() if math.isfinite(v)},

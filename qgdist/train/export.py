@@ -17,49 +17,70 @@ Two things differ from training, both checked by the onnxruntime comparison that
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+from qgdist.core.atomic import atomic_path
+from qgdist.core.config import option
+
+if TYPE_CHECKING:   # torch is imported when exporting, so that the command line's parser stays light
+    import torch
 
 INPUT_NAMES = {"image": ("image", "jet"), "cloud": ("points", "features", "mask")}
 
 
-@dataclass
+@dataclass(frozen=True)
 class ExportConfig:
-    """Which checkpoint to export where, and how closely onnxruntime must agree with PyTorch."""
+    """Which checkpoint to export where, and how closely onnxruntime must agree with PyTorch (``qgdist export``)."""
 
-    checkpoint: str
-    onnx: str
-    opset: int = 17
-    atol: float = 1e-4
-    rtol: float = 1e-3
-    image_size: int = 125           # H = W of the example image when the model does not fix it
+    checkpoint: str = option(help="checkpoint directory, its state.pt, or a run directory")
+    onnx: str = option(help="output .onnx file")
+    opset: int = option(17, "ONNX opset version")
+    atol: float = option(1e-4, "tolerated absolute difference of the logits")
+    rtol: float = option(1e-3, "tolerated relative difference of the logits")
+    image_size: int = option(125, "height = width of the example image when the model does not fix it")
 
 
-class OnnxWrapper(torch.nn.Module):
-    """Positional inputs -> ``model(**inputs)``; cloud inputs padded by ``pad`` masked particles."""
+def __getattr__(name: str) -> Any:
+    """``OnnxWrapper`` subclasses ``torch.nn.Module``, so it is defined on first use (importing torch then)."""
+    if name == "OnnxWrapper":
+        return _onnx_wrapper()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
-    def __init__(self, model: torch.nn.Module, pad: int = 0) -> None:
-        super().__init__()
-        self.model, self.pad = model, pad
-        self.names = INPUT_NAMES[model.kind]
 
-    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
-        named = dict(zip(self.names, inputs))
-        if self.model.kind == "cloud" and self.pad:
-            pad = self.pad
-            named = {"points": torch.nn.functional.pad(named["points"], (0, 0, 0, pad)),
-                     "features": torch.nn.functional.pad(named["features"], (0, 0, 0, pad)),
-                     "mask": torch.nn.functional.pad(named["mask"], (0, pad), value=False)}
-        return self.model(**named)
+@functools.cache
+def _onnx_wrapper() -> type:
+    import torch
+
+    class OnnxWrapper(torch.nn.Module):
+        """Positional inputs -> ``model(**inputs)``; cloud inputs padded by ``pad`` masked particles."""
+
+        def __init__(self, model: torch.nn.Module, pad: int = 0) -> None:
+            super().__init__()
+            self.model, self.pad = model, pad
+            self.names = INPUT_NAMES[model.kind]
+
+        def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+            named = dict(zip(self.names, inputs))
+            if self.model.kind == "cloud" and self.pad:
+                pad = self.pad
+                named = {"points": torch.nn.functional.pad(named["points"], (0, 0, 0, pad)),
+                         "features": torch.nn.functional.pad(named["features"], (0, 0, 0, pad)),
+                         "mask": torch.nn.functional.pad(named["mask"], (0, pad), value=False)}
+            return self.model(**named)
+
+    OnnxWrapper.__module__ = __name__
+    return OnnxWrapper
 
 
 def knn_onnx(x: torch.Tensor, k: int, mask: torch.Tensor | None = None, **_: Any) -> torch.Tensor:
     """``qgdist.models.knn.knn`` in ONNX-exportable ops (float topk, ties to the lower index); needs P >= k."""
+    import torch
+
     from qgdist.models.knn import _centred_float32
 
     b, p, _ = x.shape
@@ -99,6 +120,8 @@ def _max_k(model: torch.nn.Module) -> int:
 def example_inputs(model: torch.nn.Module, batch: int, particles: int = 40, image_size: int = 125,
                    seed: int = 0) -> dict[str, torch.Tensor]:
     """Synthetic inputs of the right shapes: sparse non-negative images, clouds with varying jet lengths."""
+    import torch
+
     gen = torch.Generator().manual_seed(seed)
     cfg = getattr(model, "config", None)
     if model.kind == "image":
@@ -118,10 +141,11 @@ def example_inputs(model: torch.nn.Module, batch: int, particles: int = 40, imag
 def export_model(model: torch.nn.Module, path: str | os.PathLike[str], opset: int = 17,
                  image_size: int = 125) -> Path:
     """Write ``model`` as ONNX at ``path`` (atomically); dynamic batch (and particle) axes."""
+    import torch
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     model = model.eval().cpu()
-    wrapper = OnnxWrapper(model, pad=_max_k(model)).eval()
+    wrapper = _onnx_wrapper()(model, pad=_max_k(model)).eval()
     names = list(INPUT_NAMES[model.kind])
     inputs = example_inputs(model, batch=4, particles=32, image_size=image_size)
     axes: dict[str, dict[int, str]] = {n: {0: "batch"} for n in names}
@@ -130,13 +154,11 @@ def export_model(model: torch.nn.Module, path: str | os.PathLike[str], opset: in
             axes[n][1] = "particles"
     elif not hasattr(getattr(model, "config", None), "image_size"):   # fully convolutional: any H, W
         axes["image"].update({2: "height", 3: "width"})
-    tmp = path.with_name(f".{path.name}.tmp")
-    with onnx_friendly(model), torch.no_grad():
+    with onnx_friendly(model), torch.no_grad(), atomic_path(path) as tmp:
         # dynamo=False: the TorchScript exporter needs no onnxscript (not a dependency) and handles these models.
         torch.onnx.export(wrapper, tuple(inputs[n] for n in names), str(tmp), input_names=names,
                           output_names=["logits"], dynamic_axes={**axes, "logits": {0: "batch"}},
                           opset_version=opset, dynamo=False)
-    os.replace(tmp, path)
     return path
 
 
@@ -150,6 +172,7 @@ def check_onnx(path: str | os.PathLike[str], model: torch.nn.Module, atol: float
     import numpy as np
     import onnx
     import onnxruntime as ort
+    import torch
 
     onnx.checker.check_model(onnx.load(str(path)))
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -170,9 +193,8 @@ def export_checkpoint(cfg: ExportConfig) -> dict[str, Any]:
 
     A ``*-pyg`` model is exported through its dense twin (same weights), and checked against the PyG model.
     """
-    from qgdist.train.evaluate import model_from_checkpoint
-
     from qgdist.models import get_model, model_config
+    from qgdist.train.evaluate import model_from_checkpoint
 
     model, state = model_from_checkpoint(cfg.checkpoint)
     name = (state.get("fingerprint") or {}).get("model", "")

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -24,11 +23,16 @@ import torch
 import torch.distributed as dist
 from upath import UPath
 
+from qgdist.core import atomic
+from qgdist.core.config import to_flat_dict
+from qgdist.core.device import resolve_device
+from qgdist.core.storage import is_local, run_path, scratch_dir, upload
 from qgdist.data.loader import LoaderConfig, ShardLoader
-from qgdist.train.checkpoint import Checkpointer, check_fingerprint, load_checkpoint, rng_state, set_rng_state
+from qgdist.train.checkpoint import (Checkpointer, check_fingerprint, load_checkpoint, rng_state, set_rng_state,
+                                     to_cpu)
 from qgdist.train.config import TrainConfig
+from qgdist.train.console import Console
 from qgdist.train.metrics import JetMetrics
-from qgdist.train.storage import is_local, run_path, scratch_dir, upload
 from qgdist.train.step import forward_logits, train_step
 
 WARMUP_STEPS = 3  # steps left out of the steady-state throughput (first batches, allocator, DDP buckets)
@@ -45,20 +49,21 @@ def _gather(obj: Any) -> list[Any]:
 
 
 def build_optimizer(cfg: TrainConfig, model: torch.nn.Module, total_steps: int, steps_per_epoch: int):
-    """The optimiser and per-step LR scheduler of ``cfg``'s recipe."""
+    """The optimiser and per-step LR scheduler of ``cfg``'s resolved optimiser settings."""
+    o = cfg.optim
     params = [p for p in model.parameters() if p.requires_grad]
-    if cfg.optimizer == "adamw":
-        opt: torch.optim.Optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    elif cfg.optimizer == "adam":
-        opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if o.optimizer == "adamw":
+        opt: torch.optim.Optimizer = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
+    elif o.optimizer == "adam":
+        opt = torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay)
     else:
-        opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    if cfg.schedule == "onecycle":
+        opt = torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+    if o.schedule == "onecycle":
         # 3e-4 -> 3e-3 (40%) -> 3e-4 (40%) -> 5e-7 (20%): the ParticleNet paper's schedule, linear pieces.
         sched: torch.optim.lr_scheduler.LRScheduler = torch.optim.lr_scheduler.OneCycleLR(
-            opt, max_lr=cfg.lr, total_steps=max(total_steps, 2), pct_start=0.4, anneal_strategy="linear",
+            opt, max_lr=o.lr, total_steps=max(total_steps, 2), pct_start=0.4, anneal_strategy="linear",
             three_phase=True, div_factor=10.0, final_div_factor=600.0, cycle_momentum=False)
-    elif cfg.schedule == "step":
+    elif o.schedule == "step":
         sched = torch.optim.lr_scheduler.StepLR(opt, step_size=10 * steps_per_epoch, gamma=0.1)
     else:
         sched = torch.optim.lr_scheduler.ConstantLR(opt, factor=1.0, total_iters=0)
@@ -92,75 +97,78 @@ def write_artifacts(cfg: TrainConfig, model: torch.nn.Module, history: dict[str,
     out.mkdir(parents=True, exist_ok=True)
     files = []
     for name, doc in (("config.json", cfg.to_dict()), ("metrics.json", {"val": val, "history": history})):
-        (out / f".{name}.tmp").write_text(json.dumps(doc, indent=1, default=str))
-        os.replace(out / f".{name}.tmp", out / name)
+        atomic.write_json(out / name, doc)
         files.append(out / name)
-    torch.save({"model": cfg.model, "model_kwargs": cfg.model_kwargs, "state_dict": model.state_dict()},
-               out / ".model.pt.tmp")
-    os.replace(out / ".model.pt.tmp", out / "model.pt")
+    with atomic.atomic_path(out / "model.pt") as tmp:
+        torch.save({"model": cfg.model.model, "model_kwargs": cfg.model.model_kwargs,
+                    "state_dict": to_cpu(model.state_dict())}, tmp)
     files.append(out / "model.pt")
     if history:
         files.append(plot_curves({k: tuple(zip(*v)) for k, v in history.items() if v}, out / "curves.png"))
     if roc is not None:
-        files.append(plot_roc({f"{cfg.model} val": (roc[0].cpu().numpy(), roc[1].cpu().numpy())}, out / "roc.png"))
+        files.append(plot_roc({f"{cfg.model.model} val": (roc[0].cpu().numpy(), roc[1].cpu().numpy())}, out / "roc.png"))
     if not is_local(cfg.run_dir):
         upload(out, run_path(cfg.run_dir) / "artifacts")
     return files
 
 
-def train(cfg: TrainConfig, device: torch.device | str | None = None, report: Report | None = None) -> dict[str, Any]:
-    """Train ``cfg``; returns the final validation metrics, checkpoint path and counters."""
+def train(cfg: TrainConfig, device: torch.device | str | None = None, report: Report | None = None,
+          console: Console | None = None) -> dict[str, Any]:
+    """Train ``cfg`` (resolved, see ``qgdist.train.config.resolve``); returns the final validation metrics,
+    checkpoint path and counters."""
     from qgdist.models import get_model  # noqa: PLC0415 -- models import torch-geometric; only needed here
     from qgdist.track.tracker import Tracker
+
+    if not cfg.resolved:
+        raise ValueError("train() needs a resolved config: qgdist.train.config.resolve(cfg)")
+    d, o, c, t = cfg.data, cfg.optim, cfg.checkpoint, cfg.tracking
 
     # -- where am I -------------------------------------------------------------------------------------------
     distributed = dist.is_available() and dist.is_initialized()
     rank = dist.get_rank() if distributed else 0
-    cfg.world_size = dist.get_world_size() if distributed else 1
-    if device is None:
-        device = "cuda" if cfg.device == "auto" and torch.cuda.is_available() else (
-            "cpu" if cfg.device == "auto" else cfg.device)
-    device = torch.device(device)
-    precision = ("bf16" if device.type == "cuda" else "fp32") if cfg.precision == "auto" else cfg.precision
-    torch.manual_seed(cfg.seed)  # same initial weights on every rank (DDP broadcasts rank 0's anyway)
-    say = print if rank == 0 else (lambda *a, **k: None)
+    world = dist.get_world_size() if distributed else 1
+    if world != cfg.world_size:
+        raise ValueError(f"config is for {cfg.world_size} worker(s) but {world} process(es) run it")
+    device = resolve_device(device if device is not None else ("cuda" if cfg.launch.gpu else "auto"))
+    precision = o.precision
+    torch.manual_seed(o.seed)  # same initial weights on every rank (DDP broadcasts rank 0's anyway)
+    console = Console(enabled=rank == 0) if console is None else console
+    say = console.say
 
     # -- data ------------------------------------------------------------------------------------------------
     def loader(split: str, training: bool) -> ShardLoader:
-        return ShardLoader(LoaderConfig(
-            cfg.data, split=split, batch_size=cfg.batch_size, rank=rank, world_size=cfg.world_size,
-            num_workers=cfg.loader_workers, seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer if training else 0,
-            training=training, preset=cfg.preset, max_particles=cfg.max_particles, device=str(device)))
+        return ShardLoader(LoaderConfig.of_run(d, split, training=training, rank=rank, world_size=world,
+                                               seed=o.seed, device=str(device)))
 
     train_loader, val_loader = loader("train", True), loader("val", False)
-    steps = [train_loader.steps_in_epoch(e) for e in range(cfg.epochs)]
+    steps = [train_loader.steps_in_epoch(e) for e in range(o.epochs)]
     total_steps = sum(steps)
 
     # -- model and optimiser ---------------------------------------------------------------------------------
-    kwargs = dict(cfg.model_kwargs)
+    kwargs = dict(cfg.model.model_kwargs)
     if train_loader.kind == "cloud":
         kwargs.setdefault("in_features", train_loader.in_features)
-    model = get_model(cfg.model, **kwargs).to(device)
+    model = get_model(cfg.model.model, **kwargs).to(device)
     if model.kind != train_loader.kind:
-        raise ValueError(f"model {cfg.model!r} takes {model.kind} inputs but {cfg.data} holds {train_loader.kind}s")
-    cfg.apply_seed_recipe(model.kind)
+        raise ValueError(f"model {cfg.model.model!r} takes {model.kind} inputs but {d.data} holds "
+                         f"{train_loader.kind}s")
     optimizer, scheduler = build_optimizer(cfg, model, total_steps, steps[0])
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
     # -- resume ----------------------------------------------------------------------------------------------
-    ckpt = Checkpointer(cfg.run_dir, cfg.keep_last)
-    source = run_path(cfg.resume_from) if cfg.resume_from else ckpt.latest()
+    ckpt = Checkpointer(cfg.run_dir, c.keep_last)
+    source = run_path(c.resume_from) if c.resume_from else ckpt.latest()
     epoch, step, global_step, run_id = 0, 0, 0, None
     history: dict[str, list[list[float]]] = {}  # metric -> [[global_step, value], ...], kept across resumes
     if source is not None:
         state = load_checkpoint(source)
         say(f"resumed from {source} at epoch {state['epoch']} step {state['step']} "
-            f"(global step {state['global_step']})", flush=True)
-        changed = check_fingerprint(state["fingerprint"], cfg.fingerprint(), str(source), cfg.allow_config_change)
+            f"(global step {state['global_step']})")
+        changed = check_fingerprint(state["fingerprint"], cfg.fingerprint(), str(source), c.allow_config_change)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         if changed:  # the schedule may have another length now: follow the new one from the same step
-            say("config changed since the checkpoint (allowed):\n  " + "\n  ".join(changed), flush=True)
+            say("config changed since the checkpoint (allowed):\n  " + "\n  ".join(changed))
             scheduler.last_epoch = state["global_step"]
         else:
             scheduler.load_state_dict(state["scheduler"])
@@ -170,14 +178,14 @@ def train(cfg: TrainConfig, device: torch.device | str | None = None, report: Re
         epoch, step, global_step = state["epoch"], state["step"], state["global_step"]
         run_id, history = state.get("mlflow_run_id") or None, state.get("history", {})
     else:
-        say(f"starting {cfg.run_name}: {cfg.model} on {cfg.data}, {cfg.world_size} rank(s), {device}, "
-            f"{total_steps} steps over {cfg.epochs} epochs", flush=True)
+        say(f"starting {c.run_name}: {cfg.model.model} on {d.data}, {world} rank(s), {device}, "
+            f"{total_steps} steps over {o.epochs} epochs")
 
     if distributed:
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
     raw_model = model.module if distributed else model
-    if cfg.compile:
+    if o.compile:
         model = torch.compile(model)
 
     # The MLflow run id is also kept next to the checkpoints, so a run killed before its first checkpoint
@@ -185,12 +193,11 @@ def train(cfg: TrainConfig, device: torch.device | str | None = None, report: Re
     id_file = run_path(cfg.run_dir) / "mlflow_run_id"
     if run_id is None and source is None and id_file.exists():
         run_id = id_file.read_text().strip() or None
-    if cfg.track and rank == 0 and cfg.tracking_uri is None and not is_local(cfg.run_dir):
+    if t.track and rank == 0 and t.tracking_uri is None and not is_local(cfg.run_dir):
         say(f"note: run directory {cfg.run_dir} is not a local path, so the embedded MLflow store lives in "
-            f"{scratch_dir(cfg.run_dir) / 'mlflow'} on this machine; give --tracking-uri to keep runs centrally",
-            flush=True)
-    tracker = Tracker(scratch_dir(cfg.run_dir), cfg.tracking_uri, enabled=cfg.track and rank == 0)
-    run_id = tracker.start(cfg.run_name, cfg.to_dict(), run_id=run_id)
+            f"{scratch_dir(cfg.run_dir) / 'mlflow'} on this machine; give --tracking-uri to keep runs centrally")
+    tracker = Tracker(scratch_dir(cfg.run_dir), t.tracking_uri, enabled=t.track and rank == 0)
+    run_id = tracker.start(c.run_name, to_flat_dict(cfg) | {"world_size": world}, run_id=run_id)
     if run_id and rank == 0:
         id_file.parent.mkdir(parents=True, exist_ok=True)
         id_file.write_text(run_id)
@@ -205,7 +212,7 @@ def train(cfg: TrainConfig, device: torch.device | str | None = None, report: Re
                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": state_rngs,
                 "epoch": epoch, "step": step, "global_step": global_step, "loader": positions,
                 "fingerprint": cfg.fingerprint(), "mlflow_run_id": run_id or "", "history": history,
-                "config": {k: str(v) for k, v in cfg.to_dict().items()}}, auc=(val or {}).get("auc"))
+                "config": json.dumps(cfg.to_dict())}, auc=(val or {}).get("auc"))
         if report is not None:
             speed = history.get("train/jets_per_s", [[0, float("nan")]])[-1][1]
             report({"epoch": epoch, "step": step, "global_step": global_step, "jets_per_s": speed,
@@ -215,33 +222,30 @@ def train(cfg: TrainConfig, device: torch.device | str | None = None, report: Re
     # -- the loop --------------------------------------------------------------------------------------------
     status, val, roc, last_path, evaluated, started = "FAILED", {}, None, None, False, None
     try:
-        from tqdm import tqdm
-
-        while epoch < cfg.epochs and (cfg.max_steps is None or global_step < cfg.max_steps):
+        while epoch < o.epochs and (o.max_steps is None or global_step < o.max_steps):
             model.train()
-            bar = tqdm(total=steps[epoch] * cfg.batch_size * cfg.world_size, initial=step * cfg.batch_size *
-                       cfg.world_size, unit="jet", unit_scale=True, desc=f"epoch {epoch}",
-                       disable=rank != 0 or not cfg.progress, mininterval=2.0)
+            jets_per_step = d.batch_size * world
+            bar = console.bar(steps[epoch] * jets_per_step, step * jets_per_step, f"epoch {epoch}", show=t.progress)
             t0, running, warm = time.perf_counter(), [], None  # warm: (time, step) once past the first steps
             for inputs, label in train_loader.epoch(epoch, step):
                 loss = train_step(model, inputs, label, optimizer, autocast_dtype=precision,
-                                  grad_clip=cfg.grad_clip, scaler=scaler if scaler.is_enabled() else None)
+                                  grad_clip=o.grad_clip or None, scaler=scaler if scaler.is_enabled() else None)
                 scheduler.step()
                 step, global_step = step + 1, global_step + 1
                 running.append(loss)
-                bar.update(cfg.batch_size * cfg.world_size)
+                bar.update(jets_per_step)
                 if started is None:
                     started = time.time()
                 if warm is None and step >= WARMUP_STEPS:
                     warm = (time.perf_counter(), step)
-                if global_step % cfg.log_every == 0:
+                if global_step % t.log_every == 0:
                     mean = torch.stack(running).mean().item()
                     running = []
                     bar.set_postfix(loss=f"{mean:.4f}")
                     history.setdefault("train/loss", []).append([global_step, mean])
                     tracker.log_metrics({"train/loss": mean, "train/lr": scheduler.get_last_lr()[0]}, global_step)
-                stop = cfg.max_steps is not None and global_step >= cfg.max_steps
-                if step < steps[epoch] and (stop or (cfg.checkpoint_every and global_step % cfg.checkpoint_every == 0)):
+                stop = o.max_steps is not None and global_step >= o.max_steps
+                if step < steps[epoch] and (stop or (c.checkpoint_every and global_step % c.checkpoint_every == 0)):
                     last_path = save()
                 if stop:
                     break
@@ -250,17 +254,16 @@ def train(cfg: TrainConfig, device: torch.device | str | None = None, report: Re
                 break  # max_steps reached mid-epoch
             seconds = time.perf_counter() - t0
             if warm is not None and step > warm[1]:  # steady-state throughput (global jets/s), for bench train
-                speed = (step - warm[1]) * cfg.batch_size * cfg.world_size / (time.perf_counter() - warm[0])
+                speed = (step - warm[1]) * jets_per_step / (time.perf_counter() - warm[0])
                 history.setdefault("train/jets_per_s", []).append([global_step, speed])
-            val, roc = evaluate(raw_model, val_loader, device, precision) if cfg.eval_every_epoch else ({}, None)
+            val, roc = evaluate(raw_model, val_loader, device, precision)
             for k, v in val.items():
                 history.setdefault(f"val/{k}", []).append([global_step, v])
             tracker.log_metrics({f"val/{k}": v for k, v in val.items() if math.isfinite(v)}, global_step)
-            say(f"epoch {epoch}: " + " ".join(f"{k}={v:.4f}" for k, v in val.items()) + f" ({seconds:.1f} s)",
-                flush=True)
+            say(f"epoch {epoch}: " + " ".join(f"{k}={v:.4f}" for k, v in val.items()) + f" ({seconds:.1f} s)")
             epoch, step, evaluated = epoch + 1, 0, True
             last_path = save(val)
-        if rank == 0 and epoch >= cfg.epochs and evaluated:
+        if rank == 0 and epoch >= o.epochs and evaluated:
             for path in write_artifacts(cfg, raw_model, history, val, roc):
                 tracker.log_artifact(path)
         status = "FINISHED"

@@ -5,11 +5,12 @@ matplotlib runs with the Agg backend (no display on cluster workers). Files are 
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
+
+from qgdist.core.atomic import atomic_path
 
 Curve = tuple[Sequence[float], Sequence[float]]   # (fpr, tpr) or (steps, values)
 
@@ -26,14 +27,13 @@ def _figure(ncols: int, width: float = 5.0):
 def _save(fig, path: str | Path) -> Path:
     import matplotlib.pyplot as plt
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.tight_layout()
-    fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    try:
+        fig.tight_layout()
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=110, format="png")
+    finally:
+        plt.close(fig)
+    return Path(path)
 
 
 def plot_roc(curves: Mapping[str, Curve], path: str | Path, title: str = "quark (signal) vs gluon") -> Path:

@@ -35,6 +35,8 @@ from typing import Any
 
 import fsspec
 
+from qgdist.core.atomic import write_text
+from qgdist.core.storage import join
 from qgdist.data.shards.schema import SCHEMA_VERSION
 
 MANIFEST_NAME = "manifest.json"
@@ -94,14 +96,10 @@ class Manifest:
 
 
 def write_manifest(manifest: Manifest, directory: str) -> str:
-    """Write ``directory/manifest.json`` atomically (temporary name, then rename); returns its URL."""
-    fs, root = fsspec.core.url_to_fs(directory)
-    final = posixpath.join(root, MANIFEST_NAME)
-    tmp = final + ".tmp"
-    with fs.open(tmp, "w") as f:
-        f.write(manifest.to_json())
-    fs.mv(tmp, final)
-    return final
+    """Write ``directory/manifest.json`` atomically (``qgdist.core.atomic``); returns its path or URL."""
+    path = join(directory, MANIFEST_NAME)
+    write_text(path, manifest.to_json())
+    return path
 
 
 def read_manifest(directory: str) -> Manifest:

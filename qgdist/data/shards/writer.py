@@ -1,4 +1,5 @@
-"""Atomic tar shard writer: each shard is written under a temporary name and renamed into place when complete.
+"""Atomic tar shard writer: each shard streams into ``qgdist.core.atomic.atomic_path`` (a hidden temporary file
+beside it, or local scratch for a URL) and is renamed (or uploaded) into place only when complete.
 
 A shard's sha256, byte count and sample count are taken while writing (no second read). Samples are written in
 the order given; the caller passes them sorted by key so every sample's members are contiguous and shards are
@@ -9,12 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import io
-import posixpath
 import tarfile
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from contextlib import ExitStack
+from typing import Any
 
-import fsspec
-
+from qgdist.core.atomic import atomic_path
+from qgdist.core.storage import join
 from qgdist.data.shards.manifest import ShardInfo
 
 
@@ -33,9 +35,8 @@ class _HashingSink:
         return len(data)
 
 
-def tmp_name(name: str) -> str:
-    """The hidden temporary name a shard has while it is being written (never matched by ``*.tar`` globs)."""
-    return "." + name + ".tmp"
+class _Aborted(Exception):
+    """Thrown into a shard's ``atomic_path`` block to drop its temporary file without committing it."""
 
 
 class ShardWriter:
@@ -49,23 +50,25 @@ class ShardWriter:
     """
 
     def __init__(self, directory: str, split: str, name_fn: Callable[[int], str], max_bytes: int = 64 << 20):
-        self.fs, self.root = fsspec.core.url_to_fs(directory)
+        self.directory = directory
         self.split = split
         self.name_fn = name_fn
         self.max_bytes = max_bytes
         self.shards: list[ShardInfo] = []
-        self._file: Any = None
-        self._sink: Optional[_HashingSink] = None
-        self._tar: Optional[tarfile.TarFile] = None
+        self._commit: ExitStack | None = None  # the open shard's file inside its atomic_path block
+        self._sink: _HashingSink | None = None
+        self._tar: tarfile.TarFile | None = None
         self._count = 0
 
     def _open(self) -> None:
         name = self.name_fn(len(self.shards))
         self._name = name
-        self._tmp = posixpath.join(self.root, tmp_name(name))
-        self._file = self.fs.open(self._tmp, "wb")
-        self._sink = _HashingSink(self._file)
-        self._tar = tarfile.open(fileobj=self._sink, mode="w|", format=tarfile.GNU_FORMAT)  # type: ignore[arg-type]
+        self._commit = ExitStack()
+        tmp = self._commit.enter_context(atomic_path(join(self.directory, name)))
+        self._sink = _HashingSink(self._commit.enter_context(open(tmp, "wb")))
+        # Last in, first out: the tar stream ends (or, on abort, is dropped), the file closes, then it is committed.
+        self._tar = self._commit.enter_context(
+            tarfile.open(fileobj=self._sink, mode="w|", format=tarfile.GNU_FORMAT))  # type: ignore[arg-type]
         self._count = 0
 
     def write(self, sample: dict[str, Any]) -> None:
@@ -84,12 +87,10 @@ class ShardWriter:
             self._finish()
 
     def _finish(self) -> None:
-        assert self._tar is not None and self._sink is not None
-        self._tar.close()  # writes the end-of-archive blocks through the sink
-        self._file.close()
-        self.fs.mv(self._tmp, posixpath.join(self.root, self._name))
+        assert self._tar is not None and self._sink is not None and self._commit is not None
+        self._commit.close()  # end-of-archive blocks through the sink, close the file, rename (or upload) it
         self.shards.append(ShardInfo(self._name, self.split, self._count, self._sink.bytes, self._sink.sha.hexdigest()))
-        self._tar = self._sink = self._file = None
+        self._tar = self._sink = self._commit = None
 
     def close(self) -> list[ShardInfo]:
         """Finish the open shard (if any sample went into it) and return every shard written."""
@@ -99,8 +100,6 @@ class ShardWriter:
 
     def abort(self) -> None:
         """Drop the shard in progress (its temporary file); finished shards stay."""
-        if self._file is not None:
-            self._file.close()
-            if self.fs.exists(self._tmp):
-                self.fs.rm(self._tmp)
-        self._tar = self._sink = self._file = None
+        if self._commit is not None:
+            self._commit.__exit__(_Aborted, _Aborted(), None)  # closes tar and file; atomic_path removes it
+        self._tar = self._sink = self._commit = None

@@ -18,24 +18,29 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from qgdist.core import atomic
+from qgdist.core.config import option
 
 #: Test accuracy of the seed notebooks on the real datasets (REFERENCE.md section 1 and 4).
 SEED_BASELINES = {"resnet15": ("seed Keras CNN, CMS images", 0.513),
                   "particlenet-lite": ("seed Keras ParticleNet-Lite, EnergyFlow clouds", 0.742)}
 
 
-@dataclass
+@dataclass(frozen=True)
 class QuickstartConfig:
     """Sizes of the quickstart run (the defaults finish in under 10 minutes on 2 cores)."""
 
-    out: str = "quickstart"
-    jets: int = 6000                # toy clouds; images are a third of that (each costs ~20x more to train on)
-    epochs: int = 3
-    workers: int = 2
-    cloud_batch: int = 128
-    image_batch: int = 32
-    seed: int = 0
-    model_kwargs: dict | None = None  # per model name, for tiny test runs
+    out: str = option("quickstart", "directory for data, runs and the report")
+    jets: int = option(6000, "toy clouds; images are a third of that (each costs ~20x more to train on)")
+    epochs: int = option(3, "training epochs of each model")
+    workers: int = option(2, "Ray Train workers")
+    cloud_batch: int = option(128, "batch size per worker of particlenet-lite")
+    image_batch: int = option(32, "batch size per worker of resnet15")
+    seed: int = option(0, "seed of the toy data and the training runs")
+    verbose: bool = option(False, "show Ray's own log lines on the terminal")
+    model_kwargs: dict[str, dict[str, Any]] = option({}, "model settings by model name (tiny test runs)", cli=False)
 
 
 def _stage(name: str, t0: float) -> None:
@@ -44,11 +49,10 @@ def _stage(name: str, t0: float) -> None:
 
 def quickstart(cfg: QuickstartConfig) -> Path:
     """Run the pipeline and return the path of the markdown report."""
+    from qgdist.core.ray import ensure_ray
     from qgdist.data.convert import ConvertConfig, convert
-    from qgdist.generate.toy import ToyConfig
-    from qgdist.generate.toy import run as make_toy
-    from qgdist.ray_runtime import ensure_ray
-    from qgdist.train.config import TrainConfig
+    from qgdist.pipelines.toy_data import toy_file
+    from qgdist.train.config import TrainConfig, resolve
     from qgdist.train.evaluate import EvalConfig, evaluate_checkpoint
     from qgdist.train.ray_trainer import fit
 
@@ -58,10 +62,10 @@ def quickstart(cfg: QuickstartConfig) -> Path:
     raw.mkdir(parents=True, exist_ok=True)
     image_jets = max(cfg.jets // 3, 60)
     _stage(f"generating {cfg.jets} toy clouds and {image_jets} toy images", t0)
-    make_toy(ToyConfig("energyflow", cfg.jets, str(raw / "toy_qg.npz"), cfg.seed))
-    make_toy(ToyConfig("cms", image_jets, str(raw / "toy_cms.parquet"), cfg.seed + 1))
+    toy_file("energyflow", cfg.jets, raw / "toy_qg.npz", cfg.seed)
+    toy_file("cms", image_jets, raw / "toy_cms.parquet", cfg.seed + 1)
 
-    ensure_ray()
+    ensure_ray(log_dir=out, verbose=cfg.verbose)
     datasets = {}
     for source, kind, inputs in (("energyflow", "cloud", raw / "toy_qg.npz"), ("cms", "image", raw / "toy_cms.parquet")):
         _stage(f"converting {inputs.name} with Ray", t0)
@@ -72,10 +76,11 @@ def quickstart(cfg: QuickstartConfig) -> Path:
     for model, kind, batch in (("particlenet-lite", "cloud", cfg.cloud_batch), ("resnet15", "image", cfg.image_batch)):
         _stage(f"training {model} with {cfg.workers} Ray Train workers", t0)
         shutil.rmtree(runs / model, ignore_errors=True)  # the quickstart always starts afresh
-        train_cfg = TrainConfig(datasets[kind], model, model_kwargs=(cfg.model_kwargs or {}).get(model, {}),
-                                run_name=model, epochs=cfg.epochs, batch_size=batch, seed=cfg.seed,
-                                shuffle_buffer=1000, checkpoint_every=0, progress=False, log_every=5)
-        result = fit(train_cfg, str(runs), num_workers=cfg.workers)
+        train_cfg = TrainConfig.of(data=datasets[kind], model=model, model_kwargs=cfg.model_kwargs.get(model, {}),
+                                   run_name=model, storage=str(runs), workers=cfg.workers, epochs=cfg.epochs,
+                                   batch_size=batch, seed=cfg.seed, shuffle_buffer=1000, checkpoint_every=0,
+                                   log_every=5, max_failures=0, verbose=cfg.verbose)
+        result = fit(resolve(train_cfg))
         _stage(f"evaluating {model} on the test split", t0)
         best = Path(result["run_dir"]) / "checkpoints" / "best.json"
         ckpt = best.parent / json.loads(best.read_text())["name"] if best.exists() else result["checkpoint"]
@@ -111,7 +116,5 @@ def _write_report(out: Path, rows: list, cfg: QuickstartConfig, seconds: float) 
         lines.append(f"MLflow store: `qgdist tracker --store {run_dir / 'mlflow'}`; run directory `{run_dir}`.")
         lines.append("")
     report = out / "report.md"
-    tmp = report.with_suffix(".md.tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    tmp.replace(report)
+    atomic.write_text(report, "\n".join(lines) + "\n")
     return report

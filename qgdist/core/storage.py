@@ -29,6 +29,16 @@ def run_path(location: str | os.PathLike[str]) -> UPath:
     return location if isinstance(location, UPath) else UPath(location)
 
 
+def absolute(location: str | None) -> str | None:
+    """A local path made absolute (Ray workers run in another working directory); URLs and None unchanged."""
+    return location if location is None or "://" in location else os.path.abspath(location)
+
+
+def join(location: str, *names: str) -> str:
+    """``location/name/...`` for a local path or a URL."""
+    return str(run_path(location).joinpath(*names))
+
+
 def is_local(path: str | os.PathLike[str]) -> bool:
     """True for a plain local path (not a URL)."""
     return isinstance(run_path(path), Path)
@@ -50,23 +60,15 @@ def remove_tree(path: UPath) -> None:
         path.fs.rm(path.path, recursive=True)
 
 
-def write_text_atomic(path: UPath, text: str) -> None:
-    """Write ``text`` under a temporary name, then move it into place."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    move(tmp, path)
-
-
 def upload(local: Path, remote: UPath) -> None:
-    """Copy a local file or directory tree to ``remote`` (files under temporary names first)."""
+    """Copy a local file or directory tree to ``remote``, each file written atomically."""
     if local.is_dir():
         for child in local.iterdir():
             upload(child, remote / child.name)
         return
-    remote.parent.mkdir(parents=True, exist_ok=True)
-    tmp = remote.with_name(f".{remote.name}.tmp")
-    tmp.write_bytes(local.read_bytes())
-    move(tmp, remote)
+    from qgdist.core.atomic import write_bytes  # noqa: PLC0415 -- atomic builds on this module
+
+    write_bytes(remote, local.read_bytes())
 
 
 def scratch_dir(run_dir: str | os.PathLike[str]) -> Path:

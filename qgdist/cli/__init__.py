@@ -1,0 +1,40 @@
+"""The ``qgdist`` command line: one module per command group, wired here in a static table.
+
+Each group module exposes ``register(subparsers)``; its parsers are generated from the stage configs
+(``qgdist.core.config``), and its run functions import the heavy libraries (torch, ray, mlflow) when called, so
+``qgdist --help`` stays fast. A group module that fails to import is an error, never a missing command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+import qgdist
+from qgdist.cli import bench, cluster, data, evaluate, generate, pipelines, track, train
+
+#: Command groups in pipeline order (``qgdist --help`` lists them so).
+GROUPS = (generate, data, train, evaluate, track, cluster, pipelines, bench)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole ``qgdist`` parser (also used by ``qgdist submit`` to check a job's arguments before sending)."""
+    parser = argparse.ArgumentParser(
+        prog="qgdist", description="Distributed streaming quark/gluon jet tagging (Ray, PyTorch, MLflow).")
+    parser.add_argument("--version", action="version", version=f"qgdist {qgdist.__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for group in GROUPS:
+        group.register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``qgdist`` console script; returns the process exit code."""
+    args = build_parser().parse_args(argv)
+    try:
+        code = args.func(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return int(code or 0)

@@ -1,0 +1,45 @@
+"""``qgdist train``: flags (or ``--config run.yaml``) -> a resolved ``TrainConfig`` -> the plain loop or Ray Train."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from qgdist.core.config import add_arguments, describe, from_args
+from qgdist.train.config import TrainConfig
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "train", help="train a model with Ray Train DDP (or the plain loop: --workers 0)",
+        description="Train a model on a converted dataset. Re-running the same command (same --run-name and "
+                    "--storage) resumes mid-epoch from the latest checkpoint into the same MLflow run.")
+    add_arguments(p, TrainConfig)
+    p.set_defaults(func=run_train)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from qgdist.train.checkpoint import IncompatibleCheckpoint
+    from qgdist.train.config import resolve
+
+    try:
+        cfg = resolve(from_args(TrainConfig, args))
+    except ValueError as err:
+        print(f"qgdist train: {err}", file=sys.stderr)
+        return 2
+    print(f"training config (resolved):\n{describe(cfg)}", flush=True)
+    try:
+        if cfg.launch.workers == 0:
+            from qgdist.train.loop import train
+
+            out = train(cfg)
+            print(f"done: global step {out['global_step']}, checkpoint {out['checkpoint']}")
+            return 0
+        from qgdist.train.ray_trainer import fit
+
+        out = fit(cfg)
+    except IncompatibleCheckpoint as err:
+        print(f"qgdist train: {err}", file=sys.stderr)
+        return 2
+    print(f"done: {out['run_dir']}, checkpoint {out['checkpoint']}")
+    return 0

@@ -1,0 +1,82 @@
+"""Atomic writes: a reader sees the old file or the complete new one, never a partial one.
+
+Locally: write ``.<name>.tmp`` in the same directory, then ``os.replace`` it over the target (atomic on POSIX).
+On object storage (fsspec URLs such as ``s3://``) there is no rename, but one object appears whole when its
+upload completes, so the object is written in place; a directory of objects is committed by writing a small
+pointer object last (see ``qgdist.train.checkpoint``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from qgdist.core.storage import run_path
+
+
+def _local(path: str | os.PathLike[str]) -> Path | None:
+    """The local file behind ``path`` (a plain path or a ``file://`` URL), or None for remote storage."""
+    target = run_path(path)
+    if isinstance(target, Path):
+        return target
+    if target.protocol in ("file", "local"):
+        return Path(target.path)
+    return None
+
+
+def temp_name(path: str | os.PathLike[str]) -> str:
+    """The temporary sibling name used while ``path`` is written: ``.<name>.tmp``."""
+    return f".{os.path.basename(os.fspath(path))}.tmp"
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a local temporary path to write; on success it replaces ``path``, on error it is removed.
+
+    For libraries that want a file name (``pyarrow.parquet.write_table``, ``savefig``, ``torch.save``).
+    ``path`` may be a URL: the file is then written locally and uploaded as one object.
+    """
+    local = _local(path)
+    if local is not None:
+        local.parent.mkdir(parents=True, exist_ok=True)
+        tmp = local.with_name(temp_name(local))
+        try:
+            yield tmp
+            os.replace(tmp, local)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return
+    import tempfile
+
+    target = run_path(path)
+
+    with tempfile.TemporaryDirectory(prefix="qgdist-") as scratch:
+        tmp = Path(scratch) / target.name
+        yield tmp
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(tmp.read_bytes())
+
+
+def write_bytes(path: str | os.PathLike[str], data: bytes | memoryview) -> None:
+    """Write ``data`` to ``path`` (local path or URL) atomically."""
+    if _local(path) is None:
+        target = run_path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(bytes(data))
+        return
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def write_text(path: str | os.PathLike[str], text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically."""
+    write_bytes(path, text.encode())
+
+
+def write_json(path: str | os.PathLike[str], doc: Any, indent: int | None = 1) -> None:
+    """Write ``doc`` as JSON to ``path`` atomically (values JSON cannot hold are written with ``str``)."""
+    write_text(path, json.dumps(doc, indent=indent, default=str, sort_keys=False) + "\n")

@@ -1,0 +1,27 @@
+"""The data stage's settings as a training run sees them (the ``data`` section of ``TrainConfig``).
+
+``ConvertConfig`` (``qgdist convert``) lives next to the conversion in ``qgdist.data.convert``; this module
+holds what a trainer reads: which converted dataset, and how it is batched, shuffled and turned into features.
+It imports no torch, so command-line parsing stays fast.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from qgdist.core.config import option
+
+Preset = Literal["kin", "kinpid"]
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which converted dataset a run reads and how each rank batches it."""
+
+    data: str = option(help="converted dataset directory or fsspec URL (holds manifest.json)")
+    batch_size: int = option(256, "jets per step on each worker (global batch = batch size x workers)")
+    preset: Preset = option("kin", "particle feature preset of cloud models (kin: 7 features, kinpid: 13)")
+    max_particles: int = option(128, "keep at most this many particles per jet, hardest first")
+    shuffle_buffer: int = option(2000, "samples in each loader worker's shuffle buffer (0: no shuffling)")
+    loader_workers: int = option(0, "DataLoader processes per training worker (0: decode in the training process)")

@@ -1,0 +1,1 @@
+"""End-to-end pipelines above the stages: the quickstart, and the toy datasets benches and tests share."""

@@ -1,0 +1,102 @@
+"""``TrainConfig``: flags generated from the dataclasses, recipes resolved before anything fingerprints the config,
+explicit flags beating recipe defaults, YAML config files under command-line overrides."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qgdist.cli import build_parser, main
+from qgdist.core.config import add_arguments, build, from_args, to_dict
+from qgdist.train.checkpoint import Checkpointer, load_checkpoint
+from qgdist.train.config import RECIPES, TrainConfig, resolve
+from tests.trainkit import write_dataset
+
+TINY = ["--model-arg", "conv_params=[[4, [8, 8]]]", "--model-arg", "fc_params=[[16, 0.1]]"]
+
+
+def _parse(*argv: str) -> TrainConfig:
+    return from_args(TrainConfig, build_parser().parse_args(["train", *argv]))
+
+
+def test_every_field_is_a_flag_with_help_and_choices():
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser, TrainConfig)
+    actions = {a.dest: a for a in parser._actions}
+    assert actions["optim__recipe"].choices == ("paper", "seed")
+    assert actions["optim__schedule"].choices == ("onecycle", "step", "constant")
+    assert actions["data__preset"].choices == ("kin", "kinpid")
+    assert all(a.help for d, a in actions.items() if "__" in d), "every field carries its help text"
+    assert "--lr" in actions["optim__lr"].option_strings and "--no-track" in actions["tracking__track"].option_strings
+
+
+def test_recipe_fills_only_what_the_user_left_unset():
+    paper = resolve(_parse("--data", "d", "--model", "particlenet-lite", "--lr", "0.001"))
+    assert paper.optim.lr == 0.001                                         # the explicit flag wins ...
+    assert paper.optim.optimizer == "adamw" and paper.optim.schedule == "onecycle"  # ... the rest is the recipe's
+    seed_cloud = resolve(_parse("--data", "d", "--model", "particlenet-lite", "--recipe", "seed"))
+    assert (seed_cloud.optim.optimizer, seed_cloud.optim.lr, seed_cloud.optim.schedule) == ("adam", 1e-3, "step")
+    seed_image = resolve(_parse("--data", "d", "--model", "resnet15", "--recipe", "seed", "--momentum", "0.9"))
+    assert (seed_image.optim.optimizer, seed_image.optim.momentum) == ("sgd", 0.9)
+    assert seed_image.optim.lr == RECIPES["seed"]["image"]["lr"]
+    # Resolving is idempotent, and a resolved config is what gets fingerprinted.
+    assert resolve(seed_image) == seed_image
+    assert seed_image.fingerprint()["optimizer"] == "sgd"
+    with pytest.raises(ValueError, match="unresolved"):
+        _parse("--data", "d", "--model", "resnet15").fingerprint()
+
+
+def test_precision_auto_is_resolved_for_the_device_the_run_uses():
+    cpu = resolve(_parse("--data", "d", "--model", "resnet15", "--workers", "2"))
+    gpu = resolve(_parse("--data", "d", "--model", "resnet15", "--workers", "2", "--gpu"))
+    assert cpu.optim.precision == "fp32" and gpu.optim.precision == "bf16"
+    assert cpu.fingerprint()["precision"] != gpu.fingerprint()["precision"]
+
+
+def test_config_file_under_command_line_overrides(tmp_path):
+    run = tmp_path / "run.yaml"
+    run.write_text("data: shards/ef\nmodel:\n  model: particlenet\noptim:\n  epochs: 7\n  lr: 0.002\nworkers: 4\n")
+    cfg = _parse("--config", str(run), "--lr", "0.0005")
+    assert cfg.model.model == "particlenet" and cfg.optim.epochs == 7 and cfg.launch.workers == 4
+    assert cfg.optim.lr == 0.0005                      # the flag beats the file
+    assert cfg.data.data == "shards/ef"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data: x\nmodel: resnet15\nlearning_rate: 1\n")
+    with pytest.raises(ValueError, match=r"bad.yaml: unknown setting 'learning_rate'"):
+        _parse("--config", str(bad))
+
+
+def test_missing_required_setting_is_named():
+    with pytest.raises(ValueError, match="--data is required"):
+        _parse("--model", "resnet15")
+
+
+def test_config_round_trips_through_plain_data():
+    cfg = resolve(_parse("--data", "d", "--model", "particlenet-lite", *TINY, "--recipe", "seed"))
+    assert build(TrainConfig, to_dict(cfg)) == cfg
+    with pytest.raises(Exception):
+        cfg.optim.lr = 1.0  # frozen: the config that runs is the config that was resolved
+
+
+def test_explicit_lr_is_what_the_optimiser_uses(tmp_path, capsys):
+    """Through the real command: the resolved config is printed once, and the checkpoint's optimiser ran
+    with the user's peak learning rate under the paper recipe's one-cycle schedule."""
+    data = write_dataset(str(tmp_path / "cloud"), "cloud", {"train": [32, 32], "val": [16]}, seed=3)
+    code = main(["train", "--data", data, "--model", "particlenet-lite", *TINY, "--workers", "0", "--epochs", "1",
+                 "--batch-size", "8", "--max-steps", "2", "--lr", "0.0007", "--no-track", "--no-progress",
+                 "--storage", str(tmp_path / "runs"), "--run-name", "lr"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "training config (resolved):" in printed and "lr: 0.0007" in printed and "optimizer: adamw" in printed
+    state = load_checkpoint(Checkpointer(tmp_path / "runs" / "lr").latest())
+    group = state["optimizer"]["param_groups"][0]
+    assert group["max_lr"] == pytest.approx(0.0007)
+    assert state["fingerprint"]["lr"] == pytest.approx(0.0007) and state["fingerprint"]["schedule"] == "onecycle"
+    assert isinstance(group["lr"], float) and torch.isfinite(torch.tensor(group["lr"]))
+
+
+def test_bad_setting_is_a_clean_cli_error(capsys):
+    assert main(["train", "--model", "resnet15"]) == 2
+    assert "--data is required" in capsys.readouterr().err
