@@ -1,7 +1,7 @@
 """Ray Train DDP on a real local Ray (2 one-CPU workers, gloo), and a worker killed mid-epoch.
 
 The uninterrupted cloud run here is also the reference that the worker-killed run must match bit for bit. The
-image family's 2-worker DDP run is in tests/test_train_quickstart.py (quickstart trains both families).
+image family's 2-worker DDP run is in tests/pipelines/test_quickstart.py (quickstart trains both families).
 """
 
 from __future__ import annotations

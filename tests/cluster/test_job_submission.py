@@ -23,7 +23,7 @@ import psutil
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
 pytestmark = pytest.mark.slow
 

@@ -18,7 +18,7 @@ import pytest
 
 from qgdist.cluster import manifests as m
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "k8s"
 CRD_DIR = Path(os.environ.get("QGDIST_KUBERAY_CRDS", REPO.parent / "shared" / "kuberay-crds-v1.7.0"))
 RENDERINGS = ["base", "overlays/cpu-small", "overlays/gpu"]

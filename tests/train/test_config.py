@@ -100,3 +100,13 @@ def test_explicit_lr_is_what_the_optimiser_uses(tmp_path, capsys):
 def test_bad_setting_is_a_clean_cli_error(capsys):
     assert main(["train", "--model", "resnet15"]) == 2
     assert "--data is required" in capsys.readouterr().err
+
+
+def test_the_job_config_example_parses():
+    """jobs/configs/*.yaml travel with the job's working_dir and are read by the same parser."""
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parents[2] / "jobs" / "configs" / "particlenet-lite-gpu.yaml"
+    cfg = resolve(_parse("--config", str(example), "--data", "s3://b/shards", "--run-name", "pn1"))
+    assert cfg.launch.gpu and cfg.launch.workers == 4 and cfg.data.loader_workers == 6
+    assert cfg.optim.precision == "bf16" and cfg.optim.optimizer == "adamw" and cfg.data.data == "s3://b/shards"
