@@ -7,7 +7,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from qgdist.bench import convert, knn, loader, physics, step, train
+from qgdist.bench import convert, knn, loader, physics, predict, step, train
 from qgdist.core.config import add_arguments, from_args
 
 #: kind -> (bench module, its config class, the function that runs a config, one-line help), in --help order.
@@ -19,6 +19,8 @@ KINDS: dict[str, tuple[Any, type, Callable[[Any], Any], str]] = {
     "loader": (loader, loader.LoaderBenchConfig, loader.run,
                "loader jets/s per core for both formats vs model consumption"),
     "train": (train, train.TrainBenchConfig, train.run, "Ray Train DDP vs plain loop throughput, Ray start-up cost"),
+    "predict": (predict, predict.BenchPredictConfig, predict.run,
+                "qgdist predict jets/s from raw files and shards, memory at 1x and 10x input"),
     "physics": (physics, physics.PhysicsBenchConfig, physics.run_physics,
                 "Pythia jets -> shards -> ParticleNet(-Lite)/ResNet-15 vs the paper"),
 }

@@ -1,4 +1,5 @@
-"""``qgdist evaluate`` (metrics table, ROC PNG, per-jet scores) and ``qgdist export`` (ONNX, checked)."""
+"""``qgdist evaluate`` (metrics table, ROC PNG, per-jet scores), ``qgdist predict`` (score any data with Ray) and
+``qgdist export`` (ONNX, checked)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import TypeVar
 from qgdist.core.config import add_arguments, from_args
 from qgdist.train.evaluate import EvalConfig
 from qgdist.train.export import ExportConfig
+from qgdist.train.predict import PredictConfig
 
 T = TypeVar("T")
 
@@ -21,6 +23,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "scores.parquet (file, row, is_quark, score, logit) into --out (default RUN_DIR/eval/SPLIT).")
     add_arguments(ev, EvalConfig)
     ev.set_defaults(func=run_evaluate, config_cls=EvalConfig)
+
+    pr = subparsers.add_parser(
+        "predict", help="score shards or raw CMS/EnergyFlow files with a checkpoint, distributed with Ray Data",
+        description="Score every jet of --data with the checkpoint's model and preprocessing (its training "
+                    "statistics, never the data's): shard directories, or raw parquet/npz files read like "
+                    "qgdist convert reads them. A pool of Ray actors holds the model (GPUs when the cluster has "
+                    "them) and writes part-*.parquet (file, row, is_quark, score, logit) into --out, then "
+                    "summary.json (with metrics when labels exist) and roc.png.")
+    add_arguments(pr, PredictConfig)
+    pr.set_defaults(func=run_predict)
 
     ex = subparsers.add_parser(
         "export", help="export a checkpoint's model to ONNX and check it with onnxruntime",
@@ -46,10 +58,35 @@ def run_evaluate(args: argparse.Namespace) -> int:
     cfg = _config(EvalConfig, args, "evaluate")
     if cfg is None:
         return 2
-    result = evaluate_checkpoint(cfg)
+    from qgdist.data.preprocessing import PreprocessingMismatch
+
+    try:
+        result = evaluate_checkpoint(cfg)
+    except PreprocessingMismatch as err:
+        print(f"qgdist evaluate: {err}", file=sys.stderr)
+        return 2
     print(result["table"])
     for name, path in result["paths"].items():
         print(f"{name}: {path}")
+    return 0
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    from qgdist.data.preprocessing import PreprocessingMismatch
+    from qgdist.data.sources.errors import BadRowError
+    from qgdist.train.predict import predict
+
+    cfg = _config(PredictConfig, args, "predict")
+    if cfg is None:
+        return 2
+    try:
+        predict(cfg)
+    except PreprocessingMismatch as err:
+        print(f"qgdist predict: {err}", file=sys.stderr)
+        return 2
+    except BadRowError as err:
+        print(f"qgdist predict: {err}\n(use --on-bad-row quarantine to skip bad rows and list them)", file=sys.stderr)
+        return 2
     return 0
 
 

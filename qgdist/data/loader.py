@@ -40,7 +40,8 @@ from webdataset.filters import _shuffle
 from webdataset.gopen import gopen_schemes
 
 from qgdist.data.config import DataConfig
-from qgdist.data.features import CONTINUOUS, PRESETS, particle_features
+from qgdist.data.features import particle_features
+from qgdist.data.preprocessing import Preprocessing
 from qgdist.data.shards.manifest import Manifest, read_manifest
 
 
@@ -61,14 +62,18 @@ class LoaderConfig:
     max_particles: int = 128
     device: str = "cpu"             # where batches land; images are densified there
     prefetch_factor: int = 4
+    # The model's preprocessing (a checkpoint's); None: build it from this dataset's train-split statistics
+    # with ``preset`` and ``max_particles`` (training). Given, it replaces both and must fit the dataset.
+    preprocessing: Preprocessing | None = None
 
     @classmethod
     def of_run(cls, data: DataConfig, split: str, *, training: bool, rank: int = 0, world_size: int = 1,
-               seed: int = 0, device: str = "cpu") -> LoaderConfig:
+               seed: int = 0, device: str = "cpu", preprocessing: Preprocessing | None = None) -> LoaderConfig:
         """One rank's loader for a training run's ``data`` section (no shuffling unless ``training``)."""
         return cls(data.data, split=split, batch_size=data.batch_size, rank=rank, world_size=world_size,
                    num_workers=data.loader_workers, seed=seed, shuffle_buffer=data.shuffle_buffer if training else 0,
-                   training=training, preset=data.preset, max_particles=data.max_particles, device=device)
+                   training=training, preset=data.preset, max_particles=data.max_particles, device=device,
+                   preprocessing=preprocessing)
 
 
 @dataclass(frozen=True)
@@ -127,27 +132,28 @@ def _raw_samples(units: list[ShardPart]) -> Iterator[dict[str, Any]]:
         yield from itertools.islice(iter(ds), unit.part, None, unit.parts)
 
 
+def read_shard(path: str) -> Iterator[dict[str, Any]]:
+    """Every raw (undecoded) sample of one shard file, in order: what ``Collate`` takes."""
+    return _raw_samples([ShardPart(path, 0, 1, 0)])
+
+
 def _npy(raw: bytes) -> np.ndarray:
     return np.load(io.BytesIO(raw), allow_pickle=False)
 
 
-class _Collate:
-    """Turns lists of raw samples into batches of tensors (runs inside DataLoader workers)."""
+class Collate:
+    """Turns lists of raw samples (tar members) into batches of tensors, standardised with ``pre``'s statistics.
 
-    def __init__(self, kind: str, stats: dict[str, Any], preset: str, max_particles: int):
-        self.kind, self.preset, self.max_particles = kind, preset, max_particles
-        jet = stats.get("jet", {})
-        self.jet_mean = np.array([jet.get(k, {}).get("mean", 0.0) for k in ("log_pt", "mass")], np.float32)
-        self.jet_std = np.array([jet.get(k, {}).get("std", 1.0) or 1.0 for k in ("log_pt", "mass")], np.float32)
-        names = PRESETS[preset]
-        part = stats.get("particle", {})
-        known = {n: i for i, n in enumerate(part.get("features", []))}
-        self.feat_mean = np.zeros(len(names), np.float32)
-        self.feat_std = np.ones(len(names), np.float32)
-        for i, name in enumerate(names[:CONTINUOUS]):
-            if name in known:
-                self.feat_mean[i] = part["mean"][known[name]]
-                self.feat_std[i] = part["std"][known[name]] or 1.0
+    Runs inside DataLoader workers, and in ``qgdist predict``'s scoring actors on samples read straight from the
+    source files, so shards and raw files go through exactly the same preprocessing.
+    """
+
+    def __init__(self, pre: Preprocessing):
+        self.kind, self.preset, self.max_particles = pre.kind, pre.preset, pre.max_particles
+        self.jet_mean = np.array(pre.jet_mean, np.float32)
+        self.jet_std = np.array(pre.jet_std, np.float32)
+        self.feat_mean = np.array(pre.feature_mean, np.float32)
+        self.feat_std = np.array(pre.feature_std, np.float32)
 
     def __call__(self, raws: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         metas = [json.loads(r["meta.json"]) for r in raws]
@@ -195,7 +201,7 @@ class _EpochDataset(torch.utils.data.IterableDataset):
     """One rank's epoch: DataLoader worker ``w`` streams slot ``rank * W + w`` of the epoch's plan."""
 
     def __init__(self, cfg: LoaderConfig, plan: list[list[ShardPart]], batches_per_worker: int | None,
-                 skip: list[int], first: int, collate: _Collate, epoch: int):
+                 skip: list[int], first: int, collate: Collate, epoch: int):
         self.cfg, self.plan, self.batches_per_worker = cfg, plan, batches_per_worker
         self.skip, self.first, self.collate, self.epoch = skip, first, collate, epoch
 
@@ -247,16 +253,17 @@ class ShardLoader:
         self.cfg = cfg
         self.manifest = read_manifest(cfg.data)
         self.kind = self.manifest.kind
-        if cfg.preset not in PRESETS:
-            raise ValueError(f"unknown feature preset {cfg.preset!r}; choose from {sorted(PRESETS)}")
-        self.collate = _Collate(self.kind, self.manifest.stats, cfg.preset, cfg.max_particles)
+        self.preprocessing = cfg.preprocessing or Preprocessing.from_manifest(
+            self.manifest, cfg.data, cfg.preset, cfg.max_particles)
+        self.preprocessing.check_fits(self.manifest, cfg.data)
+        self.collate = Collate(self.preprocessing)
         self.workers = max(1, cfg.num_workers)
         self.position = {"epoch": 0, "step": 0}
 
     @property
     def in_features(self) -> int:
         """Number of per-particle features a cloud model receives (the preset's length)."""
-        return len(PRESETS[self.cfg.preset])
+        return len(self.preprocessing.feature_names)
 
     def _plan(self, epoch: int) -> list[list[ShardPart]]:
         c = self.cfg

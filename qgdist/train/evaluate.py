@@ -25,6 +25,8 @@ from qgdist.core.storage import is_local, run_path, scratch_dir, upload
 
 if TYPE_CHECKING:   # torch is imported when evaluating, so that the command line's parser stays light
     import torch
+
+    from qgdist.data.preprocessing import Preprocessing
     from upath import UPath
 
 METRIC_ORDER = ("loss", "acc", "auc", "rej30", "rej50")
@@ -69,10 +71,9 @@ def resolve_checkpoint(path: str | os.PathLike[str]) -> UPath:
 def model_from_checkpoint(path: str | os.PathLike[str]) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Rebuild the model of a checkpoint (eval mode, CPU) and return it with the checkpoint's state dict.
 
-    The architecture comes from the checkpoint's config fingerprint (model name, model kwargs, feature preset):
-    cloud models get ``in_features`` from the preset, as in training.
+    The architecture comes from the checkpoint's config fingerprint (model name, model kwargs) and its
+    preprocessing record (cloud models get ``in_features`` from the preset, as in training).
     """
-    from qgdist.data.features import PRESETS
     from qgdist.models import get_model
     from qgdist.train.checkpoint import load_checkpoint
 
@@ -80,12 +81,25 @@ def model_from_checkpoint(path: str | os.PathLike[str]) -> tuple[torch.nn.Module
     fp = state.get("fingerprint") or {}
     if "model" not in fp:
         raise ValueError(f"{path}: checkpoint has no config fingerprint naming its model")
+    pre = checkpoint_preprocessing(state, str(path))
     kwargs = dict(fp.get("model_kwargs") or {})
     model = get_model(fp["model"], **kwargs)
     if model.kind == "cloud" and "in_features" not in kwargs:
-        model = get_model(fp["model"], **kwargs, in_features=len(PRESETS[fp.get("preset", "kin")]))
+        model = get_model(fp["model"], **kwargs, in_features=len(pre.feature_names))
     model.load_state_dict(state["model"])
     return model.eval(), state
+
+
+def checkpoint_preprocessing(state: dict[str, Any], where: str) -> Preprocessing:
+    """The preprocessing a checkpoint's model was trained with (never the scored dataset's statistics)."""
+    from qgdist.data.preprocessing import Preprocessing
+
+    doc = state.get("preprocessing")
+    if not doc:
+        raise ValueError(f"{where}: the checkpoint records no preprocessing (written by an older qgdist), so its "
+                         "inputs cannot be reproduced on other data; resume the run once (qgdist train with the "
+                         "same --run-name) to write a checkpoint that carries it")
+    return Preprocessing.from_dict(doc)
 
 
 def _jet_ids(batch: dict[str, Any]) -> tuple[list[str], list[int]]:
@@ -101,38 +115,39 @@ def _jet_ids(batch: dict[str, Any]) -> tuple[list[str], list[int]]:
 
 
 def score_split(model: torch.nn.Module, state: dict[str, Any], cfg: EvalConfig, device: torch.device) -> dict[str, Any]:
-    """Run ``model`` over every jet of ``cfg.split`` once; returns columns file, row, is_quark, logit and the loss."""
+    """Run ``model`` over every jet of ``cfg.split`` once, with the checkpoint's preprocessing; returns columns
+    file, row, is_quark, logit and the loss. Results stay on the device until the end (no sync per batch)."""
     import torch
     from tqdm import tqdm
 
     from qgdist.data.loader import LoaderConfig, ShardLoader, to_device
 
-    fp = state.get("fingerprint") or {}
+    pre = checkpoint_preprocessing(state, cfg.checkpoint)
     loader = ShardLoader(LoaderConfig(cfg.data, split=cfg.split, batch_size=cfg.batch_size, training=False,
-                                      shuffle_buffer=0, preset=fp.get("preset", "kin"),
-                                      max_particles=int(fp.get("max_particles", 128)), device=str(device)))
-    if loader.kind != model.kind:
-        raise ValueError(f"{cfg.data} holds {loader.kind} samples but the checkpoint's model takes {model.kind}s")
+                                      shuffle_buffer=0, device=str(device), preprocessing=pre))
     total = loader.manifest.splits.get(cfg.split, {}).get("samples")
-    cols: dict[str, list] = {"file": [], "row": [], "is_quark": [], "logit": []}
-    loss_sum = 0.0
+    files: list[str] = []
+    rows: list[int] = []
+    logits, labels = [], []
     bar = tqdm(total=total, unit="jet", unit_scale=True,
                desc=f"evaluate {cfg.split}", disable=not cfg.progress, mininterval=1.0)
     for batch in loader.collated(0):
         inputs, label = to_device(batch, device)
         with torch.no_grad():
-            logits = model(**inputs).float()
-        loss_sum += float(torch.nn.functional.binary_cross_entropy_with_logits(logits, label, reduction="sum"))
-        files, rows = _jet_ids(batch)
-        cols["file"] += files
-        cols["row"] += rows
-        cols["is_quark"] += label.to(torch.uint8).tolist()
-        cols["logit"] += logits.cpu().tolist()
-        bar.update(len(label))
+            logits.append(model(**inputs).float())
+        labels.append(label)
+        batch_files, batch_rows = _jet_ids(batch)
+        files += batch_files
+        rows += batch_rows
+        bar.update(len(batch_rows))
     bar.close()
-    if not cols["logit"]:
+    if not logits:
         raise ValueError(f"{cfg.data}: the {cfg.split!r} split has no jets")
-    return {"columns": cols, "loss": loss_sum / len(cols["logit"])}
+    logit, label = torch.cat(logits), torch.cat(labels)
+    loss = torch.nn.functional.binary_cross_entropy_with_logits(logit, label).item()
+    cols = {"file": files, "row": rows, "is_quark": label.to(torch.uint8).cpu().tolist(),
+            "logit": logit.cpu().tolist()}
+    return {"columns": cols, "loss": loss}
 
 
 def write_scores(cols: dict[str, list], path: Path) -> Path:

@@ -30,7 +30,11 @@ from qgdist.core.config import option
 if TYPE_CHECKING:   # torch is imported when exporting, so that the command line's parser stays light
     import torch
 
+    from qgdist.data.preprocessing import Preprocessing
+
 INPUT_NAMES = {"image": ("image", "jet"), "cloud": ("points", "features", "mask")}
+#: ONNX metadata key holding the model's preprocessing as JSON (``qgdist.data.preprocessing.Preprocessing``).
+PREPROCESSING_KEY = "qgdist.preprocessing"
 
 
 @dataclass(frozen=True)
@@ -139,8 +143,9 @@ def example_inputs(model: torch.nn.Module, batch: int, particles: int = 40, imag
 
 
 def export_model(model: torch.nn.Module, path: str | os.PathLike[str], opset: int = 17,
-                 image_size: int = 125) -> Path:
-    """Write ``model`` as ONNX at ``path`` (atomically); dynamic batch (and particle) axes."""
+                 image_size: int = 125, metadata: dict[str, str] | None = None) -> Path:
+    """Write ``model`` as ONNX at ``path`` (atomically); dynamic batch (and particle) axes; ``metadata`` becomes
+    the model's ``metadata_props`` (string key/value pairs any ONNX runtime can read)."""
     import torch
 
     path = Path(path)
@@ -159,7 +164,32 @@ def export_model(model: torch.nn.Module, path: str | os.PathLike[str], opset: in
         torch.onnx.export(wrapper, tuple(inputs[n] for n in names), str(tmp), input_names=names,
                           output_names=["logits"], dynamic_axes={**axes, "logits": {0: "batch"}},
                           opset_version=opset, dynamo=False)
+        if metadata:
+            import onnx
+
+            proto = onnx.load(str(tmp))
+            for key, value in metadata.items():
+                proto.metadata_props.add(key=key, value=value)
+            onnx.save(proto, str(tmp))
     return path
+
+
+def onnx_preprocessing(path: str | os.PathLike[str]) -> Preprocessing:
+    """The preprocessing an exported model was trained with, read from its metadata (``qgdist.preprocessing``).
+
+    Inputs for the ONNX model are built exactly as for the checkpoint: ``Collate(onnx_preprocessing(path))``
+    turns shard samples (or samples read from source files) into its inputs.
+    """
+    import json
+
+    import onnx
+
+    from qgdist.data.preprocessing import Preprocessing
+
+    props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+    if PREPROCESSING_KEY not in props:
+        raise ValueError(f"{path}: no {PREPROCESSING_KEY} metadata (not exported by qgdist export)")
+    return Preprocessing.from_dict(json.loads(props[PREPROCESSING_KEY]))
 
 
 def check_onnx(path: str | os.PathLike[str], model: torch.nn.Module, atol: float = 1e-4, rtol: float = 1e-3,
@@ -202,6 +232,13 @@ def export_checkpoint(cfg: ExportConfig) -> dict[str, Any]:
     if name.endswith("-pyg"):   # PyG's EdgeConv does not trace; the dense twin shares its state dict
         exported = get_model(name.removesuffix("-pyg"), **model_config(model))
         exported.load_state_dict(model.state_dict())
-    path = export_model(exported, cfg.onnx, cfg.opset, cfg.image_size)
+    import json
+
+    from qgdist.train.evaluate import checkpoint_preprocessing
+
+    metadata = {PREPROCESSING_KEY: json.dumps(checkpoint_preprocessing(state, cfg.checkpoint).to_dict()),
+                "qgdist.model": name, "qgdist.inputs": ",".join(INPUT_NAMES[model.kind]),
+                "qgdist.output": "logits: quark logit (sigmoid = quark probability)"}
+    path = export_model(exported, cfg.onnx, cfg.opset, cfg.image_size, metadata)
     check = check_onnx(path, model, cfg.atol, cfg.rtol, cfg.image_size)   # against the checkpoint's own model
     return {"onnx": str(path), "bytes": path.stat().st_size, "model": name, **check}

@@ -28,6 +28,7 @@ from qgdist.core.config import to_flat_dict
 from qgdist.core.device import resolve_device
 from qgdist.core.storage import is_local, run_path, scratch_dir, upload
 from qgdist.data.loader import LoaderConfig, ShardLoader
+from qgdist.data.preprocessing import Preprocessing
 from qgdist.train.checkpoint import (Checkpointer, check_fingerprint, load_checkpoint, rng_state, set_rng_state,
                                      to_cpu)
 from qgdist.train.config import TrainConfig
@@ -84,8 +85,9 @@ def evaluate(model: torch.nn.Module, loader: ShardLoader, device: torch.device,
     return metrics.compute(), metrics.roc_curve()
 
 
-def write_artifacts(cfg: TrainConfig, model: torch.nn.Module, history: dict[str, list[list[float]]],
-                    val: dict[str, float], roc: tuple[torch.Tensor, torch.Tensor] | None) -> list[Path]:
+def write_artifacts(cfg: TrainConfig, model: torch.nn.Module, preprocessing: Preprocessing,
+                    history: dict[str, list[list[float]]], val: dict[str, float],
+                    roc: tuple[torch.Tensor, torch.Tensor] | None) -> list[Path]:
     """Config, final metrics, loss curves, validation ROC and final weights in ``<run_dir>/artifacts`` (rank 0).
 
     Written locally (the run directory, or its scratch folder when the run directory is a URL) and copied up.
@@ -101,7 +103,7 @@ def write_artifacts(cfg: TrainConfig, model: torch.nn.Module, history: dict[str,
         files.append(out / name)
     with atomic.atomic_path(out / "model.pt") as tmp:
         torch.save({"model": cfg.model.model, "model_kwargs": cfg.model.model_kwargs,
-                    "state_dict": to_cpu(model.state_dict())}, tmp)
+                    "preprocessing": preprocessing.to_dict(), "state_dict": to_cpu(model.state_dict())}, tmp)
     files.append(out / "model.pt")
     if history:
         files.append(plot_curves({k: tuple(zip(*v)) for k, v in history.items() if v}, out / "curves.png"))
@@ -135,12 +137,24 @@ def train(cfg: TrainConfig, device: torch.device | str | None = None, report: Re
     console = Console(enabled=rank == 0) if console is None else console
     say = console.say
 
-    # -- data ------------------------------------------------------------------------------------------------
-    def loader(split: str, training: bool) -> ShardLoader:
-        return ShardLoader(LoaderConfig.of_run(d, split, training=training, rank=rank, world_size=world,
-                                               seed=o.seed, device=str(device)))
+    # -- checkpoint to resume from ---------------------------------------------------------------------------
+    ckpt = Checkpointer(cfg.run_dir, c.keep_last)
+    source = run_path(c.resume_from) if c.resume_from else ckpt.latest()
+    state = load_checkpoint(source) if source is not None else None
 
-    train_loader, val_loader = loader("train", True), loader("val", False)
+    # -- data ------------------------------------------------------------------------------------------------
+    # The preprocessing (normalisation statistics, preset) comes from the training data's manifest on a fresh
+    # start, and from the checkpoint on a resume: the model keeps the inputs it was trained on.
+    saved = state.get("preprocessing") if state is not None else None
+    pre = Preprocessing.from_dict(saved) if saved else None
+
+    def loader(split: str, training: bool, pre: Preprocessing | None) -> ShardLoader:
+        return ShardLoader(LoaderConfig.of_run(d, split, training=training, rank=rank, world_size=world,
+                                               seed=o.seed, device=str(device), preprocessing=pre))
+
+    train_loader = loader("train", True, pre)
+    pre = train_loader.preprocessing
+    val_loader = loader("val", False, pre)
     steps = [train_loader.steps_in_epoch(e) for e in range(o.epochs)]
     total_steps = sum(steps)
 
@@ -156,12 +170,9 @@ def train(cfg: TrainConfig, device: torch.device | str | None = None, report: Re
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
     # -- resume ----------------------------------------------------------------------------------------------
-    ckpt = Checkpointer(cfg.run_dir, c.keep_last)
-    source = run_path(c.resume_from) if c.resume_from else ckpt.latest()
     epoch, step, global_step, run_id = 0, 0, 0, None
     history: dict[str, list[list[float]]] = {}  # metric -> [[global_step, value], ...], kept across resumes
-    if source is not None:
-        state = load_checkpoint(source)
+    if state is not None:
         say(f"resumed from {source} at epoch {state['epoch']} step {state['step']} "
             f"(global step {state['global_step']})")
         changed = check_fingerprint(state["fingerprint"], cfg.fingerprint(), str(source), c.allow_config_change)
@@ -211,7 +222,8 @@ def train(cfg: TrainConfig, device: torch.device | str | None = None, report: Re
                 "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": state_rngs,
                 "epoch": epoch, "step": step, "global_step": global_step, "loader": positions,
-                "fingerprint": cfg.fingerprint(), "mlflow_run_id": run_id or "", "history": history,
+                "fingerprint": cfg.fingerprint(), "preprocessing": pre.to_dict(),
+                "mlflow_run_id": run_id or "", "history": history,
                 "config": json.dumps(cfg.to_dict())}, auc=(val or {}).get("auc"))
         if report is not None:
             speed = history.get("train/jets_per_s", [[0, float("nan")]])[-1][1]
@@ -264,7 +276,7 @@ def train(cfg: TrainConfig, device: torch.device | str | None = None, report: Re
             epoch, step, evaluated = epoch + 1, 0, True
             last_path = save(val)
         if rank == 0 and epoch >= o.epochs and evaluated:
-            for path in write_artifacts(cfg, raw_model, history, val, roc):
+            for path in write_artifacts(cfg, raw_model, pre, history, val, roc):
                 tracker.log_artifact(path)
         status = "FINISHED"
     finally:

@@ -259,7 +259,7 @@ def test_artifacts_files_plots_and_model_directory(server: TrackerCommand, tmp_p
 
 
 def test_evaluate_track_adds_test_metrics_to_the_training_run(server: TrackerCommand, tmp_path: Path) -> None:
-    from trainkit import write_dataset
+    from tests.trainkit import write_dataset
 
     from qgdist.cli import main
     from qgdist.models import get_model
@@ -293,7 +293,7 @@ def test_evaluate_track_finds_the_server_run_through_the_environment(server: Tra
     --tracking-uri): the test metrics land in that same server run, and nothing in the run's local store."""
     import pyarrow.parquet as pq
     import torch
-    from trainkit import write_dataset
+    from tests.trainkit import write_dataset
 
     from qgdist.cli import main
     from qgdist.train.config import TrainConfig, resolve

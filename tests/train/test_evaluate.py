@@ -14,7 +14,7 @@ import onnxruntime as ort
 import pyarrow.parquet as pq
 import pytest
 import torch
-from trainkit import write_dataset
+from tests.trainkit import write_dataset
 
 from qgdist.cli import main
 from qgdist.data.loader import LoaderConfig, ShardLoader
@@ -43,8 +43,12 @@ def run(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
         for module in model.modules():
             if isinstance(getattr(module, "running_var", None), torch.Tensor):
                 module.running_var.uniform_(0.5, 2.0)
+    from qgdist.data.preprocessing import Preprocessing
+    from qgdist.data.shards.manifest import read_manifest
+
+    pre = Preprocessing.from_manifest(read_manifest(data), data)   # what a training run records
     Checkpointer(cfg.run_dir).save({"model": model.state_dict(), "fingerprint": cfg.fingerprint(), "epoch": 1,
-                                    "step": 0, "global_step": 3}, auc=0.5)
+                                    "step": 0, "global_step": 3, "preprocessing": pre.to_dict()}, auc=0.5)
     return {"kind": kind, "data": data, "run_dir": Path(cfg.run_dir), "model": model.eval()}
 
 
@@ -84,11 +88,12 @@ def test_evaluate_writes_metrics_plot_and_scores(run: dict, tmp_path: Path, caps
     assert (out / "roc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_evaluate_refuses_data_of_the_other_kind(run: dict, tmp_path: Path) -> None:
-    other = write_dataset(str(tmp_path / "other"), "image" if run["kind"] == "cloud" else "cloud",
-                          {"train": [8], "test": [8]})
-    with pytest.raises(ValueError, match="holds"):
-        main(["evaluate", "--checkpoint", str(run["run_dir"]), "--data", other, "--no-progress"])
+def test_evaluate_refuses_data_of_the_other_kind(run: dict, tmp_path: Path, capsys) -> None:
+    theirs = "image" if run["kind"] == "cloud" else "cloud"
+    other = write_dataset(str(tmp_path / "other"), theirs, {"train": [8], "test": [8]})
+    assert main(["evaluate", "--checkpoint", str(run["run_dir"]), "--data", other, "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"{other} does not fit the model" in err and f"kind: model '{run['kind']}', data '{theirs}'" in err
 
 
 def test_export_round_trips_through_onnxruntime(run: dict, tmp_path: Path) -> None:

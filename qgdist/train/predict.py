@@ -1,0 +1,368 @@
+"""``qgdist predict``: score any dataset with a trained model, distributed with Ray Data, streaming.
+
+Inputs are qgdist shard directories or the raw source files themselves (CMS parquet, EnergyFlow npz), read by
+the same readers as ``qgdist convert``, so nothing needs converting first. The driver plans **units** (a shard
+file, or a row range of a source file, as ``convert`` plans them) and never reads jets itself;
+``ray.data.from_items(units).map_batches(Scorer, concurrency=N)`` hands each unit to one of N scoring actors.
+An actor holds the model (on its GPU when the cluster has GPUs), reads its unit's jets, turns them into inputs
+with the *checkpoint's* preprocessing (``qgdist.data.preprocessing``) through the loader's own ``Collate``,
+scores them in batches and writes ``part-<unit>.parquet`` atomically; only a small record travels back. Memory
+per actor is one unit plus one batch, whatever the dataset's size.
+
+Output directory::
+
+    part-000000.parquet ...   file, row (of the source file), is_quark (label when known), score, logit
+    summary.json              jets, rows in / rejected, quarantine, parts, metrics (when labels exist), timing
+    roc.png                   when labels exist
+
+Raw files carry labels in both formats (``y``), so metrics are computed whenever every jet has one.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from qgdist.core.config import option
+
+PART = "part-{index:06d}.parquet"
+SUMMARY = "summary.json"
+Input = Literal["auto", "shards", "cms", "energyflow"]
+
+
+@dataclass(frozen=True)
+class PredictConfig:
+    """``qgdist predict``: which model scores which jets, where the scores go and how the work spreads."""
+
+    checkpoint: str = option(help="checkpoint directory, its state.pt, or a run directory (best, else latest)")
+    data: list[str] = option(help="shard directories (holding manifest.json), or CMS parquet / EnergyFlow npz "
+                                  "files, directories or globs; paths or fsspec URLs")
+    out: str = option(help="output directory: part-*.parquet, summary.json, roc.png")
+    input: Input = option("auto", "what --data holds (auto: shards when a manifest.json is there, else by "
+                                  "file extension)")
+    split: Literal["all", "train", "val", "test"] = option("all", "shards: which split to score")
+    batch_size: int = option(512, "jets per forward pass")
+    workers: int | None = option(None, "scoring actors (default: one per GPU when the cluster has GPUs, else "
+                                       "one per CPU)")
+    gpus_per_worker: float | None = option(None, "GPUs per actor (default: 1 when the cluster has GPUs, else 0)")
+    on_bad_row: Literal["error", "quarantine"] = option(
+        "error", "raw files: error stops at the first bad row (exit 2); quarantine skips, counts and lists them")
+    label_quark_value: int | None = option(None, "raw files: the y that means quark (default: the source's)")
+    rows_per_task: int | None = option(None, "raw files: rows per unit (default: as qgdist convert)")
+    address: str | None = option(None, "Ray cluster to join (default: $RAY_ADDRESS or a private local Ray)")
+    num_cpus: int | None = option(None, "CPUs of a private local Ray (default: all)")
+    executor: Literal["ray", "local"] = option("ray", "ray: actors on a cluster; local: this process, no Ray",
+                                               aliases={"--no-ray": "local"})
+    progress: bool = option(True, "progress bar (jets/s) and summary")
+    verbose: bool = option(False, "show Ray's own log lines on the terminal")
+
+
+# -- planning (driver) ----------------------------------------------------------------------------------------------
+def detect_input(paths: list[str]) -> str:
+    """``shards``, ``cms`` or ``energyflow`` from what the paths hold; mixed inputs are refused."""
+    import fsspec
+
+    from qgdist.data.shards.manifest import MANIFEST_NAME
+
+    kinds = set()
+    for path in paths:
+        fs, p = fsspec.core.url_to_fs(path)
+        if fs.isdir(p) and fs.exists(posixpath.join(p, MANIFEST_NAME)):
+            kinds.add("shards")
+        elif p.endswith(".parquet") or (fs.isdir(p) and fs.glob(posixpath.join(p, "*.parquet"))):
+            kinds.add("cms")
+        elif p.endswith(".npz") or (fs.isdir(p) and fs.glob(posixpath.join(p, "*.npz"))):
+            kinds.add("energyflow")
+        else:
+            raise ValueError(f"{path}: neither a shard directory (no {MANIFEST_NAME}) nor .parquet / .npz files; "
+                             "give --input")
+    if len(kinds) != 1:
+        raise ValueError(f"--data mixes {sorted(kinds)}: score one kind of input per call")
+    return kinds.pop()
+
+
+def plan_units(cfg: PredictConfig, kind: str, pre: Any, cpus: int) -> tuple[list[dict[str, Any]], int, list]:
+    """The units to score (JSON-able dicts), the jets planned, and rows rejected while planning."""
+    from qgdist.core.storage import join
+    from qgdist.data.convert import ConvertConfig, expand_inputs, plan_inputs
+    from qgdist.data.shards.manifest import read_manifest
+
+    if kind == "shards":
+        units, total = [], 0
+        for data in cfg.data:
+            manifest = read_manifest(data)
+            pre.check_fits(manifest, data)
+            splits = ("train", "val", "test") if cfg.split == "all" else (cfg.split,)
+            for split in splits:
+                for shard in manifest.shards_of(split):
+                    units.append({"type": "shard", "path": join(data, shard.name), "index": len(units)})
+                    total += shard.samples
+        return units, total, []
+    pre.check_source(kind, " ".join(cfg.data))
+    convert_cfg = ConvertConfig(source=kind, inputs=list(cfg.data), out=cfg.out, on_bad_row=cfg.on_bad_row,
+                                label_quark_value=cfg.label_quark_value, rows_per_task=cfg.rows_per_task)
+    inputs = expand_inputs(list(cfg.data), kind)
+    planned, rows, rejected = plan_inputs(convert_cfg, inputs, cpus)
+    units = [{"type": kind, "unit": {**u.__dict__, "row_groups": list(u.row_groups)}, "index": u.index}
+             for u in planned]
+    return units, rows, rejected
+
+
+# -- scoring (actors) -----------------------------------------------------------------------------------------------
+class Scorer:
+    """Holds the model; scores whole units and writes one parquet part per unit (``map_batches`` actor class)."""
+
+    def __init__(self, checkpoint: str, out: str, batch_size: int, on_bad_row: str,
+                 label_quark_value: int | None, device: str = "auto") -> None:
+        from qgdist.core.device import resolve_device
+        from qgdist.data.loader import Collate
+        from qgdist.train.evaluate import checkpoint_preprocessing, model_from_checkpoint
+
+        self.device = resolve_device(device)
+        self.model, state = model_from_checkpoint(checkpoint)
+        self.model.to(self.device)
+        self.pre = checkpoint_preprocessing(state, checkpoint)
+        self.collate = Collate(self.pre)
+        self.out, self.batch_size, self.on_bad_row = out, batch_size, on_bad_row
+        self.label_quark_value = label_quark_value
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        import numpy as np
+
+        records = [json.dumps(self.score(json.loads(text))) for text in batch["unit"]]
+        return {"record": np.array(records, dtype=object)}
+
+    def score(self, unit: dict[str, Any]) -> dict[str, Any]:
+        """Score one unit; returns its record (jets, rows in, rejected rows, part file) or an ``error``."""
+        import numpy as np
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+        import torch
+
+        from qgdist.core.atomic import atomic_path
+        from qgdist.core.storage import join
+        from qgdist.data.loader import to_device
+
+        rejected: list[dict[str, Any]] = []
+        counts = {"rows_in": 0}
+        files: list[str] = []
+        rows: list[int] = []
+        labels, logits = [], []
+        for raws in _batches(self._samples(unit, rejected, counts), self.batch_size):
+            if rejected and self.on_bad_row == "error":
+                return {"index": unit["index"], "error": rejected[0]}
+            collated = self.collate(raws)
+            inputs, label = to_device(collated, self.device)
+            with torch.no_grad():
+                logits.append(self.model(**inputs).float())
+            labels.append(label)
+            files += list(collated["file"])
+            rows += collated["row"].tolist()
+        if rejected and self.on_bad_row == "error":
+            return {"index": unit["index"], "error": rejected[0]}
+        logit = torch.cat(logits).cpu().numpy() if logits else np.zeros(0, np.float32)
+        label = torch.cat(labels).cpu().numpy().astype(np.uint8) if labels else np.zeros(0, np.uint8)
+        table = pa.table({"file": pa.array(files, pa.string()), "row": pa.array(rows, pa.int64()),
+                          "is_quark": pa.array(label, pa.uint8()),
+                          "score": pa.array(1.0 / (1.0 + np.exp(-logit.astype(np.float64))), pa.float32()),
+                          "logit": pa.array(logit, pa.float32())})
+        name = PART.format(index=unit["index"])
+        with atomic_path(join(self.out, name)) as tmp:
+            pq.write_table(table, tmp)
+        return {"index": unit["index"], "jets": len(rows), "rows_in": counts["rows_in"] or len(rows),
+                "rejected": rejected, "part": name}
+
+    def _samples(self, unit: dict[str, Any], rejected: list, counts: dict[str, int]) -> Iterator[dict[str, Any]]:
+        """Raw samples (tar-member dicts) of a shard, or encoded on the fly from a source file's rows."""
+        if unit["type"] == "shard":
+            from qgdist.data.loader import read_shard
+
+            yield from read_shard(unit["path"])
+            return
+        from qgdist.data.convert import READERS
+        from qgdist.data.labels import LabelConvention
+        from qgdist.data.shards.schema import encode_sample, sample_key
+        from qgdist.data.sources.base import Unit, file_name
+
+        source = unit["type"]
+        u = Unit(**{**unit["unit"], "row_groups": tuple(unit["unit"]["row_groups"])})
+        labels = (LabelConvention.default(source) if self.label_quark_value is None
+                  else LabelConvention(source, self.label_quark_value))
+        name = file_name(u.path)
+        for chunk in READERS[source].read(u, labels, "float32"):
+            counts["rows_in"] += len(chunk.rows) + len(chunk.rejected)
+            rejected += [r.to_dict() for r in chunk.rejected]
+            for row, sample in zip(chunk.rows, chunk.samples):
+                yield encode_sample(sample_key(name, row), sample)
+
+
+def _batches(items: Iterator[dict[str, Any]], size: int) -> Iterator[list[dict[str, Any]]]:
+    batch: list[dict[str, Any]] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+# -- the driver -----------------------------------------------------------------------------------------------------
+def predict(cfg: PredictConfig) -> dict[str, Any]:
+    """Score ``cfg.data`` with ``cfg.checkpoint``; writes parts, ``summary.json`` (and ``roc.png``) to ``cfg.out``.
+
+    Raises ``BadRowError`` at the first bad raw row unless ``on_bad_row="quarantine"``, and
+    ``PreprocessingMismatch`` for data that does not fit the model (other kind, source or schema).
+    """
+    from tqdm import tqdm
+
+    from qgdist.data.sources.errors import BadRowError, Rejected
+    from qgdist.train.evaluate import checkpoint_preprocessing, resolve_checkpoint
+
+    start = time.perf_counter()
+    checkpoint = str(resolve_checkpoint(cfg.checkpoint))
+    pre = checkpoint_preprocessing(_load_state(checkpoint), checkpoint)
+    kind = detect_input(list(cfg.data)) if cfg.input == "auto" else cfg.input
+    cpus, gpus, ray_seconds = 1, 0, 0.0
+    if cfg.executor == "ray":
+        import ray
+
+        from qgdist.core.ray import ensure_ray
+
+        ensure_ray(cfg.address, cfg.num_cpus, log_dir=_local_dir(cfg.out), verbose=cfg.verbose)
+        resources = ray.cluster_resources()
+        cpus, gpus = int(resources.get("CPU", 1)), int(resources.get("GPU", 0))
+        ray_seconds = time.perf_counter() - start
+    units, total, quarantine = plan_units(cfg, kind, pre, cpus)
+    _clean(cfg.out)
+    records = _run_ray(cfg, checkpoint, units, cpus, gpus) if cfg.executor == "ray" else _run_local(
+        cfg, checkpoint, units)
+    quarantine = [r.to_dict() for r in quarantine]
+    jets, rows_in, parts = 0, sum(1 for r in quarantine if r.get("row") is not None), []
+    bar = tqdm(total=total, unit="jet", unit_scale=True, desc="predict", disable=not cfg.progress,
+               file=sys.stderr, smoothing=0.1)
+    with bar:
+        for record in records:
+            if "error" in record:
+                raise BadRowError.from_record(Rejected(**record["error"]))
+            jets += record["jets"]
+            rows_in += record["rows_in"]
+            quarantine += record["rejected"]
+            parts.append(record["part"])
+            bar.update(record["rows_in"])
+    rejected = sum(1 for r in quarantine if r.get("row") is not None)
+    if kind != "shards" and jets + rejected != rows_in:   # a bug, never bad input
+        raise RuntimeError(f"row accounting broken: in {rows_in}, scored {jets} + rejected {rejected}")
+    seconds = time.perf_counter() - start
+    summary = {"checkpoint": checkpoint, "input": kind, "data": list(cfg.data), "jets": jets, "rows_in": rows_in,
+               "rejected": rejected, "quarantine": quarantine[:1000], "parts": sorted(parts),
+               "seconds": round(seconds, 3), "ray_seconds": round(ray_seconds, 3),
+               "jets_per_s": round(jets / max(seconds - ray_seconds, 1e-9), 1)}
+    summary |= _metrics(cfg.out, sorted(parts), pre)
+    from qgdist.core.atomic import write_json
+    from qgdist.core.storage import join
+
+    write_json(join(cfg.out, SUMMARY), summary)
+    if cfg.progress:
+        line = f"scored {jets} jets ({rejected} rejected) in {seconds:.1f} s, {summary['jets_per_s']:.0f} jets/s"
+        if "metrics" in summary:
+            m = summary["metrics"]
+            line += f"; auc {m['auc']:.4f} acc {m['acc']:.4f} 1/eps_B@50% {m['rej50']:.1f}"
+        print(line + f"\n{join(cfg.out, SUMMARY)}", file=sys.stderr)
+    return summary
+
+
+def _load_state(checkpoint: str) -> dict[str, Any]:
+    from qgdist.train.checkpoint import load_checkpoint
+
+    return load_checkpoint(checkpoint)
+
+
+def _local_dir(out: str) -> str | None:
+    return None if "://" in out else out
+
+
+def _clean(out: str) -> None:
+    """Remove a previous run's summary first, then its parts (only names we write)."""
+    import re
+
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(out)
+    try:
+        fs.makedirs(root, exist_ok=True)
+    except (FileExistsError, NotImplementedError):
+        pass
+    if fs.exists(posixpath.join(root, SUMMARY)):
+        fs.rm(posixpath.join(root, SUMMARY))
+    if fs.exists(root):
+        for path in fs.ls(root, detail=False):
+            if re.fullmatch(r"\.?part-\d{6}\.parquet(\.tmp)?", posixpath.basename(path)):
+                fs.rm(path)
+
+
+def _run_local(cfg: PredictConfig, checkpoint: str, units: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    scorer = Scorer(checkpoint, cfg.out, cfg.batch_size, cfg.on_bad_row, cfg.label_quark_value)
+    for unit in units:
+        yield scorer.score(unit)
+
+
+def _run_ray(cfg: PredictConfig, checkpoint: str, units: list[dict[str, Any]], cpus: int,
+             gpus: int) -> Iterator[dict[str, Any]]:
+    """One block per unit through an actor pool; records stream back as units finish."""
+    if not units:
+        return
+    import logging
+
+    import ray
+
+    gpus_per_worker = cfg.gpus_per_worker if cfg.gpus_per_worker is not None else (1.0 if gpus else 0.0)
+    workers = cfg.workers or max(1, int(gpus / gpus_per_worker) if gpus_per_worker else cpus)
+    workers = min(workers, len(units))
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False   # our bar counts jets; Ray's operator bars would interleave with it
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    items = [{"unit": json.dumps(u)} for u in units]
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    ds = ds.map_batches(
+        Scorer, batch_size=1, concurrency=workers, num_cpus=0 if gpus_per_worker else 1, num_gpus=gpus_per_worker,
+        fn_constructor_kwargs={"checkpoint": checkpoint, "out": cfg.out, "batch_size": cfg.batch_size,
+                               "on_bad_row": cfg.on_bad_row, "label_quark_value": cfg.label_quark_value})
+    for row in ds.iter_rows():
+        yield json.loads(row["record"])
+
+
+def _metrics(out: str, parts: list[str], pre: Any) -> dict[str, Any]:
+    """Metrics and ROC over every part when every jet has a label (read back two columns per part)."""
+    import pyarrow.parquet as pq
+    import torch
+
+    from qgdist.core.storage import join, run_path
+    from qgdist.train.metrics import compute_metrics
+
+    logits, labels = [], []
+    for name in parts:
+        with run_path(join(out, name)).open("rb") as f:
+            table = pq.read_table(f, columns=["logit", "is_quark"])
+        if table.column("is_quark").null_count:
+            return {}
+        logits.append(torch.from_numpy(table.column("logit").to_numpy()))
+        labels.append(torch.from_numpy(table.column("is_quark").to_numpy()))
+    if not logits:
+        return {}
+    logit, label = torch.cat(logits), torch.cat(labels)
+    if label.min() == label.max():   # one class only: no ROC
+        return {}
+    metrics = compute_metrics(logit, label)
+    from torchmetrics.functional.classification import binary_roc
+
+    from qgdist.train.plots import plot_roc
+
+    fpr, tpr, _ = binary_roc(torch.sigmoid(logit.double()), label.long(), thresholds=None)
+    plot_roc({f"predict ({len(logit)} jets)": (fpr.numpy(), tpr.numpy())}, join(out, "roc.png"))
+    return {"metrics": metrics, "label_convention": pre.label_convention}
