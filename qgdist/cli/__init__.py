@@ -12,6 +12,7 @@ import sys
 from collections.abc import Sequence
 
 import qgdist
+from qgdist.core.config import ConfigError
 from qgdist.cli import bench, cluster, data, evaluate, generate, pipelines, track, train
 
 #: Command groups in pipeline order (``qgdist --help`` lists them so).
@@ -34,6 +35,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         code = args.func(args)
+    except ConfigError as err:   # one clear line, not a traceback: the user's settings are wrong
+        print(f"{getattr(args, 'command_name', 'qgdist')}: {err}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -39,11 +38,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run_bench(args: argparse.Namespace) -> int:
     """Build the kind's config from the parsed flags and run it; the bench prints its own table."""
     _, cls, fn, _ = KINDS[args.bench]
-    try:
-        cfg = from_args(cls, args)
-    except ValueError as err:
-        print(f"qgdist bench {args.bench}: {err}", file=sys.stderr)
-        return 2
+    cfg = from_args(cls, args)
     out = fn(cfg)
     return out if isinstance(out, int) and not isinstance(out, bool) else 0
 

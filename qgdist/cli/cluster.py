@@ -51,15 +51,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _guarded(run: Callable[[Any, argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    """Build the command's config from the flags, then run it. A bad config or a ClusterError becomes one clear
-    line on stderr and exit code 2 (1 is reserved for failed jobs)."""
+    """Build the command's config from the flags, then run it. A ClusterError becomes one clear line on stderr
+    and exit code 2 (1 is reserved for failed jobs); a bad config does too, through ``qgdist.cli.main``."""
     def wrapper(args: argparse.Namespace) -> int:
         try:
-            try:
-                config = from_args(args.config_cls, args)
-            except ValueError as err:
-                raise ClusterError(str(err)) from err
-            return run(config, args)
+            return run(from_args(args.config_cls, args), args)
         except ClusterError as err:
             print(f"qgdist: {err}", file=sys.stderr)
             return 2

@@ -30,11 +30,7 @@ def run_convert(args: argparse.Namespace) -> int:
     from qgdist.data.convert import convert
     from qgdist.data.sources.errors import BadRowError
 
-    try:
-        cfg = from_args(ConvertConfig, args)
-    except ValueError as err:
-        print(f"qgdist convert: {err}", file=sys.stderr)
-        return 2
+    cfg = from_args(ConvertConfig, args)
     try:
         convert(cfg)
     except BadRowError as err:

@@ -6,15 +6,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import TypeVar
 
 from qgdist.core.config import add_arguments, from_args
 from qgdist.train.evaluate import EvalConfig
 from qgdist.train.export import ExportConfig
 from qgdist.train.predict import PredictConfig
-
-T = TypeVar("T")
-
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     ev = subparsers.add_parser(
@@ -43,21 +39,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ex.set_defaults(func=run_export, config_cls=ExportConfig)
 
 
-def _config(cls: type[T], args: argparse.Namespace, command: str) -> T | None:
-    """The command's config, or None after one line on stderr (a required flag missing, a bad --config file)."""
-    try:
-        return from_args(cls, args)
-    except ValueError as err:
-        print(f"qgdist {command}: {err}", file=sys.stderr)
-        return None
-
-
 def run_evaluate(args: argparse.Namespace) -> int:
     from qgdist.train.evaluate import evaluate_checkpoint
 
-    cfg = _config(EvalConfig, args, "evaluate")
-    if cfg is None:
-        return 2
+    cfg = from_args(EvalConfig, args)
     from qgdist.data.preprocessing import PreprocessingMismatch
 
     try:
@@ -76,9 +61,7 @@ def run_predict(args: argparse.Namespace) -> int:
     from qgdist.data.sources.errors import BadRowError
     from qgdist.train.predict import predict
 
-    cfg = _config(PredictConfig, args, "predict")
-    if cfg is None:
-        return 2
+    cfg = from_args(PredictConfig, args)
     try:
         predict(cfg)
     except PreprocessingMismatch as err:
@@ -93,9 +76,7 @@ def run_predict(args: argparse.Namespace) -> int:
 def run_export(args: argparse.Namespace) -> int:
     from qgdist.train.export import export_checkpoint
 
-    cfg = _config(ExportConfig, args, "export")
-    if cfg is None:
-        return 2
+    cfg = from_args(ExportConfig, args)
     result = export_checkpoint(cfg)
     print(json.dumps(result, indent=1))
     print(f"wrote {result['onnx']}: onnxruntime agrees with PyTorch (max |diff| {result['max_abs_diff']:.2g})")

@@ -6,7 +6,6 @@ Old spellings stay: ``toy --stored`` (= ``--no-compress``), ``pythia --no-ray`` 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 
 from qgdist.core.config import add_arguments, from_args
@@ -32,11 +31,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run_toy(args: argparse.Namespace) -> int:
     from qgdist.generate.toy import run
 
-    try:
-        cfg = from_args(ToyConfig, args)
-    except ValueError as err:
-        print(f"qgdist generate toy: {err}", file=sys.stderr)
-        return 2
+    cfg = from_args(ToyConfig, args)
     start = time.perf_counter()
     run(cfg)
     seconds = time.perf_counter() - start
@@ -46,12 +41,7 @@ def run_toy(args: argparse.Namespace) -> int:
 
 
 def run_pythia(args: argparse.Namespace) -> int:
-    try:
-        cfg = from_args(PythiaConfig, args)
-        cfg.validate()
-    except ValueError as err:
-        print(f"qgdist generate pythia: {err}", file=sys.stderr)
-        return 2
+    cfg = from_args(PythiaConfig, args)   # PythiaConfig.validate() runs here
     s = pythia.run_pythia(cfg)
     print(f"{s['jets']} jets ({s['quark_jets']} quark, {s['gluon_jets']} gluon) in {s['tasks']} tasks -> {cfg.out}; "
           f"acceptance quark {s['acceptance']['quark']:.3f} gluon {s['acceptance']['gluon']:.3f}; "

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from qgdist.core.config import add_arguments, from_args
@@ -21,11 +20,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_tracker(args: argparse.Namespace) -> int:
-    try:
-        cfg = from_args(TrackerConfig, args)
-    except ValueError as err:
-        print(f"qgdist tracker: {err}", file=sys.stderr)
-        return 2
+    cfg = from_args(TrackerConfig, args)
     if cfg.replay is not None:
         from qgdist.core.tracking import resolve_tracking_uri
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from qgdist.core.config import add_arguments, describe, from_args
+from qgdist.core.config import ConfigError, add_arguments, describe, from_args
 from qgdist.train.config import TrainConfig
 
 
@@ -22,11 +22,11 @@ def run_train(args: argparse.Namespace) -> int:
     from qgdist.train.checkpoint import IncompatibleCheckpoint
     from qgdist.train.config import resolve
 
+    cfg = from_args(TrainConfig, args)
     try:
-        cfg = resolve(from_args(TrainConfig, args))
-    except ValueError as err:
-        print(f"qgdist train: {err}", file=sys.stderr)
-        return 2
+        cfg = resolve(cfg)
+    except ValueError as err:   # e.g. an unknown model name
+        raise ConfigError(str(err)) from err
     print(f"training config (resolved):\n{describe(cfg)}", flush=True)
     try:
         if cfg.launch.workers == 0:

@@ -34,6 +34,13 @@ T = TypeVar("T")
 CONFIG_FLAG = "config"
 
 
+class ConfigError(ValueError):
+    """Settings that do not make a valid config (a required flag missing, a bad value, a bad --config file).
+
+    ``qgdist``'s ``main`` prints it as one line naming the command and exits with status 2.
+    """
+
+
 def option(default: Any = dataclasses.MISSING, help: str = "", *, flag: str | None = None,  # noqa: A002
            positional: bool = False, metavar: str | None = None, parse: Callable[[str], Any] | None = None,
            aliases: Mapping[str, Any] | None = None, cli: bool = True) -> Any:
@@ -156,7 +163,8 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, config_file: bool 
     if config_file:
         parser.add_argument(f"--{CONFIG_FLAG}", metavar="FILE.yaml", default=argparse.SUPPRESS,
                             help="YAML file of settings (flat names or sections); flags given here override it")
-    parser.set_defaults(config_cls=cls)   # lets `qgdist submit` build the config to check a job's arguments
+    # config_cls lets `qgdist submit` build the config to check a job's arguments; command names errors.
+    parser.set_defaults(config_cls=cls, command_name=parser.prog)
     groups: dict[str | None, Any] = {None: parser}
     for section, leaf in leaves(cls):
         if not leaf.field.metadata.get("cli", True):
@@ -219,7 +227,24 @@ def _add_leaf(group: Any, leaf: Leaf) -> None:
 
 # -- building configs ----------------------------------------------------------------------------------------------
 def from_args(cls: type[T], args: argparse.Namespace, **overrides: Any) -> T:
-    """Build ``cls`` from defaults < ``--config`` file < flags given on the command line < ``overrides``."""
+    """Build ``cls`` from defaults < ``--config`` file < flags given on the command line < ``overrides``.
+
+    A config may define ``validate()`` for checks across fields; it is called here. Any ``ValueError`` (or an
+    unreadable config file) comes out as ``ConfigError``.
+    """
+    try:
+        cfg = _from_args(cls, args, overrides)
+        validate = getattr(cfg, "validate", None)
+        if callable(validate):
+            validate()
+        return cfg
+    except ConfigError:
+        raise
+    except (ValueError, OSError) as err:
+        raise ConfigError(str(err)) from err
+
+
+def _from_args(cls: type[T], args: argparse.Namespace, overrides: dict[str, Any]) -> T:
     values: dict[str, Any] = {}
     path = getattr(args, CONFIG_FLAG, None)
     if path:
