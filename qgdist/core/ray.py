@@ -1,8 +1,9 @@
 """Starting or joining Ray, the same way for every stage (convert, train, generate), with a quiet terminal.
 
 Unless ``verbose``, Ray's own lines stay off the terminal: workers' output is not forwarded to the driver
-(``log_to_driver=False``; Ray still writes it to its session logs, ``<session>/logs/worker-*.out``), and the
-driver's ``ray`` loggers write to ``ray.log`` in the given log directory. What a user should see from inside the
+(``log_to_driver=False``; Ray still writes it to its session logs, ``<session>/logs/worker-*.out``), the
+driver's ``ray`` loggers write to ``ray.log`` in the given log directory, and Ray Data's to its own
+``ray-data.log`` in the session logs only. What a user should see from inside the
 workers (progress, per-epoch metrics) reaches the driver through ``qgdist.train.console`` instead.
 """
 
@@ -45,10 +46,13 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, *, log_d
 
 def quiet_ray_loggers(log_dir: str | os.PathLike[str] | None) -> Path | None:
     """Send the driver's ``ray`` log records to ``log_dir/ray.log`` (or drop below WARNING when no directory)."""
+    import ray.data  # noqa: F401 -- configures the "ray.data" logger (its own file in Ray's session logs + console)
+
     logger = logging.getLogger("ray")
-    for handler in list(logger.handlers):
-        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
-            logger.removeHandler(handler)
+    for name in ("ray", "ray.data"):
+        for handler in list(logging.getLogger(name).handlers):
+            if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+                logging.getLogger(name).removeHandler(handler)
     if log_dir is None or "://" in str(log_dir):
         logger.addHandler(logging.NullHandler())
         return None
