@@ -1,4 +1,4 @@
-"""Quark/gluon metrics, synced across DDP ranks by torchmetrics: loss, accuracy, ROC AUC, background rejection.
+"""Quark/gluon metrics, synced across DDP ranks: loss, accuracy, ROC AUC, background rejection.
 
 Quark jets are the signal (positive label 1). Background rejection at signal efficiency eps_S is 1/eps_B, where
 eps_B (gluon mistag rate) is read off the ROC curve by linear interpolation at tpr = eps_S; it is ``inf`` when no
@@ -7,15 +7,15 @@ gluon passes the cut (MLflow stores inf as the largest float).
 Two forms:
 
 * ``JetMetrics`` accumulates batches (``update(logits, labels, loss)``), and ``compute()`` gathers every rank's
-  scores when a ``torch.distributed`` group is initialised, so each rank gets the metrics of the whole dataset.
+  scores when a ``torch.distributed`` group is initialised, so each rank gets the metrics of the whole dataset
+  (ranks with unequal numbers of jets, or none, included).
 * ``compute_metrics(scores, labels, loss=None)`` is the same on tensors already in hand (evaluate, tests).
 """
 
 from __future__ import annotations
 
 import torch
-from torchmetrics.aggregation import MeanMetric
-from torchmetrics.classification import BinaryAccuracy, BinaryROC
+import torch.distributed as dist
 
 #: Signal efficiencies at which background rejection is reported (the quark/gluon literature's working points).
 WORKING_POINTS = (0.3, 0.5)
@@ -46,51 +46,84 @@ class JetMetrics:
     """Accumulates per-batch logits, labels and losses; ``compute()`` returns floats for the whole dataset.
 
     Keys: ``loss`` (mean per jet), ``acc`` (cut at logit 0), ``auc``, ``rej30``, ``rej50``. Every rank must call
-    ``compute()`` (it is a collective when ``torch.distributed`` is initialised).
+    ``compute()`` (it is a collective when ``torch.distributed`` is initialised). The gathers are our own, with
+    sizes exchanged first: a rank with fewer jets, or none (a small validation split over many ranks), takes part
+    in exactly the same collectives as the others. Scores stay on the device until ``compute()``.
     """
 
     def __init__(self, device: str | torch.device = "cpu") -> None:
-        self.loss = MeanMetric()
-        self.acc = BinaryAccuracy()
-        # thresholds=None keeps every score: exact AUC and rejection; memory is 8 bytes per validation jet.
-        self.roc = BinaryROC(thresholds=None)
-        self.to(device)
+        self.device = torch.device(device)
+        self.reset()
 
-    def to(self, device: str | torch.device) -> "JetMetrics":
+    def to(self, device: str | torch.device) -> JetMetrics:
         """Keep the states on the training device (nccl gathers CUDA tensors only)."""
-        for metric in (self.loss, self.acc, self.roc):
-            metric.to(device)
+        self.device = torch.device(device)
+        self.probs = [p.to(self.device) for p in self.probs]
+        self.labels = [y.to(self.device) for y in self.labels]
+        self.loss_sum = self.loss_sum.to(self.device)
         return self
 
     def update(self, logits: torch.Tensor, labels: torch.Tensor, loss: torch.Tensor | float | None = None) -> None:
         """Add one batch. ``loss`` is the batch's mean loss; it is weighted by the batch size."""
         logits = logits.detach().float().reshape(-1)
-        labels = labels.detach().reshape(-1).long()
-        # Probabilities, not logits: torchmetrics would sigmoid a batch only if some logit is outside [0, 1],
-        # which would rank batches inconsistently.
-        probs = torch.sigmoid(logits)
-        self.acc.update(probs, labels)
-        self.roc.update(probs, labels)
+        self.probs.append(torch.sigmoid(logits).to(self.device))
+        self.labels.append(labels.detach().reshape(-1).float().to(self.device))
         if loss is not None:
-            loss = torch.as_tensor(loss, dtype=torch.float32, device=logits.device).detach()
-            self.loss.update(loss.expand(logits.numel()))
+            loss = torch.as_tensor(loss, dtype=torch.float64, device=self.device).detach()
+            self.loss_sum += loss * logits.numel()
+            self.loss_jets += logits.numel()
+
+    def _gathered(self) -> tuple[torch.Tensor, torch.Tensor, float]:
+        empty = torch.zeros(0, device=self.device)
+        probs = _gather_cat(torch.cat(self.probs) if self.probs else empty)
+        labels = _gather_cat(torch.cat(self.labels) if self.labels else empty)
+        loss = torch.stack([self.loss_sum, torch.tensor(float(self.loss_jets), dtype=torch.float64,
+                                                        device=self.device)])
+        if _distributed():
+            dist.all_reduce(loss)
+        total, jets = loss.tolist()
+        return probs, labels, (total / jets if jets else float("nan"))
 
     def compute(self) -> dict[str, float]:
-        fpr, tpr, _ = self.roc.compute()
-        out = {"loss": float(self.loss.compute()) if self.loss.update_called else float("nan"),
-               "acc": float(self.acc.compute())}
-        out.update(summarise_roc(fpr, tpr))
-        return out
+        probs, labels, loss = self._gathered()
+        if probs.numel() == 0:
+            raise ValueError("no jets to compute metrics on (empty validation split?)")
+        return compute_metrics(probs, labels, loss=loss)
 
     def roc_curve(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(fpr, tpr) over all ranks, for plots."""
-        fpr, tpr, _ = self.roc.compute()
+        from torchmetrics.functional.classification import binary_roc
+
+        probs, labels, _ = self._gathered()
+        fpr, tpr, _ = binary_roc(probs.double().cpu(), labels.long().cpu(), thresholds=None)
         return fpr, tpr
 
     def reset(self) -> None:
-        self.loss.reset()
-        self.acc.reset()
-        self.roc.reset()
+        self.probs: list[torch.Tensor] = []
+        self.labels: list[torch.Tensor] = []
+        self.loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        self.loss_jets = 0
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _gather_cat(t: torch.Tensor) -> torch.Tensor:
+    """Every rank's 1-D ``t`` concatenated in rank order (sizes may differ, and be zero); ``t`` without a group."""
+    if not _distributed():
+        return t
+    world = dist.get_world_size()
+    size = torch.tensor([t.numel()], dtype=torch.int64, device=t.device)
+    sizes = [torch.zeros_like(size) for _ in range(world)]
+    dist.all_gather(sizes, size)
+    counts = [int(n) for n in torch.cat(sizes).tolist()]
+    longest = max(max(counts), 1)   # never a zero-length collective
+    padded = torch.zeros(longest, dtype=t.dtype, device=t.device)
+    padded[: t.numel()] = t
+    parts = [torch.zeros_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    return torch.cat([part[:n] for part, n in zip(parts, counts)])
 
 
 def compute_metrics(scores: torch.Tensor, labels: torch.Tensor, loss: float | None = None) -> dict[str, float]:
