@@ -1,17 +1,32 @@
-"""``qgdist bench train``: Ray Train DDP (N workers) vs the plain loop doing the same work, side by side.
+"""``qgdist bench train``: how Ray Train DDP scales from 1 worker to N, and what Ray costs to start.
 
-Both train the same model on the same data for the same epochs with the same global batch: the plain loop in this
-process with batch ``N * B`` (torch uses every core), Ray Train with N one-CPU workers of batch ``B`` each (gloo
-all-reduce). Steady-state throughput is the loop's own figure (global jets/s after the first steps of an epoch,
-evaluation excluded); Ray's fixed cost is reported separately: ``ray.init``, and the time from ``fit()`` to the
-first training step. Target: Ray >= 0.9x the plain loop.
+Every run is Ray Train (``fit``) on the same model and data with the same per-worker batch ``B`` and the same
+per-worker torch threads; only the number of workers changes (1 vs ``--workers``, default 2), so the global batch
+grows with the workers (weak scaling, as adding GPUs does). The two configurations run ``--repeats`` times,
+interleaved (1, N, N, 1, 1, N, ...), so a change of load on a shared machine hits both alike.
+
+Throughput T(w) is the loop's own steady-state figure: global jets/s after the first steps of the epoch, evaluation
+and start-up excluded. Reported:
+
+* T(1) and T(N): median and range over the repeats;
+* scaling efficiency = T(N) / (N x T(1)) of the medians (1.0: perfect; the all-reduce, and on a CPU machine the
+  workers' competition for cores and memory bandwidth, take it below), and the same ratio per interleaved pair;
+* Ray's fixed start-up cost, separately: ``ray.init`` (once), and per run the time from ``fit()`` to the first
+  training step (workers, process group, dataset open), with ``fit()``'s total for scale;
+* the load average before and after, since the figures mean little on a busy machine without it.
+
+Workers need ``threads`` CPUs each: N x threads must not exceed the CPUs Ray sees, or the N-worker runs queue.
 """
 
 from __future__ import annotations
 
+import os
+import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from qgdist.core.config import option
 
@@ -23,59 +38,101 @@ class TrainBenchConfig:
     data: str | None = option(None, "converted dataset (default: toy clouds)")
     model: str = option("particlenet-lite", "model to train (qgdist.models)")
     jets: int = option(4000, "toy clouds when no --data is given")
-    workers: int = option(2, "Ray Train workers (one CPU each); the plain loop's batch is workers x batch size")
-    batch_size: int = option(128, "per Ray worker")
+    workers: int = option(2, "workers of the scaled configuration, compared with 1 worker")
+    batch_size: int = option(128, "per worker, in both configurations")
+    threads: int = option(1, "torch threads (and Ray CPUs) per worker, in both configurations")
+    repeats: int = option(3, "runs of each configuration, interleaved")
     epochs: int = option(1, "epochs of each run (validation runs after every epoch)")
-    plain_threads: int | None = option(None, "torch threads for the plain loop (default: torch's, one per core); "
-                                             "on a shared, oversubscribed machine 1 can be faster")
+    model_kwargs: dict[str, Any] = option({}, "extra model setting (e.g. a tiny model for a smoke run)",
+                                          flag="--model-arg")
 
     def __post_init__(self) -> None:
-        if self.workers < 1:
-            raise ValueError("--workers: Ray Train needs at least one worker")
+        if self.workers < 2:
+            raise ValueError("--workers: the scaled configuration needs at least 2 workers (it is compared with 1)")
+        if self.threads < 1 or self.repeats < 1:
+            raise ValueError("--threads and --repeats must be at least 1")
 
 
-def run(cfg: TrainBenchConfig) -> dict[str, float]:
-    """Train the plain loop, then Ray Train, on the same data; print and return the throughput figures."""
+def _worker_with_threads(threads: int) -> Callable[[dict[str, Any]], None]:
+    """The product's worker loop with torch's intra-op threads pinned, so 1 and N workers compute alike."""
+
+    def worker(config: dict[str, Any]) -> None:
+        import torch
+
+        from qgdist.train.ray_trainer import worker_loop
+
+        torch.set_num_threads(threads)
+        worker_loop(config)
+
+    return worker
+
+
+def _order(repeats: int, workers: int) -> list[int]:
+    """1, N, N, 1, 1, N, ...: each configuration goes first in every other pair."""
+    pairs = [(1, workers) if r % 2 == 0 else (workers, 1) for r in range(repeats)]
+    return [w for pair in pairs for w in pair]
+
+
+def _spread(values: list[float]) -> str:
+    return f"{statistics.median(values):9.0f} jets/s (range {min(values):.0f}-{max(values):.0f})"
+
+
+def run(cfg: TrainBenchConfig) -> dict[str, Any]:
+    """Run both configurations ``repeats`` times, interleaved; print and return the figures."""
     import ray
-    import torch
 
     from qgdist.core.ray import ensure_ray
     from qgdist.pipelines.toy_data import toy_dataset
     from qgdist.train.config import TrainConfig, resolve
-    from qgdist.train.loop import train
     from qgdist.train.ray_trainer import fit
 
+    n = cfg.workers
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="qgdist-bench-train-") as tmp:
         data = cfg.data or toy_dataset("cloud", cfg.jets, tmp)
-        common = {"data": data, "model": cfg.model, "epochs": cfg.epochs, "storage": tmp, "track": False,
-                  "progress": False, "checkpoint_every": 0}
-
-        if cfg.plain_threads:
-            torch.set_num_threads(cfg.plain_threads)
-        threads = torch.get_num_threads()
-        t = time.time()
-        plain = train(resolve(TrainConfig.of(run_name="plain", workers=0, batch_size=cfg.workers * cfg.batch_size,
-                                             **common)))
-        plain_start = plain["started_unix"] - t
-        plain_speed = plain["history"]["train/jets_per_s"][-1][1]
-
         t = time.time()
         ensure_ray()
         ray_init = time.time() - t
-        t = time.time()
-        out = fit(resolve(TrainConfig.of(run_name="bench", workers=cfg.workers, batch_size=cfg.batch_size,
-                                         **common)))
-        fit_total = time.time() - t
-        ray_start = out["metrics"]["started_unix"] - t
-        ray_speed = out["metrics"]["jets_per_s"]
+        cpus = ray.cluster_resources().get("CPU", 0)
+        if n * cfg.threads > cpus:
+            print(f"warning: {n} workers x {cfg.threads} thread(s) > {cpus:.0f} CPUs Ray sees: "
+                  "the scaled runs will queue or share cores")
+        runs: list[dict[str, float]] = []
+        for i, workers in enumerate(_order(cfg.repeats, n)):
+            tcfg = resolve(TrainConfig.of(
+                data=data, model=cfg.model, model_kwargs=cfg.model_kwargs, epochs=cfg.epochs, storage=tmp,
+                run_name=f"w{workers}-{i}", workers=workers, batch_size=cfg.batch_size,
+                cpus_per_worker=float(cfg.threads), max_failures=0, track=False, progress=False,
+                checkpoint_every=0))
+            t = time.time()
+            out = fit(tcfg, worker_fn=_worker_with_threads(cfg.threads))
+            total = time.time() - t
+            m = out["metrics"]
+            runs.append({"workers": workers, "jets_per_s": m["jets_per_s"], "fit_to_first_step_s":
+                         m["started_unix"] - t, "fit_total_s": total})
         ray.shutdown()
+    load_after = os.getloadavg()
 
-    row = {"plain_jets_s": plain_speed, "ray_jets_s": ray_speed, "ratio": ray_speed / plain_speed,
-           "ray_init_s": ray_init, "ray_fit_to_first_step_s": ray_start, "plain_to_first_step_s": plain_start,
-           "ray_fit_total_s": fit_total}
-    print(f"model {cfg.model}, global batch {cfg.workers * cfg.batch_size}, {cfg.epochs} epoch(s)")
-    print(f"  plain loop (1 process, {threads} thr) {plain_speed:9.0f} jets/s   first step after {plain_start:5.1f} s")
-    print(f"  Ray Train ({cfg.workers} workers, gloo)  {ray_speed:9.0f} jets/s   first step after {ray_start:5.1f} s "
-          f"of fit() (+ ray.init {ray_init:.1f} s; fit() total {fit_total:.1f} s)")
-    print(f"  steady-state ratio Ray / plain: {row['ratio']:.2f}x  (target >= 0.9x)")
+    def of(w: int, key: str) -> list[float]:
+        return [r[key] for r in runs if r["workers"] == w]
+
+    t1, tn = of(1, "jets_per_s"), of(n, "jets_per_s")
+    efficiency = statistics.median(tn) / (n * statistics.median(t1))
+    paired = [b / (n * a) for a, b in zip(t1, tn)]
+    row = {"t1_jets_s": statistics.median(t1), f"t{n}_jets_s": statistics.median(tn), "scaling_efficiency": efficiency,
+           "scaling_efficiency_per_pair": paired, "ray_init_s": ray_init,
+           "fit_to_first_step_s": {w: statistics.median(of(w, "fit_to_first_step_s")) for w in (1, n)},
+           "fit_total_s": {w: statistics.median(of(w, "fit_total_s")) for w in (1, n)},
+           "load_before": load_before, "load_after": load_after, "runs": runs}
+    print(f"model {cfg.model}, batch {cfg.batch_size} per worker, {cfg.threads} thread(s) per worker, "
+          f"{cfg.epochs} epoch(s), {cfg.repeats} interleaved repeats")
+    print(f"  T(1)  1 worker   {_spread(t1)}   first step {row['fit_to_first_step_s'][1]:5.1f} s after fit()")
+    print(f"  T({n})  {n} workers  {_spread(tn)}   first step {row['fit_to_first_step_s'][n]:5.1f} s after fit()")
+    print(f"  scaling efficiency T({n}) / ({n} x T(1)) = {efficiency:.2f}  (per pair: "
+          + ", ".join(f"{e:.2f}" for e in paired) + ")")
+    print(f"  Ray fixed cost: ray.init {ray_init:.1f} s; fit() to first step {row['fit_to_first_step_s'][1]:.1f} s "
+          f"(1 worker) / {row['fit_to_first_step_s'][n]:.1f} s ({n}); fit() total {row['fit_total_s'][1]:.1f} / "
+          f"{row['fit_total_s'][n]:.1f} s")
+    print("  load average (1/5/15 min) before " + "/".join(f"{x:.2f}" for x in load_before)
+          + ", after " + "/".join(f"{x:.2f}" for x in load_after) + f"; {os.cpu_count()} CPUs")
     return row

@@ -17,7 +17,7 @@ KINDS: dict[str, tuple[Any, type, Callable[[Any], Any], str]] = {
     "step": (step, step.StepBenchConfig, step.run, "training-step throughput per model (jets/s)"),
     "loader": (loader, loader.LoaderBenchConfig, loader.run,
                "loader jets/s per core for both formats vs model consumption"),
-    "train": (train, train.TrainBenchConfig, train.run, "Ray Train DDP vs plain loop throughput, Ray start-up cost"),
+    "train": (train, train.TrainBenchConfig, train.run, "Ray Train scaling 1 -> N workers (efficiency), Ray start-up cost"),
     "predict": (predict, predict.BenchPredictConfig, predict.run,
                 "qgdist predict jets/s from raw files and shards, memory at 1x and 10x input"),
     "physics": (physics, physics.PhysicsBenchConfig, physics.run_physics,

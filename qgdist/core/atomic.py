@@ -2,8 +2,9 @@
 
 Locally: write ``.<name>.tmp`` in the same directory, then ``os.replace`` it over the target (atomic on POSIX).
 On object storage (fsspec URLs such as ``s3://``) there is no rename, but one object appears whole when its
-upload completes, so the object is written in place; a directory of objects is committed by writing a small
-pointer object last (see ``qgdist.train.checkpoint``).
+upload completes (a single PUT, or the completion of a multipart upload), so the object is written in place under
+its final name; a directory of objects is committed by writing a small pointer object last (see
+``qgdist.train.checkpoint``). Nothing here creates "directories" there: a prefix exists once an object does.
 """
 
 from __future__ import annotations
@@ -13,19 +14,14 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from qgdist.core.storage import run_path
+from qgdist.core.storage import is_object_store, local_file, run_path
 
+if TYPE_CHECKING:
+    from upath import UPath
 
-def _local(path: str | os.PathLike[str]) -> Path | None:
-    """The local file behind ``path`` (a plain path or a ``file://`` URL), or None for remote storage."""
-    target = run_path(path)
-    if isinstance(target, Path):
-        return target
-    if target.protocol in ("file", "local"):
-        return Path(target.path)
-    return None
+_local = local_file
 
 
 def temp_name(path: str | os.PathLike[str]) -> str:
@@ -57,16 +53,24 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     with tempfile.TemporaryDirectory(prefix="qgdist-") as scratch:
         tmp = Path(scratch) / target.name
         yield tmp
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(tmp.read_bytes())
+        _parent_dir(target)
+        target.fs.put_file(str(tmp), target.path)  # streamed: a 64 MiB shard is not read into memory first
+
+
+def _parent_dir(target: UPath) -> None:
+    """Make ``target``'s parent where the storage has real directories (``memory://``, ``sftp://``, ...); object
+    stores have none, and asking them would cost a request per write."""
+    if is_object_store(target):
+        return
+    target.fs.makedirs(target.parent.path, exist_ok=True)
 
 
 def write_bytes(path: str | os.PathLike[str], data: bytes | memoryview) -> None:
     """Write ``data`` to ``path`` (local path or URL) atomically."""
     if _local(path) is None:
         target = run_path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(bytes(data))
+        _parent_dir(target)
+        target.fs.pipe_file(target.path, bytes(data))  # one PUT: the object appears whole or not at all
         return
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)

@@ -6,12 +6,21 @@ Layout under ``<run_dir>/checkpoints/``::
     latest.json               {"name": "step-000000120", "epoch": 1, "step": 0, "global_step": 120, ...}
     best.json                 the same for the checkpoint with the highest validation AUC
 
-A checkpoint directory is written under a temporary name and renamed when complete; ``latest.json`` is replaced
-atomically afterwards. A run killed at any instant therefore leaves a pointer to a complete checkpoint (or none),
-which is why we keep our own pointer instead of trusting Ray's bookkeeping (a SIGINT between Ray creating a
-checkpoint folder and registering it makes a re-run start from scratch). Files are read with
-``torch.load(weights_only=True)``: nothing in them is unpickled as code. The run directory may be a local path
-or an fsspec URL (``qgdist.core.storage``).
+The pointer is the commit: ``latest.json`` is written only once every file of its checkpoint is complete, and
+readers (resume, ``evaluate``, ``fit``'s driver) find checkpoints only through it, never by listing. How the
+checkpoint's files become complete depends on the storage (``qgdist.core.storage.renames``):
+
+* local disk (a path or ``file://``): the directory is written under a temporary name ``.step-N.tmp`` and renamed
+  when complete, then ``latest.json`` is replaced atomically (temp file + ``os.replace``);
+* object storage (``s3://`` and other URLs): there is no rename (``fs.mv`` copies and deletes every object), so
+  every object is written under its final name (one PUT each, which appears whole) and ``latest.json`` is
+  written last, as one small object. An interrupted save leaves objects no pointer names, which the next save of
+  the same step overwrites and pruning removes.
+
+A run killed at any instant therefore leaves a pointer to a complete checkpoint (or none), which is why we keep
+our own pointer instead of trusting Ray's bookkeeping (a SIGINT between Ray creating a checkpoint folder and
+registering it makes a re-run start from scratch). Files are read with ``torch.load(weights_only=True)``: nothing
+in them is unpickled as code.
 """
 
 from __future__ import annotations
@@ -26,8 +35,8 @@ import numpy as np
 import torch
 from upath import UPath
 
-from qgdist.core.atomic import write_text
-from qgdist.core.storage import move, remove_tree, run_path
+from qgdist.core.atomic import write_bytes, write_text
+from qgdist.core.storage import list_dirs, move, read_bytes, remove_tree, renames, run_path
 
 STATE_FILE = "state.pt"
 LATEST = "latest.json"
@@ -87,16 +96,22 @@ class Checkpointer:
 
     def save(self, state: dict[str, Any], auc: float | None = None) -> UPath:
         """Write ``state`` (must hold ``global_step``, ``epoch``, ``step``) and move the pointers; returns its dir."""
-        self.root.mkdir(parents=True, exist_ok=True)
         name = f"step-{state['global_step']:09d}"
-        final, tmp = self.root / name, self.root / f".{name}.tmp"
-        remove_tree(tmp)
-        tmp.mkdir()
+        final = self.root / name
         buffer = io.BytesIO()
         torch.save(to_cpu(state), buffer)  # loadable on a machine without the GPU that trained it
-        (tmp / STATE_FILE).write_bytes(buffer.getbuffer())
-        remove_tree(final)  # a re-run that reaches the same step again
-        move(tmp, final)
+        if renames(self.root):
+            self.root.mkdir(parents=True, exist_ok=True)
+            tmp = self.root / f".{name}.tmp"
+            remove_tree(tmp)
+            tmp.mkdir()
+            (tmp / STATE_FILE).write_bytes(buffer.getbuffer())
+            remove_tree(final)  # a re-run that reaches the same step again
+            move(tmp, final)
+        else:
+            # Object storage: each object under its final name (a re-run reaching this step overwrites it whole);
+            # the pointer below commits the checkpoint.
+            write_bytes(final / STATE_FILE, buffer.getbuffer())
         summary = {"name": name, "epoch": state["epoch"], "step": state["step"],
                    "global_step": state["global_step"], "val_auc": auc}
         write_text(self.root / LATEST, json.dumps(summary, indent=1, sort_keys=True))
@@ -108,8 +123,10 @@ class Checkpointer:
 
     def pointer(self, which: str = LATEST) -> dict[str, Any] | None:
         """The ``latest.json`` / ``best.json`` summary, or None when the run has no checkpoint yet."""
-        path = self.root / which
-        return json.loads(path.read_text()) if path.exists() else None
+        try:  # read from the store itself: an existence check could answer from another process's stale listing
+            return json.loads(read_bytes(self.root / which))
+        except FileNotFoundError:
+            return None
 
     def latest(self) -> UPath | None:
         """The latest complete checkpoint directory, or None."""
@@ -121,9 +138,13 @@ class Checkpointer:
         return self.root / doc["name"] if doc else None
 
     def _prune(self) -> None:
-        keep = {d["name"] for d in (self.pointer(LATEST), self.pointer(BEST)) if d}
-        names = sorted(p.name for p in self.root.glob("step-*") if p.is_dir())
-        keep |= set(names[-self.keep_last:])
+        latest, best = self.pointer(LATEST), self.pointer(BEST)
+        keep = {d["name"] for d in (latest, best) if d}
+        names = [n for n in list_dirs(self.root) if n.startswith("step-")]  # never the local ".step-*.tmp"
+        # The last K up to the latest: a name beyond it is a save that died before its pointer (object storage),
+        # never committed, and must not push a committed checkpoint out of the K kept.
+        committed = [n for n in names if latest is None or n <= latest["name"]]
+        keep |= set(committed[-self.keep_last:])
         for name in names:
             if name not in keep:
                 remove_tree(self.root / name)
@@ -132,10 +153,16 @@ class Checkpointer:
 def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Load a checkpoint directory (or its ``state.pt``) safely (``weights_only=True``) onto the CPU."""
     path = run_path(path)
-    file = path / STATE_FILE if path.is_dir() else path
-    if not file.exists():
+    data = None
+    for file in (path / STATE_FILE, path):  # a checkpoint directory (or prefix), else the file itself
+        try:
+            data = read_bytes(file)
+            break
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            continue
+    if data is None:
         raise FileNotFoundError(f"{path}: no {STATE_FILE} (not a qgdist checkpoint, or an incomplete one)")
-    return torch.load(io.BytesIO(file.read_bytes()), map_location="cpu", weights_only=True)
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
 
 
 def check_fingerprint(saved: dict[str, Any], current: dict[str, Any], where: str, allow: bool = False) -> list[str]:
