@@ -101,6 +101,9 @@ class LaunchConfig:
     gpu: bool = option(False, "one GPU per worker (nccl)")
     cpus_per_worker: float = option(1.0, "CPUs Ray reserves per worker")
     max_failures: int = option(2, "worker-group restarts Ray may do")
+    worker_resources: dict[str, float] = option(
+        {}, "extra Ray resource each worker needs, e.g. a node-type label (one worker per node)",
+        flag="--worker-resource", metavar="NAME=AMOUNT")
     address: str | None = option(None, "Ray cluster address (default: $RAY_ADDRESS or a private local Ray)")
 
 

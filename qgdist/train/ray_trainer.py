@@ -76,7 +76,7 @@ def fit(cfg: TrainConfig, worker_fn: Callable[[dict[str, Any]], None] = worker_l
         check_fingerprint(load_checkpoint(source)["fingerprint"], cfg.fingerprint(), str(source),
                           c.allow_config_change)
     ensure_ray(launch.address, num_cpus=None, log_dir=scratch_dir(cfg.run_dir), verbose=cfg.tracking.verbose)
-    resources = {"CPU": launch.cpus_per_worker} | ({"GPU": 1} if launch.gpu else {})
+    resources = {"CPU": launch.cpus_per_worker} | ({"GPU": 1} if launch.gpu else {}) | launch.worker_resources
     relay = Relay()
     trainer = TorchTrainer(
         worker_fn,

@@ -12,86 +12,32 @@ import json
 import os
 import secrets
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
-import psutil
 import pytest
 import torch
 
+from tests.cluster.raykit import VENV_BIN, RayNode
+
 REPO = Path(__file__).resolve().parents[2]
-VENV_BIN = Path(sys.executable).parent
 pytestmark = pytest.mark.slow
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _head_processes(leader: int, temp_dir: str) -> list[psutil.Process]:
-    """Every process of the head started by ``ray start`` (process group ``leader``), with all their children."""
-    found: dict[int, psutil.Process] = {}
-    for proc in psutil.process_iter(["pid", "cmdline"]):
-        try:
-            if os.getpgid(proc.pid) == leader or temp_dir in " ".join(proc.info["cmdline"] or []):
-                found[proc.pid] = proc
-        except (ProcessLookupError, psutil.Error):
-            continue
-    for proc in list(found.values()):
-        try:
-            found.update({child.pid: child for child in proc.children(recursive=True)})
-        except psutil.Error:
-            continue
-    return list(found.values())
-
-
-class Head:
-    """A private ``ray start --head`` cluster; ``stop()`` ends exactly its processes."""
+class Head(RayNode):
+    """A private ``ray start --head`` (2 CPUs) with token authentication on and a random token."""
 
     def __init__(self) -> None:
-        # A short temp dir: Ray's unix sockets live below it and paths are limited to 107 bytes.
-        self.temp_dir = tempfile.mkdtemp(prefix="qgray-", dir="/tmp")
-        self.dashboard_port = _free_port()
-        self.address = f"http://127.0.0.1:{self.dashboard_port}"
         self.token = secrets.token_hex(32)
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
         # `python` in a job's entrypoint is looked up on the head's PATH: make it the venv's.
-        self.env.update(PATH=f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}", RAY_AUTH_MODE="token",
-                        RAY_AUTH_TOKEN=self.token, RAY_USAGE_STATS_ENABLED="0")
-        cmd = [str(VENV_BIN / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1",
-               "--port", str(_free_port()), "--dashboard-host", "127.0.0.1",
-               "--dashboard-port", str(self.dashboard_port), "--ray-client-server-port", str(_free_port()),
-               "--dashboard-agent-listen-port", str(_free_port()), "--temp-dir", self.temp_dir,
-               "--num-cpus", "2", "--disable-usage-stats"]
-        # A new session: every daemon `ray start` launches inherits its process group, our handle for stop().
-        self.starter = subprocess.Popen(cmd, env=self.env, start_new_session=True, stdout=subprocess.PIPE,
-                                        stderr=subprocess.STDOUT, text=True)
-        output, _ = self.starter.communicate(timeout=120)
-        if self.starter.returncode != 0:
-            self.stop()
-            raise RuntimeError(f"ray start failed:\n{output[-3000:]}")
+        env.update(PATH=f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}", RAY_AUTH_MODE="token",
+                   RAY_AUTH_TOKEN=self.token, RAY_USAGE_STATS_ENABLED="0")
+        super().__init__(num_cpus=2, env=env)
 
-    def stop(self) -> None:
-        procs = _head_processes(self.starter.pid, self.temp_dir)
-        for proc in procs:
-            try:
-                proc.send_signal(signal.SIGTERM)
-            except psutil.Error:
-                pass
-        _, alive = psutil.wait_procs(procs, timeout=3)
-        for proc in alive:  # gcs_server and raylet may ignore SIGTERM for a while
-            try:
-                proc.kill()
-            except psutil.Error:
-                pass
-        psutil.wait_procs(alive, timeout=5)
-        shutil.rmtree(self.temp_dir, ignore_errors=True)
+    def stop(self, remove_temp_dir: bool = True) -> None:
+        super().stop(remove_temp_dir)
 
 
 @pytest.fixture(scope="module")

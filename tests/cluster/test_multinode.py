@@ -1,0 +1,125 @@
+"""Several Ray nodes on one machine: a head (no CPUs) and two worker nodes started with ``ray start``.
+
+Each worker node has one logical CPU and a ``qgdist_node`` resource, and training asks for one of those per
+worker (``--worker-resource qgdist_node=1``), so Ray Train must place its two workers on the two nodes and
+conversion tasks must run on both. Then one worker node is SIGKILLed mid-epoch (its whole process tree: a lost
+machine) and started again: the run restarts its worker group from the latest checkpoint once the node is back,
+and finishes with the same number of steps as an uninterrupted run. What the loss cost is printed (``-s``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from qgdist.data.convert import ConvertConfig, convert
+from qgdist.pipelines.toy_data import toy_file
+from qgdist.train.checkpoint import Checkpointer, load_checkpoint
+from qgdist.train.config import TrainConfig, resolve
+from qgdist.train.ray_trainer import fit, worker_loop
+from tests.cluster.raykit import VENV_BIN, RayNode, wait_for_nodes
+
+pytestmark = pytest.mark.slow
+NODE = {"qgdist_node": 1}
+TINY = {"conv_params": [[4, [8, 8]]], "fc_params": [[16, 0.1]]}
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    import ray
+
+    if not (VENV_BIN / "ray").exists():
+        pytest.skip(f"no `ray` executable next to {VENV_BIN}")
+    head = RayNode(num_cpus=0)
+    nodes = []
+    try:
+        nodes = [RayNode(head, num_cpus=1, resources=NODE) for _ in range(2)]
+        os.environ["RAY_AUTH_MODE"] = "disabled"
+        ray.init(address=head.gcs_address, log_to_driver=False)
+        wait_for_nodes(3)
+        yield {"head": head, "nodes": nodes}
+    finally:
+        ray.shutdown()
+        for node in nodes:
+            node.stop()
+        head.stop(remove_temp_dir=True)
+
+
+def _record_node(config: dict) -> None:
+    """The normal worker loop, after noting which node this rank runs on (and when)."""
+    import ray
+    import ray.train
+
+    run = config["train"]["checkpoint"]
+    rank = ray.train.get_context().get_world_rank()
+    out = Path(run["storage"]) / run["run_name"] / "placement"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{time.time():.3f}-rank{rank}.json").write_text(json.dumps(
+        {"rank": rank, "node": ray.get_runtime_context().get_node_id(), "time": time.time()}))
+    worker_loop(config)
+
+
+def test_conversion_tasks_spread_over_the_worker_nodes(cluster, tmp_path):
+    import ray
+    from ray.util.state import list_tasks
+
+    raw = toy_file("energyflow", 2000, tmp_path / "toy.npz", seed=3)
+    convert(ConvertConfig(source="energyflow", inputs=[raw], out=str(tmp_path / "shards"), rows_per_task=250,
+                          progress=False))
+    workers = {n.get("NodeID") for n in ray.nodes() if n["Alive"] and n["Resources"].get("qgdist_node")}
+    deadline = time.monotonic() + 30   # the State API sees finished tasks with a short delay
+    ran_on: set[str] = set()
+    while time.monotonic() < deadline and len(ran_on) < 2:
+        tasks = list_tasks(filters=[("state", "=", "FINISHED")], detail=True, limit=1000)
+        ran_on = {t.node_id for t in tasks if "Map" in t.name and t.node_id in workers}
+        time.sleep(1)
+    assert ran_on == workers, (ran_on, workers)
+
+
+def test_a_lost_node_is_regained_and_training_finishes(cluster, tmp_path):
+    raw = toy_file("energyflow", 1200, tmp_path / "toy.npz", seed=4)
+    data = str(tmp_path / "shards")
+    convert(ConvertConfig(source="energyflow", inputs=[raw], out=data, progress=False))
+    cfg = resolve(TrainConfig.of(
+        data=data, model="particlenet-lite", model_kwargs=TINY, workers=2, worker_resources=NODE, epochs=2,
+        batch_size=16, shuffle_buffer=64, checkpoint_every=5, max_failures=3, storage=str(tmp_path / "runs"),
+        run_name="lost", track=False, progress=False))
+    pointer = tmp_path / "runs" / "lost" / "checkpoints" / "latest.json"
+    events: dict[str, float] = {}
+
+    def lose_and_regain_a_node() -> None:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            if pointer.exists() and json.loads(pointer.read_text())["step"] > 0:   # mid-epoch checkpoint
+                events["checkpoint_step"] = json.loads(pointer.read_text())["global_step"]
+                events["killed"] = time.time()
+                cluster["nodes"][1].kill()
+                time.sleep(5)
+                cluster["nodes"][1] = RayNode(cluster["head"], num_cpus=1, resources=NODE)
+                events["restarted"] = time.time()
+                return
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=lose_and_regain_a_node, daemon=True)
+    killer.start()
+    out = fit(cfg, worker_fn=_record_node)
+    killer.join(timeout=60)
+    assert "killed" in events, "no mid-epoch checkpoint was seen: the node was never lost"
+
+    state = load_checkpoint(Checkpointer(out["run_dir"]).latest())
+    steps_per_epoch = state["global_step"] // 2
+    assert state["epoch"] == 2 and state["step"] == 0 and steps_per_epoch > 5
+    placements = [json.loads(p.read_text()) for p in sorted((Path(out["run_dir"]) / "placement").iterdir())]
+    first, after = placements[:2], [p for p in placements if p["time"] > events["killed"]]
+    assert {p["rank"] for p in first} == {0, 1} and len({p["node"] for p in first}) == 2   # one worker per node
+    assert {p["rank"] for p in after} >= {0, 1} and len({p["node"] for p in after[-2:]}) == 2
+    back = min(p["time"] for p in after)
+    print(f"\nnode lost at global step >= {events['checkpoint_step']} (latest checkpoint); node restarted "
+          f"{events['restarted'] - events['killed']:.1f} s after the kill; workers running again "
+          f"{back - events['killed']:.1f} s after the kill; work redone: the steps since that checkpoint "
+          f"(at most --checkpoint-every = {cfg.checkpoint.checkpoint_every})")
