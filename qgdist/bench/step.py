@@ -1,20 +1,39 @@
 """``qgdist bench step``: training-step throughput (jets/s) per model, side by side, on synthetic batches.
 
-Runs :func:`qgdist.train.step.train_step` (the training loop's own step) on batches of the loader's shape:
-clouds with a realistic multiplicity distribution, P <= ``--max-particles`` trimmed to the batch's longest jet;
-images of ``--image-size`` squared pixels. Models are compared in one run (default: the dense ParticleNet-Lite
-against its PyG twin), each after ``--warmup`` untimed steps. Needs neither Ray nor data files:
+Runs :func:`qgdist.train.step.train_step` (the training loop's own step: forward, BCE, backward, AdamW) on batches
+of the loader's shape: clouds with a realistic multiplicity distribution, P <= ``--max-particles`` trimmed to the
+batch's longest jet; images of ``--image-size`` squared pixels. Every model is built and warmed up first, then the
+timed steps are **interleaved** (one step of each model in turn, ``--steps`` rounds) and the table quotes the
+median step, so a load change on a shared machine hits all rows alike. Needs neither Ray nor data files:
 ``python -m qgdist bench step --model particlenet-lite,particlenet-lite-pyg --device cuda --dtype bf16``.
+
+``--reference weaver-core`` (``pip install 'qgdist[reference]'``) adds, for each ParticleNet model, the
+ParticleNet that ParticleNet users train with today, ``weaver.nn.model.ParticleNet`` (imported from the installed
+weaver-core, never copied here), built with the same configuration (``use_fusion=False``, ``use_counts`` for mean
+pooling over real particles, ``trim=False``: the batches are already trimmed, and weaver's training-time trimmer
+would drop particles). Its weights, with randomised batch-norm statistics, are copied into ours and the eval-mode
+logits must agree (float32, ``rtol=1e-4, atol=1e-5``) on every jet with more than k particles, or the bench stops
+with an error. Jets of <= k particles are left out of the check on purpose: weaver pairs them with padded slots
+(edge feature ``(x_i, -x_i)``), ours with self-loops (``(x_i, 0)``), a documented difference. Then both train on
+the same batches, with the same threads, dtype and optimizer, interleaved; weaver gets channel-first copies of
+the batches, made before timing. ``--compile`` compiles ours only.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import statistics
 import time
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from qgdist.bench import comma_names
 from qgdist.core.config import option
+
+#: Tolerance of the eval-mode agreement with the reference (float32 logits).
+REFERENCE_RTOL, REFERENCE_ATOL = 1e-4, 1e-5
 
 
 @dataclass(frozen=True)
@@ -23,23 +42,48 @@ class StepBenchConfig:
 
     models: tuple[str, ...] = option(("particlenet-lite", "particlenet-lite-pyg"),
                                      "comma-separated registry names (qgdist.models.list_models()); ratios are to "
-                                     "the first", flag="--model", parse=comma_names, metavar="A,B,...")
+                                     "the first (or to weaver-core with --reference)", flag="--model",
+                                     parse=comma_names, metavar="A,B,...")
     device: str = option("cpu", "cpu | cuda | cuda:N | auto (CUDA when visible)")
     dtype: Literal["fp32", "bf16", "fp16"] = option("fp32", "autocast precision")
-    compile: bool = option(False, "torch.compile the model")
+    compile: bool = option(False, "torch.compile our models (dynamic shapes: one graph for every B and P)")
     batch_size: int | None = option(None, "jets per step (default 1024 on CUDA, 64 on CPU)")
     max_particles: int = option(128, "particles per jet at most (trimmed to the batch's longest jet)")
     in_features: int = option(7, "particle features of cloud models: 7 = kin preset, 13 = kinpid")
     image_size: int = option(125, "image side in pixels (image models)")
-    steps: int = option(10, "timed steps per model")
-    warmup: int = option(3, "untimed steps before timing")
+    steps: int = option(10, "timed steps per model (interleaved across models; the median is quoted)")
+    warmup: int = option(3, "untimed steps per model before timing")
     seed: int = option(0, "seed of the weights and the synthetic batches")
+    threads: int | None = option(None, "intra-op CPU threads (torch.set_num_threads); default: torch's choice")
+    layout: Literal["auto", "padded", "packed"] = option(
+        "auto", "dense ParticleNet layout (ParticleNetConfig.layout): auto = packed on CPU, padded on GPU")
+    reference: Literal["weaver-core"] | None = option(
+        None, "also build weaver-core's ParticleNet per ParticleNet model, check it agrees with ours, time both")
 
     def __post_init__(self) -> None:
         if isinstance(self.models, str):  # "a,b" from a --config file (flags are split by their parser)
             object.__setattr__(self, "models", comma_names(self.models))
         if not self.models:
             raise ValueError("--model: name at least one model")
+        if self.reference is not None:
+            bad = [m for m in self.models if "particlenet" not in m]
+            if bad:
+                raise ValueError(f"--reference {self.reference} compares ParticleNet models only, not {bad}")
+
+
+@dataclass
+class Runner:
+    """One model ready to step: its inputs on the device, its optimizer; ``step(i)`` runs batch ``i % len``."""
+
+    name: str
+    impl: str
+    model: Any
+    params: int
+    shape: tuple[int, ...]
+    run: Callable[[int], Any]
+    times: list[float] = field(default_factory=list)
+    note: str = ""
+    warmup_s: float = 0.0
 
 
 def _sync(device: Any) -> None:
@@ -49,58 +93,292 @@ def _sync(device: Any) -> None:
         torch.cuda.synchronize(device)  # timing only: the step itself never syncs
 
 
-def bench_model(name: str, cfg: StepBenchConfig, device: Any) -> dict[str, float | str]:
-    """Time ``cfg.steps`` training steps of model ``name`` on ``device`` (a ``torch.device``); returns a row."""
+def _batches(kind: str, cfg: StepBenchConfig, batch_size: int, device: Any) -> list[tuple[dict, Any]]:
     import torch
 
-    from qgdist.models import count_parameters, get_model
     from qgdist.models.synthetic import cloud_batch, image_batch
+
+    g = torch.Generator().manual_seed(cfg.seed)
+    if kind == "cloud":
+        return [cloud_batch(batch_size, cfg.in_features, cfg.max_particles, generator=g, device=device)
+                for _ in range(2)]
+    return [image_batch(batch_size, cfg.image_size, generator=g, device=device) for _ in range(2)]
+
+
+def _stepper(model: Any, batches: list, cfg: StepBenchConfig, device: Any) -> Callable[[int], Any]:
+    import torch
+
     from qgdist.train.step import resolve_dtype, train_step
 
-    batch_size = cfg.batch_size or (1024 if device.type == "cuda" else 64)
-    torch.manual_seed(cfg.seed)
-    kwargs = {"in_features": cfg.in_features} if "particlenet" in name else {}
-    if name == "seed-cnn":
-        kwargs["image_size"] = cfg.image_size
-    model = get_model(name, **kwargs).to(device).train()
-    n_params = count_parameters(model)
-    g = torch.Generator().manual_seed(cfg.seed)
-    if model.kind == "cloud":
-        batches = [cloud_batch(batch_size, cfg.in_features, cfg.max_particles, generator=g, device=device)
-                   for _ in range(2)]
-    else:
-        batches = [image_batch(batch_size, cfg.image_size, generator=g, device=device) for _ in range(2)]
-    step_model = torch.compile(model) if cfg.compile else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     dtype = resolve_dtype(cfg.dtype)
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
-    for i in range(cfg.warmup):
-        train_step(step_model, *batches[i % 2], optimizer, autocast_dtype=dtype, scaler=scaler)
-    _sync(device)
-    start = time.perf_counter()
-    for i in range(cfg.steps):
-        loss = train_step(step_model, *batches[i % 2], optimizer, autocast_dtype=dtype, scaler=scaler)
-    _sync(device)
-    seconds = (time.perf_counter() - start) / max(cfg.steps, 1)
-    shape = tuple(batches[0][0]["points" if model.kind == "cloud" else "image"].shape)
-    return {"model": name, "params": n_params, "batch": str(shape), "ms_per_step": 1e3 * seconds,
-            "jets_per_s": batch_size / seconds, "loss": float(loss)}
+
+    def run(i: int) -> Any:
+        return train_step(model, *batches[i % len(batches)], optimizer, autocast_dtype=dtype, scaler=scaler)
+
+    return run
+
+
+def build_runner(name: str, cfg: StepBenchConfig, device: Any, batch_size: int, *,
+                 compile_model: bool | None = None) -> Runner:
+    """Our model ``name`` on ``device`` (a ``torch.device``) with its batches and optimizer (compiled when
+    ``compile_model``, default ``cfg.compile``)."""
+    import torch
+
+    from qgdist.models import count_parameters, get_model, model_kind
+
+    torch.manual_seed(cfg.seed)
+    kind = model_kind(name)
+    kwargs: dict[str, Any] = {}
+    if kind == "cloud":
+        kwargs = {"in_features": cfg.in_features, "layout": cfg.layout}
+    elif name == "seed-cnn":
+        kwargs["image_size"] = cfg.image_size
+    model = get_model(name, **kwargs).to(device).train()
+    batches = _batches(kind, cfg, batch_size, device)
+    compiled = cfg.compile if compile_model is None else compile_model
+    # dynamic=True: B, P (and the packed row count) symbolic from the first call: no recompile per batch.
+    step_model = torch.compile(model, dynamic=True) if compiled else model
+    shape = tuple(batches[0][0]["points" if kind == "cloud" else "image"].shape)
+    return Runner(name, "qgdist compiled" if compiled else "qgdist", model, count_parameters(model), shape,
+                  _stepper(step_model, batches, cfg, device))
+
+
+# -- the weaver-core reference -------------------------------------------------------------------------------------
+def weaver_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("weaver-core")
+    except PackageNotFoundError:
+        return "?"
+
+
+def build_weaver(config: Any, use_amp: bool = False) -> Any:
+    """weaver-core's ``ParticleNet`` with the configuration of our ``ParticleNetConfig`` ``config`` (1 logit).
+
+    ``use_amp``: weaver's float16 setting (padding shifted by 99 instead of 1e9, which float16 cannot hold)."""
+    try:
+        from weaver.nn.model.ParticleNet import ParticleNet as WeaverParticleNet
+    except ImportError as err:
+        raise RuntimeError("--reference weaver-core needs the weaver-core package: "
+                           "pip install 'qgdist[reference]' (weaver-core==0.5.3)") from err
+    import logging
+
+    logging.getLogger("weaver").setLevel(logging.WARNING)  # its constructor logs its arguments at INFO
+    model = WeaverParticleNet(
+        input_dims=config.in_features, num_classes=1,
+        conv_params=[(k, tuple(ch)) for k, ch in config.conv_params],
+        fc_params=[tuple(fc) for fc in config.fc_params],
+        use_fusion=False, use_fts_bn=True, use_counts=config.pooling == "real", trim=False, use_amp=use_amp)
+    import torch
+
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.eps, m.momentum = config.bn_eps, config.bn_momentum
+    return model
+
+
+def weaver_state_dict_to_ours(state: dict[str, Any], config: Any) -> dict[str, Any]:
+    """Rename (and reshape) a weaver ``ParticleNet`` state dict into ours; every weaver key is mapped or an error."""
+    out: dict[str, Any] = {}
+    n_fc = len(config.fc_params)
+    for key, value in state.items():
+        parts = key.split(".")
+        if parts[0] == "bn_fts":
+            new = "input_norm." + parts[1]
+        elif parts[0] == "edge_convs":
+            i, what = parts[1], parts[2]
+            if what == "convs":  # Conv2d 1x1 (out, in, 1, 1) -> Linear (out, in)
+                new, value = f"blocks.{i}.edge_mlp.linears.{parts[3]}.weight", value.flatten(1)
+            elif what == "bns":
+                new = f"blocks.{i}.edge_mlp.norms.{parts[3]}.{parts[4]}"
+            elif what == "sc":  # Conv1d (out, in, 1) -> Linear (out, in)
+                new, value = f"blocks.{i}.shortcut.weight", value.flatten(1)
+            elif what == "sc_bn":
+                new = f"blocks.{i}.shortcut_norm.{parts[3]}"
+            else:
+                raise KeyError(f"unexpected weaver ParticleNet parameter {key!r}")
+        elif parts[0] == "fc":  # fc.i = Sequential(Linear, ReLU, Dropout) for i < n_fc, then fc.n_fc = Linear
+            i = int(parts[1])
+            new = f"head.{3 * i}.{parts[-1]}"
+            if i > n_fc or (i < n_fc and parts[2] != "0"):
+                raise KeyError(f"unexpected weaver ParticleNet parameter {key!r}")
+        else:
+            raise KeyError(f"unexpected weaver ParticleNet parameter {key!r}")
+        out[new] = value
+    return out
+
+
+def randomise_batch_norms(model: Any, seed: int = 0) -> None:
+    """Random affine parameters and running statistics in every batch norm (so eval mode exercises them)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                c = m.num_features
+                m.weight.copy_(torch.rand(c, generator=g) + 0.5)
+                m.bias.copy_(0.1 * torch.randn(c, generator=g))
+                m.running_mean.copy_(0.1 * torch.randn(c, generator=g))
+                m.running_var.copy_(torch.rand(c, generator=g) * 1.5 + 0.5)
+
+
+def channel_first(inputs: dict[str, Any]) -> dict[str, Any]:
+    """Our batch ``{points (B,P,2), features (B,P,C), mask (B,P)}`` in weaver's layout (B,2,P), (B,C,P), (B,1,P)."""
+    return {"points": inputs["points"].transpose(1, 2).contiguous(),
+            "features": inputs["features"].transpose(1, 2).contiguous(),
+            "mask": inputs["mask"].unsqueeze(1).to(inputs["features"].dtype)}
+
+
+def weaver_logits(weaver: Any, inputs: dict[str, Any]) -> Any:
+    """weaver's ParticleNet on our batch (channel-first copies made here) -> logits (B,) float32."""
+    return weaver(**channel_first(inputs)).squeeze(-1).float()
+
+
+def check_against_weaver(ours: Any, weaver: Any, inputs: dict[str, Any], *, rtol: float = REFERENCE_RTOL,
+                         atol: float = REFERENCE_ATOL) -> dict[str, Any]:
+    """Eval-mode float32 logits of ``ours`` and ``weaver`` (same weights) on ``inputs``; raises when they differ.
+
+    Compared on the jets with more than k particles (k = the largest of the model's blocks); see the module
+    docstring for why shorter jets differ. Returns ``{"max_abs_diff", "compared", "jets"}``.
+    """
+    import torch
+
+    k = max(block.k for block in ours.blocks)
+    was = ours.training, weaver.training
+    ours.eval(), weaver.eval()
+    device = inputs["features"].device
+    try:
+        with torch.no_grad(), _ieee_float32(device.type):
+            got, want = ours(**inputs).float(), weaver_logits(weaver, inputs)
+    finally:
+        ours.train(was[0]), weaver.train(was[1])
+    keep = inputs["mask"].sum(1) > k
+    if not bool(keep.any()):
+        raise RuntimeError(f"reference check: no jet has more than k={k} particles to compare on")
+    diff = float((got - want)[keep].abs().max())
+    if not torch.allclose(got[keep], want[keep], rtol=rtol, atol=atol):
+        raise RuntimeError(f"reference check FAILED: eval-mode logits of ours and weaver-core differ by up to "
+                           f"{diff:.3g} (rtol={rtol}, atol={atol}) on {int(keep.sum())} jets with more than k={k} "
+                           "particles")
+    return {"max_abs_diff": diff, "compared": int(keep.sum()), "jets": int(keep.numel())}
+
+
+@contextlib.contextmanager
+def _ieee_float32(device_type: str) -> Iterator[None]:
+    """Float32 GEMMs and (on CUDA) cuDNN convolutions in IEEE float32 inside: weaver's 1x1 convolutions run in
+    TF32 by default on Ampere and later GPUs, which the float32 check would see as a mismatch."""
+    import torch
+
+    from qgdist.models.knn import full_precision_matmul
+
+    conv = torch.backends.cudnn.conv if device_type == "cuda" else None
+    previous = conv.fp32_precision if conv is not None else None
+    if conv is not None:
+        conv.fp32_precision = "ieee"
+    try:
+        with full_precision_matmul(device_type):
+            yield
+    finally:
+        if conv is not None:
+            conv.fp32_precision = previous
+
+
+def build_weaver_runner(ours: Runner, cfg: StepBenchConfig, device: Any, batch_size: int) -> Runner:
+    """weaver-core's ParticleNet for ``ours``: its weights copied into ours, outputs checked, channel-first batches."""
+    import torch
+
+    from qgdist.models import count_parameters
+
+    model = ours.model
+    torch.manual_seed(cfg.seed)
+    weaver = build_weaver(model.config, use_amp=cfg.dtype == "fp16")
+    randomise_batch_norms(weaver, cfg.seed)
+    weaver = weaver.to(device).train()
+    model.load_state_dict(weaver_state_dict_to_ours(weaver.state_dict(), model.config))  # strict: all or error
+    batches = _batches("cloud", cfg, batch_size, device)
+    check = check_against_weaver(model, weaver, batches[0][0])
+
+    class Adapter(torch.nn.Module):
+        """weaver's ParticleNet on channel-first inputs -> logits (B,)."""
+
+        def __init__(self, net: torch.nn.Module) -> None:
+            super().__init__()
+            self.net = net
+
+        def forward(self, points: torch.Tensor, features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+            return self.net(points, features, mask).squeeze(-1).float()
+
+    adapter = Adapter(weaver)
+    weaver_batches = [(channel_first(inputs), label) for inputs, label in batches]
+    note = (f"eval logits agree on {check['compared']}/{check['jets']} jets, max |diff| {check['max_abs_diff']:.1e}")
+    return Runner(ours.name, f"weaver-core {weaver_version()}", adapter, count_parameters(weaver), ours.shape,
+                  _stepper(adapter, weaver_batches, cfg, device), note=note)
 
 
 def run(cfg: StepBenchConfig) -> int:
-    """Benchmark every model in ``cfg.models`` and print one table with ratios to the first model."""
+    """Benchmark every model in ``cfg.models`` (and the reference) and print one table of medians."""
     import torch
 
     from qgdist.core.device import resolve_device
 
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
+    batch_size = cfg.batch_size or (1024 if device.type == "cuda" else 64)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    print(f"train step on {device} ({where}, {torch.get_num_threads()} threads), dtype {cfg.dtype}, "
-          f"compile={cfg.compile}, {cfg.steps} timed steps after {cfg.warmup} warm-up")
-    rows = [bench_model(name, cfg, device) for name in cfg.models]
-    base = rows[0]["jets_per_s"]
-    print(f"{'model':<24}{'params':>9}  {'batch shape':<18}{'ms/step':>10}{'jets/s':>11}{'vs first':>9}")
-    for r in rows:
-        print(f"{r['model']:<24}{r['params']:>9}  {r['batch']:<18}{r['ms_per_step']:>10.1f}"
-              f"{r['jets_per_s']:>11.0f}{r['jets_per_s'] / base:>8.2f}x")
+    load = " ".join(f"{v:.2f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") else "?"
+    print(f"train step on {device} ({where}, {torch.get_num_threads()} threads, load average {load}), dtype "
+          f"{cfg.dtype}, compile={cfg.compile}, layout={cfg.layout}, {cfg.steps} timed steps per model "
+          f"(interleaved, median) after {cfg.warmup} warm-up")
+    runners: list[Runner] = []
+    baselines: dict[str, Runner] = {}  # model -> the row its ratio is taken against
+    for name in cfg.models:
+        ours = build_runner(name, cfg, device, batch_size)
+        runners.append(ours)
+        if cfg.compile:  # the same weights, eager: the compile speed-up measured in the same run
+            eager = build_runner(name, cfg, device, batch_size, compile_model=False)
+            eager.model.load_state_dict(ours.model.state_dict())
+            runners.append(eager)
+            baselines[name] = eager
+        if cfg.reference == "weaver-core":
+            runners.append(build_weaver_runner(ours, cfg, device, batch_size))
+            if cfg.compile:
+                eager.model.load_state_dict(ours.model.state_dict())
+            baselines[name] = runners[-1]
+    for r in runners:
+        start = time.perf_counter()
+        for i in range(cfg.warmup):
+            r.run(i)
+        _sync(device)
+        r.warmup_s = time.perf_counter() - start
+    for i in range(cfg.steps):
+        for r in runners:
+            start = time.perf_counter()
+            loss = r.run(i)
+            _sync(device)
+            r.times.append(time.perf_counter() - start)
+    if cfg.steps:
+        float(loss)  # the last loss is read, so nothing is left in flight
+    print(f"{'model':<24}{'impl':<20}{'params':>9}  {'batch shape':<18}{'ms/step':>10}{'jets/s':>10}{'ratio':>9}")
+    def jets_per_s(r: Runner) -> float:
+        return batch_size / statistics.median(r.times) if r.times else float("nan")
+
+    for r in runners:
+        seconds = statistics.median(r.times) if r.times else float("nan")
+        jets = jets_per_s(r)
+        ref = jets_per_s(baselines.get(r.name, runners[0]))
+        print(f"{r.name:<24}{r.impl:<20}{r.params:>9}  {r.shape!s:<18}{1e3 * seconds:>10.1f}{jets:>10.0f}"
+              f"{jets / ref:>8.2f}x")
+        if r.note:
+            print(f"  reference check: {r.note}")
+    if cfg.reference:
+        print("ratio: jets/s over weaver-core's on the same batches (weaver-core rows: 1.00x)")
+    elif cfg.compile:
+        print("ratio: jets/s over the same model's eager step (same weights, same batches)")
+    if cfg.compile:
+        print("warm-up (first step compiles): " + ", ".join(f"{r.name} {r.impl} {r.warmup_s:.1f} s" for r in runners))
     return 0

@@ -1,4 +1,8 @@
-"""ParticleNet and ParticleNet-Lite (Qu & Gouskos, arXiv:1902.08570), dense padded implementation.
+"""ParticleNet and ParticleNet-Lite (Qu & Gouskos, arXiv:1902.08570), dense implementation.
+
+The same function as weaver-core's ``weaver.nn.model.ParticleNet`` (``use_fusion=False``) on jets with more than k
+particles (tests/models/test_reference.py). Two layouts (``ParticleNetConfig.layout``): padded (B, P) tensors with a mask
+(static shapes, no host sync: GPUs, ONNX) or packed real particles (about half the work: the CPU default).
 
 Architecture (paper, Sec. 4 and Table 1): input BatchNorm on the particle features; EdgeConv blocks whose kNN graph is
 recomputed in each block's input space (first block: the (deta, dphi) ``points``, later blocks: the previous block's
@@ -21,7 +25,7 @@ import torch
 from torch import nn
 
 from qgdist.models.edgeconv import EdgeConvBlock, MaskedBatchNorm
-from qgdist.models.knn import DEFAULT_MAX_ELEMENTS, trim_padding
+from qgdist.models.knn import DEFAULT_MAX_ELEMENTS, Packing, knn_packed, pack, trim_padding
 
 ConvParams = tuple[tuple[int, tuple[int, ...]], ...]
 LITE_CONV: ConvParams = ((7, (32, 32, 32)), (7, (64, 64, 64)))
@@ -42,6 +46,11 @@ class ParticleNetConfig:
     #: Trim padding at model entry: one host sync per batch on a GPU. Off by default: the loader already trims.
     trim_padding: bool = False
     knn_max_elements: int = DEFAULT_MAX_ELEMENTS
+    #: "padded": (B, P) tensors with a mask, static shapes, no host sync (GPU, ONNX export); "packed": the real
+    #: particles only, one host sync per batch (about half the work on quark/gluon jets; the CPU layout, also
+    #: under torch.compile, which then compiles the layers between the kNNs); "auto": packed on the CPU, padded
+    #: on GPUs and while tracing or exporting. Same function either way.
+    layout: str = "auto"
 
 
 def _set_bn(module: nn.Module, eps: float, momentum: float) -> None:
@@ -59,6 +68,8 @@ class ParticleNetBase(nn.Module):
         super().__init__()
         if config.pooling not in ("real", "all"):
             raise ValueError(f"pooling must be 'real' or 'all', got {config.pooling!r}")
+        if config.layout not in ("auto", "padded", "packed"):
+            raise ValueError(f"layout must be 'auto', 'padded' or 'packed', got {config.layout!r}")
         self.config = config
         self.input_norm = MaskedBatchNorm(config.in_features)
         layers: list[nn.Module] = []
@@ -75,12 +86,43 @@ class ParticleNetBase(nn.Module):
         self.blocks = nn.ModuleList(blocks)
         _set_bn(self, config.bn_eps, config.bn_momentum)
 
-    def _pool(self, features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """(B, P, C) features, zero on padding -> (B, C) mean over real particles (or all slots)."""
+    def _pool(self, features: torch.Tensor, counts: torch.Tensor | None) -> torch.Tensor:
+        """(B, P, C) features, zero on padding -> (B, C) mean over the ``counts`` (B,) real particles (or all
+        slots when ``pooling="all"``)."""
         if self.config.pooling == "all":
             return features.mean(1)
-        count = mask.sum(1, keepdim=True).clamp_min(1).to(features.dtype)
-        return features.sum(1) / count
+        return features.sum(1) / counts.clamp_min(1).unsqueeze(1).to(features.dtype)
+
+    def _pool_packed(self, x: torch.Tensor, packing: Packing) -> torch.Tensor:
+        """(N, C) packed features -> (B, C) mean over each jet's real particles (or all P slots).
+
+        Unpacked into zeros and summed like the padded layout (deterministic, unlike an atomic scatter-add on a
+        GPU); the division keeps the features' dtype, as the padded layout's does."""
+        b, p = packing.shape
+        dense = x.new_zeros(b * p, x.shape[-1]).index_copy_(0, packing.rows, x).view(b, p, -1)
+        return self._pool(dense, packing.counts if self.config.pooling == "real" else None)
+
+    @torch.compiler.disable
+    def _packed_graph(self, block: int, points: torch.Tensor, x: torch.Tensor, mask: torch.Tensor,
+                      packing: Packing) -> torch.Tensor:
+        """(N, k) packed neighbour rows for block ``block``: in (deta, dphi) for the first, else in features x.
+
+        Jets in length groups (:func:`knn_packed`): measured 1.2-1.8x faster than the (B, P, P) kNN on the CPU.
+        Never compiled (its group widths are host ints that would fix every graph): ``torch.compile`` breaks the
+        graph here and compiles the layers between kNNs with a dynamic number of rows."""
+        k, bound = self.blocks[block].k, self.config.knn_max_elements
+        if block == 0:
+            b, p = packing.shape
+            coords = points.reshape(b * p, -1).index_select(0, packing.rows)
+        else:
+            coords = x.detach()
+        return knn_packed(coords, k, packing, max_elements=bound)
+
+    def packed_layout(self, features: torch.Tensor) -> bool:
+        """Whether this forward pass runs on packed real particles (see ``ParticleNetConfig.layout``)."""
+        if self.config.layout != "auto":
+            return self.config.layout == "packed"
+        return features.device.type == "cpu" and not (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export())
 
     def _check(self, points: torch.Tensor, features: torch.Tensor, mask: torch.Tensor) -> None:
         if features.shape[-1] != self.config.in_features:
@@ -102,13 +144,28 @@ class ParticleNet(ParticleNetBase):
         mask = mask.bool()
         if self.config.trim_padding:
             mask, points, features = trim_padding(mask, points, features)
+        if self.packed_layout(features):
+            return self._forward_packed(points, features, mask)
         # Padding may hold anything on input; from here on it is exactly zero (MaskedBatchNorm relies on it).
         fts = self.input_norm(features * mask.unsqueeze(-1).to(features.dtype), mask)
         pts = points
         for block in self.blocks:
             fts = block(pts, fts, mask)
             pts = fts
-        return self.head(self._pool(fts, mask)).squeeze(-1).float()
+        return self.head(self._pool(fts, mask.sum(1))).squeeze(-1).float()
+
+    def _forward_packed(self, points: torch.Tensor, features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The same network on the real particles only: (N, C) rows, native batch norms, (N, k) neighbours."""
+        b, p = mask.shape
+        packing = _pack(mask)
+        x = self.input_norm(features.reshape(b * p, -1).index_select(0, packing.rows))  # padding never read
+        for i, block in enumerate(self.blocks):
+            x = block.forward_packed(x, self._packed_graph(i, points, x, mask, packing))
+        return self.head(self._pool_packed(x, packing)).squeeze(-1).float()
+
+
+#: Packing reads jet lengths on the host: never compiled (``torch.compile`` breaks the graph there).
+_pack = torch.compiler.disable(pack)
 
 
 def particlenet_lite(**cfg) -> ParticleNet:

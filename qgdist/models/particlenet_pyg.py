@@ -3,11 +3,14 @@
 Same layers, same parameter names as :mod:`qgdist.models.particlenet` (``state_dict`` loads across directly), but
 the message passing runs on the packed real particles (N, C) with PyG's gather/scatter instead of dense (B, P, k)
 tensors, so padding costs nothing after the kNN. PyG's ``knn_graph`` / ``DynamicEdgeConv`` need pyg-lib, which is
-not available, so each block builds its graph with the dense batched :func:`qgdist.models.knn.knn` and converts it
-(:func:`qgdist.models.knn.edge_index_from_knn`).
+not available, so each block builds its graph with our batched kNN on the packed points
+(:func:`qgdist.models.knn.knn_packed`, the same neighbours as the dense model's) and turns the (N, k) neighbour
+table into an ``edge_index`` (:func:`qgdist.models.knn.packed_edge_index`). All rows are real, so the batch norms are
+the native kernels.
 
 Packing the real particles (``features[mask]``) needs their count on the host: one synchronisation per batch on a
-GPU. The dense path has none.
+GPU. The dense model packs the same way in its ``packed`` layout (the CPU default) and has no sync in its
+``padded`` one. ``ParticleNetConfig.layout`` does not apply here: this model always runs packed.
 """
 
 from __future__ import annotations
@@ -18,8 +21,8 @@ import torch
 from torch import nn
 
 from qgdist.models.edgeconv import EdgeMLP, MaskedBatchNorm
-from qgdist.models.knn import DEFAULT_MAX_ELEMENTS, edge_index_from_knn, knn, trim_padding
-from qgdist.models.particlenet import FULL_CONV, ParticleNetBase, ParticleNetConfig
+from qgdist.models.knn import DEFAULT_MAX_ELEMENTS, packed_edge_index, trim_padding
+from qgdist.models.particlenet import FULL_CONV, ParticleNetBase, ParticleNetConfig, _pack
 
 
 class PygEdgeConvBlock(nn.Module):
@@ -41,8 +44,9 @@ class PygEdgeConvBlock(nn.Module):
     def forward(self, x: torch.Tensor, edge_index: torch.Tensor) -> torch.Tensor:
         """x (N, C) packed real points, edge_index (2, E) -> (N, C_out)."""
         h = self._conv(x, edge_index)
-        sc = x if self.shortcut is None else self.shortcut_norm(self.shortcut(x))
-        return torch.relu(h + sc)
+        if self.shortcut is None:
+            return torch.relu(h + x)
+        return self.shortcut_norm(self.shortcut(x)).add_(h).relu_()
 
 
 class ParticleNetPyG(ParticleNetBase):
@@ -52,31 +56,16 @@ class ParticleNetPyG(ParticleNetBase):
         super().__init__(config, PygEdgeConvBlock)
 
     def forward(self, points: torch.Tensor, features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        from torch_geometric.nn import global_mean_pool
-
         self._check(points, features, mask)
         mask = mask.bool()
         if self.config.trim_padding:
             mask, points, features = trim_padding(mask, points, features)
         b, p = mask.shape
-        flat_real = mask.reshape(-1).nonzero().squeeze(1)  # host sync: N real particles
-        batch = flat_real // p
-        x = self.input_norm(features.reshape(b * p, -1)[flat_real])
-        coords = points
-        for block in self.blocks:
-            idx = knn(coords, block.k, mask, max_elements=self.knn_max_elements)
-            edge_index, _ = edge_index_from_knn(idx, mask, flat_real)
-            x = block(x, edge_index)
-            coords = x.new_zeros(b * p, x.shape[-1]).index_copy(0, flat_real, x).view(b, p, -1)
-        if self.config.pooling == "all":
-            pooled = coords.mean(1)
-        else:
-            pooled = global_mean_pool(x, batch, size=b)
-        return self.head(pooled).squeeze(-1).float()
-
-    @property
-    def knn_max_elements(self) -> int:
-        return self.config.knn_max_elements
+        packing = _pack(mask)  # host sync: N real particles
+        x = self.input_norm(features.reshape(b * p, -1).index_select(0, packing.rows))
+        for i, block in enumerate(self.blocks):
+            x = block(x, packed_edge_index(self._packed_graph(i, points, x, mask, packing)))
+        return self.head(self._pool_packed(x, packing)).squeeze(-1).float()
 
 
 def particlenet_lite_pyg(**cfg) -> ParticleNetPyG:

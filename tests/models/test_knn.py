@@ -100,3 +100,94 @@ def test_trim_padding_cuts_after_the_last_real_column() -> None:
     m, f = trim_padding(mask, feats)
     assert m.shape == (3, 7) and f.shape == (3, 7, 4)
     assert torch.equal(f, feats[:, :7]) and int(m.sum()) == int(mask.sum())
+
+
+def _tie_heavy_cloud(seed: int):
+    g = torch.Generator().manual_seed(seed)
+    b, p = 4, int(torch.randint(2, 40, (1,), generator=g))
+    half = torch.randint(-3, 4, (b, p, 2), generator=g).float()
+    x = torch.cat([half, -half], 1)  # integer points, mean 0: exact float32 distances, many exact ties
+    mask = torch.rand(b, 2 * p, generator=g) < 0.7  # real points not left-aligned, some short jets
+    return x, mask
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_cpu_float_topk_path_equals_the_int64_key_path(seed: int) -> None:
+    # The CPU picks candidates with a float topk and re-orders them by (distance, index); CUDA and compiled graphs
+    # use int64 keys. Both must give the same neighbours, ties and self-loops included.
+    x, mask = _tie_heavy_cloud(seed)
+    for k in (1, 3, 7, 16):
+        assert torch.equal(knn(x, k, mask, method="float"), knn(x, k, mask, method="keys")), k
+    full = torch.ones_like(mask)
+    assert torch.equal(knn(x, 5, full), knn_reference(x, 5, full))
+
+
+def test_reduced_precision_matmul_is_switched_off_inside_the_knn(monkeypatch: pytest.MonkeyPatch) -> None:
+    # set_float32_matmul_precision("medium") lets oneDNN run float32 GEMMs in bf16 on CPUs with AMX/AVX512-BF16
+    # (TF32 on CUDA is the same trap): the distances would no longer be float32. Close points far from the origin.
+    import qgdist.models.knn as knn_module
+
+    g = torch.Generator().manual_seed(0)
+    x = 50.0 + 0.01 * torch.randn(3, 30, 16, generator=g)
+    mask = torch.ones(3, 30, dtype=torch.bool)
+    seen = []
+    real_baddbmm = torch.baddbmm
+
+    def spy(*args, **kwargs):
+        seen.append(torch.backends.mkldnn.matmul.fp32_precision)
+        return real_baddbmm(*args, **kwargs)
+
+    before = torch.backends.mkldnn.matmul.fp32_precision
+    torch.backends.mkldnn.matmul.fp32_precision = "bf16"
+    try:
+        monkeypatch.setattr(knn_module.torch, "baddbmm", spy)
+        got = knn(x, 6, mask)
+        monkeypatch.undo()
+        assert torch.backends.mkldnn.matmul.fp32_precision == "bf16"  # the user's setting is restored
+    finally:
+        torch.backends.mkldnn.matmul.fp32_precision = before
+    assert seen == ["ieee"]
+    assert torch.equal(got, knn_reference(x, 6, mask))
+
+
+def test_tf32_is_switched_off_and_restored_for_cuda() -> None:
+    from qgdist.models.knn import full_precision_matmul
+
+    matmul = torch.backends.cuda.matmul
+    before = matmul.fp32_precision
+    try:
+        matmul.fp32_precision = "tf32"
+        with full_precision_matmul("cuda"):
+            assert matmul.fp32_precision == "ieee"
+        assert matmul.fp32_precision == "tf32"
+    finally:
+        matmul.fp32_precision = before
+
+
+@pytest.mark.parametrize("groups", [1, 3])
+def test_packed_knn_equals_the_padded_knn(groups: int) -> None:
+    from qgdist.models.knn import knn_packed, pack, packed_edge_index, packed_neighbours
+
+    g = torch.Generator().manual_seed(2)
+    b, p, c = 7, 30, 5
+    x = torch.randn(b, p, c, generator=g)
+    mask = torch.rand(b, p, generator=g) < torch.linspace(0.05, 0.9, b).unsqueeze(1)  # lengths 0 .. ~27
+    mask[0] = False  # an empty jet
+    packing = pack(mask, knn_groups=groups)
+    packed_x = x.reshape(b * p, c)[packing.rows]
+    for k in (1, 4, 7):
+        dense = knn(x, k, mask)
+        got = knn_packed(packed_x, k, packing)
+        assert torch.equal(got, packed_neighbours(dense, packing))
+        edge_index, _ = edge_index_from_knn(dense, mask)
+        assert torch.equal(packed_edge_index(got), edge_index)
+
+
+def test_direct_distances_the_compiled_cuda_path_uses_agree_with_the_gemm_form() -> None:
+    # Compiled for CUDA the kNN computes sum((a - b)^2) instead of the GEMM (TF32 cannot reach it); same rules.
+    x, mask = _cloud(p=24, c=5, seed=7)
+    for k in (1, 4, 7):
+        assert torch.equal(knn(x, k, mask, distance="direct"), knn_reference(x, k, mask))
+        assert torch.equal(knn(x, k, mask, distance="direct", method="keys"), knn(x, k, mask))
+    ties, full = _tie_heavy_cloud(3)[0], None
+    assert torch.equal(knn(ties, 5, full, distance="direct"), knn(ties, 5, full))
