@@ -1,29 +1,35 @@
-"""``qgdist bench convert``: ingest throughput, bytes per jet and memory scaling, side by side in one run.
+"""``qgdist bench convert``: ingest throughput, bytes per jet and memory scaling, every row doing the same work.
 
-On the same generated CMS-format file (one row group per jet) it runs, each in its own subprocess whose whole
-process tree (Ray's raylet, GCS and workers included) is sampled for memory:
+For each format it builds a 1x and a ``--scale``x input (CMS: one row group per jet, snappy, as the public files;
+EnergyFlow: one deflated npz). With ``--pythia-dir`` (a ``qgdist generate pythia --format both`` directory) the jets
+are Pythia's, repeated as needed; otherwise toy jets. Each method runs in its own subprocess:
 
-* ``seed``      the seed notebooks' path: ``pandas.read_parquet`` + per-row Python list flattening to dense float32;
-* ``pyarrow``   a single-process baseline: coalesced ``read_row_groups`` + Arrow flatten to dense float32 +
-                ``webdataset.TarWriter`` (dense .npy per jet), the straightforward fast way;
-* ``arrow_read`` only Arrow's decode of the nested column (one thread), no flatten or write: the per-core floor
-                of every parquet-based path, and so the bound on what N cores can reach;
-* ``local``     our task code in one process without Ray (``qgdist convert --no-ray``);
-* ``ours``      ``qgdist convert`` (Ray Data, private local Ray), on the 1x file and on the 10x file.
+* CMS ``arrow_read``  the read ceiling: Arrow's decode of the rows (32 row groups a read, one thread), no output;
+* CMS ``seed``        the seed notebook's decode (``pandas.read_parquet`` + per-row Python list flattening to dense
+                      float32), then the same sparse chunks and shards as ours (1x only: it is ~100x slower);
+* CMS ``pyarrow``     the straightforward single process: the same coalesced reads, Arrow flatten to dense
+                      float32, ``np.nonzero``, the same chunk shards;
+* EF  ``npz_read``    the read ceiling: ``X`` streamed out of the zip (inflated) in blocks of 1024 rows, ``y``;
+* EF  ``numpy``       the straightforward single process: the same reads, padding dropped with a boolean mask,
+                      the same chunk shards;
+* ``local``           ``qgdist convert --executor local`` (our task code in one process, one core);
+* ``ray``             ``qgdist convert`` (Ray Data on a private local Ray with ``--num-cpus``, default all CPUs).
 
-Throughput is compared on the conversion loops (rows / seconds after imports and Ray start; ``ours`` on the 10x
-input, where the fixed start-up no longer dominates); end-to-end rates (whole subprocess wall time, Python and
-Ray start included: what a user waits for) are printed alongside.
-Memory: the peak over time of the tree's summed PSS (shared pages counted once) and RSS, sampled every 0.2 s, and
-the sum of every process's own kernel peak mark (VmHWM), which a sampler cannot miss (an upper bound: the
-processes need not peak at the same moment).
+Same rows: every method reads the same input file. Same output: every method that writes writes schema-2 chunk
+shards through the same writer (the baselines without validation, splits and statistics, which only makes them
+faster). Same accounting of start-up: each subprocess reports its loop seconds (the work, from the first read to
+the last shard written), and start-up (interpreter, imports, Ray start) is the rest of its wall time, reported
+apart. Each method runs ``--repeat`` times, all methods interleaved in every round; medians are quoted.
+
+Memory: the peak over time of the process tree's summed PSS (shared pages counted once) and RSS, sampled every
+0.2 s, and the sum of every process's own kernel peak mark (VmHWM, an upper bound a sampler cannot miss).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
+import statistics
 import subprocess
 import sys
 import threading
@@ -32,22 +38,269 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from qgdist.bench import comma_names
 from qgdist.core.config import option
 
-DENSE_BYTES = 3 * 125 * 125 * 4
+T0 = time.perf_counter()   # subprocess entry points count start-up from here (after the interpreter itself)
 
 
 @dataclass(frozen=True)
 class BenchConvertConfig:
     """``qgdist bench convert`` settings."""
 
-    jets: int = option(1000, "jets in the 1x input")
-    scale: int = option(10, "the large input is this many times bigger")
+    formats: tuple[str, ...] = option(("cms", "energyflow"), "formats to bench (comma list)", parse=comma_names)
+    jets: int = option(600, "CMS jets in the 1x input")
+    ef_jets: int = option(30000, "EnergyFlow jets in the 1x input")
+    scale: int = option(10, "the large inputs are this many times bigger")
+    repeat: int = option(3, "runs of every method (interleaved); medians are quoted")
     workdir: str = option("runs/bench_convert", "inputs, outputs and bench_convert.json")
-    num_cpus: int | None = option(None, "CPUs of the conversion's local Ray")
-    seed: int = option(0, "seed of the generated CMS toy inputs")
+    num_cpus: int | None = option(None, "CPUs of the conversion's local Ray (default: all)")
+    pythia_dir: str | None = option(None, "take the jets from a `qgdist generate pythia --format both` directory")
+    seed: int = option(0, "seed of generated toy inputs")
 
 
+# -- inputs ----------------------------------------------------------------------------------------------------
+def _cms_input(path: str, rows: int, cfg: BenchConvertConfig) -> None:
+    """``rows`` CMS jets, one row group each: Pythia's (cycled) or toy ones."""
+    import glob
+
+    import pyarrow.parquet as pq
+
+    from qgdist.core.atomic import atomic_path
+    from qgdist.pipelines.toy_data import toy_file
+
+    if not cfg.pythia_dir:
+        toy_file("cms", rows, path, seed=cfg.seed)
+        return
+    sources = sorted(glob.glob(os.path.join(cfg.pythia_dir, "cms", "*.parquet")))
+    written = 0
+    with atomic_path(path) as tmp:
+        writer = None
+        while written < rows:
+            for src in sources:
+                pf = pq.ParquetFile(src)
+                for g in range(pf.metadata.num_row_groups):
+                    if written >= rows:
+                        break
+                    table = pf.read_row_group(g)
+                    if writer is None:
+                        writer = pq.ParquetWriter(tmp, table.schema, compression="snappy")
+                    writer.write_table(table, row_group_size=1)   # one row group per jet, as the public files
+                    written += table.num_rows
+        writer.close()   # type: ignore[union-attr]
+
+
+def _ef_blocks(cfg: BenchConvertConfig, workdir: str) -> tuple[Any, Any, int]:
+    """(X blocks generator factory, y, M) of the 1x EnergyFlow jets: Pythia's or toy ones."""
+    import glob
+
+    import numpy as np
+
+    from qgdist.pipelines.toy_data import toy_file
+
+    if cfg.pythia_dir:
+        files = sorted(glob.glob(os.path.join(cfg.pythia_dir, "energyflow", "*.npz")))
+    else:
+        files = [toy_file("energyflow", min(cfg.ef_jets, 30000), os.path.join(workdir, "toy_ef_seed.npz"),
+                          seed=cfg.seed)]
+    data = [np.load(f) for f in files]
+    xs, ys = [d["X"] for d in data], [d["y"] for d in data]
+    m = max(x.shape[1] for x in xs)
+    return [np.pad(x, ((0, 0), (0, m - x.shape[1]), (0, 0))) for x in xs], np.concatenate(ys), m
+
+
+def _ef_input(path: str, rows: int, blocks: list[Any], y: Any, m: int) -> None:
+    """``rows`` EnergyFlow jets (the given ones, cycled) written as a deflated npz, streamed (never whole)."""
+    import zipfile
+
+    import numpy as np
+
+    from qgdist.core.atomic import atomic_path
+
+    with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as zf:
+        with zf.open("X.npy", "w", force_zip64=True) as f:
+            np.lib.format.write_array_header_1_0(f, {"descr": "<f8", "fortran_order": False, "shape": (rows, m, 4)})
+            done = 0
+            while done < rows:
+                for x in blocks:
+                    take = x[: rows - done]
+                    f.write(np.ascontiguousarray(take, dtype="<f8").tobytes())
+                    done += len(take)
+                    if done >= rows:
+                        break
+        with zf.open("y.npy", "w") as f:
+            np.lib.format.write_array(f, np.resize(y, rows).astype(np.float64), allow_pickle=False)
+
+
+def make_inputs(cfg: BenchConvertConfig) -> dict[tuple[str, str], dict[str, Any]]:
+    """The inputs, generated once and reused while their size and origin match (``<file>.done``)."""
+    inputs = {}
+    for fmt in cfg.formats:
+        base = cfg.jets if fmt == "cms" else cfg.ef_jets
+        ext = "parquet" if fmt == "cms" else "npz"
+        ef = None
+        for size, rows in (("1x", base), (f"{cfg.scale}x", base * cfg.scale)):
+            path = os.path.join(cfg.workdir, f"{fmt}_{size}.{ext}")
+            tag = f"{rows} {cfg.pythia_dir or f'toy seed {cfg.seed}'}"
+            done = path + ".done"
+            if not os.path.exists(done) or Path(done).read_text() != tag:
+                t = time.perf_counter()
+                if fmt == "cms":
+                    _cms_input(path, rows, cfg)
+                else:
+                    ef = ef or _ef_blocks(cfg, cfg.workdir)
+                    _ef_input(path, rows, *ef)
+                Path(done).write_text(tag)
+                print(f"made {path} ({rows} jets) in {time.perf_counter() - t:.1f} s", file=sys.stderr)
+            inputs[(fmt, size)] = {"path": path, "rows": rows, "bytes_per_jet": os.path.getsize(path) / rows}
+    return inputs
+
+
+# -- the methods (each runs in its own process) ---------------------------------------------------------------------
+def _writer(out: str) -> Any:
+    from qgdist.data.shards.schema import CHUNK_JETS
+    from qgdist.data.shards.writer import ChunkWriter, ShardWriter
+
+    os.makedirs(out, exist_ok=True)
+    return ChunkWriter(ShardWriter(out, "train", lambda k: f"train-000000-{k:03d}.tar"), CHUNK_JETS)
+
+
+def _image_chunk(images: Any, pt: Any, m0: Any, y: Any, first: int, name: str) -> Any:
+    """The same sparse chunk columns as ours, from dense (k, C*H*W) float32 images, with ``np.nonzero``."""
+    import numpy as np
+
+    from qgdist.data.shards.schema import IMAGE_JET, ImageChunk
+
+    img, pix = np.nonzero(images)
+    jets = np.zeros(len(images), IMAGE_JET)
+    jets["row"] = np.arange(first, first + len(images))
+    jets["is_quark"], jets["pt"], jets["mass"] = y == 0, pt, m0
+    jets["n"] = np.bincount(img, minlength=len(images))
+    return ImageChunk(file=name, source="cms", jets=jets, pix=pix.astype(np.uint16), val=images[img, pix])
+
+
+def seed_path(src: str, out: str) -> int:
+    """The seed notebook: pandas reads the file, a Python comprehension flattens each jet's nested lists."""
+    import numpy as np
+    import pandas as pd
+
+    df = pd.read_parquet(src)
+    X_jets = np.stack([
+        np.array([item for sublist1 in x for sublist2 in sublist1 for item in sublist2],
+                 dtype=np.float32).reshape(len(x), len(x[0]), len(x[0][0]))
+        for x in df["X_jets"].values])
+    writer = _writer(out)
+    for lo in range(0, len(X_jets), 32):
+        sl = slice(lo, lo + 32)
+        writer.add(_image_chunk(X_jets[sl].reshape(len(X_jets[sl]), -1), df["pt"].values[sl], df["m0"].values[sl],
+                                df["y"].values[sl], lo, os.path.basename(src)))
+    writer.close()
+    return len(X_jets)
+
+
+def pyarrow_path(src: str, out: str, rows: int = 32) -> int:
+    """Single process: coalesced row-group reads, Arrow flatten to dense float32, np.nonzero, our chunk shards."""
+    import pyarrow.parquet as pq
+
+    pf = pq.ParquetFile(src)
+    n, groups, writer = 0, list(range(pf.metadata.num_row_groups)), _writer(out)
+    for lo in range(0, len(groups), rows):
+        table = pf.read_row_groups(groups[lo: lo + rows], columns=["X_jets", "pt", "m0", "y"], use_threads=False)
+        x = table.column("X_jets").combine_chunks().flatten().flatten().flatten().to_numpy()
+        images = x.reshape(table.num_rows, -1).astype("float32")
+        pt, m0, y = (table.column(c).to_numpy() for c in ("pt", "m0", "y"))
+        writer.add(_image_chunk(images, pt, m0, y, n, os.path.basename(src)))
+        n += table.num_rows
+    writer.close()
+    return n
+
+
+def arrow_read(src: str, rows: int = 32) -> int:
+    """Only Arrow's decode of the rows, one thread, reads as ours (32 row groups, the four columns)."""
+    import pyarrow.parquet as pq
+
+    pf = pq.ParquetFile(src, pre_buffer=True)
+    groups = list(range(pf.metadata.num_row_groups))
+    return sum(pf.read_row_groups(groups[lo: lo + rows], columns=["X_jets", "pt", "m0", "y"],
+                                  use_threads=False).num_rows for lo in range(0, len(groups), rows))
+
+
+def _npz_blocks(src: str, rows: int = 1024) -> Any:
+    """``X`` blocks (k, M, 4) float64 streamed out of the npz exactly as our reader reads them, and ``y``."""
+    import zipfile
+
+    import numpy as np
+
+    zf = zipfile.ZipFile(src)
+    y = np.load(zf.open("y.npy"), allow_pickle=False)
+    with zf.open("X.npy") as f:
+        version = np.lib.format.read_magic(f)
+        shape, _, dtype = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                           else np.lib.format.read_array_header_2_0)(f)
+        row_bytes = int(np.prod(shape[1:])) * dtype.itemsize
+        for lo in range(0, shape[0], rows):
+            k = min(rows, shape[0] - lo)
+            yield np.frombuffer(f.read(k * row_bytes), dtype=dtype).reshape((k,) + tuple(shape[1:])), y[lo: lo + k]
+
+
+def npz_read(src: str) -> int:
+    """Only the read: ``X`` inflated block by block (as ours), ``y`` whole."""
+    return sum(len(x) for x, _ in _npz_blocks(src))
+
+
+def numpy_path(src: str, out: str) -> int:
+    """Single process: the same reads, padding dropped with a boolean mask, our chunk shards."""
+    import numpy as np
+
+    from qgdist.data.shards.schema import CLOUD_JET, CloudChunk
+
+    n, writer = 0, _writer(out)
+    for x, y in _npz_blocks(src):
+        mask = x[..., 0] != 0
+        particles = x[mask]
+        jets = np.zeros(len(x), CLOUD_JET)
+        jets["row"], jets["is_quark"], jets["n"] = np.arange(n, n + len(x)), y == 1, mask.sum(axis=1)
+        writer.add(CloudChunk(file=os.path.basename(src), source="energyflow", jets=jets,
+                              kin=particles[:, :3].astype(np.float32), pid=particles[:, 3].astype(np.int32)))
+        n += len(x)
+    writer.close()
+    return n
+
+
+def _warm_worker() -> int:
+    import particle  # noqa: F401
+    import qgdist.data.convert  # noqa: F401
+
+    time.sleep(0.5)   # hold the CPU so that the next warm-up task starts another worker
+    return os.getpid()
+
+
+def ours(fmt: str, src: str, out: str, executor: str, num_cpus: str) -> dict[str, Any]:
+    """``qgdist convert`` in this process; Ray's start (``ensure_ray``) is start-up, the conversion is the loop."""
+    from qgdist.data.convert import ConvertConfig, convert
+
+    ray_s = 0.0
+    if executor == "ray":
+        t = time.perf_counter()
+        import ray
+
+        from qgdist.core.ray import ensure_ray
+
+        ensure_ray(None, int(num_cpus) if num_cpus != "None" else None)
+        # Start-up, not conversion: one worker process per CPU started and its imports done (Ray Data's tasks then
+        # run in these workers), as a long-lived cluster has them.
+        warm = ray.remote(num_cpus=1)(_warm_worker)
+        ray.get([warm.remote() for _ in range(int(ray.cluster_resources().get("CPU", 1)))])
+        ray_s = time.perf_counter() - t
+    t, cpu = time.perf_counter(), time.process_time()
+    m = convert(ConvertConfig(fmt, [src], out, executor=executor, progress=False,
+                              num_cpus=int(num_cpus) if num_cpus != "None" else None))
+    loop, cpu = time.perf_counter() - t, time.process_time() - cpu
+    record = {"rows": m.rows["written"], "loop_s": loop, "ray_start_s": ray_s}
+    return record if executor == "ray" else record | {"loop_cpu_s": cpu}   # Ray's CPU is in its workers
+
+
+# -- measuring ------------------------------------------------------------------------------------------------------
 def _hwm(pid: int) -> int:
     """The kernel's peak-RSS mark of a process (VmHWM), in bytes; 0 where unavailable."""
     try:
@@ -60,8 +313,9 @@ def _hwm(pid: int) -> int:
     return 0
 
 
-def _tree_memory(root: Any, hwm: dict[int, int]) -> tuple[int, int]:
-    """(sum of PSS, sum of RSS) in bytes over ``root`` and all its descendants; updates per-pid peak marks."""
+def _tree_memory(root: Any, hwm: dict[int, int], names: dict[int, str] | None = None) -> tuple[int, int]:
+    """(sum of PSS, sum of RSS) in bytes over ``root`` and all its descendants; updates per-pid peak marks (and
+    process names)."""
     import psutil
 
     pss = rss = 0
@@ -71,26 +325,37 @@ def _tree_memory(root: Any, hwm: dict[int, int]) -> tuple[int, int]:
             pss += getattr(info, "pss", info.rss)
             rss += info.rss
             hwm[p.pid] = max(hwm.get(p.pid, 0), _hwm(p.pid))
+            if names is not None and p.pid not in names:
+                names[p.pid] = _process_name(p)
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             pass
     return pss, rss
 
 
+def _process_name(p: Any) -> str:
+    """A process's name; for a Python process, its script or module (Ray workers, agents, the method itself)."""
+    name = p.name()
+    if name.startswith("python"):
+        args = [a for a in p.cmdline()[1:] if not a.startswith("-")]
+        name = os.path.basename(args[0]) if args else name
+    return name
+
+
 def measure(cmd: list[str]) -> dict[str, Any]:
-    """Run ``cmd``; wall seconds, peak tree PSS/RSS (sampled every 0.2 s), stdout and stderr."""
+    """Run ``cmd``; wall seconds, peak tree PSS/RSS (sampled every 0.2 s), summed VmHWM and its JSON line."""
     import psutil
 
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")})
-    root, peak, hwm = psutil.Process(proc.pid), [0, 0], {}
+    root, peak, hwm, names = psutil.Process(proc.pid), [0, 0], {}, {}
     out: dict[str, str] = {}
     readers = [threading.Thread(target=lambda k=k, f=f: out.__setitem__(k, f.read()))
                for k, f in (("stdout", proc.stdout), ("stderr", proc.stderr))]
     for t in readers:
         t.start()
     while proc.poll() is None:
-        pss, rss = _tree_memory(root, hwm)
+        pss, rss = _tree_memory(root, hwm, names)
         peak = [max(peak[0], pss), max(peak[1], rss)]
         time.sleep(0.2)
     for t in readers:
@@ -98,151 +363,136 @@ def measure(cmd: list[str]) -> dict[str, Any]:
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{out['stderr'][-3000:]}")
-    return {"seconds": wall, "peak_pss": peak[0], "peak_rss": peak[1], "sum_hwm": sum(hwm.values()),
-            "stdout": out["stdout"],
-            "stderr": out["stderr"]}
+    record = json.loads(out["stdout"].strip().splitlines()[-1])
+    by_name: dict[str, list[float]] = {}
+    for pid, mark in hwm.items():
+        entry = by_name.setdefault(names.get(pid, "?"), [0.0, 0])
+        entry[0] += mark / 1e6
+        entry[1] += 1
+    return {**record, "hwm_mb_by_process": by_name, "wall_s": wall, "startup_s": wall - record["loop_s"],
+            "peak_pss_mb": peak[0] / 1e6,
+            "peak_rss_mb": peak[1] / 1e6, "sum_hwm_mb": sum(hwm.values()) / 1e6}
 
 
-def seed_path(path: str) -> int:
-    """The seed notebook: pandas reads the file, a Python comprehension flattens each jet's nested lists."""
-    import numpy as np
-    import pandas as pd
-
-    df = pd.read_parquet(path)
-    X_jets = np.stack([
-        np.array([item for sublist1 in x for sublist2 in sublist1 for item in sublist2],
-                 dtype=np.float32).reshape(len(x), len(x[0]), len(x[0][0]))
-        for x in df["X_jets"].values])
-    return len(X_jets)
+def _out_bytes_per_jet(out: str, rows: int) -> float:
+    return sum(os.path.getsize(os.path.join(out, n)) for n in os.listdir(out) if n.endswith(".tar")) / max(rows, 1)
 
 
-def pyarrow_path(path: str, out: str, rows: int = 128) -> int:
-    """Single process: coalesced row-group reads, Arrow flatten to dense float32, one dense .npy per jet."""
-    import numpy as np
-    import pyarrow.parquet as pq
-    import webdataset as wds
-
-    pf = pq.ParquetFile(path)
-    n, groups = 0, list(range(pf.metadata.num_row_groups))
-    with wds.TarWriter(out) as sink:
-        for lo in range(0, len(groups), rows):
-            table = pf.read_row_groups(groups[lo: lo + rows])
-            x = table.column("X_jets").combine_chunks().flatten().flatten().flatten().to_numpy()
-            images = x.reshape(table.num_rows, 3, 125, 125).astype(np.float32)
-            pt, m0, y = (table.column(c).to_numpy() for c in ("pt", "m0", "y"))
-            for i in range(table.num_rows):
-                sink.write({"__key__": f"r{n:09d}", "x.npy": images[i],
-                            "meta.json": {"pt": float(pt[i]), "m0": float(m0[i]), "y": float(y[i])}})
-                n += 1
-    return n
+def _load() -> str:
+    with open("/proc/loadavg") as f:
+        return " ".join(f.read().split()[:3])
 
 
-def arrow_read(path: str, rows: int = 128) -> int:
-    """Only the Arrow decode of the parquet file, one thread: the floor of any parquet path on one core."""
-    import pyarrow.parquet as pq
+def plan_runs(cfg: BenchConvertConfig, inputs: dict) -> list[tuple[str, str, str, list[str], str | None]]:
+    """(format, size, method, command, output dir) of every measurement of one round."""
+    me = [sys.executable, "-m", "qgdist.bench.convert"]
+    big = f"{cfg.scale}x"
+    runs = []
+    for fmt in cfg.formats:
+        for size in ("1x", big):
+            src = inputs[(fmt, size)]["path"]
 
-    pf = pq.ParquetFile(path)
-    groups = list(range(pf.metadata.num_row_groups))
-    return sum(pf.read_row_groups(groups[lo: lo + rows], use_threads=False).num_rows
-               for lo in range(0, len(groups), rows))
+            def out(method: str) -> str:
+                return os.path.join(cfg.workdir, "out", f"{fmt}_{size}_{method}")
 
-
-def _convert_cmd(src: str, out: str, cfg: BenchConvertConfig, ray: bool) -> list[str]:
-    cmd = [sys.executable, "-m", "qgdist", "convert", "--source", "cms", "--out", out, src]
-    if cfg.num_cpus:
-        cmd += ["--num-cpus", str(cfg.num_cpus)]
-    return cmd + ([] if ray else ["--executor", "local"])
-
-
-def _loop_rate(stderr: str) -> float:
-    """Rows/s of the conversion loop alone, from the summary line ``...; 12.3 s, 456 rows/s``."""
-    m = re.search(r"; ([0-9.]+) s, ([0-9]+) rows/s", stderr)
-    return float(m.group(2)) if m else float("nan")
+            if fmt == "cms":
+                runs.append((fmt, size, "arrow_read", me + ["_arrow_read", src], None))
+                if size == "1x":
+                    runs.append((fmt, size, "seed", me + ["_seed", src, out("seed")], out("seed")))
+                runs.append((fmt, size, "pyarrow", me + ["_pyarrow", src, out("pyarrow")], out("pyarrow")))
+            else:
+                runs.append((fmt, size, "npz_read", me + ["_npz_read", src], None))
+                runs.append((fmt, size, "numpy", me + ["_numpy", src, out("numpy")], out("numpy")))
+            for executor in ("local", "ray"):
+                runs.append((fmt, size, executor, me + ["_ours", fmt, src, out(executor), executor,
+                                                       str(cfg.num_cpus)], out(executor)))
+    return runs
 
 
 def run(cfg: BenchConvertConfig) -> dict[str, Any]:
-    """Generate inputs, run every method, and return the result dict (also printed as a table and JSON)."""
-    from qgdist.data.shards.manifest import read_manifest
-    from qgdist.pipelines.toy_data import toy_file
+    """Generate inputs, run every method ``repeat`` times interleaved, and return the result dict."""
+    import shutil
 
     os.makedirs(cfg.workdir, exist_ok=True)
-    src = {k: os.path.join(cfg.workdir, f"toy_{k}.parquet") for k in ("1x", "10x")}
-    sizes = {"1x": cfg.jets, "10x": cfg.jets * cfg.scale}
-    for k, path in src.items():
-        done = path + ".done"  # the jet count of a finished input: regenerate only when it differs
-        if not os.path.exists(done) or Path(done).read_text() != str(sizes[k]):
-            t = time.perf_counter()
-            toy_file("cms", sizes[k], path, seed=cfg.seed + len(k))
-            Path(done).write_text(str(sizes[k]))
-            print(f"generated {sizes[k]} CMS toy jets in {time.perf_counter() - t:.1f} s", file=sys.stderr)
-    me = [sys.executable, "-m", "qgdist.bench.convert"]
-    results: dict[str, dict[str, Any]] = {}
-    runs = [("seed", me + ["_seed", src["1x"]], "1x"),
-            ("pyarrow", me + ["_pyarrow", src["1x"], os.path.join(cfg.workdir, "dense.tar")], "1x"),
-            ("arrow_read", me + ["_arrow_read", src["1x"]], "1x"),
-            ("local", _convert_cmd(src["1x"], os.path.join(cfg.workdir, "local"), cfg, False), "1x"),
-            ("ours", _convert_cmd(src["1x"], os.path.join(cfg.workdir, "ours_1x"), cfg, True), "1x"),
-            ("ours_10x", _convert_cmd(src["10x"], os.path.join(cfg.workdir, "ours_10x"), cfg, True), "10x")]
-    for name, cmd, size in runs:
-        print(f"running {name} on {sizes[size]} jets ...", file=sys.stderr)
-        r = measure(cmd)
-        results[name] = {"rows": sizes[size], "seconds": r["seconds"], "rows_per_s": sizes[size] / r["seconds"],
-                         "peak_pss_mb": r["peak_pss"] / 1e6, "peak_rss_mb": r["peak_rss"] / 1e6,
-                         "sum_peak_rss_mb": r["sum_hwm"] / 1e6}
-        if name in ("seed", "pyarrow", "arrow_read"):
-            results[name]["loop_rows_per_s"] = sizes[size] / json.loads(r["stdout"])["seconds"]
-        else:
-            results[name]["loop_rows_per_s"] = _loop_rate(r["stderr"])
-        if name in ("local", "ours", "ours_10x"):
-            m = read_manifest(os.path.join(cfg.workdir, name if name != "ours" else "ours_1x"))
-            results[name]["bytes_per_jet"] = sum(s.bytes for s in m.shards) / m.rows["written"]
-    dense_tar = os.path.getsize(os.path.join(cfg.workdir, "dense.tar")) / cfg.jets
-    results["pyarrow"]["bytes_per_jet"] = dense_tar
-    ours = results["ours"]
-    big, seed, pa = results["ours_10x"], results["seed"], results["pyarrow"]
-    summary = {
-        "arrow_read_vs_seed_per_core": results["arrow_read"]["loop_rows_per_s"] / seed["loop_rows_per_s"],
-        # throughput: conversion loops (after imports and Ray start), ours on the 10x input (steady state)
-        "speedup_vs_seed": big["loop_rows_per_s"] / seed["loop_rows_per_s"],
-        "ratio_vs_pyarrow": big["loop_rows_per_s"] / pa["loop_rows_per_s"],
-        "speedup_vs_seed_end_to_end_10x": big["rows_per_s"] / seed["rows_per_s"],
-        "ratio_vs_pyarrow_end_to_end_10x": big["rows_per_s"] / pa["rows_per_s"],
-        "bytes_per_jet": ours["bytes_per_jet"], "dense_float32_bytes_per_jet": DENSE_BYTES,
-        "compaction_vs_dense": DENSE_BYTES / ours["bytes_per_jet"],
-        "input_parquet_bytes_per_jet": os.path.getsize(src["1x"]) / cfg.jets,
-        "memory_growth_10x_pss": results["ours_10x"]["peak_pss_mb"] / ours["peak_pss_mb"] - 1,
-        "memory_growth_10x_rss": results["ours_10x"]["peak_rss_mb"] / ours["peak_rss_mb"] - 1,
-        "memory_growth_10x_hwm": results["ours_10x"]["sum_peak_rss_mb"] / ours["sum_peak_rss_mb"] - 1,
-        "targets": {"speedup_vs_seed>=30": None, "ratio_vs_pyarrow>=0.5": None, "compaction>=10": None,
-                    "memory_growth<=0.10": None},
-    }
-    summary["targets"] = {"speedup_vs_seed>=30": summary["speedup_vs_seed"] >= 30,
-                          "ratio_vs_pyarrow>=0.5": summary["ratio_vs_pyarrow"] >= 0.5,
-                          "compaction>=10": summary["compaction_vs_dense"] >= 10,
-                          "memory_growth<=0.10": max(summary["memory_growth_10x_pss"],
-                                                     summary["memory_growth_10x_hwm"]) <= 0.10}
-    return {"config": asdict(cfg), "cpus": os.cpu_count(), "methods": results, "summary": summary}
+    inputs = make_inputs(cfg)
+    runs = plan_runs(cfg, inputs)
+    samples: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    load = [_load()]
+    for round_ in range(cfg.repeat):
+        for fmt, size, method, cmd, out in runs:
+            if out:
+                shutil.rmtree(out, ignore_errors=True)
+            print(f"round {round_ + 1}/{cfg.repeat}: {fmt} {size} {method} ...", file=sys.stderr)
+            r = measure(cmd)
+            if out:
+                r["bytes_per_jet"] = _out_bytes_per_jet(out, r["rows"])
+            samples.setdefault((fmt, size, method), []).append(r)
+        load.append(_load())
+    methods: dict[str, dict[str, Any]] = {}
+    for (fmt, size, method), rs in samples.items():
+        med = {k: statistics.median(r[k] for r in rs) for k in rs[0] if isinstance(rs[0][k], (int, float))}
+        med["loop_rows_per_s"] = statistics.median(r["rows"] / r["loop_s"] for r in rs)
+        med["runs"] = len(rs)
+        med["hwm_mb_by_process"] = sorted(rs, key=lambda r: r["sum_hwm_mb"])[len(rs) // 2]["hwm_mb_by_process"]
+        methods[f"{fmt}/{size}/{method}"] = med
+    res = {"config": asdict(cfg), "cpus": os.cpu_count(), "load": load, "inputs":
+           {f"{k[0]}/{k[1]}": v for k, v in inputs.items()}, "methods": methods}
+    res["summary"] = summarise(cfg, res)
+    return res
+
+
+def summarise(cfg: BenchConvertConfig, res: dict[str, Any]) -> dict[str, Any]:
+    m, big, out = res["methods"], f"{cfg.scale}x", {}
+    for fmt in cfg.formats:
+        read = "arrow_read" if fmt == "cms" else "npz_read"
+        s: dict[str, Any] = {}
+        for size in ("1x", big):
+            ceiling = m[f"{fmt}/{size}/{read}"]["loop_rows_per_s"]
+            local, reader = m[f"{fmt}/{size}/local"], m[f"{fmt}/{size}/{read}"]
+            s[size] = {"read_ceiling_rows_per_s": ceiling,
+                       "local_vs_read": local["loop_rows_per_s"] / ceiling,
+                       "local_vs_read_cpu": reader["loop_cpu_s"] / local["loop_cpu_s"],
+                       "ray_vs_read": m[f"{fmt}/{size}/ray"]["loop_rows_per_s"] / ceiling,
+                       "ray_rows_per_s": m[f"{fmt}/{size}/ray"]["loop_rows_per_s"],
+                       "bytes_per_jet": m[f"{fmt}/{size}/local"]["bytes_per_jet"],
+                       "input_bytes_per_jet": res["inputs"][f"{fmt}/{size}"]["bytes_per_jet"]}
+        for executor in ("ray", "local"):
+            a, b = m[f"{fmt}/1x/{executor}"], m[f"{fmt}/{big}/{executor}"]
+            s[f"memory_growth_{executor}"] = {"pss": b["peak_pss_mb"] / a["peak_pss_mb"] - 1,
+                                              "sum_hwm": b["sum_hwm_mb"] / a["sum_hwm_mb"] - 1}
+        if fmt == "cms":
+            s["local_vs_seed_1x"] = m["cms/1x/local"]["loop_rows_per_s"] / m["cms/1x/seed"]["loop_rows_per_s"]
+        out[fmt] = s
+    return out
 
 
 def table(res: dict[str, Any]) -> str:
-    """A fixed-width table of the methods and the target ratios."""
-    lines = [f"{'method':10s} {'rows':>6s} {'wall s':>7s} {'rows/s':>8s} {'loop r/s':>9s} {'KB/jet':>8s} "
-             f"{'peak PSS MB':>12s} {'peak RSS MB':>12s} {'sum HWM MB':>11s}"]
+    cfg = res["config"]
+    lines = [f"{res['cpus']} CPUs; load average before/after each round: {' -> '.join(res['load'])}; medians of "
+             f"{cfg['repeat']} interleaved runs",
+             f"{'format/size/method':26s} {'rows':>7s} {'start-up s':>10s} {'loop s':>7s} {'loop CPU s':>10s} "
+             f"{'loop rows/s':>11s} "
+             f"{'KB/jet':>7s} {'peak PSS MB':>11s} {'peak RSS MB':>11s} {'sum HWM MB':>10s}"]
     for name, r in res["methods"].items():
-        lines.append(f"{name:10s} {r['rows']:6d} {r['seconds']:7.1f} {r['rows_per_s']:8.0f} "
-                     f"{r.get('loop_rows_per_s', float('nan')):9.0f} {r.get('bytes_per_jet', float('nan')) / 1e3:8.2f} "
-                     f"{r['peak_pss_mb']:12.0f} {r['peak_rss_mb']:12.0f} {r['sum_peak_rss_mb']:11.0f}")
-    s = res["summary"]
-    lines += [f"ours (10x, loop) vs seed: {s['speedup_vs_seed']:.1f}x (target >= 30x); end to end incl. Python and "
-              f"Ray start: {s['speedup_vs_seed_end_to_end_10x']:.1f}x",
-              f"ours (10x, loop) vs single-process pyarrow: {s['ratio_vs_pyarrow']:.2f}x (target >= 0.5x); "
-              f"end to end: {s['ratio_vs_pyarrow_end_to_end_10x']:.2f}x",
-              f"Arrow decode alone, one core: {s['arrow_read_vs_seed_per_core']:.1f}x the seed (the ceiling per core)",
-              f"bytes per jet: {s['bytes_per_jet']:.0f} vs dense float32 {DENSE_BYTES}: "
-              f"{s['compaction_vs_dense']:.1f}x smaller (target >= 10x)",
-              f"peak memory 10x vs 1x: {100 * s['memory_growth_10x_pss']:+.1f}% PSS, "
-              f"{100 * s['memory_growth_10x_rss']:+.1f}% RSS, {100 * s['memory_growth_10x_hwm']:+.1f}% summed per-process "
-              f"peak RSS (target <= +10%)"]
+        lines.append(f"{name:26s} {r['rows']:7.0f} {r['startup_s']:10.1f} {r['loop_s']:7.2f} "
+                     f"{r.get('loop_cpu_s', float('nan')):10.2f} "
+                     f"{r['loop_rows_per_s']:11.0f} {r.get('bytes_per_jet', float('nan')) / 1e3:7.2f} "
+                     f"{r['peak_pss_mb']:11.0f} {r['peak_rss_mb']:11.0f} {r['sum_hwm_mb']:10.0f}")
+    big = f"{cfg['scale']}x"
+    for fmt, s in res["summary"].items():
+        for size in ("1x", big):
+            t = s[size]
+            lines.append(f"{fmt} {size}: read ceiling {t['read_ceiling_rows_per_s']:.0f} rows/s (one core); local "
+                         f"(one process) {t['local_vs_read']:.2f}x of it ({t['local_vs_read_cpu']:.2f}x per "
+                         f"CPU-second), ray ({res['cpus']} CPUs) "
+                         f"{t['ray_vs_read']:.2f}x = {t['ray_rows_per_s']:.0f} rows/s (target >= 0.7x); "
+                         f"{t['bytes_per_jet'] / 1e3:.2f} KB/jet out vs {t['input_bytes_per_jet'] / 1e3:.2f} in")
+        for executor in ("ray", "local"):
+            g = s[f"memory_growth_{executor}"]
+            lines.append(f"{fmt} peak memory {big} vs 1x ({executor}): {100 * g['pss']:+.1f}% PSS, "
+                         f"{100 * g['sum_hwm']:+.1f}% summed per-process peak RSS (target <= +10%)")
+        if "local_vs_seed_1x" in s:
+            lines.append(f"cms 1x: local (one core) {s['local_vs_seed_1x']:.1f}x the seed path's loop")
     return "\n".join(lines)
 
 
@@ -257,8 +507,27 @@ def main(cfg: BenchConvertConfig) -> int:
     return 0
 
 
-if __name__ == "__main__":  # worker entry points, run in their own processes by ``measure``
-    t0 = time.perf_counter()
-    workers = {"_seed": seed_path, "_pyarrow": pyarrow_path, "_arrow_read": arrow_read}
-    n = workers[sys.argv[1]](*sys.argv[2:])
-    print(json.dumps({"rows": n, "seconds": time.perf_counter() - t0}))
+#: method entry point -> (function, modules it imports: imported before its loop is timed, as start-up)
+METHODS = {"_seed": (seed_path, ("numpy", "pandas", "pyarrow.parquet", "qgdist.data.shards.writer")),
+           "_pyarrow": (pyarrow_path, ("numpy", "pyarrow.parquet", "qgdist.data.shards.writer")),
+           "_arrow_read": (arrow_read, ("pyarrow.parquet",)),
+           "_npz_read": (npz_read, ("numpy", "zipfile")),
+           "_numpy": (numpy_path, ("numpy", "zipfile", "qgdist.data.shards.writer"))}
+
+if __name__ == "__main__":  # method entry points, each run in its own process by ``measure``
+    import importlib
+
+    name, args = sys.argv[1], sys.argv[2:]
+    if name == "_ours":
+        for module in ("numpy", "pyarrow.parquet", "particle", "qgdist.data.convert", "tqdm"):
+            importlib.import_module(module)
+        record = ours(*args)
+    else:
+        fn, modules = METHODS[name]
+        for module in modules:
+            importlib.import_module(module)
+        t, cpu = time.perf_counter(), time.process_time()
+        rows = fn(*args)
+        record = {"rows": rows, "loop_s": time.perf_counter() - t, "loop_cpu_s": time.process_time() - cpu}
+    record["process_s"] = time.perf_counter() - T0
+    print(json.dumps(record))

@@ -1,20 +1,38 @@
-"""``qgdist bench loader``: loader jets/s per core for both formats, next to what each model consumes per core.
+"""``qgdist bench loader``: loader jets/s per core for both formats, schema 2 against schema 1 on the same jets.
 
-For each format (clouds, images) it measures, in one run and one process each (so "per core" is one process):
+For each format (clouds, images) it measures, on the same converted jets:
 
-* the loader: a full training epoch of ``ShardLoader`` (read tar -> shuffle buffer -> decode -> features /
-  sparse pixels -> collate -> dense tensors on the CPU), ``num_workers=0`` so it runs on one core;
-* the model: ``train_step`` throughput of the format's model on those same batches, with one torch thread.
+* **throughput per core**: full training epochs of ``ShardLoader`` (read tar -> shuffle -> decode -> features /
+  dense images -> model-ready CPU tensors), ``num_workers=0`` and one torch thread, so one core does everything.
+  Rate = jets / CPU seconds of the process (what one core delivers, whatever else the shared machine runs);
+  wall-clock jets/s are printed alongside. Each measurement runs in its own subprocess, which reports its peak
+  RSS (``ru_maxrss``) and its RSS before the first batch; ``--repeat`` runs per row, interleaved, medians quoted.
+* the **previous format** (schema 1: one jet per tar sample, three members each) written from the same jets into
+  ``--workdir``, read by a copy of the previous loader kept here (webdataset's sample shuffle buffer, per-jet json
+  and npy parsing, argsort and padding loops, torch.zeros densification). The product loader refuses schema 1.
+* **bytes per jet**: schema 2 shards, schema 1 shards, and the source files the dataset was converted from.
+* **shuffle quality**, for both loaders on the same split over at least 100 batches: the mean share of a batch taken
+  by its most common source file (against the share under a perfect shuffle, simulated), the lag-1 autocorrelation
+  of the labels in delivery order, and the spread of the batches' quark fractions against the binomial one.
+  Measured on the dataset as it is, on a copy whose shards hold their jets sorted by label (class-ordered source
+  files), and on a copy sorted by label across the shards of each split (source files of one class each).
+* optionally (``--model-steps``) what the format's model consumes per core (``train_step``, one thread).
 
-The target is loader >= 5x model. Data: ``--cloud-data`` / ``--image-data`` (converted datasets), else toy data
-generated and converted (in-process executor) into a temporary directory.
+Data: ``--cloud-data`` / ``--image-data`` (converted datasets, e.g. of Pythia jets), else toy data generated in
+several files (12 of clouds, 3 of images) and converted into ``--workdir``.
 """
 
 from __future__ import annotations
 
-import tempfile
+import io
+import json
+import os
+import statistics
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from qgdist.core.config import option
 
@@ -25,65 +43,497 @@ class LoaderBenchConfig:
 
     cloud_data: str | None = option(None, "converted cloud dataset (default: toy clouds)")
     image_data: str | None = option(None, "converted image dataset (default: toy images)")
-    jets: int = option(3000, "toy clouds when no data is given (images: a third)")
-    cloud_model: str = option("particlenet-lite", "model that consumes the clouds")
-    image_model: str = option("resnet15", "model that consumes the images")
-    cloud_batch: int = option(128, "jets per cloud batch")
-    image_batch: int = option(32, "jets per image batch")
-    model_steps: int = option(6, "timed model steps per format")
+    jets: int = option(24000, "toy clouds when no data is given (12 files)")
+    image_jets: int = option(2000, "toy images when no data is given (3 files)")
+    batch: int = option(512, "jets per batch")
+    preset: str = option("kin", "cloud feature preset")
+    shuffle_buffer: int = option(8192, "jets in the shuffle buffer (both loaders; training's default)")
+    epochs: int = option(4, "passes over the train split per measurement")
+    repeat: int = option(3, "measurements per row, interleaved; medians are quoted")
+    workdir: str = option("runs/bench_loader", "toy data, schema-1 copies, bench_loader.json")
+    cloud_model: str = option("particlenet-lite", "model that consumes the clouds (--model-steps)")
+    image_model: str = option("resnet15", "model that consumes the images (--model-steps)")
+    model_steps: int = option(0, "timed model steps per format at batch 64 (0: skip)")
 
 
-def loader_speed(data: str, batch_size: int) -> tuple[float, list]:
-    """Jets/s of one training epoch on one core; returns the speed and the first few batches for the model."""
-    from qgdist.data.loader import LoaderConfig, ShardLoader
+# -- schema 1: writer and the previous loader, kept here for the comparison only ------------------------------------
+def write_schema1(data: str, out: str, sort_by_label: bool = False) -> str:
+    """Write the jets of a schema-2 dataset as schema-1 shards (same shard names, same jets, one tar sample each,
+    in source-row order; ``sort_by_label``: by label first, as from a class-ordered source)."""
+    import tarfile
 
-    loader = ShardLoader(LoaderConfig(data, batch_size=batch_size, shuffle_buffer=1000))
-    start, jets, kept = time.perf_counter(), 0, []
-    for inputs, label in loader.epoch(0):
-        jets += len(label)
-        if len(kept) < 8:
-            kept.append((inputs, label))
-    return jets / (time.perf_counter() - start), kept
+    import numpy as np
+
+    from qgdist.data.loader import read_shard
+    from qgdist.data.shards.manifest import read_manifest
+    from qgdist.data.shards.schema import decode_chunk, npy_bytes
+
+    os.makedirs(out, exist_ok=True)
+    for shard in read_manifest(data).shards:
+        jets = [j for raw in read_shard(os.path.join(data, shard.name)) for j in decode_chunk(raw).samples()]
+        # in source-row order, as the schema-1 converter wrote them (schema 2 deals rows to chunks by stride);
+        # for a class-ordered source, that order is by class
+        jets.sort(key=lambda j: (j.meta["is_quark"] if sort_by_label else 0, j.meta["file"], j.meta["row"]))
+        # as the schema-1 writer wrote them: GNU tar, fixed owner and integer mtime (no PAX headers), members sorted,
+        # particles as the source had them (pid int32)
+        with tarfile.open(os.path.join(out, shard.name), "w", format=tarfile.GNU_FORMAT) as tar:
+            for i, j in enumerate(jets):
+                meta = dict(j.meta)
+                members = {"meta.json": json.dumps(meta, sort_keys=True).encode()}
+                if hasattr(j, "kin"):
+                    members |= {"kin.npy": npy_bytes(np.asarray(j.kin)),
+                                "pid.npy": npy_bytes(np.asarray(j.pid, dtype=np.int32))}
+                else:
+                    members |= {"pix.npy": npy_bytes(np.asarray(j.pix)), "val.npy": npy_bytes(np.asarray(j.val))}
+                key = f"{meta['file'].replace('.', '_')}-r{meta['row']:09d}"
+                for ext in sorted(members):
+                    info = tarfile.TarInfo(f"{key}.{ext}")
+                    info.size = len(members[ext])
+                    info.mode, info.mtime, info.uname, info.gname = 0o644, 0, "qgdist", "qgdist"
+                    tar.addfile(info, io.BytesIO(members[ext]))
+    return out
 
 
-def model_speed(name: str, batches: list, in_features: int, steps: int) -> float:
-    """Jets/s of ``train_step`` for model ``name`` on one thread (after one untimed step)."""
+def write_sorted(data: str, out: str, across: bool = False) -> str:
+    """A schema-2 copy of ``data`` whose jets are sorted by label: within each shard (a class-ordered source file),
+    or ``across`` the shards of each split (whole files of one class), keeping every shard's size."""
+    import numpy as np
+
+    from qgdist.data.loader import read_shard
+    from qgdist.data.shards.manifest import read_manifest, write_manifest
+    from qgdist.data.shards.schema import decode_chunk
+    from qgdist.data.shards.writer import ChunkWriter, ShardWriter
+
+    manifest = read_manifest(data)
+    blocks = {}
+    for shard in manifest.shards:
+        chunks = [decode_chunk(raw) for raw in read_shard(os.path.join(data, shard.name))]
+        blocks[shard.name] = type(chunks[0]).concat(chunks)
+    if across:
+        for split in ("train", "val", "test"):
+            names = [s.name for s in manifest.shards_of(split)]
+            if not names:
+                continue
+            whole = type(blocks[names[0]]).concat([blocks[n] for n in names])
+            files = whole.files().astype(str)
+            whole = whole.take(np.lexsort((files, whole.jets["is_quark"])))   # by class, then by file
+            lo = 0
+            for n in names:
+                blocks[n], lo = whole.slice(lo, lo + len(blocks[n])), lo + len(blocks[n])
+    shards = []
+    for shard in manifest.shards:
+        block = blocks[shard.name]
+        if not across:
+            block = block.take(np.argsort(block.jets["is_quark"], kind="stable"))
+        writer = ChunkWriter(ShardWriter(out, shard.split, lambda k, n=shard.name: n), manifest.chunk_jets)
+        files = block.files().astype(str)
+        cuts = np.flatnonzero(files[1:] != files[:-1]) + 1   # a chunk holds jets of one source file
+        for lo, hi in zip(np.r_[0, cuts], np.r_[cuts, len(block)]):
+            run = block.slice(int(lo), int(hi))
+            if isinstance(run.file, np.ndarray):
+                run = type(run)(**{**run.__dict__, "file": str(run.file[0])})
+            writer.add(run)
+            writer.flush()
+        shards += writer.close()
+    write_manifest(type(manifest)(**{**manifest.__dict__, "shards": shards}), out)
+    return out
+
+
+def _v1_mass_and_charge(pid: Any) -> tuple[Any, Any]:
+    """The previous ``features.mass_and_charge``: one lookup per distinct id, found with np.unique."""
+    import numpy as np
+
+    from qgdist.data.features import _mass_charge
+
+    pid = np.asarray(pid).astype(np.int64)
+    ids, inverse = np.unique(pid, return_inverse=True)
+    table = np.array([_mass_charge(int(i)) for i in ids], dtype=np.float64).reshape(-1, 2)
+    return table[inverse, 0].reshape(pid.shape), table[inverse, 1].reshape(pid.shape)
+
+
+def _v1_particle_features(kin: Any, pid: Any, mask: Any, jet_y: Any, jet_phi: Any, preset: str) -> tuple[Any, Any]:
+    """The previous ``features.particle_features`` (float64 on the padded arrays), verbatim."""
+    import numpy as np
+
+    from qgdist.data.features import _CHARGED_HADRONS, _NEUTRAL_HADRONS
+
+    pt = np.where(mask, kin[..., 0], 1.0).astype(np.float64)
+    rap, phi = kin[..., 1].astype(np.float64), kin[..., 2].astype(np.float64)
+    mass, charge = _v1_mass_and_charge(np.where(mask, pid, 0))
+    energy = np.sqrt(pt**2 + mass**2) * np.cosh(rap)
+    deta = rap - jet_y[:, None]
+    dphi = (phi - jet_phi[:, None] + np.pi) % (2 * np.pi) - np.pi
+    m = mask.astype(np.float64)
+    jet_pt = (pt * m).sum(axis=1, keepdims=True)
+    jet_e = (energy * m).sum(axis=1, keepdims=True)
+    cols = [deta, dphi, np.log(pt), np.log(energy), np.log(pt / np.maximum(jet_pt, 1e-9)),
+            np.log(energy / np.maximum(jet_e, 1e-9)), np.hypot(deta, dphi)]
+    if preset == "kinpid":
+        apid = np.abs(np.where(mask, pid, 0)).astype(np.int64)
+        cols += [charge, np.isin(apid, list(_CHARGED_HADRONS)), np.isin(apid, list(_NEUTRAL_HADRONS)),
+                 apid == 22, apid == 11, apid == 13]
+    features = np.stack([np.asarray(c, dtype=np.float64) for c in cols], axis=-1) * m[..., None]
+    points = np.stack([deta, dphi], axis=-1) * m[..., None]
+    return points.astype(np.float32), features.astype(np.float32)
+
+
+class V1Collate:
+    """The previous ``loader.Collate``: per-jet json and npy parsing, argsort and padding in Python loops."""
+
+    def __init__(self, pre: Any):
+        import numpy as np
+
+        self.kind, self.preset, self.max_particles = pre.kind, pre.preset, pre.max_particles
+        self.jet_mean, self.jet_std = np.array(pre.jet_mean, np.float32), np.array(pre.jet_std, np.float32)
+        self.feat_mean = np.array(pre.feature_mean, np.float32)
+        self.feat_std = np.array(pre.feature_std, np.float32)
+
+    def __call__(self, raws: list[dict[str, Any]]) -> dict[str, Any]:
+        import numpy as np
+        import torch
+
+        metas = [json.loads(r["meta.json"]) for r in raws]
+        label = torch.tensor([float(m["is_quark"]) for m in metas], dtype=torch.float32)
+        jet = np.array([[np.log(max(m["pt"], 1e-9)), m["mass"]] for m in metas], np.float32)
+        batch = {"label": label, "jet": torch.from_numpy((jet - self.jet_mean) / self.jet_std),
+                 "key": [r["__key__"] for r in raws], "file": [m.get("file", "") for m in metas],
+                 "row": torch.tensor([int(m.get("row", -1)) for m in metas], dtype=torch.int64)}
+        return batch | (self._images(raws, metas) if self.kind == "image" else self._clouds(raws, metas))
+
+    def _images(self, raws: list[dict[str, Any]], metas: list[dict[str, Any]]) -> dict[str, Any]:
+        import numpy as np
+        import torch
+
+        shape = tuple(metas[0]["image_shape"])
+        size = int(np.prod(shape))
+        pix, val = [], []
+        for b, raw in enumerate(raws):
+            pix.append(_npy(raw["pix.npy"]).astype(np.int64) + b * size)
+            val.append(_npy(raw["val.npy"]).astype(np.float32))
+        return {"pix": torch.from_numpy(np.concatenate(pix)), "val": torch.from_numpy(np.concatenate(val)),
+                "image_shape": torch.tensor(shape)}
+
+    def _clouds(self, raws: list[dict[str, Any]], metas: list[dict[str, Any]]) -> dict[str, Any]:
+        import numpy as np
+        import torch
+
+        jets = []
+        for raw in raws:
+            kin, pid = _npy(raw["kin.npy"]).astype(np.float32), _npy(raw["pid.npy"])
+            order = np.argsort(-kin[:, 0], kind="stable")[: self.max_particles]
+            jets.append((kin[order], pid[order]))
+        n_max = max(1, max(len(k) for k, _ in jets))
+        kin = np.zeros((len(jets), n_max, 3), np.float32)
+        pid = np.zeros((len(jets), n_max), np.int64)
+        mask = np.zeros((len(jets), n_max), bool)
+        for b, (k, p) in enumerate(jets):
+            kin[b, : len(k)], pid[b, : len(k)], mask[b, : len(k)] = k, p, True
+        jet_y = np.array([m["jet_y"] for m in metas], np.float64)
+        jet_phi = np.array([m["jet_phi"] for m in metas], np.float64)
+        points, features = _v1_particle_features(kin, pid, mask, jet_y, jet_phi, self.preset)
+        features = (features - self.feat_mean) / self.feat_std * mask[..., None]
+        return {"points": torch.from_numpy(points), "features": torch.from_numpy(features.astype(np.float32)),
+                "mask": torch.from_numpy(mask)}
+
+
+def _npy(raw: bytes) -> Any:
+    import numpy as np
+
+    return np.load(io.BytesIO(raw), allow_pickle=False)
+
+
+def v1_batches(v1_dir: str, manifest: Any, pre: Any, batch: int, buffer: int, epoch: int) -> Any:
+    """The previous loader on one core (one rank, one worker): every train shard in a seeded order, webdataset's
+    sample shuffle buffer, ``V1Collate``, then the previous ``to_device`` (torch.zeros densification)."""
+    import itertools
+    import random
+
+    import numpy as np
+    import torch
+    import webdataset as wds
+    from webdataset.filters import _shuffle
+
+    names = [s.name for s in manifest.shards_of("train")]
+    random.Random(f"0-{epoch}").shuffle(names)
+    samples = itertools.chain.from_iterable(
+        wds.WebDataset(os.path.join(v1_dir, n), shardshuffle=False, nodesplitter=None, workersplitter=None,
+                       empty_check=False) for n in names)
+    stream = _shuffle(samples, bufsize=buffer, initial=buffer, seed=f"0-{epoch}-0-0") if buffer else samples
+    collate = V1Collate(pre)
+    while True:
+        raws = list(itertools.islice(stream, batch))
+        if len(raws) < batch:
+            return
+        out = collate(raws)
+        if "pix" in out:
+            shape = [int(s) for s in out["image_shape"]]
+            dense = torch.zeros(len(raws) * int(np.prod(shape)), dtype=torch.float32)
+            dense[out["pix"]] = out["val"]
+            yield out | {"image": dense.view(len(raws), *shape)}
+        else:
+            yield out
+
+
+# -- measurements (each in its own process) -------------------------------------------------------------------------
+def _measure(layout: str, data: str, v1_dir: str, batch: int, buffer: int, epochs: int, preset: str) -> dict:
+    """Jets, CPU seconds and wall seconds of ``epochs`` training epochs; RSS before the loop and at peak."""
+    import itertools
+    import resource
+
     import torch
 
+    torch.set_num_threads(1)
+    from qgdist.data.loader import LoaderConfig, ShardLoader
+    from qgdist.data.preprocessing import Preprocessing
+    from qgdist.data.shards.manifest import read_manifest
+
+    manifest = read_manifest(data)
+    pre = Preprocessing.from_manifest(manifest, data, preset)
+    loader = ShardLoader(LoaderConfig(data, batch_size=batch, shuffle_buffer=buffer, preset=preset))
+
+    def epoch(e: int) -> Any:
+        if layout == "v2":
+            for inputs, _ in loader.epoch(e):
+                yield inputs
+        else:
+            yield from v1_batches(v1_dir, manifest, pre, batch, buffer, e)
+
+    # Warm up (imports, the PDG table, the dense-image buffers: three are in use when this loop holds one batch
+    # and its generator another), then let go of everything the warm-up holds.
+    warm = epoch(99)
+    for _ in itertools.islice(warm, 3):
+        pass
+    warm.close()
+    del warm
+    rss_before = _rss_mb()
+    jets, wall, cpu = 0, time.perf_counter(), time.process_time()
+    for e in range(epochs):
+        for inputs in epoch(e):
+            jets += len(inputs["image"] if "image" in inputs else inputs["mask"])
+    cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"jets": jets, "cpu_s": cpu, "wall_s": wall, "rss_before_mb": rss_before, "peak_rss_mb": peak}
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _run_measure(*args: Any) -> dict:
+    cmd = [sys.executable, "-m", "qgdist.bench.loader", "_measure", *map(str, args)]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# -- shuffle quality -----------------------------------------------------------------------------------------------
+def shuffle_quality(layout: str, data: str, v1_dir: str, batch: int, buffer: int, min_batches: int = 100) -> dict:
+    """Mean share of a batch from its most common file, lag-1 label autocorrelation, batch quark-fraction spread,
+    over at least ``min_batches`` batches (as many epochs as that takes)."""
+    from qgdist.data.loader import LoaderConfig, ShardLoader
+    from qgdist.data.preprocessing import Preprocessing
+    from qgdist.data.shards.manifest import read_manifest
+
+    manifest = read_manifest(data)
+    files: list[list[str]] = []
+    labels: list[Any] = []
+    e = 0
+    while len(files) < min_batches:
+        if layout == "v2":
+            loader = ShardLoader(LoaderConfig(data, batch_size=batch, shuffle_buffer=buffer))
+            batches = [(list(b["file"]), b["label"].numpy()) for b in loader.collated(e)]
+        else:
+            pre = Preprocessing.from_manifest(manifest, data)
+            batches = [(b["file"], b["label"].numpy()) for b in v1_batches(v1_dir, manifest, pre, batch, buffer, e)]
+        if not batches:
+            break
+        files += [f for f, _ in batches]
+        labels += [lab for _, lab in batches]
+        e += 1
+    return _quality(files, labels)
+
+
+def _quality(files: list[list[str]], labels: list[Any]) -> dict:
+    import numpy as np
+
+    share = [max(np.unique(f, return_counts=True)[1]) / len(f) for f in files]
+    seq = np.concatenate(labels).astype(np.float64)
+    seq = seq - seq.mean()
+    auto = float((seq[1:] * seq[:-1]).mean() / max((seq * seq).mean(), 1e-12))
+    fractions = np.array([lab.mean() for lab in labels])
+    p, n = float(np.concatenate(labels).mean()), len(labels[0])
+    return {"batches": len(files), "max_file_share": float(np.mean(share)), "label_autocorr_lag1": auto,
+            "batch_quark_fraction_std": float(fractions.std()), "binomial_std": float(np.sqrt(p * (1 - p) / n))}
+
+
+def ideal_quality(data: str, batch: int, batches: int, seed: int = 0) -> dict:
+    """The same measures for batches drawn from a perfect shuffle of the train split (simulated)."""
+    import numpy as np
+
+    from qgdist.data.loader import read_shard
+    from qgdist.data.shards.manifest import read_manifest
+    from qgdist.data.shards.schema import decode_chunk
+
+    files, labels = [], []
+    for s in read_manifest(data).shards_of("train"):
+        for raw in read_shard(os.path.join(data, s.name)):
+            c = decode_chunk(raw)
+            files.append(c.files())
+            labels.append(c.jets["is_quark"])
+    files, labels = np.concatenate(files), np.concatenate(labels).astype(np.float32)
+    rng = np.random.default_rng(seed)
+    out_f, out_l = [], []
+    while len(out_f) < batches:
+        order = rng.permutation(len(labels))
+        for lo in range(0, len(order) - batch + 1, batch):
+            out_f.append(list(files[order[lo: lo + batch]]))
+            out_l.append(labels[order[lo: lo + batch]])
+    return _quality(out_f[:batches], out_l[:batches])
+
+
+# -- bytes and the model -------------------------------------------------------------------------------------------
+def _bytes_per_jet(data: str, v1_dir: str) -> dict:
+    import fsspec
+
+    from qgdist.data.shards.manifest import read_manifest
+
+    m = read_manifest(data)
+    jets = m.rows["written"]
+    v1 = sum(os.path.getsize(os.path.join(v1_dir, s.name)) for s in m.shards)
+    source = 0
+    for path in m.inputs:
+        fs, p = fsspec.core.url_to_fs(path)
+        source += fs.size(p)
+    return {"v2": sum(s.bytes for s in m.shards) / jets, "v1": v1 / jets, "source": source / m.rows["in"],
+            "source_files": [os.path.basename(p) for p in m.inputs][:3]}
+
+
+def model_speed(name: str, data: str, steps: int, preset: str) -> float:
+    """Jets/s of ``train_step`` for model ``name`` on one thread, batch 64 (after one untimed step)."""
+    import torch
+
+    from qgdist.data.loader import LoaderConfig, ShardLoader
     from qgdist.models import get_model
     from qgdist.train.step import train_step
 
-    kwargs = {"in_features": in_features} if batches[0][0].get("features") is not None else {}
+    torch.set_num_threads(1)
+    loader = ShardLoader(LoaderConfig(data, batch_size=64, shuffle_buffer=0, preset=preset))
+    batches = [b for b, _ in zip(loader.epoch(0), range(steps + 1))]
+    kwargs = {"in_features": loader.in_features} if loader.kind == "cloud" else {}
     model = get_model(name, **kwargs).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     train_step(model, *batches[0], opt)
     start, jets = time.perf_counter(), 0
-    for i in range(steps):
-        inputs, label = batches[i % len(batches)]
+    for inputs, label in batches[1:]:
         train_step(model, inputs, label, opt)
         jets += len(label)
     return jets / (time.perf_counter() - start)
 
 
-def run(cfg: LoaderBenchConfig) -> list[dict]:
-    import torch
+def _toy(kind: str, jets: int, workdir: str) -> str:
+    """Toy jets in several source files (12 of clouds, 3 of images: a batch can mix files), converted once."""
+    from qgdist.data.convert import ConvertConfig, convert
+    from qgdist.pipelines.toy_data import toy_file
 
-    from qgdist.pipelines.toy_data import toy_dataset
+    files = 12 if kind == "cloud" else 3
+    source, ext = ("energyflow", "npz") if kind == "cloud" else ("cms", "parquet")
+    out = os.path.join(workdir, f"toy_{kind}_{jets}")
+    if not os.path.exists(os.path.join(out, "manifest.json")):
+        raws = [toy_file(source, jets // files, os.path.join(workdir, f"toy_{kind}_raw", f"toy_{i:02d}.{ext}"), seed=i)
+                for i in range(files)]
+        convert(ConvertConfig(source, raws, out, executor="local", progress=False))
+    return out
 
-    torch.set_num_threads(1)  # per core
-    rows = []
-    with tempfile.TemporaryDirectory(prefix="qgdist-bench-loader-") as tmp:
-        for kind, data, model, batch in (("cloud", cfg.cloud_data, cfg.cloud_model, cfg.cloud_batch),
-                                         ("image", cfg.image_data, cfg.image_model, cfg.image_batch)):
-            data = data or toy_dataset(kind, cfg.jets if kind == "cloud" else max(cfg.jets // 3, 200), tmp)
-            load, batches = loader_speed(data, batch)
-            in_features = batches[0][0]["features"].shape[-1] if kind == "cloud" else 0
-            consume = model_speed(model, batches, in_features, cfg.model_steps)
-            rows.append({"format": kind, "model": model, "batch": batch, "loader_jets_s": load,
-                         "model_jets_s": consume, "ratio": load / consume})
-    print(f"{'format':7} {'model':18} {'batch':>5} {'loader jets/s/core':>19} {'model jets/s/core':>18} "
-          f"{'loader/model':>12}  (target >= 5x)")
-    for r in rows:
-        print(f"{r['format']:7} {r['model']:18} {r['batch']:5d} {r['loader_jets_s']:19.0f} "
-              f"{r['model_jets_s']:18.1f} {r['ratio']:11.1f}x")
-    return rows
+
+def _load() -> str:
+    with open("/proc/loadavg") as f:
+        return " ".join(f.read().split()[:3])
+
+
+def run(cfg: LoaderBenchConfig) -> dict:
+    from qgdist.core.atomic import write_json
+
+    os.makedirs(cfg.workdir, exist_ok=True)
+    res: dict[str, Any] = {"config": cfg.__dict__, "load_before": _load(), "formats": {}}
+    for kind, data in (("cloud", cfg.cloud_data), ("image", cfg.image_data)):
+        if data is None:
+            data = _toy(kind, cfg.jets if kind == "cloud" else cfg.image_jets, cfg.workdir)
+        v1_dir = write_schema1(data, os.path.join(cfg.workdir, f"v1_{kind}"))
+        sorted_v2 = write_sorted(data, os.path.join(cfg.workdir, f"sorted_{kind}"))
+        sorted_v1 = write_schema1(sorted_v2, os.path.join(cfg.workdir, f"sorted_v1_{kind}"), sort_by_label=True)
+        pure_v2 = write_sorted(data, os.path.join(cfg.workdir, f"pure_{kind}"), across=True)
+        pure_v1 = write_schema1(pure_v2, os.path.join(cfg.workdir, f"pure_v1_{kind}"), sort_by_label=True)
+        rows: dict[str, list[dict]] = {"v2": [], "v1": []}
+        for _ in range(cfg.repeat):
+            for layout in ("v2", "v1"):
+                rows[layout].append(_run_measure(layout, data, v1_dir, cfg.batch, cfg.shuffle_buffer, cfg.epochs,
+                                                 cfg.preset))
+        summary = {}
+        for layout, runs in rows.items():
+            summary[layout] = {
+                "jets": runs[0]["jets"],
+                "jets_per_cpu_s": statistics.median(r["jets"] / r["cpu_s"] for r in runs),
+                "jets_per_wall_s": statistics.median(r["jets"] / r["wall_s"] for r in runs),
+                "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in runs),
+                "rss_before_mb": statistics.median(r["rss_before_mb"] for r in runs),
+                "runs": runs}
+        quality = {}
+        for name, d2, d1 in (("as is", data, v1_dir), ("label-sorted shards", sorted_v2, sorted_v1),
+                             ("one-class shards", pure_v2, pure_v1)):
+            q = {layout: shuffle_quality(layout, d2, d1, cfg.batch, cfg.shuffle_buffer) for layout in ("v2", "v1")}
+            q["ideal"] = ideal_quality(d2, cfg.batch, max(q["v2"]["batches"], 1))
+            quality[name] = q
+        entry = {"data": data, "throughput": summary, "bytes_per_jet": _bytes_per_jet(data, v1_dir),
+                 "shuffle": quality}
+        if cfg.model_steps:
+            model = cfg.cloud_model if kind == "cloud" else cfg.image_model
+            entry["model"] = {"name": model, "jets_per_s": model_speed(model, data, cfg.model_steps, cfg.preset)}
+        res["formats"][kind] = entry
+    res["load_after"] = _load()
+    print(table(res))
+    write_json(os.path.join(cfg.workdir, "bench_loader.json"), res)
+    return res
+
+
+def table(res: dict) -> str:
+    lines = [f"load average before {res['load_before']}, after {res['load_after']}; rates are jets per CPU-second "
+             f"of one single-threaded process (median of {res['config']['repeat']}), wall-clock alongside",
+             f"{'format':6} {'layout':6} {'jets/cpu-s':>11} {'jets/wall-s':>12} {'peak RSS MB':>12} "
+             f"{'RSS before':>11} {'bytes/jet':>10}  target"]
+    for kind, e in res["formats"].items():
+        target = 20000 if kind == "cloud" else 10000
+        for layout in ("v2", "v1"):
+            t = e["throughput"][layout]
+            lines.append(f"{kind:6} {layout:6} {t['jets_per_cpu_s']:11.0f} {t['jets_per_wall_s']:12.0f} "
+                         f"{t['peak_rss_mb']:12.0f} {t['rss_before_mb']:11.0f} {e['bytes_per_jet'][layout]:10.0f}"
+                         + (f"  >= {target} ({'met' if t['jets_per_cpu_s'] >= target else 'NOT met'})"
+                            if layout == "v2" else ""))
+        b = e["bytes_per_jet"]
+        lines.append(f"{kind:6} source {'':>11} {'':>12} {'':>12} {'':>11} {b['source']:10.0f}  "
+                     f"v2 <= source: {'met' if b['v2'] <= b['source'] else 'NOT met'} ({', '.join(b['source_files'])})")
+        v2, v1 = e["throughput"]["v2"]["jets_per_cpu_s"], e["throughput"]["v1"]["jets_per_cpu_s"]
+        lines.append(f"{kind:6} schema 2 / schema 1: {v2 / v1:.1f}x jets per CPU-second, "
+                     f"{b['v1'] / b['v2']:.1f}x fewer bytes" + (
+                         f"; {e['model']['name']} consumes {e['model']['jets_per_s']:.0f} jets/s/core"
+                         if "model" in e else ""))
+    lines.append("shuffle quality (mean max-file share of a batch | lag-1 label autocorrelation | std of batch quark "
+                 "fraction vs binomial)")
+    for kind, e in res["formats"].items():
+        for name, q in e["shuffle"].items():
+            for layout in ("v2", "v1", "ideal"):
+                s = q[layout]
+                lines.append(f"  {kind:6} {name:20} {layout:6} {s['max_file_share']:.3f} | "
+                             f"{s['label_autocorr_lag1']:+.3f} | {s['batch_quark_fraction_std']:.3f} vs "
+                             f"{s['binomial_std']:.3f}  ({s['batches']} batches)")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # measurement entry point, run in its own process by ``_run_measure``
+    if sys.argv[1] == "_measure":
+        layout, data, v1_dir, batch, buffer, epochs, preset = sys.argv[2:9]
+        print(json.dumps(_measure(layout, data, v1_dir, int(batch), int(buffer), int(epochs), preset)))

@@ -23,5 +23,6 @@ class DataConfig:
     batch_size: int = option(256, "jets per step on each worker (global batch = batch size x workers)")
     preset: Preset = option("kin", "particle feature preset of cloud models (kin: 7 features, kinpid: 13)")
     max_particles: int = option(128, "keep at most this many particles per jet, hardest first")
-    shuffle_buffer: int = option(2000, "samples in each loader worker's shuffle buffer (0: no shuffling)")
+    shuffle_buffer: int = option(8192, "jets in each loader worker's shuffle pool beyond one batch, drawn from "
+                                 "several chunks (0: no shuffling)")
     loader_workers: int = option(0, "DataLoader processes per training worker (0: decode in the training process)")

@@ -2,10 +2,10 @@
 
 The driver reads only file footers and headers to plan **units** (row ranges of one file; for CMS whole row
 groups), so one large file spreads over every CPU of every node. ``ray.data.from_items(units).map(convert_unit)``
-then runs one task per unit: it reads its rows in coalesced chunks, validates them, encodes samples, writes its own
-shards per split (``{split}-{unit:06d}-{k:03d}.tar``, atomically) and returns a small JSON record: shards, rejected
-rows and partial statistics of its train rows. The driver consumes records as they stream in, shows progress,
-merges the statistics and writes ``manifest.json`` last.
+then runs one task per unit: it reads its rows in coalesced blocks, validates them, encodes chunks of jets (schema
+2, ``qgdist.data.shards.schema``), writes its own shards per split (``{split}-{unit:06d}-{k:03d}.tar``, atomically)
+and returns a small JSON record: shards, rejected rows and partial statistics of its train rows. The driver consumes
+records as they stream in, shows progress, merges the statistics (in unit order) and writes ``manifest.json`` last.
 
 A re-run first deletes the old manifest (so a run that dies never leaves a manifest that points at missing or
 half-written shards) and then every shard or temporary file of a previous run.
@@ -27,10 +27,11 @@ import fsspec
 import numpy as np
 
 from qgdist.core.config import option
+from qgdist.core.storage import is_object_store, list_names
 from qgdist.data.labels import LabelConvention
 from qgdist.data.shards.manifest import MANIFEST_NAME, Manifest, ShardInfo, write_manifest
-from qgdist.data.shards.schema import encode_sample, sample_key
-from qgdist.data.shards.writer import ShardWriter
+from qgdist.data.shards.schema import CHUNK_JETS
+from qgdist.data.shards.writer import ChunkWriter, ShardWriter
 from qgdist.data.sources import cms, energyflow
 from qgdist.data.sources.base import Plan, Unit, file_name
 from qgdist.data.sources.errors import BadRowError, Rejected
@@ -70,6 +71,8 @@ class ConvertConfig:
     split: tuple[float, float, float] = option(
         DEFAULT_FRACTIONS, "train,val,test fractions (hash of file name and row)", parse=parse_fractions,
         metavar="TRAIN,VAL,TEST")
+    chunk_jets: int = option(CHUNK_JETS, "jets per chunk, i.e. per tar sample (stored as columns)")
+    compress: bool = option(True, "gzip the members that compress well (image pixels and values)")
     on_bad_row: Literal["error", "quarantine"] = option(
         "error", "error: stop at the first bad row (exit 2); quarantine: skip, count and list them")
     dtype: Literal["float32", "float16"] = option(
@@ -128,25 +131,34 @@ def expand_inputs(inputs: list[str], source: str) -> list[str]:
 
 
 def convert_unit(unit: dict[str, Any], cfg: dict[str, Any]) -> dict[str, Any]:
-    """One task: read, validate, encode and write the shards of one unit; returns a JSON-able record."""
+    """One task: read, validate, encode and write the shards of one unit; returns a JSON-able record.
+
+    Everything is done on whole decoded blocks (columns of many jets): the split of each jet, the chunks written
+    per split, and the train statistics; no Python loop visits jets one by one.
+    """
     u = Unit(**{**unit, "row_groups": tuple(unit["row_groups"])})
     c = ConvertConfig(**cfg)
     name = file_name(u.path)
-    writers = {s: ShardWriter(c.out, s, lambda k, s=s: f"{s}-{u.index:06d}-{k:03d}.tar", c.shard_size)
-               for s in SPLIT_NAMES}
+    writers = {s: ChunkWriter(ShardWriter(c.out, s, lambda k, s=s: f"{s}-{u.index:06d}-{k:03d}.tar", c.shard_size),
+                              c.chunk_jets, c.compress) for s in SPLIT_NAMES}
     stats, rejected, rows_in, written = StatSums(), [], 0, 0
     for chunk in READERS[c.source].read(u, c.labels(), c.dtype):
-        rows_in += len(chunk.rows) + len(chunk.rejected)
+        rows_in += len(chunk) + len(chunk.rejected)
         rejected += [r.to_dict() for r in chunk.rejected]
         if rejected and c.on_bad_row == "error":
             for w in writers.values():
                 w.abort()
             return {"unit": u.index, "error": rejected[0], "rows_in": rows_in, "written": written}
-        splits = assign_splits(name, np.asarray(chunk.rows, dtype=np.int64), c.split)
-        for row, sample, s in zip(chunk.rows, chunk.samples, splits.tolist()):
-            writers[SPLIT_NAMES[s]].write(encode_sample(sample_key(name, row), sample))
-        stats.add([smp for smp, s in zip(chunk.samples, splits.tolist()) if s == 0])
-        written += len(chunk.samples)
+        block = chunk.block
+        if block is None or not len(block):
+            continue
+        splits = assign_splits(name, block.jets["row"], c.split)
+        for s, split in enumerate(SPLIT_NAMES):
+            part = block if (splits == s).all() else block.take(np.flatnonzero(splits == s))
+            writers[split].add(part)
+            if s == 0:
+                stats.add(part)
+        written += len(block)
     shards = [dataclasses.asdict(info) for w in writers.values() for info in w.close()]
     return {"unit": u.index, "rows_in": rows_in, "written": written, "rejected": rejected, "shards": shards,
             "stats": stats.sums}
@@ -174,15 +186,21 @@ def _local_results(units: list[Unit], cfg: dict[str, Any]) -> Iterator[dict[str,
 
 
 def clean_output(out: str) -> None:
-    """Delete a previous run's manifest first, then its shards and temporary files (only names we write)."""
+    """Delete a previous run's manifest first, then its shards and temporary files (only names we write).
+
+    A new output may not exist yet: on object storage a prefix exists only once an object under it does, so
+    there is nothing to list (and no directory to make) until the first shard is written.
+    """
     fs, root = fsspec.core.url_to_fs(out)
-    fs.makedirs(root, exist_ok=True)
-    manifest = posixpath.join(root, MANIFEST_NAME)
-    if fs.exists(manifest):
-        fs.rm(manifest)
-    for path in fs.ls(root, detail=False):
-        if _OUR_FILES.match(posixpath.basename(path)):
-            fs.rm(path)
+    if not is_object_store(out):
+        fs.makedirs(root, exist_ok=True)
+    try:
+        fs.rm(posixpath.join(root, MANIFEST_NAME))
+    except FileNotFoundError:
+        pass
+    ours = [posixpath.join(root, name) for name in list_names(out) if _OUR_FILES.match(name)]
+    if ours:
+        fs.rm(ours)
 
 
 def verify_output(out: str) -> list[str]:
@@ -207,8 +225,8 @@ def verify_output(out: str) -> list[str]:
         if size != shard.bytes or sha.hexdigest() != shard.sha256:
             problems.append(f"{shard.name}: {size} bytes, sha256 {sha.hexdigest()[:12]}... does not match")
     listed = {s.name for s in manifest.shards}
-    problems += [f"{posixpath.basename(p)}: not in the manifest" for p in fs.ls(root, detail=False)
-                 if _OUR_FILES.match(posixpath.basename(p)) and posixpath.basename(p) not in listed]
+    problems += [f"{name}: not in the manifest" for name in list_names(out)
+                 if _OUR_FILES.match(name) and name not in listed]
     return problems
 
 
@@ -216,7 +234,9 @@ def plan_inputs(cfg: ConvertConfig, inputs: list[str], cpus: int = 1) -> tuple[l
     """Units of every input (numbered), total rows, and rows/files rejected while planning.
 
     Without an explicit ``rows_per_task``, units shrink until there are at least ``cpus`` of them, so a small
-    input still keeps every CPU busy (planning reads footers only, so planning twice is cheap).
+    input still keeps every CPU busy (planning reads footers only, so planning twice is cheap) -- except that a
+    deflated EnergyFlow file stays one unit (cutting it would decompress its start once per unit; its task reads
+    ahead in a thread instead). An explicit ``rows_per_task`` cuts every file.
     """
     per_task = cfg.rows_per_task or ROWS_PER_TASK[cfg.source]
     units, rows, rejected = _plan(cfg, inputs, per_task)
@@ -229,7 +249,7 @@ def _plan(cfg: ConvertConfig, inputs: list[str], per_task: int) -> tuple[list[Un
     units, rows, rejected = [], 0, []
     for path in inputs:
         try:
-            plan: Plan = READERS[cfg.source].plan(path, per_task)
+            plan: Plan = READERS[cfg.source].plan(path, per_task, split_deflated=cfg.rows_per_task is not None)
         except BadRowError as err:
             if cfg.on_bad_row == "error":
                 raise
@@ -251,8 +271,9 @@ def convert(cfg: ConvertConfig) -> Manifest:
     from tqdm import tqdm
 
     if cfg.source not in READERS or cfg.on_bad_row not in ("error", "quarantine") or \
-            cfg.dtype not in ("float32", "float16"):
-        raise ValueError(f"bad config: source={cfg.source!r} on_bad_row={cfg.on_bad_row!r} dtype={cfg.dtype!r}")
+            cfg.dtype not in ("float32", "float16") or cfg.chunk_jets < 1:
+        raise ValueError(f"bad config: source={cfg.source!r} on_bad_row={cfg.on_bad_row!r} dtype={cfg.dtype!r} "
+                         f"chunk_jets={cfg.chunk_jets!r}")
     ray_seconds, cpus = time.perf_counter(), 1
     if cfg.executor == "ray":
         import ray
@@ -270,7 +291,8 @@ def convert(cfg: ConvertConfig) -> Manifest:
     run_units = _ray_results if cfg.executor == "ray" and units else _local_results
     results = run_units(units, settings)
     shards: list[ShardInfo] = []
-    stats, rows_in, written = StatSums(), sum(1 for r in quarantine if r.row is not None), 0
+    unit_stats: dict[int, dict[str, Any]] = {}
+    rows_in, written = sum(1 for r in quarantine if r.row is not None), 0
     bar = tqdm(total=rows_total, unit="rows", desc=f"convert {cfg.source}", disable=not cfg.progress,
                file=sys.stderr, smoothing=0.1)
     with bar:
@@ -282,9 +304,12 @@ def convert(cfg: ConvertConfig) -> Manifest:
             written += record["written"]
             quarantine += [Rejected(**r) for r in record["rejected"]]
             shards += [ShardInfo(**s) for s in record["shards"]]
-            stats.merge(StatSums(record["stats"]))
+            unit_stats[record["unit"]] = record["stats"]
             bar.update(record["rows_in"])
             bar.set_postfix(rejected=len(quarantine), refresh=False)
+    stats = StatSums()
+    for unit in sorted(unit_stats):  # in unit order, whatever order tasks finished in: the same sums to the last bit
+        stats.merge(StatSums(unit_stats[unit]))
     rejected = sum(1 for r in quarantine if r.row is not None)
     if rows_in != rows_total or written + rejected != rows_in:  # a bug, never bad input: refuse to write
         raise RuntimeError(f"row accounting broken: planned {rows_total}, in {rows_in}, "
@@ -292,7 +317,8 @@ def convert(cfg: ConvertConfig) -> Manifest:
     manifest = Manifest(
         source=cfg.source, kind=KINDS[cfg.source], dtype=cfg.dtype, label_convention=cfg.labels().describe(),
         inputs=inputs, split_fractions=dict(zip(SPLIT_NAMES, cfg.split)),
-        shards=sorted(shards, key=lambda s: s.name), rows={"in": rows_in, "written": written, "rejected": rejected},
+        chunk_jets=cfg.chunk_jets, shards=sorted(shards, key=lambda s: s.name),
+        rows={"in": rows_in, "written": written, "rejected": rejected},
         quarantine=[r.to_dict() for r in sorted(quarantine, key=lambda r: (r.file, r.row or -1))],
         stats=stats.finish())
     write_manifest(manifest, cfg.out)

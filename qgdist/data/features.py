@@ -41,9 +41,26 @@ def _mass_charge(pid: int) -> tuple[float, float]:
     return (p.mass or 0.0) / 1000.0, float(p.charge or 0.0)
 
 
+#: Dense (mass, charge) table for PDG ids in (-_LIMIT, _LIMIT), filled lazily (NaN = not looked up yet).
+_LIMIT = 1 << 13
+_TABLE = np.full((2, 2 * _LIMIT), np.nan)
+
+
 def mass_and_charge(pid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Element-wise mass (GeV) and charge for an array of PDG ids, via one lookup per distinct id."""
-    pid = np.asarray(pid).astype(np.int64)
+    """Element-wise mass (GeV) and charge for an array of PDG ids: one table gather (ids below 8192 in magnitude,
+    i.e. every hadron, lepton and photon of a jet), else one lookup per distinct id."""
+    pid = np.asarray(pid)
+    pid = pid if pid.dtype == np.int64 else pid.astype(np.int64)
+    if pid.size and np.abs(pid).max() < _LIMIT:
+        idx = pid + _LIMIT
+        mass = _TABLE[0][idx]
+        missing = np.isnan(mass)
+        if missing.any():
+            for i in np.unique(pid[missing]).tolist():
+                m, c = _mass_charge(int(i))
+                _TABLE[:, i + _LIMIT] = (m, c)
+            mass = _TABLE[0][idx]
+        return mass, _TABLE[1][idx]
     ids, inverse = np.unique(pid, return_inverse=True)
     table = np.array([_mass_charge(int(i)) for i in ids], dtype=np.float64).reshape(-1, 2)
     return table[inverse, 0].reshape(pid.shape), table[inverse, 1].reshape(pid.shape)
@@ -53,8 +70,15 @@ def four_momenta(kin: np.ndarray, pid: np.ndarray) -> np.ndarray:
     """(..., 4) = (E, px, py, pz) from (..., 3) = (pt, rapidity, phi) and PDG ids (padding pt = 0 gives zeros)."""
     pt, rap, phi = (kin[..., i].astype(np.float64) for i in range(3))
     mass, _ = mass_and_charge(pid)
-    mt = np.sqrt(pt**2 + mass**2) * (pt > 0)
-    return np.stack([mt * np.cosh(rap), pt * np.cos(phi), pt * np.sin(phi), mt * np.sinh(rap)], axis=-1)
+    mt = np.sqrt(pt * pt + mass * mass) * (pt > 0)
+    ey = np.exp(rap)            # cosh and sinh from one exp (|rapidity| <= 10 here, so no overflow)
+    half_inv = 0.5 / ey
+    out = np.empty(pt.shape + (4,))
+    out[..., 0] = mt * (0.5 * ey + half_inv)
+    out[..., 1] = pt * np.cos(phi)
+    out[..., 2] = pt * np.sin(phi)
+    out[..., 3] = mt * (0.5 * ey - half_inv)
+    return out
 
 
 def jet_kinematics(kin: np.ndarray, pid: np.ndarray) -> dict[str, float]:
@@ -64,6 +88,70 @@ def jet_kinematics(kin: np.ndarray, pid: np.ndarray) -> dict[str, float]:
     mass = float(np.sqrt(max(e * e - px * px - py * py - pz * pz, 0.0)))
     rap = float(0.5 * np.log((e + pz) / (e - pz))) if e > abs(pz) else 0.0
     return {"pt": pt, "mass": mass, "jet_y": rap, "jet_phi": float(np.arctan2(py, px))}
+
+
+def feature_columns(
+    kin: np.ndarray,
+    pid: np.ndarray,
+    jet: np.ndarray,
+    jet_y: np.ndarray,
+    jet_phi: np.ndarray,
+    preset: str = "kin",
+    dtype: type = np.float64,
+) -> list[np.ndarray]:
+    """The preset's features of the real particles of several jets, one (N,) array per feature.
+
+    Args:
+        kin: (N, 3) particle (pt, rapidity, phi) of all jets, concatenated.
+        pid: (N,) PDG ids.
+        jet: (N,) index of each particle's jet into ``jet_y`` / ``jet_phi`` (B,).
+        preset: ``kin`` or ``kinpid``.
+        dtype: arithmetic precision.
+
+    Jet sums (pt, energy) run over the particles given, so pass only the particles a model sees (e.g. after
+    ``max_particles``).
+    """
+    if preset not in PRESETS:
+        raise ValueError(f"unknown feature preset {preset!r}; choose from {sorted(PRESETS)}")
+    kin = np.asarray(kin)
+    pt, rap, phi = (kin[:, i].astype(dtype) for i in range(3))
+    mass, charge = mass_and_charge(pid)
+    mass = mass.astype(dtype)
+    ey = np.exp(rap)                                    # cosh from one exp (|rapidity| <= 10)
+    energy = np.sqrt(pt * pt + mass * mass) * (dtype(0.5) * ey + dtype(0.5) / ey)
+    n_jets = len(jet_y)
+    deta = rap - np.asarray(jet_y, dtype)[jet]
+    dphi = np.mod(phi - np.asarray(jet_phi, dtype)[jet] + dtype(np.pi), dtype(2 * np.pi)) - dtype(np.pi)
+    tiny = 1e-9
+    log_jet_pt = np.log(np.maximum(np.bincount(jet, weights=pt, minlength=n_jets), tiny)).astype(dtype)
+    log_jet_e = np.log(np.maximum(np.bincount(jet, weights=energy, minlength=n_jets), tiny)).astype(dtype)
+    log_pt, log_e = np.log(pt), np.log(energy)
+    cols = [deta, dphi, log_pt, log_e, log_pt - log_jet_pt[jet], log_e - log_jet_e[jet],
+            np.sqrt(deta * deta + dphi * dphi)]
+    if preset == "kinpid":
+        apid = np.abs(np.asarray(pid)).astype(np.int64)
+        cols += [charge.astype(dtype), np.isin(apid, list(_CHARGED_HADRONS)).astype(dtype),
+                 np.isin(apid, list(_NEUTRAL_HADRONS)).astype(dtype), (apid == 22).astype(dtype),
+                 (apid == 11).astype(dtype), (apid == 13).astype(dtype)]
+    return cols
+
+
+def flat_features(
+    kin: np.ndarray,
+    pid: np.ndarray,
+    jet: np.ndarray,
+    jet_y: np.ndarray,
+    jet_phi: np.ndarray,
+    preset: str = "kin",
+    dtype: type = np.float64,
+) -> tuple[np.ndarray, np.ndarray]:
+    """``feature_columns`` as arrays: points (N, 2) = (deta, dphi) and features (N, C), both ``dtype``
+    (the loader's path, on real particles only: no padding)."""
+    cols = feature_columns(kin, pid, jet, jet_y, jet_phi, preset, dtype)
+    features = np.empty((len(cols[0]), len(cols)), dtype)
+    for i, c in enumerate(cols):
+        features[:, i] = c
+    return features[:, :2].copy(), features
 
 
 def particle_features(
@@ -88,22 +176,12 @@ def particle_features(
     """
     if preset not in PRESETS:
         raise ValueError(f"unknown feature preset {preset!r}; choose from {sorted(PRESETS)}")
-    pt = np.where(mask, kin[..., 0], 1.0).astype(np.float64)
-    rap, phi = kin[..., 1].astype(np.float64), kin[..., 2].astype(np.float64)
-    mass, charge = mass_and_charge(np.where(mask, pid, 0))
-    energy = np.sqrt(pt**2 + mass**2) * np.cosh(rap)
-    deta = rap - jet_y[:, None]
-    dphi = (phi - jet_phi[:, None] + np.pi) % (2 * np.pi) - np.pi
-    m = mask.astype(np.float64)
-    jet_pt = (pt * m).sum(axis=1, keepdims=True)
-    jet_e = (energy * m).sum(axis=1, keepdims=True)
-    cols = [deta, dphi, np.log(pt), np.log(energy), np.log(pt / np.maximum(jet_pt, 1e-9)),
-            np.log(energy / np.maximum(jet_e, 1e-9)), np.hypot(deta, dphi)]
-    if preset == "kinpid":
-        apid = np.abs(np.where(mask, pid, 0)).astype(np.int64)
-        cols += [charge,
-                 np.isin(apid, list(_CHARGED_HADRONS)), np.isin(apid, list(_NEUTRAL_HADRONS)),
-                 apid == 22, apid == 11, apid == 13]
-    features = np.stack([np.asarray(c, dtype=np.float64) for c in cols], axis=-1) * m[..., None]
-    points = np.stack([deta, dphi], axis=-1) * m[..., None]
-    return points.astype(np.float32), features.astype(np.float32)
+    b, p = mask.shape
+    where = np.flatnonzero(mask.reshape(-1))
+    points_flat, feats_flat = flat_features(
+        np.asarray(kin).reshape(b * p, -1)[where], np.asarray(pid).reshape(-1)[where], where // p,
+        np.asarray(jet_y, np.float64), np.asarray(jet_phi, np.float64), preset)
+    features = np.zeros((b * p, feats_flat.shape[1]), np.float32)
+    points = np.zeros((b * p, 2), np.float32)
+    features[where], points[where] = feats_flat, points_flat
+    return points.reshape(b, p, 2), features.reshape(b, p, -1)

@@ -1,33 +1,45 @@
-"""Per-rank streaming loader: WebDataset shards -> model-ready batches, with exact mid-epoch positions.
+"""Per-rank streaming loader: WebDataset shards of jet chunks -> model-ready batches, with exact mid-epoch positions.
 
 How an epoch is laid out (all of it derived from ``seed``, ``epoch``, the manifest's shard sizes, the world size and
 the number of DataLoader workers, so every rank computes the same plan without talking to the others):
 
 1. The split's shards are shuffled with ``Random(seed, epoch)`` and dealt to ``world_size * num_workers`` *slots*
-   (largest first, each to the slot holding the fewest samples: balanced and disjoint). Rank ``r`` owns slots
+   (largest first, each to the slot holding the fewest jets: balanced and disjoint). Rank ``r`` owns slots
    ``r*W .. r*W+W-1``; its DataLoader worker ``w`` streams slot ``r*W+w``. When there are fewer shards than slots,
-   a shard is split into strided parts (part ``j`` of ``n`` keeps samples ``j, j+n, ...``).
-2. Each worker reads its shards with the stock ``webdataset`` library (our own node/worker split, so
-   ``nodesplitter=None``), passes raw samples through a seeded shuffle buffer, decodes and collates them.
-3. For training every worker yields the same number ``m`` of full batches (the smallest slot decides), so every
+   a shard is split into strided parts (part ``j`` of ``n`` keeps chunks ``j, j+n, ...``); the shard's chunk index
+   gives each part's jets.
+2. One tar sample is a chunk of jets (schema 2), and each shard ends with an index of its chunks' byte ranges and
+   jets (the manifest says where). In training a worker reads the indexes of its slot's shards, takes all their
+   chunks in one seeded random order (across shards and within them) and fetches each alone by its byte range
+   (``os.pread`` locally, one range request on object storage); it keeps a pool of at least ``shuffle_buffer``
+   jets from several chunks, each batch is ``batch_size`` jets drawn from the pool at random without replacement
+   (a seeded permutation of the pool), and the pool is refilled chunk by chunk.
+   Evaluation (no shuffling) streams the shards in order with the stock ``webdataset`` reader (our own node/worker
+   split, so ``nodesplitter=None``).
+3. Only the jets drawn are decoded and gathered, with vectorised ragged indexing (no per-jet Python loop): cloud
+   particles are stored hardest first, so trimming to ``max_particles`` is a prefix; features are computed on the
+   real particles of the whole batch at once and scattered into the padded (B, P, C) arrays.
+4. For training every worker yields the same number ``m`` of full batches (the smallest slot decides), so every
    rank runs exactly ``m * W`` steps: DDP needs equal step counts, and the DataLoader's round robin over workers
    makes batch ``i`` come from worker ``i % W`` -- which is what makes a position exact.
 
-A position is ``(epoch, step)``; resuming at step ``s`` makes worker ``w`` replay its raw sample stream through the
-same shuffle buffer and discard the first batches it had already delivered, without decoding them.
+A position is ``(epoch, step)``; resuming at step ``s`` makes worker ``w`` replay its chunk order and its pool
+draws (which need only each chunk's jet count, from the shard indexes) and discard the batches it had already
+delivered: chunks whose jets all went into skipped batches are never even read.
 
 Images travel sparse (flat pixel indices + values) and are densified where the batch lands (on the GPU when
-training there); clouds are sorted by pt, trimmed to ``max_particles`` and padded to the longest jet in the batch.
+training there); clouds are trimmed to ``max_particles`` and padded to the longest jet in the batch.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import itertools
-import json
 import os
 import random
-from collections.abc import Iterator
+import tarfile
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlparse
@@ -36,13 +48,15 @@ import fsspec
 import numpy as np
 import torch
 import webdataset as wds
-from webdataset.filters import _shuffle
 from webdataset.gopen import gopen_schemes
 
 from qgdist.data.config import DataConfig
-from qgdist.data.features import particle_features
+from qgdist.data.features import flat_features
 from qgdist.data.preprocessing import Preprocessing
 from qgdist.data.shards.manifest import Manifest, read_manifest
+from qgdist.data.shards.schema import INDEX_MEMBER, ImageChunk, JetChunk, chunk_jets, decode_chunk, load_npy
+
+_JET_BITS = 32  # a pool entry is (chunk sequence number << 32) | jet index within the chunk
 
 
 @dataclass
@@ -56,7 +70,7 @@ class LoaderConfig:
     world_size: int = 1
     num_workers: int = 0            # DataLoader worker processes (0: decode in the training process)
     seed: int = 0
-    shuffle_buffer: int = 2000      # samples; 0 disables shuffling (evaluation)
+    shuffle_buffer: int = 8192      # jets in the pool beyond one batch; 0 disables shuffling (evaluation)
     training: bool = True           # equal full batches on every rank; False: every sample once, last batch partial
     preset: str = "kin"             # cloud feature preset (qgdist.data.features.PRESETS)
     max_particles: int = 128
@@ -78,12 +92,15 @@ class LoaderConfig:
 
 @dataclass(frozen=True)
 class ShardPart:
-    """A piece of work: shard ``path``, part ``part`` of ``parts`` (strided), holding ``samples`` samples."""
+    """A piece of work: shard ``path``, part ``part`` of ``parts`` (strided by chunk), holding ``samples`` jets;
+    ``index`` is the byte range of the shard's chunk index member (from the manifest)."""
 
     path: str
     part: int
     parts: int
     samples: int
+    index: tuple[int, ...] = ()
+    sha256: str = ""
 
 
 def plan_epoch(manifest: Manifest, data: str, split: str, seed: int, epoch: int,
@@ -93,8 +110,16 @@ def plan_epoch(manifest: Manifest, data: str, split: str, seed: int, epoch: int,
     if not shards:
         raise ValueError(f"{data}: manifest lists no {split!r} shards")
     parts = -(-slots // len(shards))  # ceil: split shards only when there are fewer than slots
-    units = [ShardPart(os.path.join(data, s.name), j, parts, (s.samples - j + parts - 1) // parts)
-             for s in shards for j in range(parts)]
+    if parts == 1:
+        units = [ShardPart(os.path.join(data, s.name), 0, 1, s.samples, tuple(s.index), s.sha256) for s in shards]
+    else:  # few shards: their chunk indexes tell each part's jets
+        units = []
+        for s in shards:
+            path = os.path.join(data, s.name)
+            jets = chunk_index(path, tuple(s.index), s.sha256)[:, 2]
+            units += [ShardPart(path, j, parts, int(jets[j::parts].sum()), tuple(s.index), s.sha256)
+                      for j in range(parts)]
+    units = [u for u in units if u.samples > 0]
     rng = random.Random(f"{seed}-{epoch}")
     rng.shuffle(units)
     units.sort(key=lambda u: -u.samples)  # stable: equal sizes keep their shuffled order
@@ -124,28 +149,153 @@ def _register_url_scheme(path: str) -> None:
         gopen_schemes[scheme] = _fsspec_gopen
 
 
+def _part_chunks(unit: ShardPart) -> Iterator[dict[str, Any]]:
+    """Raw (undecoded) chunks of one shard part, in order, read with the stock webdataset pipeline."""
+    _register_url_scheme(unit.path)   # here, in the DataLoader worker process that opens the shard
+    ds = wds.WebDataset(unit.path, shardshuffle=False, nodesplitter=None, workersplitter=None, empty_check=False)
+    yield from itertools.islice(iter(ds), unit.part, None, unit.parts)
+
+
 def _raw_samples(units: list[ShardPart]) -> Iterator[dict[str, Any]]:
-    """Raw (undecoded) samples of ``units`` in order, read with the stock webdataset pipeline."""
+    """Raw (undecoded) chunks of ``units``, one part after another."""
     for unit in units:
-        _register_url_scheme(unit.path)   # here, in the DataLoader worker process that opens the shard
-        ds = wds.WebDataset(unit.path, shardshuffle=False, nodesplitter=None, workersplitter=None, empty_check=False)
-        yield from itertools.islice(iter(ds), unit.part, None, unit.parts)
+        yield from _part_chunks(unit)
 
 
 def read_shard(path: str) -> Iterator[dict[str, Any]]:
-    """Every raw (undecoded) sample of one shard file, in order: what ``Collate`` takes."""
+    """Every raw (undecoded) chunk of one shard file, in order: what ``Collate`` takes."""
     return _raw_samples([ShardPart(path, 0, 1, 0)])
 
 
-def _npy(raw: bytes) -> np.ndarray:
-    return np.load(io.BytesIO(raw), allow_pickle=False)
+def _members(data: bytes, url: str) -> dict[str, Any]:
+    """The members of a byte range holding whole tar members, grouped as the stock reader groups them."""
+    out: dict[str, Any] = {"__url__": url}
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+        for info in tar:
+            key, _, ext = info.name.rpartition("/")[2].partition(".")
+            out["__key__"] = key
+            out[ext] = tar.extractfile(info).read()  # type: ignore[union-attr]
+    return out
+
+
+class ChunkRef:
+    """One chunk of a shard, fetched alone by its byte range (``read`` parses its tar members) when first needed."""
+
+    __slots__ = ("path", "start", "end", "jets")
+
+    def __init__(self, path: str, start: int, end: int, jets: int):
+        self.path, self.start, self.end, self.jets = path, start, end, jets
+
+    def read(self) -> dict[str, Any]:
+        """The chunk's members, as the stock reader groups them (``__key__``, ``__url__``, ``ext -> bytes``)."""
+        return _members(_read_range(self.path, self.start, self.end), self.path)
+
+
+_INDEXES: dict[tuple[str, str], np.ndarray] = {}  # (shard, its sha256) -> its chunk index, per process
+
+
+def _read_range(path: str, start: int, end: int) -> bytes:
+    if "://" not in path or path.startswith("file://"):
+        fd = os.open(path[len("file://"):] if path.startswith("file://") else path, os.O_RDONLY)
+        try:
+            return os.pread(fd, end - start, start)
+        finally:
+            os.close(fd)
+    fs, p = fsspec.core.url_to_fs(path)
+    return fs.cat_file(p, start=start, end=end)   # one range request on object storage
+
+
+def chunk_index(path: str, where: tuple[int, ...], sha256: str = "") -> np.ndarray:
+    """A shard's (chunks, 3) index of (first byte, end byte, jets), read from its byte range (cached per process
+    by the shard's sha256, so a re-converted shard is read afresh)."""
+    if len(where) != 2:
+        raise ValueError(f"{path}: the manifest gives no chunk index for it: re-run `qgdist convert`")
+    key = (path, sha256 or repr(where))
+    if key not in _INDEXES:
+        if len(_INDEXES) >= 4096:
+            _INDEXES.pop(next(iter(_INDEXES)))
+        _INDEXES[key] = load_npy(_members(_read_range(path, *where), path)[INDEX_MEMBER])
+    return _INDEXES[key]
+
+
+def _shuffled_chunks(units: list[ShardPart], rng: np.random.Generator) -> Iterator[ChunkRef]:
+    """Every chunk of ``units`` in one seeded random order across all of them (shard order and chunk order)."""
+    refs = [ChunkRef(u.path, int(a), int(b), int(k))
+            for u in units for a, b, k in chunk_index(u.path, u.index, u.sha256)[u.part::u.parts].tolist()]
+    for i in rng.permutation(len(refs)).tolist():
+        yield refs[i]
+
+
+def _seed(tag: str) -> int:
+    return int.from_bytes(hashlib.blake2b(tag.encode(), digest_size=8).digest(), "little")
+
+
+class _Entry:
+    """A chunk in the pool: its raw members until first needed, then the decoded columns."""
+
+    __slots__ = ("raw", "decoded")
+
+    def __init__(self, raw: Any):
+        self.raw, self.decoded = raw, None
+
+    def chunk(self) -> JetChunk:
+        if self.decoded is None:
+            raw = self.raw.read() if isinstance(self.raw, ChunkRef) else self.raw
+            self.decoded, self.raw = decode_chunk(raw), None
+        return self.decoded
+
+
+def _draws(stream: Iterator[Any], batch_size: int, buffer: int,
+           rng: np.random.Generator | None) -> Iterator[tuple[np.ndarray, dict[int, _Entry]]]:
+    """Batches of jet ids ``(chunk << 32) | jet`` with the pool's chunks, from a stream of raw chunks.
+
+    With ``rng`` the pool keeps at least ``buffer + batch_size`` jets (while the stream lasts) and each batch is
+    ``batch_size`` jets drawn at random without replacement; without it, jets come in stream order. Only each
+    chunk's jet count is read here, so replaying draws (a resume) decodes nothing. The last batch may be short.
+    """
+    entries: dict[int, _Entry] = {}
+    left: dict[int, int] = {}
+    ids = np.zeros(0, np.int64)
+    target = buffer + batch_size if rng is not None else batch_size
+    seq, exhausted = 0, False
+    while True:
+        added = []
+        while not exhausted and len(ids) + sum(len(a) for a in added) < target:
+            raw = next(stream, None)
+            if raw is None:
+                exhausted = True
+                break
+            k = raw.jets if isinstance(raw, ChunkRef) else chunk_jets(raw)
+            if k == 0:
+                continue
+            entries[seq], left[seq] = _Entry(raw), k
+            added.append((seq << _JET_BITS) | np.arange(k, dtype=np.int64))
+            seq += 1
+        if added:
+            ids = np.concatenate([ids, *added])
+        if not len(ids):
+            return
+        if rng is not None:
+            ids = ids[rng.permutation(len(ids))]
+        take, ids = ids[:batch_size], ids[batch_size:]
+        yield take, entries
+        chunks, counts = np.unique(take >> _JET_BITS, return_counts=True)
+        for c, k in zip(chunks.tolist(), counts.tolist()):
+            left[c] -= k
+            if not left[c]:
+                del left[c], entries[c]
 
 
 class Collate:
-    """Turns lists of raw samples (tar members) into batches of tensors, standardised with ``pre``'s statistics.
+    """Turns chunks of jets into batches of tensors, standardised with ``pre``'s statistics.
 
-    Runs inside DataLoader workers, and in ``qgdist predict``'s scoring actors on samples read straight from the
-    source files, so shards and raw files go through exactly the same preprocessing.
+    Runs inside DataLoader workers, and in ``qgdist predict``'s scoring actors on chunks read straight from the
+    source files, so shards and raw files go through exactly the same preprocessing. Chunks may be given raw
+    (tar-member dicts, as ``read_shard`` yields them) or decoded (``JetChunk``, as the source readers make them).
+
+    * ``collate(chunks)``: one batch of every jet of ``chunks``, in order;
+    * ``collate.batches(chunks, size)``: consecutive batches of ``size`` jets (the last may be short);
+    * ``collate.take(chunks, which, jet)``: the jets ``chunks[which[i]]`` row ``jet[i]``, in that order.
     """
 
     def __init__(self, pre: Preprocessing):
@@ -155,45 +305,59 @@ class Collate:
         self.feat_mean = np.array(pre.feature_mean, np.float32)
         self.feat_std = np.array(pre.feature_std, np.float32)
 
-    def __call__(self, raws: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        metas = [json.loads(r["meta.json"]) for r in raws]
-        label = torch.tensor([float(m["is_quark"]) for m in metas], dtype=torch.float32)
-        jet = np.array([[np.log(max(m["pt"], 1e-9)), m["mass"]] for m in metas], np.float32)
-        batch = {"label": label, "jet": torch.from_numpy((jet - self.jet_mean) / self.jet_std),
-                 "key": [r["__key__"] for r in raws], "file": [m.get("file", "") for m in metas],
-                 "row": torch.tensor([int(m.get("row", -1)) for m in metas], dtype=torch.int64)}
-        return batch | (self._images(raws, metas) if self.kind == "image" else self._clouds(raws, metas))
+    def __call__(self, chunks: Iterable[Any]) -> dict[str, Any]:
+        decoded = [decode_chunk(c) for c in chunks]
+        return self.take(decoded, np.repeat(np.arange(len(decoded)), [len(c) for c in decoded]),
+                         np.concatenate([np.arange(len(c)) for c in decoded]) if decoded else np.zeros(0, np.int64))
 
-    def _images(self, raws: list[dict[str, Any]], metas: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        shape = tuple(metas[0]["image_shape"])
-        size = int(np.prod(shape))
-        pix, val = [], []
-        for b, (raw, meta) in enumerate(zip(raws, metas)):
-            if tuple(meta["image_shape"]) != shape:
-                raise ValueError(f"sample {raw.get('__key__')} in {raw.get('__url__')}: image_shape "
-                                 f"{meta['image_shape']} differs from {list(shape)} in the same batch")
-            pix.append(_npy(raw["pix.npy"]).astype(np.int64) + b * size)
-            val.append(_npy(raw["val.npy"]).astype(np.float32))
-        return {"pix": torch.from_numpy(np.concatenate(pix)), "val": torch.from_numpy(np.concatenate(val)),
-                "image_shape": torch.tensor(shape)}
+    def batches(self, chunks: Iterable[Any], size: int) -> Iterator[dict[str, Any]]:
+        for take, entries in _draws(iter(chunks), size, 0, None):
+            yield self.gather(take, entries)
 
-    def _clouds(self, raws: list[dict[str, Any]], metas: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        jets = []
-        for raw in raws:
-            kin, pid = _npy(raw["kin.npy"]).astype(np.float32), _npy(raw["pid.npy"])
-            order = np.argsort(-kin[:, 0], kind="stable")[: self.max_particles]  # keep the hardest particles
-            jets.append((kin[order], pid[order]))
-        n_max = max(1, max(len(k) for k, _ in jets))
-        kin = np.zeros((len(jets), n_max, 3), np.float32)
-        pid = np.zeros((len(jets), n_max), np.int64)
-        mask = np.zeros((len(jets), n_max), bool)
-        for b, (k, p) in enumerate(jets):
-            kin[b, : len(k)], pid[b, : len(k)], mask[b, : len(k)] = k, p, True
-        jet_y = np.array([m["jet_y"] for m in metas], np.float64)
-        jet_phi = np.array([m["jet_phi"] for m in metas], np.float64)
-        points, features = particle_features(kin, pid, mask, jet_y, jet_phi, self.preset)
-        features = (features - self.feat_mean) / self.feat_std * mask[..., None]
-        return {"points": torch.from_numpy(points), "features": torch.from_numpy(features.astype(np.float32)),
+    def gather(self, take: np.ndarray, entries: dict[int, _Entry]) -> dict[str, Any]:
+        """The batch of pool ids ``take`` (see ``_draws``)."""
+        seqs, which = np.unique(take >> _JET_BITS, return_inverse=True)
+        return self.take([entries[s].chunk() for s in seqs.tolist()], which, take & ((1 << _JET_BITS) - 1))
+
+    def take(self, chunks: list[JetChunk], which: np.ndarray, jet: np.ndarray) -> dict[str, Any]:
+        if not chunks:
+            raise ValueError("no jets to collate")
+        for c in chunks:
+            if c.kind != self.kind:
+                raise ValueError(f"{c.file}: {c.kind} jets given to a {self.kind} model's collate")
+        if self.kind == "image":
+            shapes = {c.image_shape for c in chunks}  # type: ignore[attr-defined]
+            if len(shapes) > 1:
+                raise ValueError(f"image shapes {sorted(shapes)} differ within one batch ({chunks[0].file})")
+        sel = type(chunks[0]).gather(chunks, which, jet, self.max_particles if self.kind == "cloud" else None)
+        jets = sel.jets
+        jet_in = np.stack([np.log(np.maximum(jets["pt"], 1e-9)), jets["mass"]], axis=1).astype(np.float32)
+        batch = {"label": torch.from_numpy(jets["is_quark"].astype(np.float32)),
+                 "jet": torch.from_numpy((jet_in - self.jet_mean) / self.jet_std),
+                 "file": sel.files(), "row": torch.from_numpy(jets["row"].astype(np.int64))}
+        return batch | (self._images(sel) if isinstance(sel, ImageChunk) else self._clouds(sel))
+
+    def _images(self, sel: ImageChunk) -> dict[str, torch.Tensor]:
+        size = int(np.prod(sel.image_shape))
+        pix = sel.pix.astype(np.int64) + np.repeat(np.arange(len(sel), dtype=np.int64) * size, sel.jets["n"])
+        return {"pix": torch.from_numpy(pix), "val": torch.from_numpy(sel.val.astype(np.float32)),
+                "image_shape": torch.tensor([int(v) for v in sel.image_shape], dtype=torch.int64)}
+
+    def _clouds(self, sel: JetChunk) -> dict[str, torch.Tensor]:
+        jets = sel.jets
+        n = jets["n"].astype(np.int64)
+        b, width = len(jets), max(1, int(n.max()) if len(jets) else 1)
+        jet = np.repeat(np.arange(b, dtype=np.int64), n)
+        points_real, feats_real = flat_features(
+            sel.kin, sel.pid, jet, jets["jet_y"], jets["jet_phi"], self.preset, dtype=np.float32)  # type: ignore[attr-defined]
+        feats_real -= self.feat_mean
+        feats_real /= self.feat_std
+        # Particles are stored jet by jet, so a row-major boolean mask of the padded slots takes them in order.
+        mask = np.arange(width)[None, :] < n[:, None]
+        features = np.zeros((b, width, feats_real.shape[1]), np.float32)
+        points = np.zeros((b, width, 2), np.float32)
+        features[mask], points[mask] = feats_real, points_real
+        return {"points": torch.from_numpy(points), "features": torch.from_numpy(features),
                 "mask": torch.from_numpy(mask)}
 
 
@@ -205,38 +369,95 @@ class _EpochDataset(torch.utils.data.IterableDataset):
         self.cfg, self.plan, self.batches_per_worker = cfg, plan, batches_per_worker
         self.skip, self.first, self.collate, self.epoch = skip, first, collate, epoch
 
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+    def __iter__(self) -> Iterator[dict[str, Any]]:
         info = torch.utils.data.get_worker_info()
         workers = max(1, self.cfg.num_workers)
         # The DataLoader always starts its round robin at its worker 0; a resumed epoch must start at logical
         # worker ``first`` (the one whose batch is next), so DataLoader worker d plays logical worker first + d.
         w = ((info.id if info is not None else 0) + self.first) % workers
-        stream: Iterator[dict[str, Any]] = _raw_samples(self.plan[self.cfg.rank * workers + w])
+        units = self.plan[self.cfg.rank * workers + w]
+        rng = None
         if self.cfg.shuffle_buffer > 0:
-            seed = f"{self.cfg.seed}-{self.epoch}-{self.cfg.rank}-{w}"
-            stream = _shuffle(stream, bufsize=self.cfg.shuffle_buffer, initial=self.cfg.shuffle_buffer, seed=seed)
-        bs = self.cfg.batch_size
-        # Resume: the skipped batches are read and shuffled exactly as before, but never decoded.
-        for _ in itertools.islice(stream, self.skip[w] * bs):
-            pass
-        for _ in range(self.skip[w], self.batches_per_worker if self.batches_per_worker is not None else 1 << 62):
-            raws = list(itertools.islice(stream, bs))
-            if not raws or (self.batches_per_worker is not None and len(raws) < bs):
+            rng = np.random.default_rng(_seed(f"{self.cfg.seed}-{self.epoch}-{self.cfg.rank}-{w}"))
+            stream: Iterator[Any] = _shuffled_chunks(units, rng)
+        else:
+            stream = _raw_samples(units)
+        bs, limit = self.cfg.batch_size, self.batches_per_worker
+        for i, (take, entries) in enumerate(_draws(stream, bs, self.cfg.shuffle_buffer, rng)):
+            if limit is not None and (i >= limit or len(take) < bs):
                 return
-            yield self.collate(raws)
+            if i >= self.skip[w]:  # resume: the skipped batches are drawn exactly as before, but never decoded
+                yield self.collate.gather(take, entries)
 
 
-def to_device(batch: dict[str, torch.Tensor], device: torch.device | str) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """Move a collated batch to ``device`` and build the model inputs (``logits = model(**inputs)``)."""
+def _as_is(batch: dict[str, Any]) -> dict[str, Any]:
+    """The DataLoader's collate: batches are built already (its default would walk the per-jet ``file`` array)."""
+    return batch
+
+
+class DenseImages:
+    """Dense CPU image buffers, re-used once nothing outside holds them any more.
+
+    A fresh 96 MB batch (512 images of 3x125x125) costs a page fault per 4 KB page and the kernel's zeroing of all
+    of it; a buffer handed out before is re-used instead when no tensor other than ours references its storage
+    (torch's storage use count), after zeroing only the pixels its last batch set -- or all of it if anyone wrote
+    to it in place since (the tensor version counter moved). Buffers still held by the caller are never touched:
+    a new one is made. At most ``keep`` buffers are kept.
+    """
+
+    def __init__(self, keep: int = 3):
+        self.keep = keep
+        self._pool: list[list[Any]] = []   # [flat buffer, indices its last batch set, its version after our writes]
+        self._count = getattr(torch._C, "_storage_Use_Count", None)
+
+    def _free(self, buf: torch.Tensor) -> bool:
+        # our buffer plus the temporary storage object made to ask: 2 means nobody else holds it
+        return self._count is not None and self._count(buf.untyped_storage()._cdata) <= 2
+
+    def make(self, size: int, pix: torch.Tensor, val: torch.Tensor) -> torch.Tensor:
+        for entry in self._pool:
+            buf, last, version = entry
+            if buf.numel() == size and self._free(buf):
+                if buf._version == version:
+                    buf[last] = 0.0
+                else:
+                    buf.zero_()
+                buf[pix] = val
+                entry[1], entry[2] = pix, buf._version
+                return buf.view(-1)
+        buf = torch.from_numpy(np.zeros(size, np.float32))
+        buf[pix] = val
+        if len(self._pool) < self.keep and self._count is not None:
+            self._pool.append([buf, pix, buf._version])
+        return buf.view(-1)
+
+
+def to_device(batch: dict[str, Any], device: torch.device | str,
+              dense: DenseImages | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Move a collated batch to ``device`` and build the model inputs (``logits = model(**inputs)``).
+
+    Images are densified here: on a GPU into a fresh tensor (the caching allocator makes that cheap); on the CPU
+    into one of ``dense``'s re-used buffers when given, else into fresh zero pages (numpy's calloc, which the kernel
+    zeroes on first touch, instead of torch.zeros writing all 96 MB of a 512-image batch).
+    """
     device = torch.device(device)
     non_blocking = device.type == "cuda"
     label = batch["label"].to(device, non_blocking=non_blocking)
     jet = batch["jet"].to(device, non_blocking=non_blocking)
     if "pix" in batch:
         shape = [int(s) for s in batch["image_shape"]]
-        dense = torch.zeros(len(label) * int(np.prod(shape)), dtype=torch.float32, device=device)
-        dense[batch["pix"].to(device, non_blocking=non_blocking)] = batch["val"].to(device, non_blocking=non_blocking)
-        return {"image": dense.view(len(label), *shape), "jet": jet}, label
+        size = len(label) * int(np.prod(shape))
+        pix = batch["pix"].to(device, non_blocking=non_blocking)
+        val = batch["val"].to(device, non_blocking=non_blocking)
+        if device.type != "cpu":
+            flat = torch.zeros(size, dtype=torch.float32, device=device)
+            flat[pix] = val
+        elif dense is not None:
+            flat = dense.make(size, pix, val)
+        else:
+            flat = torch.from_numpy(np.zeros(size, np.float32))
+            flat[pix] = val
+        return {"image": flat.view(len(label), *shape), "jet": jet}, label
     inputs = {k: batch[k].to(device, non_blocking=non_blocking) for k in ("points", "features", "mask")}
     return inputs, label
 
@@ -259,6 +480,7 @@ class ShardLoader:
         self.collate = Collate(self.preprocessing)
         self.workers = max(1, cfg.num_workers)
         self.position = {"epoch": 0, "step": 0}
+        self._dense = DenseImages()
 
     @property
     def in_features(self) -> int:
@@ -289,10 +511,10 @@ class ShardLoader:
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
         """Batches ``(inputs, label)`` of ``epoch`` from step ``start_step`` on, on ``cfg.device``."""
         for batch in self.collated(epoch, start_step):
-            yield to_device(batch, self.cfg.device)
+            yield to_device(batch, self.cfg.device, self._dense)
 
     def collated(self, epoch: int, start_step: int = 0) -> Iterator[dict[str, Any]]:
-        """The collated CPU batches (sparse images; sample ``key``, source ``file`` and ``row`` included)."""
+        """The collated CPU batches (sparse images; each jet's source ``file`` and ``row`` included)."""
         plan = self._plan(epoch)
         per_worker = self._batches_per_worker(plan)
         w = self.workers
@@ -306,7 +528,8 @@ class ShardLoader:
         # Our own generator: creating a DataLoader iterator draws a seed from it, which must not shift the global
         # torch RNG (dropout) differently in a resumed epoch than in an uninterrupted one.
         generator = torch.Generator().manual_seed(self.cfg.seed)
-        loader = torch.utils.data.DataLoader(dataset, batch_size=None, generator=generator, **kwargs)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=None, generator=generator, collate_fn=_as_is,
+                                             **kwargs)
         self.position = {"epoch": epoch, "step": start_step}
         for batch in loader:
             self.position = {"epoch": epoch, "step": self.position["step"] + 1}

@@ -22,6 +22,15 @@ from qgdist.data.shards.manifest import Manifest
 JET_FEATURES = ("log_pt", "mass")
 
 
+#: Shard schema versions whose jets, statistics and features are the same (only the tar layout differs): schema 2
+#: stores schema 1's per-jet content as chunks of columns, so a model trained on either scores the other.
+_SAME_CONTENT = {1: 1, 2: 1}
+
+
+def _content(version: int) -> int:
+    return _SAME_CONTENT.get(version, version)
+
+
 class PreprocessingMismatch(ValueError):
     """A dataset that a model's preprocessing cannot be applied to (other kind, source or schema)."""
 
@@ -79,7 +88,8 @@ class Preprocessing:
         """Refuse a dataset this preprocessing does not apply to, naming both sides."""
         problems = [f"{name}: model {mine!r}, data {theirs!r}" for name, mine, theirs in (
             ("kind", self.kind, manifest.kind), ("source", self.source, manifest.source),
-            ("schema_version", self.schema_version, manifest.schema_version)) if mine != theirs]
+            ("schema_version", self.schema_version, manifest.schema_version))
+            if (_content(mine) != _content(theirs) if name == "schema_version" else mine != theirs)]
         if problems:
             raise PreprocessingMismatch(
                 f"{where} does not fit the model (trained on {self.trained_on or 'another dataset'}): "

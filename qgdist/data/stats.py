@@ -10,8 +10,8 @@ from typing import Any
 
 import numpy as np
 
-from qgdist.data.features import CONTINUOUS, KIN_FEATURES, particle_features
-from qgdist.data.shards.schema import CloudSample, ImageSample, Sample
+from qgdist.data.features import CONTINUOUS, KIN_FEATURES, feature_columns
+from qgdist.data.shards.schema import ImageChunk, JetChunk
 
 
 def _moments(values: np.ndarray, axis: Any = None) -> list:
@@ -39,39 +39,34 @@ class StatSums:
             self.sums[name] = [old[0] + count] + [(np.asarray(a) + np.asarray(b)).tolist()
                                                   for a, b in zip(old[1:], moments)]
 
-    def add(self, samples: list[Sample]) -> None:
-        """Add the statistics of some (train-split) samples."""
-        if not samples:
+    def add(self, block: JetChunk) -> None:
+        """Add the statistics of some (train-split) jets, all at once."""
+        if not len(block):
             return
-        self._add("log_pt", len(samples), _moments(np.log([s.meta["pt"] for s in samples])))
-        self._add("mass", len(samples), _moments([s.meta["mass"] for s in samples]))
-        if isinstance(samples[0], ImageSample):
-            self._add_images(samples)  # type: ignore[arg-type]
+        jets = block.jets
+        self._add("log_pt", len(block), _moments(np.log(jets["pt"])))
+        self._add("mass", len(block), _moments(jets["mass"]))
+        if isinstance(block, ImageChunk):
+            self._add_images(block)
         else:
-            self._add_clouds(samples)  # type: ignore[arg-type]
+            self._add_clouds(block)
 
-    def _add_images(self, samples: list[ImageSample]) -> None:
-        c, h, w = samples[0].shape
-        s, ss = np.zeros(c), np.zeros(c)
-        for sample in samples:  # zeros add nothing to the sums, so the sparse values are enough
-            channel = sample.pix.astype(np.int64) // (h * w)
-            v = sample.val.astype(np.float64)
-            s += np.bincount(channel, v, minlength=c)
-            ss += np.bincount(channel, v * v, minlength=c)
-        self._add("channel", len(samples) * h * w, [s.tolist(), ss.tolist()])
+    def _add_images(self, block: ImageChunk) -> None:
+        c, h, w = block.image_shape
+        channel = block.pix.astype(np.int64) // (h * w)   # zeros add nothing to the sums: the sparse values suffice
+        v = block.val.astype(np.float64)
+        s = np.bincount(channel, v, minlength=c)
+        ss = np.bincount(channel, v * v, minlength=c)
+        self._add("channel", len(block) * h * w, [s.tolist(), ss.tolist()])
 
-    def _add_clouds(self, samples: list[CloudSample]) -> None:
-        p = max(len(s.kin) for s in samples)
-        kin = np.zeros((len(samples), p, 3))
-        pid = np.zeros((len(samples), p), dtype=np.int64)
-        mask = np.zeros((len(samples), p), dtype=bool)
-        for i, s in enumerate(samples):
-            kin[i, : len(s.kin)], pid[i, : len(s.pid)], mask[i, : len(s.kin)] = s.kin, s.pid, True
-        jet_y = np.array([s.meta["jet_y"] for s in samples])
-        jet_phi = np.array([s.meta["jet_phi"] for s in samples])
-        _, feats = particle_features(kin, pid, mask, jet_y, jet_phi, "kin")
-        real = feats[mask][:, :CONTINUOUS]
-        self._add("particle", len(real), _moments(real, axis=0))
+    def _add_clouds(self, block: JetChunk) -> None:
+        jets = block.jets
+        jet = np.repeat(np.arange(len(block), dtype=np.int64), jets["n"])
+        # float32 features, as the loader computes them; sums in float64
+        kin, pid = block.kin, block.pid  # type: ignore[attr-defined]
+        cols = feature_columns(kin, pid, jet, jets["jet_y"], jets["jet_phi"], "kin", np.float32)[:CONTINUOUS]
+        wide = [c.astype(np.float64) for c in cols]
+        self._add("particle", len(jet), [[float(c.sum()) for c in wide], [float((c * c).sum()) for c in wide]])
 
     def merge(self, other: "StatSums") -> None:
         for name, (count, *moments) in other.sums.items():

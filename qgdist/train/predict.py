@@ -5,9 +5,10 @@ the same readers as ``qgdist convert``, so nothing needs converting first. The d
 file, or a row range of a source file, as ``convert`` plans them) and never reads jets itself;
 ``ray.data.from_items(units).map_batches(Scorer, concurrency=N)`` hands each unit to one of N scoring actors.
 An actor holds the model (on its GPU when the cluster has GPUs), reads its unit's jets, turns them into inputs
-with the *checkpoint's* preprocessing (``qgdist.data.preprocessing``) through the loader's own ``Collate``,
-scores them in batches and writes ``part-<unit>.parquet`` atomically; only a small record travels back. Memory
-per actor is one unit plus one batch, whatever the dataset's size.
+with the *checkpoint's* preprocessing (``qgdist.data.preprocessing``) through the loader's own ``Collate`` (shard
+chunks and blocks decoded from source rows alike), scores them in batches and writes ``part-<unit>.parquet``
+atomically; only a small record travels back. Memory per actor is one unit plus one batch, whatever the dataset's
+size.
 
 Output directory::
 
@@ -153,10 +154,9 @@ class Scorer:
         files: list[str] = []
         rows: list[int] = []
         labels, logits = [], []
-        for raws in _batches(self._samples(unit, rejected, counts), self.batch_size):
+        for collated in self.collate.batches(self._samples(unit, rejected, counts), self.batch_size):
             if rejected and self.on_bad_row == "error":
                 return {"index": unit["index"], "error": rejected[0]}
-            collated = self.collate(raws)
             inputs, label = to_device(collated, self.device)
             with torch.no_grad():
                 logits.append(self.model(**inputs).float())
@@ -177,8 +177,9 @@ class Scorer:
         return {"index": unit["index"], "jets": len(rows), "rows_in": counts["rows_in"] or len(rows),
                 "rejected": rejected, "part": name}
 
-    def _samples(self, unit: dict[str, Any], rejected: list, counts: dict[str, int]) -> Iterator[dict[str, Any]]:
-        """Raw samples (tar-member dicts) of a shard, or encoded on the fly from a source file's rows."""
+    def _samples(self, unit: dict[str, Any], rejected: list, counts: dict[str, int]) -> Iterator[Any]:
+        """Chunks of jets: raw (tar-member dicts) from a shard, or decoded blocks read from a source file's rows by
+        the same readers as ``qgdist convert`` (what it would write); ``Collate`` takes both."""
         if unit["type"] == "shard":
             from qgdist.data.loader import read_shard
 
@@ -186,30 +187,17 @@ class Scorer:
             return
         from qgdist.data.convert import READERS
         from qgdist.data.labels import LabelConvention
-        from qgdist.data.shards.schema import encode_sample, sample_key
-        from qgdist.data.sources.base import Unit, file_name
+        from qgdist.data.sources.base import Unit
 
         source = unit["type"]
         u = Unit(**{**unit["unit"], "row_groups": tuple(unit["unit"]["row_groups"])})
         labels = (LabelConvention.default(source) if self.label_quark_value is None
                   else LabelConvention(source, self.label_quark_value))
-        name = file_name(u.path)
         for chunk in READERS[source].read(u, labels, "float32"):
-            counts["rows_in"] += len(chunk.rows) + len(chunk.rejected)
+            counts["rows_in"] += len(chunk) + len(chunk.rejected)
             rejected += [r.to_dict() for r in chunk.rejected]
-            for row, sample in zip(chunk.rows, chunk.samples):
-                yield encode_sample(sample_key(name, row), sample)
-
-
-def _batches(items: Iterator[dict[str, Any]], size: int) -> Iterator[list[dict[str, Any]]]:
-    batch: list[dict[str, Any]] = []
-    for item in items:
-        batch.append(item)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
+            if len(chunk):
+                yield chunk.block
 
 
 # -- the driver -----------------------------------------------------------------------------------------------------

@@ -45,7 +45,7 @@ def raw_manifests() -> list[tuple[str, dict]]:
     """Each resource file as written (kustomization files and component patches excluded)."""
     docs = []
     for path in sorted(K8S.rglob("*.yaml")):
-        if path.name == "kustomization.yaml" or "components" in path.parts:
+        if path.name == "kustomization.yaml" or "components" in path.parts or path.name.startswith("."):
             continue
         docs += [(str(path.relative_to(REPO)), doc) for doc in m.load_documents(path)]
     return docs

@@ -10,7 +10,7 @@ import torch
 import webdataset as wds
 
 from qgdist.data.loader import LoaderConfig, ShardLoader, plan_epoch
-from qgdist.data.shards.schema import decode_sample
+from qgdist.data.shards.schema import decode_chunk
 from tests.trainkit import write_dataset
 
 
@@ -25,8 +25,9 @@ def image_dir(tmp_path_factory):
     return write_dataset(str(tmp_path_factory.mktemp("image")), "image", {"train": [24, 24, 20], "val": [9, 7]})
 
 
-def _keys(loader: ShardLoader, epoch: int, start: int = 0) -> list[list[str]]:
-    return [b["key"] for b in loader.collated(epoch, start)]
+def _keys(loader: ShardLoader, epoch: int, start: int = 0) -> list[list[tuple[str, int]]]:
+    """Each batch's jets as (source file, row)."""
+    return [list(zip(b["file"], b["row"].tolist())) for b in loader.collated(epoch, start)]
 
 
 def test_ranks_are_disjoint_balanced_and_run_equal_steps(cloud_dir):
@@ -83,8 +84,9 @@ def test_evaluation_reads_every_sample_once(cloud_dir):
     assert sorted(keys) == sorted(k for i in range(2) for k in _keys_of_shard(f"{cloud_dir}/val-{i:06d}.tar"))
 
 
-def _keys_of_shard(path: str) -> list[str]:
-    return [s["__key__"] for s in wds.WebDataset(path, shardshuffle=False, nodesplitter=None, empty_check=False)]
+def _keys_of_shard(path: str) -> list[tuple[str, int]]:
+    chunks = [decode_chunk(s) for s in wds.WebDataset(path, shardshuffle=False, nodesplitter=None, empty_check=False)]
+    return [(c.file, int(r)) for c in chunks for r in c.jets["row"]]
 
 
 def test_cloud_batch_contract(cloud_dir):
@@ -106,14 +108,13 @@ def test_image_batch_is_densified_exactly(image_dir):
     batch = next(iter(loader.collated(0)))
     inputs, label = loader.epoch(0).__next__()
     assert inputs["image"].shape == (5, 3, 16, 16) and inputs["jet"].shape == (5, 2)
-    stored = {s["__key__"]: decode_sample(s) for s in wds.WebDataset(
-        f"{image_dir}/val-000000.tar", shardshuffle=False, nodesplitter=None, empty_check=False)}
-    stored |= {s["__key__"]: decode_sample(s) for s in wds.WebDataset(
-        f"{image_dir}/val-000001.tar", shardshuffle=False, nodesplitter=None, empty_check=False)}
-    for i, key in enumerate(batch["key"]):
+    stored = {}
+    for shard in ("val-000000.tar", "val-000001.tar"):
+        for s in wds.WebDataset(f"{image_dir}/{shard}", shardshuffle=False, nodesplitter=None, empty_check=False):
+            stored |= {(j.meta["file"], j.meta["row"]): j for j in decode_chunk(s).samples()}
+    for i, key in enumerate(zip(batch["file"], batch["row"].tolist())):
         np.testing.assert_array_equal(inputs["image"][i].numpy(), stored[key].dense())
         assert label[i] == stored[key].meta["is_quark"]
-        assert (batch["file"][i], int(batch["row"][i])) == (stored[key].meta["file"], stored[key].meta["row"])
 
 
 def test_too_small_split_is_a_clear_error(image_dir):
@@ -133,3 +134,41 @@ def test_shards_at_an_fsspec_url_read_like_local_ones(cloud_dir):
     local = _keys(ShardLoader(LoaderConfig(cloud_dir, **cfg)), 1)
     remote = _keys(ShardLoader(LoaderConfig("memory://loader-test", **cfg)), 1)
     assert remote == local and len(local) > 0
+
+
+def test_training_batches_mix_shards_and_resume_reads_no_skipped_chunk(cloud_dir, monkeypatch):
+    """Chunks come in one random order across the slot's shards, so a batch mixes several shards; a resume replays
+    the draws from the manifest's jet counts and fetches only chunks that still have jets to deliver."""
+    import qgdist.data.loader as loader_module
+
+    cfg = LoaderConfig(cloud_dir, batch_size=16, seed=5, shuffle_buffer=30)
+    loader = ShardLoader(cfg)
+    first = next(iter(loader.collated(0)))
+    bounds = np.cumsum([40, 37, 45, 30, 41])          # trainkit numbers rows shard after shard
+    shards = {int(np.searchsorted(bounds, r, side="right")) for r in first["row"].tolist()}
+    assert len(shards) >= 3, shards
+    full = _keys(ShardLoader(cfg), 0)
+    reads = []
+    original = loader_module.ChunkRef.read
+    monkeypatch.setattr(loader_module.ChunkRef, "read", lambda self: reads.append(self.start) or original(self))
+    assert _keys(ShardLoader(cfg), 0, len(full) - 1) == full[-1:]
+    assert 0 < len(reads) < sum(s.chunks for s in loader.manifest.shards_of("train")) / 2
+
+
+def test_the_loader_refuses_schema_1_and_shards_without_an_index(cloud_dir, tmp_path):
+    import json
+    import shutil
+
+    from qgdist.data.shards.schema import SchemaError
+
+    doc = json.loads(open(f"{cloud_dir}/manifest.json").read())
+    for shard in doc["shards"]:
+        shard["index"] = []
+        shutil.copy(f"{cloud_dir}/{shard['name']}", tmp_path / shard["name"])
+    (tmp_path / "manifest.json").write_text(json.dumps(doc))
+    with pytest.raises(ValueError, match="no chunk index .* re-run `qgdist convert`"):
+        next(iter(ShardLoader(LoaderConfig(str(tmp_path), batch_size=8)).collated(0)))
+    doc["schema_version"] = 1
+    (tmp_path / "manifest.json").write_text(json.dumps(doc))
+    with pytest.raises(SchemaError, match="schema version 1 .* re-run `qgdist convert`"):
+        ShardLoader(LoaderConfig(str(tmp_path), batch_size=8))

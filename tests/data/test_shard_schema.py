@@ -1,14 +1,21 @@
-"""Sample encoding round trips through the stock webdataset reader; the manifest round trips through JSON."""
+"""Chunk encoding round trips through the stock webdataset reader (the documented snippet included); the manifest
+round trips through JSON; shards and manifests of schema 1 are refused with the way out named."""
 
 import io
+import json
+import re
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
 import webdataset as wds
 
 from qgdist.data.shards.manifest import Manifest, ShardInfo, read_manifest, write_manifest
-from qgdist.data.shards.schema import CloudSample, ImageSample, decode_sample, encode_sample, sample_key
+from qgdist.data.shards.schema import (CLOUD_JET, IMAGE_JET, CloudChunk, ImageChunk, SchemaError, decode_chunk,
+                                       load_npy, npy_bytes, sample_key, sort_particles)
+
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "ingest.md"
 
 
 def _write_tar(path, samples):
@@ -21,32 +28,100 @@ def _write_tar(path, samples):
                 tar.addfile(info, io.BytesIO(data))
 
 
-def test_image_and_cloud_samples_round_trip_through_stock_webdataset(tmp_path):
-    rng = np.random.default_rng(0)
-    image = np.where(rng.random((3, 10, 12)) > 0.9, rng.random((3, 10, 12)), 0.0)
-    img = ImageSample.from_dense(image, {"is_quark": 1, "pt": 100.0, "mass": 10.0, "file": "a.b.parquet", "row": 3})
-    cloud = CloudSample({"is_quark": 0, "pt": 500.0, "mass": 50.0, "file": "x.npz", "row": 9},
-                        rng.random((17, 3)).astype(np.float32), rng.integers(-300, 300, 17).astype(np.int32))
+def _chunks(rng):
+    images = np.where(rng.random((2, 3, 10, 12)) > 0.9, rng.random((2, 3, 10, 12)), 0.0).astype(np.float32)
+    flat = images.reshape(2, -1)
+    img, pix = np.nonzero(flat)
+    ijets = np.zeros(2, IMAGE_JET)
+    ijets["row"], ijets["is_quark"], ijets["pt"], ijets["mass"] = [3, 8], [1, 0], [100.0, 90.0], [10.0, 9.0]
+    ijets["n"] = np.bincount(img, minlength=2)
+    image = ImageChunk(file="a.b.parquet", source="cms", jets=ijets, pix=pix.astype(np.uint16), val=flat[img, pix],
+                       image_shape=(3, 10, 12))
+    n = np.array([17, 5, 9], np.int32)
+    kin = rng.random((n.sum(), 3)).astype(np.float32)
+    pid = rng.integers(-300, 300, n.sum()).astype(np.int32)
+    kin, pid = sort_particles(kin, pid, n)
+    cjets = np.zeros(3, CLOUD_JET)
+    cjets["row"], cjets["is_quark"], cjets["pt"], cjets["n"] = [9, 10, 12], [0, 1, 1], [500.0, 510.0, 520.0], n
+    cloud = CloudChunk(file="x.npz", source="energyflow", jets=cjets, kin=kin, pid=pid)
+    return images, image, cloud
+
+
+def test_image_and_cloud_chunks_round_trip_through_stock_webdataset(tmp_path):
+    images, image, cloud = _chunks(np.random.default_rng(0))
     keys = [sample_key("a.b.parquet", 3), sample_key("x.npz", 9)]
     assert all("." not in k for k in keys)
-    _write_tar(tmp_path / "s.tar", [encode_sample(keys[0], img), encode_sample(keys[1], cloud)])
-
+    _write_tar(tmp_path / "s.tar", [image.encode(), cloud.encode()])
     got = list(wds.WebDataset(str(tmp_path / "s.tar"), shardshuffle=False).decode())
     assert [g["__key__"] for g in got] == keys
-    back_img, back_cloud = decode_sample(got[0]), decode_sample(got[1])
-    np.testing.assert_array_equal(back_img.dense(), image.astype(np.float32))
-    assert back_img.meta["row"] == 3 and back_img.meta["image_shape"] == [3, 10, 12]
+    assert got[0]["meta.json"]["jets"] == 2 and got[1]["jets.npy"]["n"].tolist() == [17, 5, 9]
+    back_img, back_cloud = decode_chunk(got[0]), decode_chunk(got[1])
+    np.testing.assert_array_equal(back_img.dense(), images)
+    np.testing.assert_array_equal(back_img.jet(1).dense(), images[1])
+    assert back_img.jet(0).meta["row"] == 3 and back_img.jet(0).meta["image_shape"] == [3, 10, 12]
     np.testing.assert_array_equal(back_cloud.kin, cloud.kin)
     np.testing.assert_array_equal(back_cloud.pid, cloud.pid)
+    assert back_cloud.jets.tobytes() == cloud.jets.tobytes()
+    assert np.all(np.diff(back_cloud.jet(0).kin[:, 0]) <= 0)   # hardest first
+    # raw bytes (no webdataset decoder) decode the same, through the fast npy path
+    raw = list(wds.WebDataset(str(tmp_path / "s.tar"), shardshuffle=False))
+    np.testing.assert_array_equal(decode_chunk(raw[1]).kin, cloud.kin)
+
+
+def test_uncompressed_and_gzipped_members_decode_alike(tmp_path):
+    images, image, _ = _chunks(np.random.default_rng(3))
+    plain, gz = image.encode(compress=False), image.encode()
+    assert "pix.npy" in plain and "pix.npy.gz" in gz and len(gz["val.npy.gz"]) < len(plain["val.npy"])
+    for members in (plain, gz):
+        np.testing.assert_array_equal(decode_chunk(members).dense(), images)
+    _write_tar(tmp_path / "s.tar", [dict(gz)])
+    got = next(iter(wds.WebDataset(str(tmp_path / "s.tar"), shardshuffle=False).decode()))  # stock gz + npy
+    np.testing.assert_array_equal(got["val.npy.gz"], image.val)
+
+
+def test_take_slice_and_concat_keep_jets_whole():
+    _, image, cloud = _chunks(np.random.default_rng(1))
+    both = CloudChunk.concat([cloud, cloud.take(np.array([2, 0]))])
+    assert len(both) == 5 and both.jets["row"].tolist() == [9, 10, 12, 12, 9]
+    np.testing.assert_array_equal(both.jet(3).kin, cloud.jet(2).kin)
+    trimmed = cloud.take(np.array([0, 1]), limit=6)
+    assert trimmed.jets["n"].tolist() == [6, 5]
+    np.testing.assert_array_equal(trimmed.jet(0).kin, cloud.jet(0).kin[:6])   # the 6 hardest
+    np.testing.assert_array_equal(image.slice(1, 2).jet(0).pix, image.jet(1).pix)
+    mixed = CloudChunk.concat([cloud, CloudChunk(file="y.npz", source="energyflow", jets=cloud.jets[:1],
+                                                 kin=cloud.kin[:17], pid=cloud.pid[:17])])
+    assert mixed.files().tolist() == ["x.npz"] * 3 + ["y.npz"]
+
+
+def test_fast_npy_reader_matches_numpy():
+    for a in (np.arange(7, dtype=np.int64), np.ones((3, 4), np.float16), np.zeros((0, 3), np.float32),
+              np.array(3.5), np.zeros(2, CLOUD_JET)):
+        back = load_npy(npy_bytes(a))
+        assert back.dtype == a.dtype and back.shape == a.shape and back.tobytes() == a.tobytes()
+
+
+def test_documented_snippet_reads_one_jet(tmp_path):
+    """The snippet in docs/ingest.md runs as written (on a shard made here) and finds the jet it says."""
+    _, _, cloud = _chunks(np.random.default_rng(2))
+    path = tmp_path / "train-000000-000.tar"
+    _write_tar(path, [cloud.encode()])
+    text = DOCS.read_text()
+    snippet = re.search(r"<!-- tested: tests/data/test_shard_schema.py -->\n```python\n(.*?)```", text, re.S).group(1)
+    assert 'path = "shards/ef/train-000000-000.tar"' in snippet
+    scope: dict = {}
+    exec(snippet.replace("shards/ef/train-000000-000.tar", str(path)), scope)
+    np.testing.assert_array_equal(scope["kin"], cloud.jet(1).kin)
+    np.testing.assert_array_equal(scope["pid"], cloud.jet(1).pid)
+    assert (scope["file"], scope["row"], scope["is_quark"]) == ("x.npz", 10, 1)
 
 
 def test_manifest_round_trip_and_split_totals(tmp_path):
     m = Manifest(source="cms", kind="image", dtype="float32", label_convention="cms: y=0 is quark",
                  inputs=["a"], split_fractions={"train": 0.8, "val": 0.1, "test": 0.1},
-                 shards=[ShardInfo("train-000000.tar", "train", 5, 100, "ab"),
-                         ShardInfo("train-000001.tar", "train", 3, 50, "cd"),
-                         ShardInfo("val-000000.tar", "val", 1, 20, "ef")],
-                 rows={"in": 10, "written": 9, "rejected": 1})
+                 shards=[ShardInfo("train-000000.tar", "train", 5, 100, "ab", 2, [60, 90]),
+                         ShardInfo("train-000001.tar", "train", 3, 50, "cd", 1, [20, 40]),
+                         ShardInfo("val-000000.tar", "val", 1, 20, "ef", 1, [5, 10])],
+                 rows={"in": 10, "written": 9, "rejected": 1}, chunk_jets=4)
     write_manifest(m, str(tmp_path))
     back = read_manifest(f"file://{tmp_path}")
     assert back == m
@@ -57,3 +132,16 @@ def test_manifest_round_trip_and_split_totals(tmp_path):
 def test_missing_manifest_names_the_directory(tmp_path):
     with pytest.raises(FileNotFoundError, match=str(tmp_path)):
         read_manifest(str(tmp_path))
+
+
+def test_schema_1_is_refused_with_the_way_out(tmp_path):
+    from qgdist.data.loader import LoaderConfig, ShardLoader
+
+    (tmp_path / "manifest.json").write_text(json.dumps({"schema_version": 1, "shards": []}))
+    with pytest.raises(SchemaError, match=r"schema version 1 .* re-run `qgdist convert`"):
+        ShardLoader(LoaderConfig(str(tmp_path)))
+    # a schema-1 sample (one jet: meta.json, kin.npy, pid.npy) met in a shard is refused the same way
+    old = {"__key__": "x_npz-r000000001", "meta.json": b'{"is_quark": 1}', "kin.npy": npy_bytes(np.zeros((2, 3))),
+           "pid.npy": npy_bytes(np.zeros(2, np.int32))}
+    with pytest.raises(SchemaError, match=r"schema 1.*re-run `qgdist convert`"):
+        decode_chunk(old)

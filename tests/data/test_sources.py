@@ -16,7 +16,7 @@ from qgdist.cli import main
 from qgdist.data.convert import ConvertConfig, convert
 from qgdist.data.features import jet_kinematics
 from qgdist.data.shards.manifest import read_manifest
-from qgdist.data.shards.schema import decode_sample
+from qgdist.data.shards.schema import decode_chunk
 from qgdist.data.sources.errors import BadRowError
 from qgdist.data.split import assign_splits
 from qgdist.generate.formats import cms_table, write_energyflow_npz
@@ -36,10 +36,21 @@ def _convert(source, inputs, out, **kw):
     return convert(ConvertConfig(source, [str(p) for p in inputs], str(out), **kw))
 
 
-def _read_back(out):
-    shards = sorted(glob.glob(f"{out}/*.tar"))
-    samples = list(wds.WebDataset(shards, shardshuffle=False).decode()) if shards else []
-    return {(s["meta.json"]["file"], s["meta.json"]["row"]): decode_sample(s) for s in samples}
+def _chunks(out, pattern="*"):
+    """Every chunk of the shards matching ``pattern``, read with the stock webdataset reader and decoder."""
+    shards = sorted(glob.glob(f"{out}/{pattern}.tar"))
+    return [decode_chunk(s) for s in wds.WebDataset(shards, shardshuffle=False).decode()] if shards else []
+
+
+def _index(path, shard):
+    """A shard's chunk index, read with the loader's own range reader from where the manifest says."""
+    from qgdist.data.loader import chunk_index
+
+    return chunk_index(str(path), tuple(shard.index), shard.sha256)
+
+
+def _read_back(out, pattern="*"):
+    return {(j.meta["file"], j.meta["row"]): j for c in _chunks(out, pattern) for j in c.samples()}
 
 
 def test_cms_round_trip_through_stock_webdataset(files, tmp_path):
@@ -69,6 +80,8 @@ def test_energyflow_round_trip_float16_stored_and_deflated(files, tmp_path):
         for row in (0, 69, 70, 151, 299):  # unit and chunk boundaries
             s = got[(name, row)]
             real = X[row][X[row, :, 0] > 0]
+            # stored hardest first (by the stored pt; ties keep their source order)
+            real = real[np.argsort(-real[:, 0].astype(np.float16).astype(np.float32), kind="stable")]
             assert s.kin.dtype == np.float16 and s.meta["n"] == len(real) == len(s.kin)
             np.testing.assert_allclose(s.kin.astype(np.float64), real[:, :3], rtol=1e-3, atol=4e-3)
             np.testing.assert_array_equal(s.pid, real[:, 3].astype(np.int32))
@@ -100,9 +113,7 @@ def test_split_is_deterministic_and_configurable(files, tmp_path):
 
 
 def _split_keys(out, split):
-    shards = sorted(glob.glob(f"{out}/{split}-*.tar"))
-    return [(s["meta.json"]["file"], s["meta.json"]["row"])
-            for s in wds.WebDataset(shards, shardshuffle=False).decode()] if shards else []
+    return list(_read_back(out, f"{split}-*"))
 
 
 def test_manifest_integrity_and_contiguous_sorted_members(files, tmp_path, capsys):
@@ -116,11 +127,14 @@ def test_manifest_integrity_and_contiguous_sorted_members(files, tmp_path, capsy
         with tarfile.open(tmp_path / shard.name) as tar:
             names = tar.getnames()
         keys = [n.split(".")[0] for n in names]
-        assert keys == sorted(keys) and len(names) == 3 * shard.samples  # contiguous members, sorted keys
-        assert {n.split(".", 1)[1] for n in names} == {"meta.json", "kin.npy", "pid.npy"}  # keys without dots
+        assert keys == sorted(keys) and len(names) == 4 * shard.chunks + 1  # contiguous members, sorted keys
+        assert {n.split(".", 1)[1] for n in names[:-1]} == {"meta.json", "jets.npy", "kin.npy", "pid.npy"}  # no dots
+        assert names[-1] == f"{keys[-1]}.index.npy"      # the chunk index, last, with the last chunk's key
+        index = _index(tmp_path / shard.name, shard)
+        assert index.shape == (shard.chunks, 3) and index[:, 2].sum() == shard.samples
+        assert index[:, 2].max() <= m.chunk_jets == 256 and (index[1:, 0] == index[:-1, 1]).all()
     # statistics come from the train split only
-    train = [decode_sample(s) for s in wds.WebDataset(sorted(glob.glob(f"{tmp_path}/train-*.tar")),
-                                                      shardshuffle=False).decode()]
+    train = list(_read_back(tmp_path, "train-*").values())
     log_pt = np.log([s.meta["pt"] for s in train])
     assert m.stats["samples"] == len(train)
     assert m.stats["jet"]["log_pt"]["mean"] == pytest.approx(log_pt.mean())
@@ -136,11 +150,27 @@ def test_manifest_integrity_and_contiguous_sorted_members(files, tmp_path, capsy
     assert f"{m.shards[0].name}: {m.shards[0].bytes + 1} bytes" in out and "val-000099-000.tar: not in" in out
 
 
+def test_chunks_sample_their_window_of_rows_and_take_fewer_bytes_than_the_source(files, tmp_path):
+    from qgdist.data.shards import writer
+
+    m = _convert("energyflow", [files / "ef.npz"], tmp_path / "small", rows_per_task=300, chunk_jets=5)
+    assert m.chunk_jets == 5
+    train = [c for c in _chunks(tmp_path / "small", "train-*")]
+    window = 5 * writer.WINDOW
+    assert all(len(c) == 5 for c in train[:writer.WINDOW]) and all(0 < len(c) <= 5 for c in train)
+    for c in train:
+        rows = c.jets["row"]
+        assert (np.diff(rows) > 0).all() and len(set(c.files())) == 1   # source order, one file
+    # the first window's train jets (its 80 first train rows) are dealt to its 16 chunks by stride
+    first = np.sort(np.concatenate([c.jets["row"] for c in train[:writer.WINDOW]]))
+    assert len(first) == window and train[0].jets["row"].tolist() == first[::writer.WINDOW].tolist()
+    m = _convert("energyflow", [files / "ef.npz"], tmp_path / "default")
+    assert sum(s.bytes for s in m.shards) / m.rows["written"] < os.path.getsize(files / "ef.npz") / 300
+
+
 def test_image_stats_match_dense_train_images(files, tmp_path):
     m = _convert("cms", [files / "cms.parquet"], tmp_path)
-    train = [decode_sample(s).dense() for s in wds.WebDataset(sorted(glob.glob(f"{tmp_path}/train-*.tar")),
-                                                              shardshuffle=False).decode()]
-    dense = np.stack(train).astype(np.float64)
+    dense = np.concatenate([c.dense() for c in _chunks(tmp_path, "train-*")]).astype(np.float64)
     np.testing.assert_allclose(m.stats["image"]["channel_mean"], dense.mean(axis=(0, 2, 3)), rtol=1e-6)
     np.testing.assert_allclose(m.stats["image"]["channel_std"], dense.std(axis=(0, 2, 3)), rtol=1e-5)
 

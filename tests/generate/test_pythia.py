@@ -206,9 +206,10 @@ def test_converts_to_shards_read_by_webdataset(local_run, tmp_path):
         rows = PER_TASK * n_files
         assert manifest.rows == {"in": rows, "written": rows, "rejected": 0}
         tars = sorted(str(p) for p in out.glob("*.tar"))
-        metas = [s["meta.json"] for s in wds.WebDataset(tars, shardshuffle=False, nodesplitter=None).decode()]
-        assert len(metas) == rows and sum(m["is_quark"] for m in metas) == rows // 2
-        assert all(500.0 <= m["pt"] <= 550.0 for m in metas)
+        jets = np.concatenate([c["jets.npy"] for c in wds.WebDataset(tars, shardshuffle=False,
+                                                                      nodesplitter=None).decode()])
+        assert len(jets) == rows and int(jets["is_quark"].sum()) == rows // 2
+        assert ((jets["pt"] >= 500.0) & (jets["pt"] <= 550.0)).all()
 
 
 def _parquet_path(cfg: PythiaConfig, task: int) -> str:

@@ -274,7 +274,7 @@ def test_evaluate_track_adds_test_metrics_to_the_training_run(server: TrackerCom
     tracker.finish()
     Checkpointer(cfg.run_dir).save({"model": get_model("particlenet-lite", in_features=7).state_dict(),
                                     "fingerprint": cfg.fingerprint(), "epoch": 1, "step": 0, "global_step": 7,
-                                    "mlflow_run_id": run_id})
+                                    "mlflow_run_id": run_id, "preprocessing": _preprocessing(data)})
     assert main(["evaluate", "--checkpoint", cfg.run_dir, "--data", data, "--no-progress", "--track",
                  "--tracking-uri", server.url]) == 0
     client = MlflowClient(server.url)
@@ -337,3 +337,11 @@ def test_replay_names_the_file_and_line_of_a_corrupt_spill(tmp_path: Path) -> No
     with pytest.raises(ValueError, match=rf"{UNSENT_FILE}: line 2 is not JSON"):
         replay_unsent(tmp_path)
     assert spill.exists()   # nothing was sent and nothing is lost: the file stays for the user to fix
+
+
+def _preprocessing(data: str) -> dict:
+    """What a training run on ``data`` records in its checkpoints (docs/scoring.md)."""
+    from qgdist.data.preprocessing import Preprocessing
+    from qgdist.data.shards.manifest import read_manifest
+
+    return Preprocessing.from_manifest(read_manifest(data), data).to_dict()

@@ -1,22 +1,29 @@
 """``manifest.json``: the table of contents of a converted dataset, written last and atomically.
 
 A directory of shards is a dataset only once its manifest exists; a conversion that dies midway leaves none, so
-nothing downstream ever reads a half-written dataset. Layout (``schema_version`` 1)::
+nothing downstream ever reads a half-written dataset. Layout (``schema_version`` 2)::
 
     {
-      "schema_version": 1,
+      "schema_version": 2,
       "source": "cms" | "energyflow",
       "kind": "image" | "cloud",
       "dtype": "float32" | "float16",
       "label_convention": "cms: y=0 is quark, y=1 is gluon",
       "inputs": ["file:///.../a.parquet", ...],
       "split_fractions": {"train": 0.8, "val": 0.1, "test": 0.1},
-      "shards": [{"name": "train-000000.tar", "split": "train", "samples": 812, "bytes": 2345, "sha256": "..."}],
+      "chunk_jets": 256,
+      "shards": [{"name": "train-000000-000.tar", "split": "train", "samples": 812, "bytes": 2345, "sha256": "...",
+                  "chunks": 4, "index": [199680, 201216]}],
       "splits": {"train": {"shards": 9, "samples": 8012, "bytes": ...}, "val": {...}, "test": {...}},
       "rows": {"in": 10000, "written": 9990, "rejected": 10},
       "quarantine": [{"file": "a.parquet", "row": 17, "field": "X_jets", "reason": "NaN"}],
       "stats": {...}   # normalisation statistics from the train split only, see below
     }
+
+A shard's ``samples`` counts **jets** and ``chunks`` its tar samples (chunks of jets). ``index`` is the byte range
+of the shard's last member, ``<last key>.index.npy``: an int64 (chunks, 3) array of every chunk's first byte, end
+byte and jets. One range read of it lets a reader fetch any chunk alone, and know the jets of any subset of chunks,
+while the manifest itself stays one line per shard however many chunks there are.
 
 ``stats`` (train split only)::
 
@@ -37,7 +44,7 @@ import fsspec
 
 from qgdist.core.atomic import write_text
 from qgdist.core.storage import join
-from qgdist.data.shards.schema import SCHEMA_VERSION
+from qgdist.data.shards.schema import CHUNK_JETS, SCHEMA_VERSION, SchemaError
 
 MANIFEST_NAME = "manifest.json"
 SPLITS = ("train", "val", "test")
@@ -50,6 +57,8 @@ class ShardInfo:
     samples: int
     bytes: int
     sha256: str
+    chunks: int = 0                                 # chunks (tar samples) in the shard
+    index: list[int] = field(default_factory=list)  # [first byte, end byte] of its chunk index member
 
 
 @dataclass
@@ -64,6 +73,7 @@ class Manifest:
     rows: dict[str, int]
     quarantine: list[dict[str, Any]] = field(default_factory=list)
     stats: dict[str, Any] = field(default_factory=dict)
+    chunk_jets: int = CHUNK_JETS
     schema_version: int = SCHEMA_VERSION
 
     @property
@@ -89,7 +99,13 @@ class Manifest:
         doc = json.loads(text)
         version = doc.get("schema_version")
         if version != SCHEMA_VERSION:
-            raise ValueError(f"{where}: schema_version {version!r}, this qgdist reads {SCHEMA_VERSION}")
+            if isinstance(version, int) and version < SCHEMA_VERSION:
+                raise SchemaError(
+                    f"{where}: shards in schema version {version} (one jet per tar sample); this qgdist reads "
+                    f"schema version {SCHEMA_VERSION} (chunks of jets stored as columns): re-run `qgdist convert` "
+                    "on the source files to rewrite the dataset")
+            raise SchemaError(f"{where}: schema_version {version!r}, this qgdist reads {SCHEMA_VERSION} "
+                              "(written by a newer qgdist?)")
         doc.pop("splits", None)
         doc["shards"] = [ShardInfo(**s) for s in doc["shards"]]
         return cls(**doc)

@@ -8,7 +8,7 @@ from typing import Any
 
 import fsspec
 
-from qgdist.data.shards.schema import Sample
+from qgdist.data.shards.schema import JetChunk, Sample
 from qgdist.data.sources.errors import BadRowError, Rejected
 
 
@@ -38,11 +38,23 @@ class Plan:
 
 @dataclass
 class Chunk:
-    """Part of a unit after decoding: good samples (with their source row) and rejected rows."""
+    """Part of a unit after decoding: the good jets as columns (``block``, in source-row order) and rejected rows."""
 
-    rows: list[int] = field(default_factory=list)
-    samples: list[Sample] = field(default_factory=list)
+    block: JetChunk | None = None
     rejected: list[Rejected] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.block) if self.block is not None else 0
+
+    @property
+    def rows(self) -> list[int]:
+        """Source rows of the good jets."""
+        return self.block.jets["row"].tolist() if self.block is not None else []
+
+    @property
+    def samples(self) -> list[Sample]:
+        """The good jets one by one (tests and tools; the conversion works on ``block``)."""
+        return self.block.samples() if self.block is not None else []
 
 
 def file_name(path: str) -> str:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import struct
 import zipfile
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from collections.abc import Iterator
 from typing import Any
@@ -19,7 +21,7 @@ import numpy as np
 
 from qgdist.data.features import four_momenta, mass_and_charge
 from qgdist.data.labels import LabelConvention
-from qgdist.data.shards.schema import CloudSample
+from qgdist.data.shards.schema import CLOUD_JET, CloudChunk, sort_particles
 from qgdist.data.sources.base import Chunk, Plan, Unit, file_name, open_input, row_units
 from qgdist.data.sources.errors import BadRowError, Rejected
 
@@ -75,12 +77,20 @@ def _labels(zf: zipfile.ZipFile, path: str) -> np.ndarray:
     return y.astype(np.float64)
 
 
-def plan(path: str, rows_per_unit: int) -> Plan:
-    """Row-range units from the npy header of ``X``; rows beyond the shorter of X and y are rejected here."""
+def plan(path: str, rows_per_unit: int, split_deflated: bool = True) -> Plan:
+    """Row-range units from the npy header of ``X``; rows beyond the shorter of X and y are rejected here.
+
+    A deflated ``X`` has no random access: a unit that starts at row r must decompress (and discard) rows 0..r-1,
+    so cutting one file into U units costs (U + 1) / 2 decompressions of it. With ``split_deflated=False`` such a
+    file is one unit (its task reads ahead in a thread instead, see ``read``); a stored ``X`` is always cut.
+    """
     name = file_name(path)
     f, zf = _open_zip(path)
     with f, zf:
-        shape, _, _ = _header(zf, _member(zf, "X", path), path)
+        info = _member(zf, "X", path)
+        shape, _, _ = _header(zf, info, path)
+        if info.compress_type != zipfile.ZIP_STORED and not split_deflated:
+            rows_per_unit = max(shape[0], 1) if len(shape) else 1
         if len(shape) != 3 or shape[2] != 4:
             raise BadRowError(name, None, "X", f"shape {list(shape)}, expected (N, M, 4)")
         n_labels = len(_labels(zf, path))
@@ -118,31 +128,80 @@ def _known_pids(pid: np.ndarray) -> np.ndarray:
     return known[np.searchsorted(ids, pid)]
 
 
+#: ``_known_pids`` of the integral ids in (-_LIMIT, _LIMIT), looked up once per id: 0 not yet, 1 known, -1 not.
+_LIMIT = 1 << 13
+_KNOWN = np.zeros(2 * _LIMIT, np.int8)
+
+
+def known_pids(pid: np.ndarray) -> np.ndarray:
+    """``_known_pids`` for many particles: one table gather, the PDG table asked once per new id."""
+    ip = pid.astype(np.int64)
+    simple = (ip == pid) & (np.abs(ip) < _LIMIT)
+    if not simple.all():
+        out = np.empty(len(pid), dtype=bool)
+        out[~simple] = _known_pids(pid[~simple])
+        out[simple] = known_pids(pid[simple])
+        return out
+    idx = ip + _LIMIT
+    flags = _KNOWN[idx]
+    if not flags.all():
+        new = np.unique(ip[flags == 0])
+        _KNOWN[new + _LIMIT] = np.where(_known_pids(new.astype(np.float64)), 1, -1)
+        flags = _KNOWN[idx]
+    return flags > 0
+
+
 def jet_axes(kin: np.ndarray, pid: np.ndarray) -> dict[str, np.ndarray]:
     """Per-jet pt, mass, rapidity, phi of padded clouds (B, P, 3) (same formulas as ``features.jet_kinematics``)."""
     e, px, py, pz = np.moveaxis(four_momenta(kin, pid).sum(axis=1), -1, 0)
+    return _axes(e, px, py, pz)
+
+
+def _axes(e: np.ndarray, px: np.ndarray, py: np.ndarray, pz: np.ndarray) -> dict[str, np.ndarray]:
     mass = np.sqrt(np.maximum(e * e - px * px - py * py - pz * pz, 0.0))
     with np.errstate(divide="ignore", invalid="ignore"):
         rap = np.where(e > np.abs(pz), 0.5 * np.log((e + pz) / (e - pz)), 0.0)
     return {"pt": np.hypot(px, py), "mass": mass, "jet_y": rap, "jet_phi": np.arctan2(py, px)}
 
 
+def flat_axes(kin: np.ndarray, pid: np.ndarray, jet: np.ndarray, n_jets: int) -> dict[str, np.ndarray]:
+    """Per-jet pt, mass, rapidity, phi from the concatenated real particles ``kin`` (N, 3) of ``n_jets`` jets
+    (the four-vector sum, in float64, as ``features.jet_kinematics``)."""
+    pt, rap, phi = (np.ascontiguousarray(kin[:, i], dtype=np.float64) for i in range(3))
+    mass, _ = mass_and_charge(pid)
+    mt = np.sqrt(pt * pt + mass * mass)
+    ey = np.exp(rap)
+    half_inv = 0.5 / ey
+    e = np.bincount(jet, weights=mt * (0.5 * ey + half_inv), minlength=n_jets)
+    pz = np.bincount(jet, weights=mt * (0.5 * ey - half_inv), minlength=n_jets)
+    px = np.bincount(jet, weights=pt * np.cos(phi), minlength=n_jets)
+    py = np.bincount(jet, weights=pt * np.sin(phi), minlength=n_jets)
+    return _axes(e, px, py, pz)
+
+
 def decode_rows(x: np.ndarray, y: np.ndarray, rows: np.ndarray, name: str, labels: LabelConvention,
                 dtype: str) -> Chunk:
-    """Validate and encode rows ``rows`` of a file: ``x`` (k, M, 4) float64 and their labels ``y`` (k,)."""
-    chunk = Chunk()
+    """Validate and encode rows ``rows`` of a file: ``x`` (k, M, 4) float64 and their labels ``y`` (k,).
+
+    Vectorised: the padded block is scanned once for padding, every check then runs on the real particles of all
+    rows together; only rejected rows are visited one by one (to name their problem).
+    """
+    k = len(x)
     finite = np.isfinite(x).all(axis=(1, 2))
-    x = np.where(np.isfinite(x), x, 0.0)
-    mask = (x != 0).any(axis=-1)
-    bad_pt = (mask & (x[..., 0] <= 0)).any(axis=1)
-    bad_y = (mask & (np.abs(x[..., 1]) > MAX_RAPIDITY)).any(axis=1)
-    bad_pid = ~_known_pids(np.where(mask, x[..., 3], 0.0)).all(axis=1)
+    if not finite.all():
+        x = np.where(np.isfinite(x), x, 0.0)
+    # padding = all four entries 0; four strided compares beat (x != 0).any(-1)'s generic reduction 3x
+    mask = (x[..., 0] != 0) | (x[..., 1] != 0) | (x[..., 2] != 0) | (x[..., 3] != 0)
     n = mask.sum(axis=1)
-    ok = finite & ~bad_pt & ~bad_y & ~bad_pid
-    pid = np.where(mask & ok[:, None], x[..., 3], 0).astype(np.int32)
-    axes = jet_axes(np.where(ok[:, None, None], x[..., :3], 0.0), pid)
-    for i, row in enumerate(rows.tolist()):
-        problem = None
+    particles = x.reshape(-1, 4)[np.flatnonzero(mask)]          # (N, 4), jet by jet, in source order
+    jet = np.repeat(np.arange(k, dtype=np.int64), n)
+    bad_pt, bad_y, bad_pid = (np.zeros(k, bool) for _ in range(3))
+    bad_pt[jet[particles[:, 0] <= 0]] = True
+    bad_y[jet[np.abs(particles[:, 1]) > MAX_RAPIDITY]] = True
+    bad_pid[jet[~known_pids(particles[:, 3])]] = True
+    ok = finite & ~bad_pt & ~bad_y & ~bad_pid & (n > 0) & ((y == 0.0) | (y == 1.0))
+    rejected = []
+    for i in np.flatnonzero(~ok).tolist():
         if not finite[i]:
             problem = ("X", "NaN or inf")
         elif bad_pt[i]:
@@ -153,21 +212,37 @@ def decode_rows(x: np.ndarray, y: np.ndarray, rows: np.ndarray, name: str, label
             problem = ("X", "pdgid is not a known PDG particle id")
         elif n[i] == 0:
             problem = ("X", "jet has no particles")
-        elif y[i] not in (0.0, 1.0):
+        else:
             problem = ("y", f"label {float(y[i])!r} is not 0 or 1")
-        if problem:
-            chunk.rejected.append(Rejected(name, row, *problem))
-            continue
-        keep = mask[i]
-        meta = {"is_quark": int(labels.is_quark(y[i])), "file": name, "row": row, "source": "energyflow",
-                "n": int(n[i]), **{k: float(v[i]) for k, v in axes.items()}}
-        chunk.rows.append(row)
-        chunk.samples.append(CloudSample(meta, x[i, keep, :3].astype(dtype), pid[i, keep]))
-    return chunk
+        rejected.append(Rejected(name, int(rows[i]), *problem))
+    good = np.flatnonzero(ok)
+    if len(good) < k:
+        particles = particles[ok[jet]]
+        n = n[good]
+        jet = np.repeat(np.arange(len(good), dtype=np.int64), n)
+    n = n.astype(np.int32)
+    pid = particles[:, 3].astype(np.int32)
+    if len(pid) and np.abs(pid).max() < 1 << 15:
+        pid = pid.astype(np.int16)   # every common PDG id fits: half the bytes
+    axes = flat_axes(particles[:, :3], pid, jet, len(good))
+    kin, pid = sort_particles(particles[:, :3].astype(dtype), pid, n)
+    jets = np.zeros(len(good), CLOUD_JET)
+    jets["row"], jets["is_quark"], jets["n"] = rows[good], labels.is_quark(y[good]), n
+    for key, values in axes.items():
+        jets[key] = values
+    return Chunk(CloudChunk(file=name, source="energyflow", jets=jets, dtype=dtype, kin=kin, pid=pid), rejected)
+
+
+class _Unreadable(Exception):
+    """A block of ``X`` could not be read (corrupt or truncated stream)."""
 
 
 def read(unit: Unit, labels: LabelConvention, dtype: str = "float32", read_rows: int = 1024) -> Iterator[Chunk]:
-    """Yield the unit's rows in chunks of ``read_rows`` jets without loading ``X`` whole."""
+    """Yield the unit's rows in chunks of ``read_rows`` jets without loading ``X`` whole.
+
+    Helper threads read (for a deflated member: decompress) and validate the next blocks while this one is encoded
+    and written: zlib and numpy release the GIL, so on spare cores the three stages overlap.
+    """
     name = file_name(unit.path)
     f, zf = _open_zip(unit.path)
     with f, zf:
@@ -181,17 +256,41 @@ def read(unit: Unit, labels: LabelConvention, dtype: str = "float32", read_rows:
         else:
             stream = zf.open(info)
             stream.seek(header + unit.row_start * row_bytes)  # decompresses and discards the rows before the unit
-        with stream if stream is not f else nullcontext():
-            for lo in range(unit.row_start, unit.row_stop, read_rows):
-                hi = min(lo + read_rows, unit.row_stop)
-                try:
-                    data = stream.read((hi - lo) * row_bytes)
-                    if len(data) != (hi - lo) * row_bytes:
-                        raise EOFError(f"file ends after {len(data) // max(row_bytes, 1)} of {hi - lo} rows")
-                except Exception as err:  # the stream cannot go on past a corrupt or truncated block
-                    reason = f"unreadable ({type(err).__name__}: {err})"
-                    yield Chunk(rejected=[Rejected(name, r, "X", reason) for r in range(lo, unit.row_stop)])
-                    return
-                x = np.frombuffer(data, dtype=xdtype).reshape((hi - lo,) + tuple(shape[1:])).astype(np.float64)
-                yield decode_rows(x, y[lo:hi], np.arange(lo, hi), name, labels, dtype)
 
+        def block(lo: int) -> bytes:
+            hi = min(lo + read_rows, unit.row_stop)
+            data = stream.read((hi - lo) * row_bytes)
+            if len(data) != (hi - lo) * row_bytes:
+                raise EOFError(f"file ends after {len(data) // max(row_bytes, 1)} of {hi - lo} rows")
+            return data
+
+        def decoded(lo: int, data: Future) -> Chunk:
+            hi = min(lo + read_rows, unit.row_stop)
+            try:
+                raw = data.result()
+            except Exception as err:  # the stream cannot go on past a corrupt or truncated block
+                raise _Unreadable(f"unreadable ({type(err).__name__}: {err})") from err
+            x = np.frombuffer(raw, dtype=xdtype).reshape((hi - lo,) + tuple(shape[1:]))
+            x = x if x.dtype == np.float64 else x.astype(np.float64)
+            return decode_rows(x, y[lo:hi], np.arange(lo, hi), name, labels, dtype)
+
+        # A pipeline of two helper threads, six blocks deep (~30 MB): one inflates block after block (the stream is
+        # sequential), one validates them, while the caller encodes and writes; zlib and numpy release the GIL.
+        with stream if stream is not f else nullcontext(), \
+                ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(1) as decoder:
+            pending: deque[tuple[int, Future]] = deque()
+            starts = iter(range(unit.row_start, unit.row_stop, read_rows))
+            while True:
+                while len(pending) < 6 and (lo := next(starts, None)) is not None:
+                    pending.append((lo, decoder.submit(decoded, lo, reader.submit(block, lo))))
+                if not pending:
+                    return
+                lo, result = pending.popleft()
+                try:
+                    chunk = result.result()
+                except _Unreadable as err:   # this block and every later one of the unit are lost
+                    for _, later in pending:
+                        later.cancel()
+                    yield Chunk(rejected=[Rejected(name, r, "X", str(err)) for r in range(lo, unit.row_stop)])
+                    return
+                yield chunk
