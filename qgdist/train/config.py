@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from qgdist.core.config import build, option, to_dict, to_flat_dict
+from qgdist.core.device import resolve_precision
 from qgdist.core.storage import absolute, join
 from qgdist.core.tracking import resolve_tracking_uri
 from qgdist.data.config import DataConfig
@@ -192,7 +193,7 @@ def resolve(cfg: TrainConfig, model_kind: str | None = None, cuda_available: boo
             import torch  # noqa: PLC0415
 
             cuda_available = torch.cuda.is_available()
-        precision = "bf16" if cfg.launch.gpu or (cfg.launch.workers == 0 and cuda_available) else "fp32"
+        precision = resolve_precision(precision, cfg.launch.gpu or (cfg.launch.workers == 0 and bool(cuda_available)))
     c = cfg.checkpoint
     return dataclasses.replace(
         cfg,
