@@ -25,7 +25,10 @@ the number of DataLoader workers, so every rank computes the same plan without t
 
 A position is ``(epoch, step)``; resuming at step ``s`` makes worker ``w`` replay its chunk order and its pool
 draws (which need only each chunk's jet count, from the shard indexes) and discard the batches it had already
-delivered: chunks whose jets all went into skipped batches are never even read.
+delivered: chunks whose jets all went into skipped batches are never even read. When the world size changed
+mid-epoch (an elastic run), the new layout continues the epoch with exactly the jets the earlier layouts had not
+drawn (``qgdist.data.epoch_plan``: plans, pools, replays and re-dealing live there; shard reading in
+``qgdist.data.shards.read``).
 
 Images travel sparse (flat pixel indices + values) and are densified where the batch lands (on the GPU when
 training there); clouds are trimmed to ``max_particles`` and padded to the longest jet in the batch.
@@ -33,31 +36,23 @@ training there); clouds are trimmed to ``max_particles`` and padded to the longe
 
 from __future__ import annotations
 
-import hashlib
-import io
-import itertools
-import os
-import random
-import tarfile
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass
 from typing import Any
-from urllib.parse import urlparse
 
-import fsspec
 import numpy as np
 import torch
-import webdataset as wds
-from webdataset.gopen import gopen_schemes
 
 from qgdist.data.config import DataConfig
 from qgdist.data.features import flat_features
 from qgdist.data.preprocessing import Preprocessing
-from qgdist.data.shards.manifest import Manifest, read_manifest
-from qgdist.data.shards.schema import INDEX_MEMBER, ImageChunk, JetChunk, chunk_jets, decode_chunk, load_npy
+from qgdist.data.epoch_plan import (JET_BITS, Layout, Pool, Unit, deal, delivered, plan_epoch, remaining_jets,
+                                    shuffled_chunks, slot_jets, slot_rng)
+from qgdist.data.shards.manifest import read_manifest
+from qgdist.data.shards.read import read_parts, read_shard
+from qgdist.data.shards.schema import ImageChunk, JetChunk, decode_chunk
 
-_JET_BITS = 32  # a pool entry is (chunk sequence number << 32) | jet index within the chunk
-
+__all__ = ["Collate", "DenseImages", "Layout", "LoaderConfig", "ShardLoader", "read_shard", "to_device"]
 
 @dataclass
 class LoaderConfig:
@@ -90,202 +85,6 @@ class LoaderConfig:
                    preprocessing=preprocessing)
 
 
-@dataclass(frozen=True)
-class ShardPart:
-    """A piece of work: shard ``path``, part ``part`` of ``parts`` (strided by chunk), holding ``samples`` jets;
-    ``index`` is the byte range of the shard's chunk index member (from the manifest)."""
-
-    path: str
-    part: int
-    parts: int
-    samples: int
-    index: tuple[int, ...] = ()
-    sha256: str = ""
-
-
-def plan_epoch(manifest: Manifest, data: str, split: str, seed: int, epoch: int,
-               slots: int) -> list[list[ShardPart]]:
-    """Deal the split's shards to ``slots`` slots for ``epoch``: disjoint, balanced by samples, seeded."""
-    shards = manifest.shards_of(split)
-    if not shards:
-        raise ValueError(f"{data}: manifest lists no {split!r} shards")
-    parts = -(-slots // len(shards))  # ceil: split shards only when there are fewer than slots
-    if parts == 1:
-        units = [ShardPart(os.path.join(data, s.name), 0, 1, s.samples, tuple(s.index), s.sha256) for s in shards]
-    else:  # few shards: their chunk indexes tell each part's jets
-        units = []
-        for s in shards:
-            path = os.path.join(data, s.name)
-            jets = chunk_index(path, tuple(s.index), s.sha256)[:, 2]
-            units += [ShardPart(path, j, parts, int(jets[j::parts].sum()), tuple(s.index), s.sha256)
-                      for j in range(parts)]
-    units = [u for u in units if u.samples > 0]
-    rng = random.Random(f"{seed}-{epoch}")
-    rng.shuffle(units)
-    units.sort(key=lambda u: -u.samples)  # stable: equal sizes keep their shuffled order
-    plan: list[list[ShardPart]] = [[] for _ in range(slots)]
-    load = [0] * slots
-    for unit in units:
-        target = min(range(slots), key=lambda i: (load[i], i))
-        plan[target].append(unit)
-        load[target] += unit.samples
-    for units_of_slot in plan:
-        rng.shuffle(units_of_slot)
-    return plan
-
-
-def _fsspec_gopen(url: str, mode: str = "rb", bufsize: int = 8192, **kw: Any) -> Any:
-    return fsspec.open(url, mode).open()
-
-
-def _register_url_scheme(path: str) -> None:
-    """Let webdataset open ``s3://`` (and any other fsspec URL) through fsspec, as the rest of qgdist does.
-
-    webdataset opens local paths, ``file://``, ``pipe:``, http(s) and a few more itself; for a scheme it has no
-    handler for it raises "no gopen handler defined". Its dispatch table is the documented extension point.
-    """
-    scheme = urlparse(path).scheme
-    if len(scheme) > 1 and scheme not in gopen_schemes:
-        gopen_schemes[scheme] = _fsspec_gopen
-
-
-def _part_chunks(unit: ShardPart) -> Iterator[dict[str, Any]]:
-    """Raw (undecoded) chunks of one shard part, in order, read with the stock webdataset pipeline."""
-    _register_url_scheme(unit.path)   # here, in the DataLoader worker process that opens the shard
-    ds = wds.WebDataset(unit.path, shardshuffle=False, nodesplitter=None, workersplitter=None, empty_check=False)
-    yield from itertools.islice(iter(ds), unit.part, None, unit.parts)
-
-
-def _raw_samples(units: list[ShardPart]) -> Iterator[dict[str, Any]]:
-    """Raw (undecoded) chunks of ``units``, one part after another."""
-    for unit in units:
-        yield from _part_chunks(unit)
-
-
-def read_shard(path: str) -> Iterator[dict[str, Any]]:
-    """Every raw (undecoded) chunk of one shard file, in order: what ``Collate`` takes."""
-    return _raw_samples([ShardPart(path, 0, 1, 0)])
-
-
-def _members(data: bytes, url: str) -> dict[str, Any]:
-    """The members of a byte range holding whole tar members, grouped as the stock reader groups them."""
-    out: dict[str, Any] = {"__url__": url}
-    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
-        for info in tar:
-            key, _, ext = info.name.rpartition("/")[2].partition(".")
-            out["__key__"] = key
-            out[ext] = tar.extractfile(info).read()  # type: ignore[union-attr]
-    return out
-
-
-class ChunkRef:
-    """One chunk of a shard, fetched alone by its byte range (``read`` parses its tar members) when first needed."""
-
-    __slots__ = ("path", "start", "end", "jets")
-
-    def __init__(self, path: str, start: int, end: int, jets: int):
-        self.path, self.start, self.end, self.jets = path, start, end, jets
-
-    def read(self) -> dict[str, Any]:
-        """The chunk's members, as the stock reader groups them (``__key__``, ``__url__``, ``ext -> bytes``)."""
-        return _members(_read_range(self.path, self.start, self.end), self.path)
-
-
-_INDEXES: dict[tuple[str, str], np.ndarray] = {}  # (shard, its sha256) -> its chunk index, per process
-
-
-def _read_range(path: str, start: int, end: int) -> bytes:
-    if "://" not in path or path.startswith("file://"):
-        fd = os.open(path[len("file://"):] if path.startswith("file://") else path, os.O_RDONLY)
-        try:
-            return os.pread(fd, end - start, start)
-        finally:
-            os.close(fd)
-    fs, p = fsspec.core.url_to_fs(path)
-    return fs.cat_file(p, start=start, end=end)   # one range request on object storage
-
-
-def chunk_index(path: str, where: tuple[int, ...], sha256: str = "") -> np.ndarray:
-    """A shard's (chunks, 3) index of (first byte, end byte, jets), read from its byte range (cached per process
-    by the shard's sha256, so a re-converted shard is read afresh)."""
-    if len(where) != 2:
-        raise ValueError(f"{path}: the manifest gives no chunk index for it: re-run `qgdist convert`")
-    key = (path, sha256 or repr(where))
-    if key not in _INDEXES:
-        if len(_INDEXES) >= 4096:
-            _INDEXES.pop(next(iter(_INDEXES)))
-        _INDEXES[key] = load_npy(_members(_read_range(path, *where), path)[INDEX_MEMBER])
-    return _INDEXES[key]
-
-
-def _shuffled_chunks(units: list[ShardPart], rng: np.random.Generator) -> Iterator[ChunkRef]:
-    """Every chunk of ``units`` in one seeded random order across all of them (shard order and chunk order)."""
-    refs = [ChunkRef(u.path, int(a), int(b), int(k))
-            for u in units for a, b, k in chunk_index(u.path, u.index, u.sha256)[u.part::u.parts].tolist()]
-    for i in rng.permutation(len(refs)).tolist():
-        yield refs[i]
-
-
-def _seed(tag: str) -> int:
-    return int.from_bytes(hashlib.blake2b(tag.encode(), digest_size=8).digest(), "little")
-
-
-class _Entry:
-    """A chunk in the pool: its raw members until first needed, then the decoded columns."""
-
-    __slots__ = ("raw", "decoded")
-
-    def __init__(self, raw: Any):
-        self.raw, self.decoded = raw, None
-
-    def chunk(self) -> JetChunk:
-        if self.decoded is None:
-            raw = self.raw.read() if isinstance(self.raw, ChunkRef) else self.raw
-            self.decoded, self.raw = decode_chunk(raw), None
-        return self.decoded
-
-
-def _draws(stream: Iterator[Any], batch_size: int, buffer: int,
-           rng: np.random.Generator | None) -> Iterator[tuple[np.ndarray, dict[int, _Entry]]]:
-    """Batches of jet ids ``(chunk << 32) | jet`` with the pool's chunks, from a stream of raw chunks.
-
-    With ``rng`` the pool keeps at least ``buffer + batch_size`` jets (while the stream lasts) and each batch is
-    ``batch_size`` jets drawn at random without replacement; without it, jets come in stream order. Only each
-    chunk's jet count is read here, so replaying draws (a resume) decodes nothing. The last batch may be short.
-    """
-    entries: dict[int, _Entry] = {}
-    left: dict[int, int] = {}
-    ids = np.zeros(0, np.int64)
-    target = buffer + batch_size if rng is not None else batch_size
-    seq, exhausted = 0, False
-    while True:
-        added = []
-        while not exhausted and len(ids) + sum(len(a) for a in added) < target:
-            raw = next(stream, None)
-            if raw is None:
-                exhausted = True
-                break
-            k = raw.jets if isinstance(raw, ChunkRef) else chunk_jets(raw)
-            if k == 0:
-                continue
-            entries[seq], left[seq] = _Entry(raw), k
-            added.append((seq << _JET_BITS) | np.arange(k, dtype=np.int64))
-            seq += 1
-        if added:
-            ids = np.concatenate([ids, *added])
-        if not len(ids):
-            return
-        if rng is not None:
-            ids = ids[rng.permutation(len(ids))]
-        take, ids = ids[:batch_size], ids[batch_size:]
-        yield take, entries
-        chunks, counts = np.unique(take >> _JET_BITS, return_counts=True)
-        for c, k in zip(chunks.tolist(), counts.tolist()):
-            left[c] -= k
-            if not left[c]:
-                del left[c], entries[c]
-
-
 class Collate:
     """Turns chunks of jets into batches of tensors, standardised with ``pre``'s statistics.
 
@@ -311,13 +110,13 @@ class Collate:
                          np.concatenate([np.arange(len(c)) for c in decoded]) if decoded else np.zeros(0, np.int64))
 
     def batches(self, chunks: Iterable[Any], size: int) -> Iterator[dict[str, Any]]:
-        for take, entries in _draws(iter(chunks), size, 0, None):
+        for take, entries in Pool(iter(chunks), size, 0, None):
             yield self.gather(take, entries)
 
-    def gather(self, take: np.ndarray, entries: dict[int, _Entry]) -> dict[str, Any]:
-        """The batch of pool ids ``take`` (see ``_draws``)."""
-        seqs, which = np.unique(take >> _JET_BITS, return_inverse=True)
-        return self.take([entries[s].chunk() for s in seqs.tolist()], which, take & ((1 << _JET_BITS) - 1))
+    def gather(self, take: np.ndarray, entries: dict[int, Any]) -> dict[str, Any]:
+        """The batch of pool ids ``take`` (see ``qgdist.data.epoch_plan.Pool``)."""
+        seqs, which = np.unique(take >> JET_BITS, return_inverse=True)
+        return self.take([entries[s].chunk() for s in seqs.tolist()], which, take & ((1 << JET_BITS) - 1))
 
     def take(self, chunks: list[JetChunk], which: np.ndarray, jet: np.ndarray) -> dict[str, Any]:
         if not chunks:
@@ -362,11 +161,11 @@ class Collate:
 
 
 class _EpochDataset(torch.utils.data.IterableDataset):
-    """One rank's epoch: DataLoader worker ``w`` streams slot ``rank * W + w`` of the epoch's plan."""
+    """One rank's part of an epoch under one layout: DataLoader worker ``w`` streams slot ``rank * W + w``."""
 
-    def __init__(self, cfg: LoaderConfig, plan: list[list[ShardPart]], batches_per_worker: int | None,
-                 skip: list[int], first: int, collate: Collate, epoch: int):
-        self.cfg, self.plan, self.batches_per_worker = cfg, plan, batches_per_worker
+    def __init__(self, cfg: LoaderConfig, plan: Sequence[Sequence[Unit]], layout: int,
+                 batches_per_worker: int | None, skip: list[int], first: int, collate: Collate, epoch: int):
+        self.cfg, self.plan, self.layout, self.batches_per_worker = cfg, plan, layout, batches_per_worker
         self.skip, self.first, self.collate, self.epoch = skip, first, collate, epoch
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -378,12 +177,12 @@ class _EpochDataset(torch.utils.data.IterableDataset):
         units = self.plan[self.cfg.rank * workers + w]
         rng = None
         if self.cfg.shuffle_buffer > 0:
-            rng = np.random.default_rng(_seed(f"{self.cfg.seed}-{self.epoch}-{self.cfg.rank}-{w}"))
-            stream: Iterator[Any] = _shuffled_chunks(units, rng)
+            rng = slot_rng(self.cfg.seed, self.epoch, self.layout, self.cfg.rank, w)
+            stream: Iterator[Any] = shuffled_chunks(units, rng)
         else:
-            stream = _raw_samples(units)
+            stream = read_parts(units)  # type: ignore[arg-type] -- evaluation: whole shard parts, in order
         bs, limit = self.cfg.batch_size, self.batches_per_worker
-        for i, (take, entries) in enumerate(_draws(stream, bs, self.cfg.shuffle_buffer, rng)):
+        for i, (take, entries) in enumerate(Pool(stream, bs, self.cfg.shuffle_buffer, rng)):
             if limit is not None and (i >= limit or len(take) < bs):
                 return
             if i >= self.skip[w]:  # resume: the skipped batches are drawn exactly as before, but never decoded
@@ -480,6 +279,8 @@ class ShardLoader:
         self.collate = Collate(self.preprocessing)
         self.workers = max(1, cfg.num_workers)
         self.position = {"epoch": 0, "step": 0}
+        self.earlier: tuple[Layout, ...] = ()   # the layouts that ran the current epoch's first steps
+        self._plan_cache: tuple[Any, Any] = (None, None)
         self._dense = DenseImages()
 
     @property
@@ -487,40 +288,57 @@ class ShardLoader:
         """Number of per-particle features a cloud model receives (the preset's length)."""
         return len(self.preprocessing.feature_names)
 
-    def _plan(self, epoch: int) -> list[list[ShardPart]]:
-        c = self.cfg
-        return plan_epoch(self.manifest, c.data, c.split, c.seed, epoch, c.world_size * self.workers)
+    def _plan(self, epoch: int, earlier: Sequence[Layout] = ()) -> Sequence[Sequence[Unit]]:
+        """This layout's slots for ``epoch``: the shards dealt afresh, or what ``earlier`` layouts left, re-dealt."""
+        c, slots = self.cfg, self.cfg.world_size * self.workers
+        key = (epoch, tuple(earlier))
+        if self._plan_cache[0] != key:
+            if not earlier:
+                plan: Sequence[Sequence[Unit]] = plan_epoch(self.manifest, c.data, c.split, c.seed, epoch, slots)
+            else:
+                if not c.training or c.shuffle_buffer <= 0:
+                    raise ValueError("an epoch continued under another layout must be a shuffled training epoch")
+                left = remaining_jets(self.manifest, c.data, c.split, c.seed, epoch, c.batch_size, c.shuffle_buffer,
+                                      earlier)
+                plan = deal(left, slots, c.seed, epoch, len(earlier))
+            self._plan_cache = (key, plan)
+        return self._plan_cache[1]
 
-    def _batches_per_worker(self, plan: list[list[ShardPart]]) -> int | None:
+    def _batches_per_worker(self, plan: Sequence[Sequence[Unit]]) -> int | None:
         if not self.cfg.training:
             return None
-        return min(sum(u.samples for u in slot) for slot in plan) // self.cfg.batch_size
+        return min(slot_jets(slot) for slot in plan) // self.cfg.batch_size
 
-    def steps_in_epoch(self, epoch: int) -> int:
-        """Training steps every rank runs in ``epoch`` (the same on all ranks)."""
-        per_worker = self._batches_per_worker(self._plan(epoch))
+    def steps_in_epoch(self, epoch: int, earlier: Sequence[Layout] = ()) -> int:
+        """Training steps every rank runs in ``epoch`` (the same on all ranks), counting those ``earlier``
+        layouts ran before this one took over."""
+        per_worker = self._batches_per_worker(self._plan(epoch, earlier))
         if per_worker is None:
             raise ValueError("steps_in_epoch is defined for training loaders only")
-        if per_worker == 0:
+        if per_worker == 0 and not earlier:
             c = self.cfg
             raise ValueError(
                 f"{c.data}: the {c.split!r} split is too small for {c.world_size} rank(s) x {self.workers} "
                 f"loader worker(s) x batch size {c.batch_size}: a worker would get no full batch")
-        return per_worker * self.workers
+        return sum(layout.steps for layout in earlier) + per_worker * self.workers
 
-    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
-        """Batches ``(inputs, label)`` of ``epoch`` from step ``start_step`` on, on ``cfg.device``."""
-        for batch in self.collated(epoch, start_step):
+    def epoch(self, epoch: int, start_step: int = 0,
+              earlier: Sequence[Layout] = ()) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
+        """Batches ``(inputs, label)`` of ``epoch`` from step ``start_step`` on, on ``cfg.device``; ``earlier``:
+        the layouts (world sizes) that ran the first steps of this epoch, when it was not this one."""
+        for batch in self.collated(epoch, start_step, earlier):
             yield to_device(batch, self.cfg.device, self._dense)
 
-    def collated(self, epoch: int, start_step: int = 0) -> Iterator[dict[str, Any]]:
+    def collated(self, epoch: int, start_step: int = 0, earlier: Sequence[Layout] = ()) -> Iterator[dict[str, Any]]:
         """The collated CPU batches (sparse images; each jet's source ``file`` and ``row`` included)."""
-        plan = self._plan(epoch)
+        plan = self._plan(epoch, earlier)
         per_worker = self._batches_per_worker(plan)
         w = self.workers
-        # Batch i comes from worker i % W (equal counts per worker), so worker j already delivered:
-        skip = [start_step // w + (1 if j < start_step % w else 0) for j in range(w)]
-        dataset = _EpochDataset(self.cfg, plan, per_worker, skip, start_step % w, self.collate, epoch)
+        local = start_step - sum(layout.steps for layout in earlier)   # steps already run under this layout
+        if local < 0:
+            raise ValueError(f"step {start_step} lies before the last layout change of epoch {epoch}")
+        skip = [delivered(local, w, j) for j in range(w)]
+        dataset = _EpochDataset(self.cfg, plan, len(earlier), per_worker, skip, local % w, self.collate, epoch)
         kwargs: dict[str, Any] = {}
         if self.cfg.num_workers > 0:
             kwargs = {"num_workers": self.cfg.num_workers, "prefetch_factor": self.cfg.prefetch_factor,
@@ -531,6 +349,7 @@ class ShardLoader:
         loader = torch.utils.data.DataLoader(dataset, batch_size=None, generator=generator, collate_fn=_as_is,
                                              **kwargs)
         self.position = {"epoch": epoch, "step": start_step}
+        self.earlier = tuple(earlier)
         for batch in loader:
             self.position = {"epoch": epoch, "step": self.position["step"] + 1}
             yield batch
@@ -538,5 +357,6 @@ class ShardLoader:
     def state_dict(self) -> dict[str, Any]:
         """The position plus everything that shapes the plan (a resume with other values would not be exact)."""
         c = self.cfg
-        return {**self.position, "rank": c.rank, "world_size": c.world_size, "num_workers": c.num_workers,
-                "seed": c.seed, "batch_size": c.batch_size, "shuffle_buffer": c.shuffle_buffer}
+        earlier = [asdict(layout) for layout in self.earlier] if self.position["step"] else []
+        return {**self.position, "earlier": earlier, "rank": c.rank, "world_size": c.world_size,
+                "num_workers": c.num_workers, "seed": c.seed, "batch_size": c.batch_size, "shuffle_buffer": c.shuffle_buffer}

@@ -9,7 +9,8 @@ import pytest
 import torch
 import webdataset as wds
 
-from qgdist.data.loader import LoaderConfig, ShardLoader, plan_epoch
+from qgdist.data.epoch_plan import plan_epoch
+from qgdist.data.loader import LoaderConfig, ShardLoader
 from qgdist.data.shards.schema import decode_chunk
 from tests.trainkit import write_dataset
 
@@ -139,7 +140,7 @@ def test_shards_at_an_fsspec_url_read_like_local_ones(cloud_dir):
 def test_training_batches_mix_shards_and_resume_reads_no_skipped_chunk(cloud_dir, monkeypatch):
     """Chunks come in one random order across the slot's shards, so a batch mixes several shards; a resume replays
     the draws from the manifest's jet counts and fetches only chunks that still have jets to deliver."""
-    import qgdist.data.loader as loader_module
+    import qgdist.data.shards.read as loader_module
 
     cfg = LoaderConfig(cloud_dir, batch_size=16, seed=5, shuffle_buffer=30)
     loader = ShardLoader(cfg)

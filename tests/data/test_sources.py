@@ -44,7 +44,7 @@ def _chunks(out, pattern="*"):
 
 def _index(path, shard):
     """A shard's chunk index, read with the loader's own range reader from where the manifest says."""
-    from qgdist.data.loader import chunk_index
+    from qgdist.data.shards.read import chunk_index
 
     return chunk_index(str(path), tuple(shard.index), shard.sha256)
 

@@ -1,0 +1,87 @@
+"""An epoch continued under other world sizes (elastic training): what holds across a resize.
+
+Within one epoch, whatever the sequence of world sizes: no jet is drawn twice; the jets never drawn are only the
+tail the last layout leaves so that its slots run equal steps (less than a batch plus a chunk per slot); a resumed
+position inside a resized epoch is exact; with no resize the plan is the one a fixed-size run uses.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from qgdist.data.epoch_plan import Layout, remaining_jets
+from qgdist.data.loader import LoaderConfig, ShardLoader
+from qgdist.data.shards.schema import decode_chunk
+from tests.trainkit import write_dataset
+
+BATCH, CHUNK = 8, 4
+
+
+@pytest.fixture(scope="module")
+def cloud_dir(tmp_path_factory):
+    return write_dataset(str(tmp_path_factory.mktemp("cloud")), "cloud",
+                         {"train": [40, 37, 45, 30, 41, 52, 33], "val": [20]}, chunk_jets=CHUNK)
+
+
+def _loaders(data: str, world: int, workers: int = 0) -> list[ShardLoader]:
+    return [ShardLoader(LoaderConfig(data, batch_size=BATCH, rank=r, world_size=world, num_workers=workers, seed=5,
+                                     shuffle_buffer=24)) for r in range(world)]
+
+
+def _run(data: str, world: int, start: int, stop: int | None, earlier: tuple[Layout, ...] = (),
+         workers: int = 0) -> list[tuple[str, int]]:
+    """The jets every rank of a ``world``-rank layout trains on from step ``start`` to ``stop`` (None: the end)."""
+    jets = []
+    for loader in _loaders(data, world, workers):
+        batches = loader.collated(0, start, earlier)
+        for batch in itertools.islice(batches, None if stop is None else stop - start):
+            jets += list(zip(batch["file"], batch["row"].tolist()))
+    return jets
+
+
+def test_shrink_then_grow_draws_no_jet_twice_and_leaves_only_the_last_tail(cloud_dir):
+    total = sum([40, 37, 45, 30, 41, 52, 33])
+    first = _run(cloud_dir, 2, 0, 5)                                   # 2 ranks, 5 steps
+    shrunk = (Layout(2, 0, 5),)
+    second = _run(cloud_dir, 1, 5, 9, shrunk)                          # 1 rank, 4 more steps
+    grown = shrunk + (Layout(1, 0, 4),)
+    steps = _loaders(cloud_dir, 3)[0].steps_in_epoch(0, grown)
+    third = _run(cloud_dir, 3, 9, None, grown)                         # 3 ranks to the end of the epoch
+    trained = first + second + third
+    assert len(first) == 2 * 5 * BATCH and len(second) == 4 * BATCH and len(third) == 3 * (steps - 9) * BATCH
+    assert len(set(trained)) == len(trained), "a jet was drawn twice within the epoch"
+    left_out = total - len(trained)
+    assert 0 <= left_out < 3 * (BATCH + CHUNK), left_out                # the last layout's tail only
+    assert steps > 9
+
+
+def test_the_remaining_jets_are_the_split_minus_those_drawn(cloud_dir):
+    drawn = {row for _, row in _run(cloud_dir, 2, 0, 6)}
+    loader = _loaders(cloud_dir, 1)[0]
+
+    def rows(earlier: list[Layout]) -> list[int]:   # the jets' own row numbers (unique across the toy's shards)
+        pieces = remaining_jets(loader.manifest, cloud_dir, "train", 5, 0, BATCH, 24, earlier)
+        return [int(r) for p in pieces for r in decode_chunk(p.read()).jets["row"][p.row_ids()]]
+
+    every, left = set(rows([Layout(1, 0, 0)])), rows([Layout(2, 0, 6)])
+    assert len(every) == sum([40, 37, 45, 30, 41, 52, 33])
+    assert len(left) == len(set(left)) and set(left) | drawn == every and not set(left) & drawn
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_resume_inside_a_resized_epoch_is_exact(cloud_dir, workers):
+    earlier = (Layout(2, workers, 4),)
+    whole = _run(cloud_dir, 1, 4, None, earlier, workers)
+    head = _run(cloud_dir, 1, 4, 7, earlier, workers)
+    tail = _run(cloud_dir, 1, 7, None, earlier, workers)
+    assert head + tail == whole
+
+
+def test_without_a_resize_the_plan_is_the_fixed_size_one(cloud_dir):
+    loader = _loaders(cloud_dir, 2)[0]
+    assert loader.steps_in_epoch(0, ()) == loader.steps_in_epoch(0)
+    assert _run(cloud_dir, 2, 3, None) == _run(cloud_dir, 2, 3, None, ())
+    state = loader.state_dict()
+    assert state["earlier"] == []
