@@ -30,9 +30,7 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import subprocess
 import sys
-import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -301,77 +299,16 @@ def ours(fmt: str, src: str, out: str, executor: str, num_cpus: str) -> dict[str
 
 
 # -- measuring ------------------------------------------------------------------------------------------------------
-def _hwm(pid: int) -> int:
-    """The kernel's peak-RSS mark of a process (VmHWM), in bytes; 0 where unavailable."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
-def _tree_memory(root: Any, hwm: dict[int, int], names: dict[int, str] | None = None) -> tuple[int, int]:
-    """(sum of PSS, sum of RSS) in bytes over ``root`` and all its descendants; updates per-pid peak marks (and
-    process names)."""
-    import psutil
-
-    pss = rss = 0
-    for p in [root] + root.children(recursive=True):
-        try:
-            info = p.memory_full_info()
-            pss += getattr(info, "pss", info.rss)
-            rss += info.rss
-            hwm[p.pid] = max(hwm.get(p.pid, 0), _hwm(p.pid))
-            if names is not None and p.pid not in names:
-                names[p.pid] = _process_name(p)
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            pass
-    return pss, rss
-
-
-def _process_name(p: Any) -> str:
-    """A process's name; for a Python process, its script or module (Ray workers, agents, the method itself)."""
-    name = p.name()
-    if name.startswith("python"):
-        args = [a for a in p.cmdline()[1:] if not a.startswith("-")]
-        name = os.path.basename(args[0]) if args else name
-    return name
-
-
 def measure(cmd: list[str]) -> dict[str, Any]:
-    """Run ``cmd``; wall seconds, peak tree PSS/RSS (sampled every 0.2 s), summed VmHWM and its JSON line."""
-    import psutil
+    """Run ``cmd`` (a method entry point printing one JSON line); its record, wall seconds, start-up and memory."""
+    from qgdist.bench.memory import measure_tree
 
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")})
-    root, peak, hwm, names = psutil.Process(proc.pid), [0, 0], {}, {}
-    out: dict[str, str] = {}
-    readers = [threading.Thread(target=lambda k=k, f=f: out.__setitem__(k, f.read()))
-               for k, f in (("stdout", proc.stdout), ("stderr", proc.stderr))]
-    for t in readers:
-        t.start()
-    while proc.poll() is None:
-        pss, rss = _tree_memory(root, hwm, names)
-        peak = [max(peak[0], pss), max(peak[1], rss)]
-        time.sleep(0.2)
-    for t in readers:
-        t.join()
-    wall = time.perf_counter() - start
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{out['stderr'][-3000:]}")
-    record = json.loads(out["stdout"].strip().splitlines()[-1])
-    by_name: dict[str, list[float]] = {}
-    for pid, mark in hwm.items():
-        entry = by_name.setdefault(names.get(pid, "?"), [0.0, 0])
-        entry[0] += mark / 1e6
-        entry[1] += 1
-    return {**record, "hwm_mb_by_process": by_name, "wall_s": wall, "startup_s": wall - record["loop_s"],
-            "peak_pss_mb": peak[0] / 1e6,
-            "peak_rss_mb": peak[1] / 1e6, "sum_hwm_mb": sum(hwm.values()) / 1e6}
+    run = measure_tree(cmd)
+    if run["returncode"] != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({run['returncode']}):\n{run['stderr'][-3000:]}")
+    record = json.loads(run["stdout"].strip().splitlines()[-1])
+    keep = ("wall_s", "peak_pss_mb", "peak_rss_mb", "sum_hwm_mb", "hwm_mb_by_process")
+    return {**record, **{k: run[k] for k in keep}, "startup_s": run["wall_s"] - record["loop_s"]}
 
 
 def _out_bytes_per_jet(out: str, rows: int) -> float:

@@ -53,16 +53,18 @@ def _checkpoint(model: str, shards: str, root: Path) -> str:
 
 
 def _predict(checkpoint: str, data: str, out: Path, cfg: BenchPredictConfig) -> dict[str, Any]:
-    from qgdist.bench.convert import measure
+    from qgdist.bench.memory import measure_tree
 
     cmd = [sys.executable, "-m", "qgdist", "predict", "--checkpoint", checkpoint, "--data", data, "--out", str(out),
            "--workers", str(cfg.workers), "--num-cpus", str(cfg.workers), "--batch-size", str(cfg.batch_size),
            "--no-progress"]
-    run = measure(cmd)
+    run = measure_tree(cmd)
+    if run["returncode"] != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({run['returncode']}):\n{run['stderr'][-3000:]}")
     summary = json.loads((out / "summary.json").read_text())
     return {"jets": summary["jets"], "jets_per_s": summary["jets_per_s"], "ray_seconds": summary["ray_seconds"],
-            "wall_seconds": round(run["seconds"], 2), "peak_pss_mb": run["peak_pss"] / 1e6,
-            "peak_rss_mb": run["peak_rss"] / 1e6, "sum_hwm_mb": run["sum_hwm"] / 1e6}
+            "wall_seconds": round(run["wall_s"], 2), "peak_pss_mb": run["peak_pss_mb"],
+            "peak_rss_mb": run["peak_rss_mb"], "sum_hwm_mb": run["sum_hwm_mb"]}
 
 
 def run(cfg: BenchPredictConfig) -> dict[str, Any]:

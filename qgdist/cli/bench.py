@@ -6,7 +6,7 @@ import argparse
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from qgdist.bench import convert, knn, loader, physics, predict, step, train
+from qgdist.bench import convert, knn, loader, physics, predict, scale, step, train
 from qgdist.core.config import add_arguments, from_args
 
 #: kind -> (bench module, its config class, the function that runs a config, one-line help), in --help order.
@@ -20,6 +20,8 @@ KINDS: dict[str, tuple[Any, type, Callable[[Any], Any], str]] = {
     "train": (train, train.TrainBenchConfig, train.run, "Ray Train scaling 1 -> N workers (efficiency), Ray start-up cost"),
     "predict": (predict, predict.BenchPredictConfig, predict.run,
                 "qgdist predict jets/s from raw files and shards, memory at 1x and 10x input"),
+    "scale": (scale, scale.BenchScaleConfig, scale.run,
+              "1M toy clouds + 100k images: generate, convert, train (killed, resumed), score; vs 100k"),
     "physics": (physics, physics.PhysicsBenchConfig, physics.run_physics,
                 "Pythia jets -> shards -> ParticleNet(-Lite)/ResNet-15 vs the paper"),
 }

@@ -94,11 +94,24 @@ class TrackingConfig:
     verbose: bool = option(False, "show Ray's own log lines on the terminal (they always go to the run's log file)")
 
 
+def parse_workers(text: str) -> int | tuple[int, int]:
+    """``"2"`` -> 2; ``"1-4"`` -> (1, 4): an elastic range."""
+    low, sep, high = text.partition("-")
+    try:
+        return (int(low), int(high)) if sep else int(text)
+    except ValueError:
+        raise ValueError(f"want a number of workers N or a range MIN-MAX, got {text!r}") from None
+
+
 @dataclass(frozen=True)
 class LaunchConfig:
     """Where the workers run."""
 
-    workers: int = option(2, "Ray Train workers (0: the plain loop in this process, no Ray)")
+    workers: int = option(2, "Ray Train workers (0: the plain loop in this process, no Ray); MIN-MAX: elastic, "
+                             "the run goes on with as few as MIN when workers are lost and grows back to MAX",
+                          parse=parse_workers, metavar="N|MIN-MAX")
+    min_workers: int | None = option(None, "elastic runs: the fewest workers (set by --workers MIN-MAX)", cli=False)
+    resize_check_s: float = option(60.0, "elastic runs: seconds between Ray's checks for room to grow")
     gpu: bool = option(False, "one GPU per worker (nccl)")
     cpus_per_worker: float = option(1.0, "CPUs Ray reserves per worker")
     max_failures: int = option(2, "worker-group restarts Ray may do")
@@ -106,6 +119,21 @@ class LaunchConfig:
         {}, "extra Ray resource each worker needs, e.g. a node-type label (one worker per node)",
         flag="--worker-resource", metavar="NAME=AMOUNT")
     address: str | None = option(None, "Ray cluster address (default: $RAY_ADDRESS or a private local Ray)")
+
+    def __post_init__(self) -> None:
+        if isinstance(self.workers, tuple):   # --workers MIN-MAX
+            low, high = self.workers
+            object.__setattr__(self, "workers", high)
+            object.__setattr__(self, "min_workers", low)
+        if self.min_workers is not None and not 1 <= self.min_workers <= self.workers:
+            raise ValueError(f"workers: an elastic range needs 1 <= MIN <= MAX, got {self.min_workers}-{self.workers}")
+        if self.min_workers == self.workers:
+            object.__setattr__(self, "min_workers", None)
+
+    @property
+    def elastic(self) -> bool:
+        """True when the worker group may shrink (to ``min_workers``) and grow back (to ``workers``)."""
+        return self.min_workers is not None
 
 
 #: Fields that shape the training trajectory: a checkpoint written under other values cannot be resumed exactly.
@@ -137,8 +165,13 @@ class TrainConfig:
 
     @property
     def world_size(self) -> int:
-        """Training processes: the Ray Train workers, or 1 for the plain loop."""
+        """Training processes: the Ray Train workers (the most, for an elastic run), or 1 for the plain loop."""
         return max(1, self.launch.workers)
+
+    def allows_world_size(self, world: int) -> bool:
+        """Whether ``world`` processes may run this config (any size in the elastic range, else exactly one)."""
+        low = self.launch.min_workers if self.launch.elastic else self.world_size
+        return low <= world <= self.world_size  # type: ignore[operator]
 
     @property
     def resolved(self) -> bool:

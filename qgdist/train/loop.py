@@ -33,6 +33,7 @@ from qgdist.train.checkpoint import (Checkpointer, check_fingerprint, load_check
                                      to_cpu)
 from qgdist.train.config import TrainConfig
 from qgdist.train.console import Console
+from qgdist.train.elastic import continue_after_resize
 from qgdist.train.metrics import JetMetrics
 from qgdist.train.step import forward_logits, train_step
 
@@ -129,8 +130,9 @@ def train(cfg: TrainConfig, device: torch.device | str | None = None, report: Re
     distributed = dist.is_available() and dist.is_initialized()
     rank = dist.get_rank() if distributed else 0
     world = dist.get_world_size() if distributed else 1
-    if world != cfg.world_size:
-        raise ValueError(f"config is for {cfg.world_size} worker(s) but {world} process(es) run it")
+    if not cfg.allows_world_size(world):
+        raise ValueError(f"config is for {cfg.launch.min_workers or cfg.world_size}"
+                         f"{f'-{cfg.world_size}' if cfg.launch.elastic else ''} worker(s) but {world} process(es) run it")
     device = resolve_device(device if device is not None else ("cuda" if cfg.launch.gpu else "auto"))
     precision = o.precision
     torch.manual_seed(o.seed)  # same initial weights on every rank (DDP broadcasts rank 0's anyway)
@@ -157,6 +159,12 @@ def train(cfg: TrainConfig, device: torch.device | str | None = None, report: Re
     val_loader = loader("val", False, pre)
     steps = [train_loader.steps_in_epoch(e) for e in range(o.epochs)]
     total_steps = sum(steps)
+    # An elastic run resumed with another world size: the epoch in progress continues with the jets its earlier
+    # layouts left, and the schedule keeps the fraction of it done (qgdist.train.elastic).
+    earlier, schedule_at, saved_world = (), None, world
+    if state is not None:
+        earlier, schedule_at, total_steps = continue_after_resize(state, train_loader, steps, world)
+        saved_world = state["loader"][0]["world_size"]
 
     # -- model and optimiser ---------------------------------------------------------------------------------
     kwargs = dict(cfg.model.model_kwargs)
@@ -178,7 +186,12 @@ def train(cfg: TrainConfig, device: torch.device | str | None = None, report: Re
         changed = check_fingerprint(state["fingerprint"], cfg.fingerprint(), str(source), c.allow_config_change)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        if changed:  # the schedule may have another length now: follow the new one from the same step
+        if schedule_at is not None:
+            say(f"world size {saved_world} -> {world} at epoch {state['epoch']} step {state['step']}: the epoch's "
+                f"undrawn jets re-dealt over {world} rank(s), {steps[state['epoch']] - state['step']} steps left in it; "
+                f"the schedule goes on from {schedule_at}/{total_steps}")
+            scheduler.last_epoch = schedule_at
+        elif changed:  # the schedule may have another length now: follow the new one from the same step
             say("config changed since the checkpoint (allowed):\n  " + "\n  ".join(changed))
             scheduler.last_epoch = state["global_step"]
         else:
@@ -208,7 +221,11 @@ def train(cfg: TrainConfig, device: torch.device | str | None = None, report: Re
         say(f"note: run directory {cfg.run_dir} is not a local path, so the embedded MLflow store lives in "
             f"{scratch_dir(cfg.run_dir) / 'mlflow'} on this machine; give --tracking-uri to keep runs centrally")
     tracker = Tracker(scratch_dir(cfg.run_dir), t.tracking_uri, enabled=t.track and rank == 0)
-    run_id = tracker.start(c.run_name, to_flat_dict(cfg) | {"world_size": world}, run_id=run_id)
+    # An elastic run's world size is a metric (one point per start or resize), not a parameter: params are fixed.
+    params = to_flat_dict(cfg) | ({} if cfg.launch.elastic else {"world_size": world})
+    run_id = tracker.start(c.run_name, params, run_id=run_id)
+    if cfg.launch.elastic:
+        tracker.log_metrics({"cluster/world_size": world}, global_step)
     if run_id and rank == 0:
         id_file.parent.mkdir(parents=True, exist_ok=True)
         id_file.write_text(run_id)
@@ -223,6 +240,7 @@ def train(cfg: TrainConfig, device: torch.device | str | None = None, report: Re
                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": state_rngs,
                 "epoch": epoch, "step": step, "global_step": global_step, "loader": positions,
                 "fingerprint": cfg.fingerprint(), "preprocessing": pre.to_dict(),
+                "schedule_steps": getattr(scheduler, "total_steps", total_steps),
                 "mlflow_run_id": run_id or "", "history": history,
                 "config": json.dumps(cfg.to_dict())}, auc=(val or {}).get("auc"))
         if report is not None:
@@ -239,7 +257,7 @@ def train(cfg: TrainConfig, device: torch.device | str | None = None, report: Re
             jets_per_step = d.batch_size * world
             bar = console.bar(steps[epoch] * jets_per_step, step * jets_per_step, f"epoch {epoch}", show=t.progress)
             t0, running, warm = time.perf_counter(), [], None  # warm: (time, step) once past the first steps
-            for inputs, label in train_loader.epoch(epoch, step):
+            for inputs, label in train_loader.epoch(epoch, step, earlier):
                 loss = train_step(model, inputs, label, optimizer, autocast_dtype=precision,
                                   grad_clip=o.grad_clip or None, scaler=scaler if scaler.is_enabled() else None)
                 scheduler.step()
@@ -273,7 +291,7 @@ def train(cfg: TrainConfig, device: torch.device | str | None = None, report: Re
                 history.setdefault(f"val/{k}", []).append([global_step, v])
             tracker.log_metrics({f"val/{k}": v for k, v in val.items() if math.isfinite(v)}, global_step)
             say(f"epoch {epoch}: " + " ".join(f"{k}={v:.4f}" for k, v in val.items()) + f" ({seconds:.1f} s)")
-            epoch, step, evaluated = epoch + 1, 0, True
+            epoch, step, evaluated, earlier = epoch + 1, 0, True, ()
             last_path = save(val)
         if rank == 0 and epoch >= o.epochs and evaluated:
             for path in write_artifacts(cfg, raw_model, pre, history, val, roc):

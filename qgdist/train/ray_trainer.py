@@ -11,6 +11,11 @@ restart all continue mid-epoch from the latest complete checkpoint:
   own checkpoint exists, ``ray.train.get_checkpoint()`` provides it;
 * ``resume_from``: a checkpoint directory given explicitly.
 
+Elastic runs (``--workers MIN-MAX``, Ray Train V2's ``ScalingConfig(num_workers=(min, max))``): when workers are
+lost Ray restarts the group with as many as the cluster has room for (at least MIN), and every
+``--resize-check-s`` it checks whether there is room to grow back to MAX; either way the workers start again from
+the latest checkpoint, and ``train`` continues the epoch with the new world size (``qgdist.train.elastic``).
+
 ``storage`` must be a filesystem every worker sees: local disk on one machine, NFS / a PVC on a cluster, or an
 fsspec URL such as ``s3://bucket/runs`` (see ``qgdist.core.storage``).
 """
@@ -82,8 +87,10 @@ def fit(cfg: TrainConfig, worker_fn: Callable[[dict[str, Any]], None] = worker_l
         worker_fn,
         train_loop_config={"train": cfg.to_dict(), "console": relay.queue},
         torch_config=TorchConfig(backend="nccl" if launch.gpu else "gloo"),
-        scaling_config=ray.train.ScalingConfig(num_workers=launch.workers, use_gpu=launch.gpu,
-                                               resources_per_worker=resources),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=(launch.min_workers, launch.workers) if launch.elastic else launch.workers,
+            use_gpu=launch.gpu, resources_per_worker=resources,
+            elastic_resize_monitor_interval_s=launch.resize_check_s),
         run_config=ray.train.RunConfig(
             name=c.run_name, storage_path=c.storage,
             failure_config=ray.train.FailureConfig(max_failures=launch.max_failures),

@@ -43,10 +43,11 @@ class RayNode:
     """
 
     def __init__(self, head: RayNode | None = None, *, num_cpus: int, resources: dict[str, float] | None = None,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, ray_settings: dict[str, str] | None = None) -> None:
         self.env = env or {**{k: v for k, v in os.environ.items() if not k.startswith("RAY_")},
                            "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
                            "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+        self.env |= {f"RAY_{k}": v for k, v in (ray_settings or {}).items()}   # Ray's system config, by env
         common = ["--node-ip-address", "127.0.0.1", "--num-cpus", str(num_cpus), "--disable-usage-stats",
                   "--resources", json.dumps(resources or {}), *_agent_ports()]
         if head is None:

@@ -4,7 +4,9 @@ Each worker node has one logical CPU and a ``qgdist_node`` resource, and trainin
 worker (``--worker-resource qgdist_node=1``), so Ray Train must place its two workers on the two nodes and
 conversion tasks must run on both. Then one worker node is SIGKILLed mid-epoch (its whole process tree: a lost
 machine) and started again: the run restarts its worker group from the latest checkpoint once the node is back,
-and finishes with the same number of steps as an uninterrupted run. What the loss cost is printed (``-s``).
+and finishes with the same number of steps as an uninterrupted run. An elastic run (``--workers 1-2``) does not
+wait: it goes on with the one worker left, and grows back to two once the node returns. What the loss cost is
+printed (``-s``).
 """
 
 from __future__ import annotations
@@ -26,6 +28,10 @@ from tests.cluster.raykit import VENV_BIN, RayNode, wait_for_nodes
 
 pytestmark = pytest.mark.slow
 NODE = {"qgdist_node": 1}
+# A lost node is declared dead after ~3 missed 1 s health checks instead of Ray's default ~5 x 3 s: the tests
+# wait on it, and the figures they print then say what Ray's restart costs rather than its detection delay.
+FAST_NODE_DEATH = {"health_check_period_ms": "1000", "health_check_timeout_ms": "1000",
+                   "health_check_failure_threshold": "3"}
 TINY = {"conv_params": [[4, [8, 8]]], "fc_params": [[16, 0.1]]}
 
 
@@ -35,7 +41,7 @@ def cluster():
 
     if not (VENV_BIN / "ray").exists():
         pytest.skip(f"no `ray` executable next to {VENV_BIN}")
-    head = RayNode(num_cpus=0)
+    head = RayNode(num_cpus=0, ray_settings=FAST_NODE_DEATH)
     nodes = []
     try:
         nodes = [RayNode(head, num_cpus=1, resources=NODE) for _ in range(2)]
@@ -60,7 +66,8 @@ def _record_node(config: dict) -> None:
     out = Path(run["storage"]) / run["run_name"] / "placement"
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{time.time():.3f}-rank{rank}.json").write_text(json.dumps(
-        {"rank": rank, "node": ray.get_runtime_context().get_node_id(), "time": time.time()}))
+        {"rank": rank, "world": ray.train.get_context().get_world_size(),
+         "node": ray.get_runtime_context().get_node_id(), "time": time.time()}))
     worker_loop(config)
 
 
@@ -123,3 +130,66 @@ def test_a_lost_node_is_regained_and_training_finishes(cluster, tmp_path):
           f"{events['restarted'] - events['killed']:.1f} s after the kill; workers running again "
           f"{back - events['killed']:.1f} s after the kill; work redone: the steps since that checkpoint "
           f"(at most --checkpoint-every = {cfg.checkpoint.checkpoint_every})")
+
+
+def test_an_elastic_run_goes_on_with_one_node_and_grows_back(cluster, tmp_path):
+    from mlflow import MlflowClient
+
+    from qgdist.track.tracker import local_store_uri
+
+    raw = toy_file("energyflow", 4000, tmp_path / "toy.npz", seed=5)
+    data = str(tmp_path / "shards")
+    convert(ConvertConfig(source="energyflow", inputs=[raw], out=data, progress=False))
+    cfg = resolve(TrainConfig.of(
+        data=data, model="particlenet-lite", model_kwargs=TINY, workers="1-2", resize_check_s=2.0,
+        worker_resources=NODE, epochs=3, batch_size=16, shuffle_buffer=64, checkpoint_every=5, max_failures=3,
+        storage=str(tmp_path / "runs"), run_name="elastic", progress=False))
+    pointer = tmp_path / "runs" / "elastic" / "checkpoints" / "latest.json"
+    placement = tmp_path / "runs" / "elastic" / "placement"
+    events: dict[str, float] = {}
+
+    def worlds_since(t: float) -> set[int]:
+        return {json.loads(p.read_text())["world"] for p in placement.iterdir()
+                if json.loads(p.read_text())["time"] > t} if placement.exists() else set()
+
+    def lose_a_node_then_regain_it() -> None:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline and "killed" not in events:
+            if pointer.exists() and json.loads(pointer.read_text())["step"] > 0:   # mid-epoch checkpoint
+                events["checkpoint_step"] = json.loads(pointer.read_text())["global_step"]
+                events["killed"] = time.time()
+                cluster["nodes"][1].kill()
+            time.sleep(0.05)
+        while time.monotonic() < deadline and 1 not in worlds_since(events.get("killed", 0)):
+            time.sleep(0.1)
+        events["shrunk"] = time.time()
+        shrunk_at = json.loads(pointer.read_text())["global_step"]
+        while time.monotonic() < deadline and json.loads(pointer.read_text())["global_step"] <= shrunk_at:
+            time.sleep(0.1)                                     # one checkpoint written by the lone worker
+        cluster["nodes"][1] = RayNode(cluster["head"], num_cpus=1, resources=NODE)
+        events["restarted"] = time.time()
+
+    killer = threading.Thread(target=lose_a_node_then_regain_it, daemon=True)
+    killer.start()
+    out = fit(cfg, worker_fn=_record_node)
+    killer.join(timeout=60)
+    assert "restarted" in events, f"the run ended before the node could be lost and regained: {events}"
+
+    state = load_checkpoint(Checkpointer(out["run_dir"]).latest())
+    assert state["epoch"] == 3 and state["step"] == 0
+    records = sorted((json.loads(p.read_text()) for p in placement.iterdir()), key=lambda r: r["time"])
+    worlds = [r["world"] for r in records if r["rank"] == 0]
+    assert worlds[0] == 2 and 1 in worlds and worlds[-1] == 2, worlds     # 2 -> 1 -> 2
+    client = MlflowClient(tracking_uri=local_store_uri(out["run_dir"]))
+    runs = client.search_runs([client.get_experiment_by_name("qgdist").experiment_id])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"            # one MLflow run, continued
+    sizes = [m.value for m in sorted(client.get_metric_history(runs[0].info.run_id, "cluster/world_size"),
+                                     key=lambda m: m.step)]
+    assert sizes[0] == 2 and 1 in sizes and sizes[-1] == 2, sizes          # each resize recorded
+    grown = min(r["time"] for r in records if r["time"] > events["restarted"] and r["world"] == 2)
+    print(f"\nelastic: node lost at global step >= {events['checkpoint_step']} (latest checkpoint); training "
+          f"again on 1 worker {events['shrunk'] - events['killed']:.1f} s after the kill; node back "
+          f"{events['restarted'] - events['killed']:.1f} s after it; 2 workers again "
+          f"{grown - events['restarted']:.1f} s after that (resize check every {cfg.launch.resize_check_s:.0f} s); "
+          f"work redone at each change: the steps since the latest checkpoint (at most "
+          f"{cfg.checkpoint.checkpoint_every})")

@@ -110,3 +110,28 @@ def test_the_job_config_example_parses():
     cfg = resolve(_parse("--config", str(example), "--data", "s3://b/shards", "--run-name", "pn1"))
     assert cfg.launch.gpu and cfg.launch.workers == 4 and cfg.data.loader_workers == 6
     assert cfg.optim.precision == "bf16" and cfg.optim.optimizer == "adamw" and cfg.data.data == "s3://b/shards"
+
+
+def test_workers_min_max_makes_an_elastic_launch():
+    from qgdist.train.config import LaunchConfig, TrainConfig, parse_workers
+
+    cfg = TrainConfig.of(data="d", model="particlenet-lite", workers="2-4")
+    assert cfg.launch.workers == 4 and cfg.launch.min_workers == 2 and cfg.launch.elastic
+    assert [cfg.allows_world_size(w) for w in (1, 2, 4, 5)] == [False, True, True, False]
+    fixed = TrainConfig.of(data="d", model="particlenet-lite", workers=3)
+    assert not fixed.launch.elastic and [fixed.allows_world_size(w) for w in (2, 3)] == [False, True]
+    assert TrainConfig.of(data="d", model="particlenet-lite", workers="3-3").launch.min_workers is None
+    assert parse_workers("5") == 5
+    with pytest.raises(ValueError, match="MIN-MAX"):
+        parse_workers("two")
+    with pytest.raises(ValueError, match="1 <= MIN <= MAX"):
+        LaunchConfig(workers=(3, 2))
+
+
+def test_the_schedule_keeps_its_fraction_done_after_a_resize():
+    from qgdist.train.elastic import schedule_position
+
+    # 30-step schedule at step 6 (20%); 48 steps now remain: go on at 12 of 60 (still 20%), ending on step 60.
+    assert schedule_position(6, 30, 48) == 12
+    assert schedule_position(10, 20, 5) == 5                     # grown: fewer steps left, same fraction (50%)
+    assert schedule_position(7, 7, 3) == 7                       # a finished schedule is left alone

@@ -1,0 +1,100 @@
+"""Run a command and measure its whole process tree: wall time, peak memory (summed and per process).
+
+Benchmarks run what they measure as a child process (its imports and start-up then count, and nothing of the
+benchmark's own process does), sampling every ``interval`` seconds:
+
+* ``peak_pss_mb`` / ``peak_rss_mb``: the largest sum over the tree (PSS counts shared pages once, split among
+  the processes sharing them; RSS counts them in each);
+* ``max_hwm_mb``: the largest single process's kernel peak mark (VmHWM), which catches peaks between samples;
+  ``sum_hwm_mb`` sums every process's mark; ``hwm_mb_by_process``: name -> [summed marks, processes].
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+
+def _hwm(pid: int) -> int:
+    """The kernel's peak-RSS mark of a process (VmHWM), in bytes; 0 where unavailable."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def process_name(p: Any) -> str:
+    """A process's name; for a Python process, its script or module (Ray workers, agents, the method itself)."""
+    name = p.name()
+    if name.startswith("python"):
+        args = [a for a in p.cmdline()[1:] if not a.startswith("-")]
+        name = os.path.basename(args[0]) if args else name
+    return name
+
+
+def tree_memory(root: Any, hwm: dict[int, int], names: dict[int, str] | None = None) -> tuple[int, int]:
+    """(sum of PSS, sum of RSS) in bytes over ``root`` and all its descendants; updates per-pid peak marks (and
+    process names)."""
+    import psutil
+
+    pss = rss = 0
+    for p in [root] + root.children(recursive=True):
+        try:
+            info = p.memory_full_info()
+            pss += getattr(info, "pss", info.rss)
+            rss += info.rss
+            hwm[p.pid] = max(hwm.get(p.pid, 0), _hwm(p.pid))
+            if names is not None and p.pid not in names:
+                names[p.pid] = process_name(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return pss, rss
+
+
+def measure_tree(cmd: list[str], env: dict[str, str] | None = None, interval: float = 0.2,
+                 kill_when: Callable[[], bool] | None = None) -> dict[str, Any]:
+    """Run ``cmd`` in a new session; its wall seconds, output and the tree's memory (see the module docstring).
+
+    ``kill_when``: polled at each sample; when it returns True the whole session is SIGKILLed (a lost machine),
+    and the result says ``killed``. A non-zero exit is returned, not raised (``returncode``).
+    """
+    import psutil
+
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env={**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled"),
+                                 **(env or {})})
+    root, peak, hwm, names, killed = psutil.Process(proc.pid), [0, 0], {}, {}, False
+    out: dict[str, str] = {}
+    readers = [threading.Thread(target=lambda k=k, f=f: out.__setitem__(k, f.read()))
+               for k, f in (("stdout", proc.stdout), ("stderr", proc.stderr))]
+    for t in readers:
+        t.start()
+    while proc.poll() is None:
+        pss, rss = tree_memory(root, hwm, names)
+        peak = [max(peak[0], pss), max(peak[1], rss)]
+        if kill_when is not None and not killed and kill_when():
+            os.killpg(proc.pid, signal.SIGKILL)
+            killed = True
+        time.sleep(interval)
+    for t in readers:
+        t.join()
+    by_name: dict[str, list[float]] = {}
+    for pid, mark in hwm.items():
+        entry = by_name.setdefault(names.get(pid, "?"), [0.0, 0])
+        entry[0] += mark / 1e6
+        entry[1] += 1
+    return {"wall_s": time.perf_counter() - start, "returncode": proc.returncode, "killed": killed,
+            "stdout": out.get("stdout", ""), "stderr": out.get("stderr", ""),
+            "peak_pss_mb": peak[0] / 1e6, "peak_rss_mb": peak[1] / 1e6,
+            "max_hwm_mb": max(hwm.values(), default=0) / 1e6, "sum_hwm_mb": sum(hwm.values()) / 1e6,
+            "hwm_mb_by_process": by_name}
