@@ -6,10 +6,16 @@ parquet files (images) into shards (``qgdist.data.convert``); train each model w
 split with the plain loop (``qgdist.train.loop``); evaluate the checkpoint with the best validation AUC on the test
 split; print accuracy, AUC and background rejection 1/eps_B at 50% signal (quark) efficiency next to the ParticleNet
 paper's figures (trained on 1.6M jets) and the seed notebooks' results, with the number of training jets used.
+
+Learning curve (``--train-jets 5000,20000,50000``): the last generated files holding ``--test-jets`` jets are
+converted alone as the test set (``--split 0,0,1``: never trained or validated on); for each N, the first files
+holding N training jets are converted with a 90/10 train/validation split, each cloud model is trained on them and
+tested on that same test set. Writes ``learning_curve.json`` and ``learning_curve.png``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import json
 import os
@@ -18,7 +24,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Literal
 
-from qgdist.bench import comma_names
+from qgdist.bench import comma_ints, comma_names
 from qgdist.core.config import option
 from qgdist.core.device import Device
 
@@ -55,6 +61,9 @@ class PhysicsBenchConfig:
     max_steps: int | None = option(None, "cap on training steps per model (smoke runs)")
     executor: Literal["local", "ray"] = option("local", "conversion executor (local: in this process, no Ray)")
     device: Device = option("auto", "where training and testing run (auto: CUDA when visible)")
+    train_jets: tuple[int, ...] = option((), "learning curve: training-set sizes, e.g. 5000,20000,50000 (cloud "
+                                             "models; uses every finished generated file)", parse=comma_ints)
+    test_jets: int = option(5000, "learning curve: jets of the held-out test files (the last generated ones)")
 
     def __post_init__(self) -> None:
         if isinstance(self.models, str):  # "a,b" from a --config file
@@ -93,7 +102,8 @@ def pythia_files(cfg: PhysicsBenchConfig, formats: set[str]) -> tuple[dict[str, 
     return files, jets
 
 
-def convert_files(source: str, files: list[str], out: str, executor: str):
+def convert_files(source: str, files: list[str], out: str, executor: str,
+                  split: tuple[float, float, float] | None = None):
     """Shards of ``files`` under ``out`` (reused when the manifest there lists exactly these inputs)."""
     from qgdist.data.convert import ConvertConfig, convert
     from qgdist.data.shards.manifest import read_manifest
@@ -104,21 +114,25 @@ def convert_files(source: str, files: list[str], out: str, executor: str):
             return manifest
     except FileNotFoundError:
         pass
-    return convert(ConvertConfig(source=source, inputs=files, out=out, executor=executor))
+    extra = {"split": split} if split is not None else {}
+    return convert(ConvertConfig(source=source, inputs=files, out=out, executor=executor, **extra))
 
 
-def train_and_test(cfg: PhysicsBenchConfig, model: str, data: str) -> dict:
-    """Train ``model`` on ``data`` with the default recipe; metrics of the best-validation checkpoint on test."""
+def train_and_test(cfg: PhysicsBenchConfig, model: str, data: str, test_data: str | None = None,
+                   run_name: str | None = None) -> dict:
+    """Train ``model`` on ``data`` with the default recipe; metrics of the best-validation checkpoint on the test
+    split of ``test_data`` (default: ``data``)."""
     from qgdist.core.device import resolve_device
     from qgdist.data.loader import LoaderConfig, ShardLoader
+    from qgdist.data.preprocessing import Preprocessing
     from qgdist.models import count_parameters, get_model
     from qgdist.train.checkpoint import Checkpointer, load_checkpoint
     from qgdist.train.config import TrainConfig, resolve
     from qgdist.train.loop import evaluate, train
 
     device = resolve_device(cfg.device)
-    tcfg = resolve(TrainConfig.of(data=data, model=model, storage=os.path.join(cfg.out, "runs"), run_name=model,
-                                  epochs=cfg.epochs, batch_size=cfg.batch_size, preset=cfg.preset,
+    tcfg = resolve(TrainConfig.of(data=data, model=model, storage=os.path.join(cfg.out, "runs"),
+                                  run_name=run_name or model, epochs=cfg.epochs, batch_size=cfg.batch_size, preset=cfg.preset,
                                   max_steps=cfg.max_steps, track=False, workers=0, seed=0),
                    cuda_available=device.type == "cuda")
     shutil.rmtree(tcfg.run_dir, ignore_errors=True)  # a fresh run: the loop would otherwise resume the last one
@@ -127,8 +141,9 @@ def train_and_test(cfg: PhysicsBenchConfig, model: str, data: str) -> dict:
     seconds = time.perf_counter() - start
     best = Checkpointer(tcfg.run_dir).best() or result["checkpoint"]
     state = load_checkpoint(best)
-    loader = ShardLoader(LoaderConfig(data, split="test", batch_size=512, training=False, shuffle_buffer=0,
-                                      preset=cfg.preset, max_particles=tcfg.data.max_particles, device=str(device)))
+    loader = ShardLoader(LoaderConfig(test_data or data, split="test", batch_size=512, training=False,
+                                      shuffle_buffer=0, device=str(device),
+                                      preprocessing=Preprocessing.from_dict(state["preprocessing"])))
     kwargs = {"in_features": loader.in_features} if loader.kind == "cloud" else {}
     net = get_model(model, **kwargs).to(device)
     net.load_state_dict(state["model"])
@@ -137,11 +152,59 @@ def train_and_test(cfg: PhysicsBenchConfig, model: str, data: str) -> dict:
             "epochs_run": result["epoch"], "steps": result["global_step"], "checkpoint": str(best), "test": test}
 
 
+def run_learning_curve(cfg: PhysicsBenchConfig) -> dict:
+    """Train each cloud model on growing training sets, test all on one held-out set; ``learning_curve.json``."""
+    import math
+
+    from qgdist.core.atomic import write_json
+    from qgdist.data.shards.manifest import read_manifest
+    from qgdist.train.plots import plot_curves
+
+    if cfg.pythia_dir is None:
+        raise ValueError("--train-jets needs --pythia-dir: a finished `qgdist generate pythia` directory")
+    models = [m for m in cfg.models if m not in IMAGE_MODELS]
+    files, jets = pythia_files(dataclasses.replace(cfg, jets=10**12), {"energyflow"})   # every finished file
+    ef = files["energyflow"]
+    per_file = jets / len(ef)
+    n_test = math.ceil(cfg.test_jets / per_file)
+    pool = ef[:-n_test]
+    test_dir = os.path.join(cfg.out, "shards-test")
+    convert_files("energyflow", ef[-n_test:], test_dir, cfg.executor, split=(0.0, 0.0, 1.0))
+    rows, history = [], {}
+    for n in sorted(cfg.train_jets):
+        k = math.ceil(n / 0.9 / per_file)
+        if k > len(pool):
+            raise ValueError(f"--train-jets {n} needs {k} generated files besides the {n_test} test files; "
+                             f"{cfg.pythia_dir} has {len(pool)}")
+        data = os.path.join(cfg.out, f"shards-train-{n}")
+        convert_files("energyflow", pool[:k], data, cfg.executor, split=(0.9, 0.1, 0.0))
+        splits = read_manifest(data).splits
+        for model in models:
+            row = train_and_test(cfg, model, data, test_data=test_dir, run_name=f"{model}-{n}")
+            row.pop("roc")
+            row.update(train_jets=splits["train"]["samples"], test_jets=read_manifest(test_dir).rows["written"],
+                       source="energyflow", files=k)
+            rows.append(row)
+            for key in ("auc", "rej50", "rej30"):
+                xs, ys = history.setdefault(f"{model}/{key}", ([], []))
+                xs.append(row["train_jets"])
+                ys.append(row["test"][key])
+            print(f"{model} on {row['train_jets']} jets: test " + " ".join(
+                f"{k}={v:.4f}" for k, v in row["test"].items()), flush=True)
+    results = {"config": asdict(cfg), "generated_jets": jets, "rows": rows, "paper": PAPER, "seeds": SEEDS}
+    write_json(os.path.join(cfg.out, "learning_curve.json"), results)
+    results["plot"] = str(plot_curves(history, os.path.join(cfg.out, "learning_curve.png"), xlabel="training jets"))
+    print(format_table(results))
+    return results
+
+
 def run_physics(cfg: PhysicsBenchConfig) -> dict:
     """Run the benchmark; returns (and writes to ``out/physics.json``) the results."""
     from qgdist.core.atomic import write_json
     from qgdist.data.shards.manifest import read_manifest
 
+    if cfg.train_jets:
+        return run_learning_curve(cfg)
     os.makedirs(cfg.out, exist_ok=True)
     formats = {"cms" if m in IMAGE_MODELS else "energyflow" for m in cfg.models}
     files, jets = pythia_files(cfg, formats)
@@ -182,12 +245,13 @@ def format_table(results: dict) -> str:
     """The side-by-side table: ours on test, the paper's, the seeds'."""
     lines = [f"Pythia 8 quark/gluon jets (EnergyFlow recipe): {results['generated_jets']} generated; "
              f"the paper trained on 1.6M jets.",
-             f"{'model':18s} {'train':>6s} {'test':>6s} {'epochs':>6s} | {'acc':>6s} {'AUC':>6s} {'1/eB50':>7s} | "
+             f"{'model':18s} {'train':>6s} {'test':>6s} {'epochs':>6s} | {'acc':>6s} {'AUC':>6s} {'1/eB50':>7s} "
+             f"{'1/eB30':>7s} | "
              f"{'paper acc':>9s} {'AUC':>6s} {'1/eB50':>7s} | {'seed acc':>8s}"]
     for r in results["rows"]:
         t, p, s = r["test"], PAPER.get(r["model"], {}), SEEDS.get(r["model"], {})
         lines.append(f"{r['model']:18s} {r['train_jets']:6d} {r['test_jets']:6d} {r['epochs_run']:6d} | "
-                     f"{t['acc']:6.3f} {t['auc']:6.4f} {_fmt(t.get('rej50'), '7.1f')} | "
+                     f"{t['acc']:6.3f} {t['auc']:6.4f} {_fmt(t.get('rej50'), '7.1f')} {_fmt(t.get('rej30'), '7.1f')} | "
                      f"{_fmt(p.get('acc'), '9.3f')} {_fmt(p.get('auc'), '6.4f')} {_fmt(p.get('rej50'), '7.1f')} | "
                      f"{_fmt(s.get('acc'), '8.3f')}")
     lines.append("notes: " + "; ".join(f"{m}: {PAPER[m]['note']}" for m in PAPER if any(
