@@ -7,10 +7,12 @@ split with the plain loop (``qgdist.train.loop``); evaluate the checkpoint with 
 split; print accuracy, AUC and background rejection 1/eps_B at 50% signal (quark) efficiency next to the ParticleNet
 paper's figures (trained on 1.6M jets) and the seed notebooks' results, with the number of training jets used.
 
-Learning curve (``--train-jets 5000,20000,50000``): the last generated files holding ``--test-jets`` jets are
-converted alone as the test set (``--split 0,0,1``: never trained or validated on); for each N, the first files
-holding N training jets are converted with a 90/10 train/validation split, each cloud model is trained on them and
-tested on that same test set. Writes ``learning_curve.json`` and ``learning_curve.png``.
+Learning curve (``--train-jets 5000,20000,50000``): the first generated files holding ``--test-jets`` jets are
+converted alone as the test set (``--split 0,0,1``: never trained or validated on; the first files, so the test
+set stays the same while more files are generated); for each N, the next files holding N training jets are
+converted with a 90/10 train/validation split, each cloud model is trained on them and tested on that same test set.
+Writes ``learning_curve.json`` and ``learning_curve.png`` in ``--out``; a re-run with the same ``--out`` keeps the
+points already there (same model, N, epochs and test set) and adds the others.
 """
 
 from __future__ import annotations
@@ -167,10 +169,16 @@ def run_learning_curve(cfg: PhysicsBenchConfig) -> dict:
     ef = files["energyflow"]
     per_file = jets / len(ef)
     n_test = math.ceil(cfg.test_jets / per_file)
-    pool = ef[:-n_test]
+    pool = ef[n_test:]
     test_dir = os.path.join(cfg.out, "shards-test")
-    convert_files("energyflow", ef[-n_test:], test_dir, cfg.executor, split=(0.0, 0.0, 1.0))
-    rows, history = [], {}
+    convert_files("energyflow", ef[:n_test], test_dir, cfg.executor, split=(0.0, 0.0, 1.0))
+    path = os.path.join(cfg.out, "learning_curve.json")
+    kept = []
+    if os.path.exists(path):
+        with open(path) as f:
+            kept = [r for r in json.load(f)["rows"] if r.get("test_files") == n_test]
+    rows: list[dict] = []
+    history: dict[str, tuple[list, list]] = {}
     for n in sorted(cfg.train_jets):
         k = math.ceil(n / 0.9 / per_file)
         if k > len(pool):
@@ -180,19 +188,27 @@ def run_learning_curve(cfg: PhysicsBenchConfig) -> dict:
         convert_files("energyflow", pool[:k], data, cfg.executor, split=(0.9, 0.1, 0.0))
         splits = read_manifest(data).splits
         for model in models:
-            row = train_and_test(cfg, model, data, test_data=test_dir, run_name=f"{model}-{n}")
-            row.pop("roc")
-            row.update(train_jets=splits["train"]["samples"], test_jets=read_manifest(test_dir).rows["written"],
-                       source="energyflow", files=k)
+            same = [r for r in kept if (r["model"], r["requested"], r["epochs"], r["batch_size"]) ==
+                    (model, n, cfg.epochs, cfg.batch_size)]
+            if same:
+                row = same[0]
+            else:
+                row = train_and_test(cfg, model, data, test_data=test_dir, run_name=f"{model}-{n}")
+                row.pop("roc")
+                row.update(train_jets=splits["train"]["samples"], test_jets=read_manifest(test_dir).rows["written"],
+                           source="energyflow", files=k, test_files=n_test, requested=n, epochs=cfg.epochs,
+                           batch_size=cfg.batch_size)
             rows.append(row)
-            for key in ("auc", "rej50", "rej30"):
-                xs, ys = history.setdefault(f"{model}/{key}", ([], []))
-                xs.append(row["train_jets"])
-                ys.append(row["test"][key])
             print(f"{model} on {row['train_jets']} jets: test " + " ".join(
                 f"{k}={v:.4f}" for k, v in row["test"].items()), flush=True)
+    rows += [r for r in kept if r not in rows]
+    for row in sorted(rows, key=lambda r: r["train_jets"]):
+        for key in ("auc", "rej50", "rej30"):
+            xs, ys = history.setdefault(f"{row['model']} ({row['epochs']} epochs)/{key}", ([], []))
+            xs.append(row["train_jets"])
+            ys.append(row["test"][key])
     results = {"config": asdict(cfg), "generated_jets": jets, "rows": rows, "paper": PAPER, "seeds": SEEDS}
-    write_json(os.path.join(cfg.out, "learning_curve.json"), results)
+    write_json(path, results)
     results["plot"] = str(plot_curves(history, os.path.join(cfg.out, "learning_curve.png"), xlabel="training jets"))
     print(format_table(results))
     return results
