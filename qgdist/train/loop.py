@@ -131,8 +131,8 @@ def train(cfg: TrainConfig, device: torch.device | str | None = None, report: Re
     rank = dist.get_rank() if distributed else 0
     world = dist.get_world_size() if distributed else 1
     if not cfg.allows_world_size(world):
-        raise ValueError(f"config is for {cfg.launch.min_workers or cfg.world_size}"
-                         f"{f'-{cfg.world_size}' if cfg.launch.elastic else ''} worker(s) but {world} process(es) run it")
+        wanted = f"{cfg.launch.min_workers}-{cfg.world_size}" if cfg.launch.elastic else str(cfg.world_size)
+        raise ValueError(f"config is for {wanted} worker(s) but {world} process(es) run it")
     device = resolve_device(device if device is not None else ("cuda" if cfg.launch.gpu else "auto"))
     precision = o.precision
     torch.manual_seed(o.seed)  # same initial weights on every rank (DDP broadcasts rank 0's anyway)
