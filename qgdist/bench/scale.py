@@ -102,7 +102,7 @@ def _child(name: str, *args: str) -> dict[str, Any]:
 
 
 def _memory(run: dict[str, Any]) -> dict[str, Any]:
-    return {k: run[k] for k in ("wall_s", "peak_pss_mb", "max_hwm_mb", "sum_hwm_mb")}
+    return {k: run[k] for k in ("wall_s", "peak_pss_mb", "max_hwm_mb", "sum_hwm_mb", "hwm_mb_by_process")}
 
 
 def _logged_steps(run_dir: str) -> list[tuple[int, float]]:

@@ -36,6 +36,23 @@ def _save(fig, path: str | Path) -> Path:
     return Path(path)
 
 
+#: A ROC curve is drawn with at most about this many points: an exact curve has one per distinct score (a million
+#: for a million jets), which costs matplotlib hundreds of MB and looks the same.
+PLOT_POINTS = 2000
+
+
+def thin_roc(fpr: np.ndarray, tpr: np.ndarray, points: int = PLOT_POINTS) -> tuple[np.ndarray, np.ndarray]:
+    """At most ~``2 * points`` points of a ROC curve: evenly spaced in signal efficiency and in log background
+    efficiency (the rejection view), the end points kept. The AUC is computed before thinning."""
+    if len(fpr) <= 2 * points:
+        return fpr, tpr
+    at_tpr = np.searchsorted(tpr, np.linspace(0.0, 1.0, points))
+    at_fpr = np.searchsorted(fpr, np.geomspace(max(float(fpr[fpr > 0].min()), 1e-9), 1.0, points))
+    keep = np.unique(np.concatenate([[0, len(fpr) - 1], np.clip(at_tpr, 0, len(fpr) - 1),
+                                     np.clip(at_fpr, 0, len(fpr) - 1)]))
+    return fpr[keep], tpr[keep]
+
+
 def plot_roc(curves: Mapping[str, Curve], path: str | Path, title: str = "quark (signal) vs gluon") -> Path:
     """Left: tpr vs fpr with AUC in the legend. Right: gluon rejection 1/eps_B vs quark efficiency eps_S, log y.
 
@@ -46,6 +63,7 @@ def plot_roc(curves: Mapping[str, Curve], path: str | Path, title: str = "quark 
     for label, (fpr, tpr) in curves.items():
         fpr, tpr = np.asarray(fpr, dtype=float), np.asarray(tpr, dtype=float)
         auc = float(np.trapezoid(tpr, fpr)) if hasattr(np, "trapezoid") else float(np.trapz(tpr, fpr))
+        fpr, tpr = thin_roc(fpr, tpr)
         ax_roc.plot(fpr, tpr, label=f"{label} (AUC {auc:.3f})")
         keep = fpr > 0   # rejection is unbounded where no gluon passes
         ax_rej.plot(tpr[keep], 1.0 / fpr[keep], label=label)

@@ -110,3 +110,23 @@ def test_ddp_sync_two_gloo_ranks_equals_whole_dataset(empty_rank: int | None) ->
             assert results[rank][key] == pytest.approx(whole[key], rel=1e-5), (rank, key)
         # Per-jet mean over both ranks: 151 jets with loss 0, 150 with loss 1 (or all 301 on rank 0).
         assert results[rank]["loss"] == pytest.approx(150 / 301 if empty_rank is None else 0.0)
+
+
+def test_a_million_point_roc_is_thinned_for_plotting_without_changing_its_shape(tmp_path) -> None:
+    import numpy as np
+
+    from qgdist.train.plots import PLOT_POINTS, plot_roc, thin_roc
+
+    rng = np.random.default_rng(0)
+    label = rng.integers(2, size=1_000_000)
+    score = rng.normal(label * 1.5, 1.0)
+    order = np.argsort(-score)
+    tpr = np.concatenate([[0.0], np.cumsum(label[order]) / label.sum()])
+    fpr = np.concatenate([[0.0], np.cumsum(1 - label[order]) / (1 - label).sum()])
+    f, t = thin_roc(fpr, tpr)
+    assert len(f) <= 2 * PLOT_POINTS + 2 and (f[0], t[0], f[-1], t[-1]) == (0.0, 0.0, 1.0, 1.0)
+    assert np.all(np.diff(f) >= 0) and np.all(np.diff(t) >= 0)
+    assert abs(np.trapezoid(t, f) - np.trapezoid(tpr, fpr)) < 1e-3       # the same curve, drawn with fewer points
+    for eff in (0.3, 0.5):                                                 # and the same rejection at working points
+        assert abs(np.interp(eff, t, f) - np.interp(eff, tpr, fpr)) < 2e-3 * np.interp(eff, tpr, fpr) + 1e-6
+    assert plot_roc({"big": (fpr, tpr)}, tmp_path / "roc.png").stat().st_size > 0
