@@ -15,7 +15,7 @@ layout up to the steps it ran and collects what its reader had not yet drawn -- 
 chunks with some rows selected) and the chunks it had not read -- and ``deal`` hands those to the new layout's
 slots, balanced by jets. Within an epoch no jet is therefore drawn twice, whatever the resizes; the jets not
 trained on are, as in any epoch, the tail the final layout leaves so that every slot yields the same number of
-full batches (less than one batch plus one chunk per slot).
+full batches (after a re-deal, balanced to within one chunk: less than one batch plus one chunk per slot).
 """
 
 from __future__ import annotations
