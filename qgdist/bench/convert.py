@@ -303,9 +303,7 @@ def measure(cmd: list[str]) -> dict[str, Any]:
     """Run ``cmd`` (a method entry point printing one JSON line); its record, wall seconds, start-up and memory."""
     from qgdist.bench.memory import measure_tree
 
-    run = measure_tree(cmd)
-    if run["returncode"] != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({run['returncode']}):\n{run['stderr'][-3000:]}")
+    run = measure_tree(cmd, check=True)
     record = json.loads(run["stdout"].strip().splitlines()[-1])
     keep = ("wall_s", "peak_pss_mb", "peak_rss_mb", "sum_hwm_mb", "hwm_mb_by_process")
     return {**record, **{k: run[k] for k in keep}, "startup_s": run["wall_s"] - record["loop_s"]}

@@ -61,11 +61,12 @@ def tree_memory(root: Any, hwm: dict[int, int], names: dict[int, str] | None = N
 
 
 def measure_tree(cmd: list[str], env: dict[str, str] | None = None, interval: float = 0.2,
-                 kill_when: Callable[[], bool] | None = None) -> dict[str, Any]:
+                 kill_when: Callable[[], bool] | None = None, check: bool = False) -> dict[str, Any]:
     """Run ``cmd`` in a new session; its wall seconds, output and the tree's memory (see the module docstring).
 
     ``kill_when``: polled at each sample; when it returns True the whole session is SIGKILLed (a lost machine),
-    and the result says ``killed``. A non-zero exit is returned, not raised (``returncode``).
+    and the result says ``killed``. A non-zero exit is returned (``returncode``), or with ``check`` raised as a
+    RuntimeError holding the end of the command's stderr.
     """
     import psutil
 
@@ -93,6 +94,8 @@ def measure_tree(cmd: list[str], env: dict[str, str] | None = None, interval: fl
         entry = by_name.setdefault(names.get(pid, "?"), [0.0, 0])
         entry[0] += mark / 1e6
         entry[1] += 1
+    if check and proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{out.get('stderr', '')[-3000:]}")
     return {"wall_s": time.perf_counter() - start, "returncode": proc.returncode, "killed": killed,
             "stdout": out.get("stdout", ""), "stderr": out.get("stderr", ""),
             "peak_pss_mb": peak[0] / 1e6, "peak_rss_mb": peak[1] / 1e6,

@@ -65,7 +65,7 @@ class PhysicsBenchConfig:
     device: Device = option("auto", "where training and testing run (auto: CUDA when visible)")
     train_jets: tuple[int, ...] = option((), "learning curve: training-set sizes, e.g. 5000,20000,50000 (cloud "
                                              "models; uses every finished generated file)", parse=comma_ints)
-    test_jets: int = option(5000, "learning curve: jets of the held-out test files (the last generated ones)")
+    test_jets: int = option(5000, "learning curve: jets of the held-out test files (the first generated ones)")
 
     def __post_init__(self) -> None:
         if isinstance(self.models, str):  # "a,b" from a --config file
@@ -159,7 +159,6 @@ def run_learning_curve(cfg: PhysicsBenchConfig) -> dict:
     import math
 
     from qgdist.core.atomic import write_json
-    from qgdist.data.shards.manifest import read_manifest
     from qgdist.train.plots import plot_curves
 
     if cfg.pythia_dir is None:
@@ -171,7 +170,7 @@ def run_learning_curve(cfg: PhysicsBenchConfig) -> dict:
     n_test = math.ceil(cfg.test_jets / per_file)
     pool = ef[n_test:]
     test_dir = os.path.join(cfg.out, "shards-test")
-    convert_files("energyflow", ef[:n_test], test_dir, cfg.executor, split=(0.0, 0.0, 1.0))
+    test_manifest = convert_files("energyflow", ef[:n_test], test_dir, cfg.executor, split=(0.0, 0.0, 1.0))
     path = os.path.join(cfg.out, "learning_curve.json")
     kept = []
     if os.path.exists(path):
@@ -185,8 +184,7 @@ def run_learning_curve(cfg: PhysicsBenchConfig) -> dict:
             raise ValueError(f"--train-jets {n} needs {k} generated files besides the {n_test} test files; "
                              f"{cfg.pythia_dir} has {len(pool)}")
         data = os.path.join(cfg.out, f"shards-train-{n}")
-        convert_files("energyflow", pool[:k], data, cfg.executor, split=(0.9, 0.1, 0.0))
-        splits = read_manifest(data).splits
+        splits = convert_files("energyflow", pool[:k], data, cfg.executor, split=(0.9, 0.1, 0.0)).splits
         for model in models:
             same = [r for r in kept if (r["model"], r["requested"], r["epochs"], r["batch_size"]) ==
                     (model, n, cfg.epochs, cfg.batch_size)]
@@ -195,7 +193,7 @@ def run_learning_curve(cfg: PhysicsBenchConfig) -> dict:
             else:
                 row = train_and_test(cfg, model, data, test_data=test_dir, run_name=f"{model}-{n}")
                 row.pop("roc")
-                row.update(train_jets=splits["train"]["samples"], test_jets=read_manifest(test_dir).rows["written"],
+                row.update(train_jets=splits["train"]["samples"], test_jets=test_manifest.rows["written"],
                            source="energyflow", files=k, test_files=n_test, requested=n, epochs=cfg.epochs,
                            batch_size=cfg.batch_size)
             rows.append(row)

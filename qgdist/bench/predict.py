@@ -41,7 +41,9 @@ class BenchPredictConfig:
             raise ValueError(f"bench predict knows {sorted(MODELS)}, not {sorted(unknown)}")
 
 
-def _checkpoint(model: str, shards: str, root: Path) -> str:
+def one_step_checkpoint(model: str, shards: str, root: Path) -> str:
+    """A run directory under ``root`` holding ``model`` trained for one step on ``shards`` (scoring speed does not
+    depend on the weights)."""
     from qgdist.train.config import TrainConfig, resolve
     from qgdist.train.loop import train
 
@@ -58,9 +60,7 @@ def _predict(checkpoint: str, data: str, out: Path, cfg: BenchPredictConfig) -> 
     cmd = [sys.executable, "-m", "qgdist", "predict", "--checkpoint", checkpoint, "--data", data, "--out", str(out),
            "--workers", str(cfg.workers), "--num-cpus", str(cfg.workers), "--batch-size", str(cfg.batch_size),
            "--no-progress"]
-    run = measure_tree(cmd)
-    if run["returncode"] != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({run['returncode']}):\n{run['stderr'][-3000:]}")
+    run = measure_tree(cmd, check=True)
     summary = json.loads((out / "summary.json").read_text())
     return {"jets": summary["jets"], "jets_per_s": summary["jets_per_s"], "ray_seconds": summary["ray_seconds"],
             "wall_seconds": round(run["wall_s"], 2), "peak_pss_mb": run["peak_pss_mb"],
@@ -87,7 +87,7 @@ def run(cfg: BenchPredictConfig) -> dict[str, Any]:
         shards = str(root / model / "shards")
         convert(ConvertConfig(source=source, inputs=[small], out=shards, split=(1.0, 0.0, 0.0), executor="local",
                               progress=False))
-        checkpoint = _checkpoint(model, shards, root / model)
+        checkpoint = one_step_checkpoint(model, shards, root / model)
         results[model] = {
             "raw 1x": _predict(checkpoint, small, root / model / "out_raw1", cfg),
             f"raw {cfg.scale}x": _predict(checkpoint, large, root / model / "out_rawN", cfg),

@@ -95,9 +95,7 @@ def _child(name: str, *args: str) -> dict[str, Any]:
     from qgdist.bench.memory import measure_tree
 
     cmd = [sys.executable, "-m", "qgdist.bench.scale", name, *args]
-    run = measure_tree(cmd)
-    if run["returncode"] != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({run['returncode']}):\n{run['stderr'][-3000:]}")
+    run = measure_tree(cmd, check=True)
     return json.loads(run["stdout"].strip().splitlines()[-1]) | _memory(run)
 
 
@@ -142,9 +140,7 @@ def _train(cfg: BenchScaleConfig, data: str, root: Path) -> dict[str, Any]:
     checkpoint_step = json.loads(pointer.read_text())["global_step"]
     before = [p for p in _logged_steps(str(run_dir)) if p[1] <= killed_at]
     restart = time.time()
-    second = measure_tree(cmd, env=env)
-    if second["returncode"] != 0:
-        raise RuntimeError(f"resumed training failed ({second['returncode']}):\n{second['stderr'][-3000:]}")
+    second = measure_tree(cmd, env=env, check=True)
     points = _logged_steps(str(run_dir))
     after = [p for p in points if p[1] > restart]
     jets_per_step = cfg.batch_size * cfg.workers
@@ -162,24 +158,11 @@ def _score(cfg: BenchScaleConfig, checkpoint: str, data: str, out: Path) -> dict
 
     cmd = [sys.executable, "-m", "qgdist", "predict", "--checkpoint", checkpoint, "--data", data, "--out", str(out),
            "--workers", str(cfg.workers), "--num-cpus", str(cfg.workers), "--no-progress"]
-    run = measure_tree(cmd, env={"RAY_ADDRESS": ""})
-    if run["returncode"] != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({run['returncode']}):\n{run['stderr'][-3000:]}")
+    run = measure_tree(cmd, env={"RAY_ADDRESS": ""}, check=True)
     summary = json.loads((out / "summary.json").read_text())
     parts = glob.glob(str(out / "part-*.parquet"))
     return {"rows": summary["jets"], "rows_per_s": summary["jets_per_s"], "ray_start_s": summary["ray_seconds"],
             "bytes_out": sum(os.path.getsize(p) for p in parts), "auc": summary.get("metrics", {}).get("auc")} | _memory(run)
-
-
-def _image_checkpoint(data: str, root: Path) -> str:
-    from qgdist.train.config import TrainConfig, resolve
-    from qgdist.train.loop import train
-
-    cfg = resolve(TrainConfig.of(data=data, model="resnet15", workers=0, epochs=1, batch_size=8, max_steps=1,
-                                 storage=str(root / "runs"), run_name="resnet15", track=False, progress=False,
-                                 checkpoint_every=0))
-    train(cfg)
-    return str(root / "runs" / "resnet15")
 
 
 def run_scale(cfg: BenchScaleConfig, jets: int, images: int, root: Path) -> dict[str, Any]:
@@ -204,7 +187,10 @@ def run_scale(cfg: BenchScaleConfig, jets: int, images: int, root: Path) -> dict
     stage("train clouds", _train(cfg, str(root / "shards-ef"), root))
     stage("score clouds", _score(cfg, rows["train clouds"]["run_dir"], str(root / "shards-ef"), root / "scores-ef"))
     if cfg.score_images:
-        stage("score images", _score(cfg, _image_checkpoint(str(root / "shards-cms"), root), str(root / "shards-cms"),
+        from qgdist.bench.predict import one_step_checkpoint
+
+        images = str(root / "shards-cms")
+        stage("score images", _score(cfg, one_step_checkpoint("resnet15", images, root), images,
                                      root / "scores-cms"))
     return rows
 
