@@ -169,6 +169,14 @@ class Tracker:
         self._wake.set()
         return self._idle.wait(timeout_s)
 
+    def sync(self, timeout_s: float) -> bool:
+        """Send what is queued before a checkpoint commits, so that losing this process (a node lost) loses no
+        metric the checkpoint's step has passed. Waits up to ``timeout_s`` while the tracker is reachable and not
+        at all while it is away (training must not stall on it); True if the queue is empty."""
+        if not self.enabled or self._thread is None:
+            return True
+        return self.flush(timeout_s if self._online else 0.0)
+
     def finish(self, status: str = "FINISHED") -> None:
         """Send what is queued (up to ``finish_timeout_s``), mark the run ``status``, spill what is left."""
         if not self.enabled or self.run_id is None or self._thread is None:

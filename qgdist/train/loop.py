@@ -38,6 +38,8 @@ from qgdist.train.metrics import JetMetrics
 from qgdist.train.step import forward_logits, train_step
 
 WARMUP_STEPS = 3  # steps left out of the steady-state throughput (first batches, allocator, DDP buckets)
+#: Longest wait, at each checkpoint, for queued metrics to reach a reachable tracker (see Tracker.sync).
+TRACKER_SYNC_S = 10.0
 Report = Callable[[dict[str, float], UPath | None], None]
 
 
@@ -235,6 +237,7 @@ def train(cfg: TrainConfig, device: torch.device | str | None = None, report: Re
         positions = _gather(train_loader.state_dict())
         path = None
         if rank == 0:
+            tracker.sync(TRACKER_SYNC_S)
             path = ckpt.save({
                 "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": state_rngs,

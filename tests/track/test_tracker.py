@@ -165,6 +165,11 @@ def test_outage_buffers_then_delivers_without_duplicates(server: TrackerCommand,
         assert time.monotonic() - started < 0.5
         ending.log_metrics({"loss": 0.5}, step=3)
         assert not tracker.flush(timeout_s=1) and tracker.pending == 4
+        deadline = time.monotonic() + 60
+        while tracker.outages == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        started = time.monotonic()   # a checkpoint's sync does not wait on a tracker known to be away
+        assert not tracker.sync(timeout_s=30) and time.monotonic() - started < 1
         ending.finish()
         dying.log_metrics({"loss": 0.7}, step=2)
         dying.finish("FAILED")
@@ -225,6 +230,17 @@ def test_local_store_default_needs_no_server(tmp_path: Path) -> None:
     assert history(client, run_id, "train/loss") == [(1, 0.5), (2, 0.4)]
     assert [f.path for f in client.list_artifacts(run_id, "config")] == ["config/cfg.json"]
     assert (tmp_path / "run" / "mlflow" / "artifacts" / run_id / "artifacts" / "config" / "cfg.json").exists()
+
+
+def test_sync_sends_the_queue_before_a_checkpoint_commits(tmp_path: Path) -> None:
+    """A process killed right after a checkpoint (a node lost) must not take metrics of earlier steps with it."""
+    tracker = Tracker(tmp_path / "run", flush_s=3600)   # the timer alone would not send within this test
+    run_id = tracker.start("sync", {})
+    tracker.log_metrics({"cluster/world_size": 2}, step=0)
+    assert tracker.sync(timeout_s=30) and tracker.pending == 0
+    client = MlflowClient(f"sqlite:///{tmp_path / 'run' / 'mlflow' / 'mlflow.db'}")
+    assert history(client, run_id, "cluster/world_size") == [(0, 2.0)]   # stored before finish
+    tracker.finish()
 
 
 def test_disabled_tracker_on_other_ranks_does_nothing(tmp_path: Path) -> None:
