@@ -36,6 +36,7 @@ training there); clouds are trimmed to ``max_particles`` and padded to the longe
 
 from __future__ import annotations
 
+import multiprocessing
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -187,6 +188,23 @@ class _EpochDataset(torch.utils.data.IterableDataset):
                 return
             if i >= self.skip[w]:  # resume: the skipped batches are drawn exactly as before, but never decoded
                 yield self.collate.gather(take, entries)
+
+
+def worker_start_method() -> multiprocessing.context.BaseContext:
+    """How DataLoader workers start: forked from a fork server, never from the training process itself.
+
+    The training process is threaded (Ray's gRPC core worker, the MLflow sender, torch's and onnxruntime's pools),
+    and ``fork()`` copies a threaded process with whatever locks its other threads held at that instant (a CI run
+    once lost a loader worker to SIGABRT after many in-process Ray sessions; not reproduced in 16 tries, fork is
+    the likely cause). The fork server is a fresh interpreter, started once per process, that has imported torch
+    and this module; each epoch's workers fork from it.
+    """
+    context = multiprocessing.get_context("forkserver")
+    # Taken in when the server starts (first use): each worker then starts with these imported. "__main__" is the
+    # running script, imported once there rather than by every worker of every epoch (so scripts need the usual
+    # `if __name__ == "__main__":` guard, as with any non-fork start method).
+    context.set_forkserver_preload(["__main__", "torch", __name__])
+    return context
 
 
 def _as_is(batch: dict[str, Any]) -> dict[str, Any]:
@@ -342,7 +360,8 @@ class ShardLoader:
         kwargs: dict[str, Any] = {}
         if self.cfg.num_workers > 0:
             kwargs = {"num_workers": self.cfg.num_workers, "prefetch_factor": self.cfg.prefetch_factor,
-                      "pin_memory": torch.device(self.cfg.device).type == "cuda"}
+                      "pin_memory": torch.device(self.cfg.device).type == "cuda",
+                      "multiprocessing_context": worker_start_method()}
         # Our own generator: creating a DataLoader iterator draws a seed from it, which must not shift the global
         # torch RNG (dropout) differently in a resumed epoch than in an uninterrupted one.
         generator = torch.Generator().manual_seed(self.cfg.seed)

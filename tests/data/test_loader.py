@@ -47,6 +47,32 @@ def test_ranks_are_disjoint_balanced_and_run_equal_steps(cloud_dir):
         f"{cloud_dir}/train-{i:06d}.tar" for i in range(5))
 
 
+def _children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(p) for p in f.read().split()]
+
+
+def test_loader_workers_are_not_forked_from_the_training_process(cloud_dir):
+    """The training process is threaded (Ray, the tracker); its loader workers come from a fork server instead."""
+    import os
+
+    before = set(_children(os.getpid()))
+    batches = ShardLoader(LoaderConfig(cloud_dir, batch_size=8, num_workers=2, seed=3)).collated(0)
+    next(batches)   # the workers are running now
+    ours = [p for p in _children(os.getpid()) if p not in before]
+    with open(f"/proc/{os.getpid()}/cmdline", "rb") as f:
+        me = f.read()
+
+    def cmdline(pid: int) -> bytes:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read()
+
+    assert not [p for p in ours if cmdline(p) == me]   # a forked worker would carry this process's command line
+    server = [p for p in _children(os.getpid()) if b"forkserver" in cmdline(p)]
+    assert len(server) == 1 and len(_children(server[0])) >= 2
+    batches.close()
+
+
 def test_shards_are_reassigned_each_epoch_reproducibly(cloud_dir):
     cfg = LoaderConfig(cloud_dir, batch_size=8, world_size=2, num_workers=2, seed=3)
     a, b = ShardLoader(cfg), ShardLoader(cfg)
