@@ -15,3 +15,9 @@ def comma_names(text: str) -> tuple[str, ...]:
 def comma_ints(text: str) -> tuple[int, ...]:
     """``"2,32,128"`` -> ``(2, 32, 128)``."""
     return tuple(int(v) for v in comma_names(text))
+
+
+def load_average() -> str:
+    """The 1, 5 and 15 minute load averages, as benchmarks record them next to their figures."""
+    with open("/proc/loadavg") as f:
+        return " ".join(f.read().split()[:3])

@@ -71,7 +71,7 @@ def _convert(source: str, out: str, cpus: str, *inputs: str) -> dict[str, Any]:
     """``qgdist convert`` on a private Ray of ``cpus`` CPUs; Ray's start and workers' imports are start-up."""
     import ray
 
-    from qgdist.bench.convert import _warm_worker
+    from qgdist.bench.convert_methods import _warm_worker
     from qgdist.core.ray import ensure_ray
     from qgdist.data.convert import ConvertConfig, convert
 
@@ -229,7 +229,7 @@ def table(results: dict[str, Any]) -> str:
             lines.append(f"| {name} | {r['rows']:,} | {_rate(r):,.0f} | {start:.1f} | "
                          f"{r['wall_s']:.1f} | {r.get('bytes_in', 0) / 1e6:,.0f} | {r.get('bytes_out', 0) / 1e6:,.0f} | "
                          f"{r['peak_pss_mb']:,.0f} | {r['max_hwm_mb']:,.0f} |")
-    lines += ["", f"| stage | rows/s full / small | peak PSS full / small | max proc HWM full / small |", "|---|---|---|---|"]
+    lines += ["", "| stage | rows/s full / small | peak PSS full / small | max proc HWM full / small |", "|---|---|---|---|"]
     for name in f["stages"]:
         a, b = s["stages"][name], f["stages"][name]
         lines.append(f"| {name} | {_rate(b) / _rate(a):.2f} | {b['peak_pss_mb'] / a['peak_pss_mb']:.2f} | "
