@@ -34,6 +34,7 @@ from qgdist.train.checkpoint import (Checkpointer, check_fingerprint, load_check
 from qgdist.train.config import TrainConfig
 from qgdist.train.console import Console
 from qgdist.train.elastic import continue_after_resize
+from qgdist.train import parallel
 from qgdist.train.metrics import JetMetrics
 from qgdist.train.step import forward_logits, train_step
 
@@ -41,15 +42,6 @@ WARMUP_STEPS = 3  # steps left out of the steady-state throughput (first batches
 #: Longest wait, at each checkpoint, for queued metrics to reach a reachable tracker (see Tracker.sync).
 TRACKER_SYNC_S = 10.0
 Report = Callable[[dict[str, float], UPath | None], None]
-
-
-def _gather(obj: Any) -> list[Any]:
-    """Every rank's ``obj`` (a list of one item without a process group)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return [obj]
-    out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
 
 
 def build_optimizer(cfg: TrainConfig, model: torch.nn.Module, total_steps: int, steps_per_epoch: int):
@@ -129,7 +121,7 @@ def train(cfg: TrainConfig, device: torch.device | str | None = None, report: Re
     d, o, c, t = cfg.data, cfg.optim, cfg.checkpoint, cfg.tracking
 
     # -- where am I -------------------------------------------------------------------------------------------
-    distributed = dist.is_available() and dist.is_initialized()
+    distributed = parallel.is_distributed()
     rank = dist.get_rank() if distributed else 0
     world = dist.get_world_size() if distributed else 1
     if not cfg.allows_world_size(world):
@@ -208,9 +200,12 @@ def train(cfg: TrainConfig, device: torch.device | str | None = None, report: Re
             f"{total_steps} steps over {o.epochs} epochs")
 
     if distributed:
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
+        model = parallel.wrap(model, device)           # broadcasts rank 0's parameters and buffers
     raw_model = model.module if distributed else model
+    # Each rank's own BatchNorm statistics back (qgdist.train.parallel); after a resize all keep rank 0's.
+    per_rank = (state.get("buffers") or []) if state is not None else []
+    if saved_world == world and rank < len(per_rank):
+        parallel.load_buffers(raw_model, per_rank[rank])
     if o.compile:
         model = torch.compile(model)
 
@@ -233,14 +228,16 @@ def train(cfg: TrainConfig, device: torch.device | str | None = None, report: Re
         id_file.write_text(run_id)
 
     def save(val: dict[str, float] | None = None) -> UPath | None:
-        state_rngs = _gather(rng_state())              # collective: every rank takes part
-        positions = _gather(train_loader.state_dict())
+        state_rngs = parallel.gather(rng_state())      # collectives: every rank takes part
+        positions = parallel.gather(train_loader.state_dict())
+        buffers = parallel.gather(parallel.buffers_state(raw_model))
         path = None
         if rank == 0:
             tracker.sync(TRACKER_SYNC_S)
             path = ckpt.save({
                 "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": state_rngs,
+                "buffers": buffers,
                 "epoch": epoch, "step": step, "global_step": global_step, "loader": positions,
                 "fingerprint": cfg.fingerprint(), "preprocessing": pre.to_dict(),
                 "schedule_steps": getattr(scheduler, "total_steps", total_steps),
@@ -289,6 +286,7 @@ def train(cfg: TrainConfig, device: torch.device | str | None = None, report: Re
             if warm is not None and step > warm[1]:  # steady-state throughput (global jets/s), for bench train
                 speed = (step - warm[1]) * jets_per_step / (time.perf_counter() - warm[0])
                 history.setdefault("train/jets_per_s", []).append([global_step, speed])
+            parallel.average_buffers(raw_model)        # one model evaluated and saved, all ranks' statistics
             val, roc = evaluate(raw_model, val_loader, device, precision)
             for k, v in val.items():
                 history.setdefault(f"val/{k}", []).append([global_step, v])
