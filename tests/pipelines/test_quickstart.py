@@ -17,7 +17,7 @@ def test_quickstart_leaves_its_report(tmp_path, capsys):
     tiny = {"particlenet-lite": {"conv_params": [[8, [16, 16]]], "fc_params": [[32, 0.1]]},
             "resnet15": {"fmaps": [4, 8], "nblocks": 1}}
     report = quickstart(QuickstartConfig(out=str(tmp_path / "qs"), jets=600, epochs=2, model_kwargs=tiny,
-                                         cloud_batch=32, image_batch=8))
+                                         cloud_batch=16, image_batch=8))
     printed = capsys.readouterr().out
     assert printed.rstrip().endswith(f"report written to {report}")
     assert "(RayTrainWorker" not in printed and "\x1b[" not in printed   # Ray's own lines stay in the logs
@@ -43,7 +43,9 @@ def test_quickstart_leaves_its_report(tmp_path, capsys):
         client = MlflowClient(local_store_uri(run_dir))
         runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
         assert len(runs) == 1 and runs[0].info.status == "FINISHED" and runs[0].data.params["model"] == model
-    # The cloud model learned: 120 test jets give the AUC a statistical error of about 0.05 around the chance
-    # value 0.5, so 0.65 is a clear margin (the toy classes overlap by design; a full run reaches ~0.9).
+    # The cloud model learned: the 52 test jets give the AUC a statistical error of about 0.08 around the chance
+    # value 0.5 (the toy classes overlap by design; a full run reaches ~0.9). Batch 16 gives the tiny model 30
+    # steps: at batch 32 (14 steps) it had barely moved (test loss 0.689-0.693, ln 2 = 0.693), and the epoch kept
+    # as best, hence the test AUC (0.64 or 0.74), turned on the last digits of the validation AUC.
     cloud = json.loads((tmp_path / "qs" / "runs" / "particlenet-lite" / "eval" / "test" / "metrics.json").read_text())
     assert cloud["auc"] > 0.65, cloud
