@@ -70,6 +70,11 @@ class MaskedBatchNorm(nn.Module):
             y = y.relu_()  # an in-place op on a view would make autograd copy the whole tensor in backward
         return y if x.dim() == 2 else y.view(x.shape)
 
+    def eval_affine(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale, shift) of the eval-mode normalisation, ``y = x * scale + shift``: to fold into a Linear."""
+        scale = self.weight * torch.rsqrt(self.running_var + self.eps)
+        return scale, self.bias - self.running_mean * scale
+
     def _masked(self, x: torch.Tensor, mask: torch.Tensor | None, relu: bool) -> torch.Tensor:
         if mask is None:  # one row or none in training (the native kernel refuses a single row): all real
             mask = torch.ones(x.shape[:-1], dtype=torch.bool, device=x.device)
@@ -221,6 +226,8 @@ class EdgeConvBlock(nn.Module):
 
     def forward_packed(self, x: torch.Tensor, neighbours: torch.Tensor) -> torch.Tensor:
         """Packed layout: x (N, C) real points only, neighbours (N, k) rows of x -> (N, C_out)."""
+        if not self.training and not torch.is_autocast_enabled(x.device.type):
+            return self._forward_packed_folded(x, neighbours)
         n, k = neighbours.shape
         w_a, w_b = self.edge_mlp.first_layer_weights()
         c1 = w_a.shape[0]
@@ -233,3 +240,25 @@ class EdgeConvBlock(nn.Module):
             return torch.relu(h + x)
         sc = self.shortcut_norm(self.shortcut(x))
         return sc.add_(h).relu_()
+
+    def _forward_packed_folded(self, x: torch.Tensor, neighbours: torch.Tensor) -> torch.Tensor:
+        """Eval mode, packed: each batch norm folded into the Linear before it (``BN(W h) = (s W) h + t``), so
+        inference runs GEMMs and ReLUs only; the batch norms' passes over the (N k, C) edge tensor were measured
+        at 28% of a ParticleNet-Lite scoring pass on the CPU. Same function, float rounding aside."""
+        n, k = neighbours.shape
+        mlp = self.edge_mlp
+        w_a, w_b = mlp.first_layer_weights()
+        s0, t0 = mlp.norms[0].eval_affine()
+        c1 = w_a.shape[0]
+        # BN(a_i + b_j) = (s a_i + t) + s b_j: the shift goes with x_i's half, computed once per point
+        ab = F.linear(x, torch.cat([w_a, w_b]) * s0.repeat(2).unsqueeze(1))
+        a, b = ab[:, :c1] + t0, ab[:, c1:]
+        h = F.embedding(neighbours, b).add_(a.unsqueeze(1)).relu_().view(n * k, c1)
+        for linear, norm in zip(mlp.linears[1:], mlp.norms[1:]):
+            scale, shift = norm.eval_affine()
+            h = F.linear(h, linear.weight * scale.unsqueeze(1), shift).relu_()
+        h = h.view(n, k, -1).mean(dim=1)
+        if self.shortcut is None:
+            return torch.relu(h + x)
+        scale, shift = self.shortcut_norm.eval_affine()
+        return F.linear(x, self.shortcut.weight * scale.unsqueeze(1), shift).add_(h).relu_()

@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 
+from qgdist.models.edgeconv import MaskedBatchNorm
 from qgdist.models import count_parameters, get_model, list_models
 from qgdist.models.synthetic import cloud_batch, image_batch
 from qgdist.train.step import train_step
@@ -149,6 +150,11 @@ def test_padded_and_packed_layouts_are_the_same_function(name: str, mode: str) -
     batch["points"][5] = 0.0
     torch.manual_seed(1)
     padded = get_model(name, layout="padded", fc_params=((16, 0.0),))
+    with torch.no_grad():   # batch norms as after training (not identity), so eval mode's folding is exercised
+        for norm in (m for m in padded.modules() if isinstance(m, MaskedBatchNorm)):
+            for t, lo, hi in ((norm.weight, 0.5, 1.5), (norm.bias, -0.5, 0.5), (norm.running_mean, -0.5, 0.5),
+                              (norm.running_var, 0.5, 2.0)):
+                t.uniform_(lo, hi)
     packed = get_model(name, layout="packed", fc_params=((16, 0.0),))
     packed.load_state_dict(padded.state_dict())
     getattr(padded, mode)(), getattr(packed, mode)()
