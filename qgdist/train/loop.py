@@ -29,12 +29,12 @@ from qgdist.core.device import resolve_device
 from qgdist.core.storage import is_local, run_path, scratch_dir, upload
 from qgdist.data.loader import LoaderConfig, ShardLoader
 from qgdist.data.preprocessing import Preprocessing
+from qgdist.train import parallel
 from qgdist.train.checkpoint import (Checkpointer, check_fingerprint, load_checkpoint, rng_state, set_rng_state,
                                      to_cpu)
 from qgdist.train.config import TrainConfig
 from qgdist.train.console import Console
 from qgdist.train.elastic import continue_after_resize
-from qgdist.train import parallel
 from qgdist.train.metrics import JetMetrics
 from qgdist.train.step import forward_logits, train_step
 
