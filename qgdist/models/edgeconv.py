@@ -70,10 +70,12 @@ class MaskedBatchNorm(nn.Module):
             y = y.relu_()  # an in-place op on a view would make autograd copy the whole tensor in backward
         return y if x.dim() == 2 else y.view(x.shape)
 
-    def eval_affine(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(scale, shift) of the eval-mode normalisation, ``y = x * scale + shift``: to fold into a Linear."""
-        scale = self.weight * torch.rsqrt(self.running_var + self.eps)
-        return scale, self.bias - self.running_mean * scale
+    def eval_affine(self, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale, shift) of the eval-mode normalisation, ``y = x * scale + shift``, computed in ``dtype`` (default:
+        the parameters'): applied by the masked path, folded into a Linear by the packed one."""
+        dtype = dtype or self.weight.dtype
+        scale = self.weight.to(dtype) * torch.rsqrt(self.running_var.to(dtype) + self.eps)
+        return scale, self.bias.to(dtype) - self.running_mean.to(dtype) * scale
 
     def _masked(self, x: torch.Tensor, mask: torch.Tensor | None, relu: bool) -> torch.Tensor:
         if mask is None:  # one row or none in training (the native kernel refuses a single row): all real
@@ -87,9 +89,7 @@ class MaskedBatchNorm(nn.Module):
                 self.running_var.lerp_(unbiased.to(self.running_var.dtype), self.momentum)
                 self.num_batches_tracked.add_(1)
             return y
-        acc = torch.promote_types(x.dtype, torch.float32)
-        scale = self.weight.to(acc) * torch.rsqrt(self.running_var.to(acc) + self.eps)
-        shift = self.bias.to(acc) - self.running_mean.to(acc) * scale
+        scale, shift = self.eval_affine(torch.promote_types(x.dtype, torch.float32))
         # float32 scale and shift: type promotion runs the fused multiply-add in float32 whatever x's dtype
         y = torch.addcmul(shift, x, scale).mul_(m)  # addcmul's backward needs its inputs, not its output
         if relu:

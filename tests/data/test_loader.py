@@ -60,13 +60,12 @@ def test_loader_workers_are_not_forked_from_the_training_process(cloud_dir):
     batches = ShardLoader(LoaderConfig(cloud_dir, batch_size=8, num_workers=2, seed=3)).collated(0)
     next(batches)   # the workers are running now
     ours = [p for p in _children(os.getpid()) if p not in before]
-    with open(f"/proc/{os.getpid()}/cmdline", "rb") as f:
-        me = f.read()
 
     def cmdline(pid: int) -> bytes:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             return f.read()
 
+    me = cmdline(os.getpid())
     assert not [p for p in ours if cmdline(p) == me]   # a forked worker would carry this process's command line
     server = [p for p in _children(os.getpid()) if b"forkserver" in cmdline(p)]
     assert len(server) == 1 and len(_children(server[0])) >= 2
