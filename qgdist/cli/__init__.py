@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 
 import qgdist
-from qgdist.core.config import ConfigError
+from qgdist.core.errors import QgdistError
 from qgdist.cli import bench, cluster, data, evaluate, generate, pipelines, track, train
 
 #: Command groups in pipeline order (``qgdist --help`` lists them so).
@@ -35,8 +35,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         code = args.func(args)
-    except ConfigError as err:   # one clear line, not a traceback: the user's settings are wrong
-        print(f"{getattr(args, 'command_name', 'qgdist')}: {err}", file=sys.stderr)
+    except QgdistError as err:   # one clear line, not a traceback: the user's settings or data are wrong
+        print(f"{getattr(args, 'command_name', 'qgdist')}: {err}" + (f"\n({err.hint})" if err.hint else ""),
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

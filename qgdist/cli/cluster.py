@@ -7,7 +7,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from qgdist.cluster.jobs_client import ClusterError, ListConfig, LogsConfig, StatusConfig, StopConfig
+from qgdist.cluster.jobs_client import ListConfig, LogsConfig, StatusConfig, StopConfig
 from qgdist.cluster.submit import SubmitConfig
 from qgdist.core.config import add_arguments, from_args
 
@@ -51,14 +51,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _guarded(run: Callable[[Any, argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    """Build the command's config from the flags, then run it. A ClusterError becomes one clear line on stderr
-    and exit code 2 (1 is reserved for failed jobs); a bad config does too, through ``qgdist.cli.main``."""
+    """Build the command's config from the flags, then run it. A ClusterError or a bad config becomes one clear
+    line on stderr and exit code 2 (1 is reserved for failed jobs), through ``qgdist.cli.main``."""
     def wrapper(args: argparse.Namespace) -> int:
-        try:
-            return run(from_args(args.config_cls, args), args)
-        except ClusterError as err:
-            print(f"qgdist: {err}", file=sys.stderr)
-            return 2
+        return run(from_args(args.config_cls, args), args)
     wrapper.__doc__ = run.__doc__
     return wrapper
 

@@ -8,7 +8,6 @@ Both parsers are generated from the stage's configs (``ConvertConfig``, ``Inspec
 from __future__ import annotations
 
 import argparse
-import sys
 
 from qgdist.core.config import add_arguments, from_args
 from qgdist.data.convert import ConvertConfig, InspectConfig
@@ -28,15 +27,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run_convert(args: argparse.Namespace) -> int:
     from qgdist.data.convert import convert
-    from qgdist.data.sources.errors import BadRowError
 
-    cfg = from_args(ConvertConfig, args)
-    try:
-        convert(cfg)
-    except BadRowError as err:
-        print(f"error: {err}\n(use --on-bad-row quarantine to skip bad rows and list them in the manifest)",
-              file=sys.stderr)
-        return 2
+    convert(from_args(ConvertConfig, args))
     return 0
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 from qgdist.core.config import add_arguments, from_args
 from qgdist.train.evaluate import EvalConfig
@@ -42,14 +41,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run_evaluate(args: argparse.Namespace) -> int:
     from qgdist.train.evaluate import evaluate_checkpoint
 
-    cfg = from_args(EvalConfig, args)
-    from qgdist.data.preprocessing import PreprocessingMismatch
-
-    try:
-        result = evaluate_checkpoint(cfg)
-    except PreprocessingMismatch as err:
-        print(f"qgdist evaluate: {err}", file=sys.stderr)
-        return 2
+    result = evaluate_checkpoint(from_args(EvalConfig, args))
     print(result["table"])
     for name, path in result["paths"].items():
         print(f"{name}: {path}")
@@ -57,19 +49,9 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
 
 def run_predict(args: argparse.Namespace) -> int:
-    from qgdist.data.preprocessing import PreprocessingMismatch
-    from qgdist.data.sources.errors import BadRowError
     from qgdist.train.predict import predict
 
-    cfg = from_args(PredictConfig, args)
-    try:
-        predict(cfg)
-    except PreprocessingMismatch as err:
-        print(f"qgdist predict: {err}", file=sys.stderr)
-        return 2
-    except BadRowError as err:
-        print(f"qgdist predict: {err}\n(use --on-bad-row quarantine to skip bad rows and list them)", file=sys.stderr)
-        return 2
+    predict(from_args(PredictConfig, args))
     return 0
 
 

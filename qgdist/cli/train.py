@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 from qgdist.core.config import ConfigError, add_arguments, describe, from_args
 from qgdist.train.config import TrainConfig
@@ -19,7 +18,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from qgdist.train.checkpoint import IncompatibleCheckpoint
     from qgdist.train.config import resolve
 
     cfg = from_args(TrainConfig, args)
@@ -28,18 +26,14 @@ def run_train(args: argparse.Namespace) -> int:
     except ValueError as err:   # e.g. an unknown model name
         raise ConfigError(str(err)) from err
     print(f"training config (resolved):\n{describe(cfg)}", flush=True)
-    try:
-        if cfg.launch.workers == 0:
-            from qgdist.train.loop import train
+    if cfg.launch.workers == 0:
+        from qgdist.train.loop import train
 
-            out = train(cfg)
-            print(f"done: global step {out['global_step']}, checkpoint {out['checkpoint']}")
-            return 0
-        from qgdist.train.ray_trainer import fit
+        out = train(cfg)
+        print(f"done: global step {out['global_step']}, checkpoint {out['checkpoint']}")
+        return 0
+    from qgdist.train.ray_trainer import fit
 
-        out = fit(cfg)
-    except IncompatibleCheckpoint as err:
-        print(f"qgdist train: {err}", file=sys.stderr)
-        return 2
+    out = fit(cfg)
     print(f"done: {out['run_dir']}, checkpoint {out['checkpoint']}")
     return 0

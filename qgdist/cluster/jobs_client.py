@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
 from qgdist.core.config import option
+from qgdist.core.errors import ClusterError
 
 if TYPE_CHECKING:  # ray is imported lazily so that `qgdist --help` stays fast
     from ray.job_submission import JobSubmissionClient
@@ -25,10 +26,6 @@ if TYPE_CHECKING:  # ray is imported lazily so that `qgdist --help` stays fast
 ADDRESS_ENV = "RAY_API_SERVER_ADDRESS"
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 TERMINAL_STATES = ("SUCCEEDED", "FAILED", "STOPPED")
-
-
-class ClusterError(RuntimeError):
-    """The cluster could not be reached, refused us, or does not know the job; the message says what to do."""
 
 
 @dataclass(frozen=True)

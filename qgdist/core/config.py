@@ -30,15 +30,10 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
+from qgdist.core.errors import ConfigError
+
 T = TypeVar("T")
 CONFIG_FLAG = "config"
-
-
-class ConfigError(ValueError):
-    """Settings that do not make a valid config (a required flag missing, a bad value, a bad --config file).
-
-    ``qgdist``'s ``main`` prints it as one line naming the command and exits with status 2.
-    """
 
 
 def option(default: Any = dataclasses.MISSING, help: str = "", *, flag: str | None = None,  # noqa: A002

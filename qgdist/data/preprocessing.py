@@ -16,6 +16,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from qgdist.core.errors import InputError
 from qgdist.data.features import CONTINUOUS, PRESETS
 from qgdist.data.shards.manifest import Manifest
 
@@ -31,7 +32,7 @@ def _content(version: int) -> int:
     return _SAME_CONTENT.get(version, version)
 
 
-class PreprocessingMismatch(ValueError):
+class PreprocessingMismatch(InputError):
     """A dataset that a model's preprocessing cannot be applied to (other kind, source or schema)."""
 
 

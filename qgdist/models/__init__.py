@@ -10,47 +10,70 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+from typing import NamedTuple
 
 import torch
 
-#: name -> (module, factory function, one-line description); the module tells the kind (cnn: image, else cloud)
-_REGISTRY: dict[str, tuple[str, str, str]] = {
-    "seed-cnn": ("qgdist.models.cnn", "seed_cnn", "seed notebook's Keras CNN (baseline)"),
-    "resnet15": ("qgdist.models.cnn", "resnet15", "CMS E2E ResNet-15 with the E2E input transform"),
-    "particlenet-lite": ("qgdist.models.particlenet", "particlenet_lite", "ParticleNet-Lite, dense kNN/EdgeConv"),
-    "particlenet": ("qgdist.models.particlenet", "particlenet", "ParticleNet, dense kNN/EdgeConv"),
-    "seed-particlenet-lite": ("qgdist.models.particlenet", "seed_particlenet_lite",
-                              "seed notebook's Keras ParticleNet-Lite settings (baseline)"),
-    "particlenet-lite-pyg": ("qgdist.models.particlenet_pyg", "particlenet_lite_pyg",
-                             "ParticleNet-Lite through torch_geometric.nn.EdgeConv"),
-    "particlenet-pyg": ("qgdist.models.particlenet_pyg", "particlenet_pyg",
-                        "ParticleNet through torch_geometric.nn.EdgeConv"),
+from qgdist.core.errors import ConfigError
+
+
+class Entry(NamedTuple):
+    """A registered model: ``module.factory(**fields of module.config)`` builds it."""
+
+    module: str
+    factory: str
+    config: str        # the family's config dataclass: the settings a user may pass (--model-arg)
+    description: str
+
+    @property
+    def kind(self) -> str:
+        return "image" if self.module == "qgdist.models.cnn" else "cloud"
+
+
+_CNN, _PN, _PYG = "qgdist.models.cnn", "qgdist.models.particlenet", "qgdist.models.particlenet_pyg"
+#: name -> how to build it; the module tells the kind (cnn: image, else cloud)
+_REGISTRY: dict[str, Entry] = {
+    "seed-cnn": Entry(_CNN, "seed_cnn", "SeedCNNConfig", "seed notebook's Keras CNN (baseline)"),
+    "resnet15": Entry(_CNN, "resnet15", "ResNet15Config", "CMS E2E ResNet-15 with the E2E input transform"),
+    "particlenet-lite": Entry(_PN, "particlenet_lite", "ParticleNetConfig", "ParticleNet-Lite, dense kNN/EdgeConv"),
+    "particlenet": Entry(_PN, "particlenet", "ParticleNetConfig", "ParticleNet, dense kNN/EdgeConv"),
+    "seed-particlenet-lite": Entry(_PN, "seed_particlenet_lite", "ParticleNetConfig",
+                                   "seed notebook's Keras ParticleNet-Lite settings (baseline)"),
+    "particlenet-lite-pyg": Entry(_PYG, "particlenet_lite_pyg", "ParticleNetConfig",
+                                  "ParticleNet-Lite through torch_geometric.nn.EdgeConv"),
+    "particlenet-pyg": Entry(_PYG, "particlenet_pyg", "ParticleNetConfig",
+                             "ParticleNet through torch_geometric.nn.EdgeConv"),
 }
 
 
 def list_models() -> dict[str, str]:
     """Registry names and a one-line description of each."""
-    return {name: desc for name, (_, _, desc) in _REGISTRY.items()}
+    return {name: entry.description for name, entry in _REGISTRY.items()}
+
+
+def _entry(name: str) -> Entry:
+    if name not in _REGISTRY:
+        raise ConfigError(f"model: unknown model {name!r}; choose from {sorted(_REGISTRY)}", field="model", got=name,
+                          expected=sorted(_REGISTRY))
+    return _REGISTRY[name]
 
 
 def model_kind(name: str) -> str:
     """``"image"`` or ``"cloud"``: the inputs model ``name`` takes, known without building it."""
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown model {name!r}; choose from {sorted(_REGISTRY)}")
-    return "image" if _REGISTRY[name][0] == "qgdist.models.cnn" else "cloud"
+    return _entry(name).kind
 
 
 def get_model(name: str, **cfg) -> torch.nn.Module:
-    """Build the model registered as ``name`` with config fields ``cfg``; unknown names or fields raise ValueError."""
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown model {name!r}; choose from {sorted(_REGISTRY)}")
-    module, factory, _ = _REGISTRY[name]
-    try:
-        return getattr(importlib.import_module(module), factory)(**cfg)
-    except TypeError as err:
-        if "unexpected keyword argument" in str(err):
-            raise ValueError(f"model {name!r}: {err}") from None
-        raise
+    """Build the model registered as ``name`` with config fields ``cfg``; an unknown name or field raises
+    ``ConfigError`` naming it."""
+    entry = _entry(name)
+    module = importlib.import_module(entry.module)
+    known = {f.name for f in dataclasses.fields(getattr(module, entry.config))}
+    unknown = sorted(set(cfg) - known)
+    if unknown:
+        raise ConfigError(f"model_kwargs: model {name!r} has no setting {', '.join(map(repr, unknown))}; it takes "
+                          f"{sorted(known)}", field="model_kwargs", got=unknown, expected=sorted(known))
+    return getattr(module, entry.factory)(**cfg)
 
 
 def count_parameters(model: torch.nn.Module) -> int:

@@ -35,16 +35,13 @@ import numpy as np
 import torch
 from upath import UPath
 
+from qgdist.core.errors import IncompatibleCheckpoint
 from qgdist.core.atomic import write_bytes, write_text
 from qgdist.core.storage import list_dirs, move, read_bytes, remove_tree, renames, run_path
 
 STATE_FILE = "state.pt"
 LATEST = "latest.json"
 BEST = "best.json"
-
-
-class IncompatibleCheckpoint(RuntimeError):
-    """The checkpoint was written by a run whose trajectory-shaping config differs."""
 
 
 def rng_state() -> dict[str, Any]:

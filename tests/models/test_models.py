@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 
+from qgdist.core.errors import ConfigError
 from qgdist.models.edgeconv import MaskedBatchNorm
 from qgdist.models import count_parameters, get_model, list_models
 from qgdist.models.synthetic import cloud_batch, image_batch
@@ -36,8 +37,9 @@ def test_registry_lists_required_models_with_kind() -> None:
     assert get_model("resnet15").kind == "image" and get_model("particlenet-lite").kind == "cloud"
     with pytest.raises(ValueError, match="unknown model"):
         get_model("no-such-model")
-    with pytest.raises(ValueError, match="unexpected keyword"):
+    with pytest.raises(ConfigError, match="model 'particlenet' has no setting 'no_such_field'") as err:
         get_model("particlenet", no_such_field=1)
+    assert err.value.field == "model_kwargs" and err.value.got == ["no_such_field"]
 
 
 @pytest.mark.parametrize("name,paper", [("particlenet-lite", 26_000), ("particlenet", 366_000)])

@@ -49,6 +49,8 @@ from typing import Any, ClassVar, Union
 
 import numpy as np
 
+from qgdist.core.errors import InputError
+
 SCHEMA_VERSION = 2
 #: The shard's last member, after its last chunk's (same key): the (chunks, 3) int64 index of
 #: (first byte, end byte, jets) of every chunk in the tar.
@@ -342,7 +344,7 @@ class ImageChunk(JetChunk):
 CHUNK_TYPES: dict[str, type[JetChunk]] = {"cloud": CloudChunk, "image": ImageChunk}
 
 
-class SchemaError(ValueError):
+class SchemaError(InputError):
     """A shard sample this qgdist cannot read (an older schema, or not a qgdist chunk)."""
 
 

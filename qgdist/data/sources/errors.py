@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any, Optional
 
+from qgdist.core.errors import InputError
+
 
 @dataclass(frozen=True)
 class Rejected:
@@ -19,13 +21,15 @@ class Rejected:
         return asdict(self)
 
 
-class BadRowError(ValueError):
+class BadRowError(InputError):
     """Raised under ``--on-bad-row error``: the message names the file, the row and the field."""
+
+    hint = "use --on-bad-row quarantine to skip bad rows, count them and list them"
 
     def __init__(self, file: str, row: Optional[int], field: str, reason: str):
         self.record = Rejected(file, row, field, reason)
         where = "whole file" if row is None else f"row {row}"
-        super().__init__(f"{file}: {where}, field {field!r}: {reason}")
+        super().__init__(f"{file}: {where}, field {field!r}: {reason}", file=file, row=row, field=field, got=reason)
 
     @classmethod
     def from_record(cls, record: Rejected) -> "BadRowError":
