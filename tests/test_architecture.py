@@ -24,7 +24,7 @@ def _lint(root: Path) -> subprocess.CompletedProcess:
 def test_the_tree_keeps_the_import_contract():
     result = _lint(REPO)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
-    assert "Contracts: 2 kept, 0 broken." in result.stdout
+    assert "Contracts: 3 kept, 0 broken." in result.stdout
 
 
 @pytest.mark.parametrize("module, line, broken", [
@@ -33,6 +33,10 @@ def test_the_tree_keeps_the_import_contract():
     ("train/_planted.py", "from qgdist.cluster import submit\n",
      "qgdist.train is not allowed to import qgdist.cluster"),
     ("models/_planted.py", "import ray\n", "qgdist.models is not allowed to import ray"),
+    ("train/_planted.py", "from qgdist.infer import predict\n", "qgdist.train is not allowed to import qgdist.infer"),
+    ("infer/_planted.py", "from qgdist.data.convert import convert\n",
+     "qgdist.infer is not allowed to import qgdist.data.convert"),
+    ("train/_planted.py", "import qgdist.data.convert\n", "qgdist.train is not allowed to import qgdist.data.convert"),
 ])
 def test_a_planted_forbidden_import_breaks_the_contract(tmp_path, module, line, broken):
     shutil.copytree(REPO / "qgdist", tmp_path / "qgdist", ignore=shutil.ignore_patterns("__pycache__"))

@@ -7,9 +7,9 @@ import argparse
 import json
 
 from qgdist.core.config import add_arguments, from_args
-from qgdist.train.evaluate import EvalConfig
-from qgdist.train.export import ExportConfig
-from qgdist.train.predict import PredictConfig
+from qgdist.infer.evaluate import EvalConfig
+from qgdist.infer.export import ExportConfig
+from qgdist.infer.predict import PredictConfig
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     ev = subparsers.add_parser(
@@ -39,7 +39,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    from qgdist.train.evaluate import evaluate_checkpoint
+    from qgdist.infer.evaluate import evaluate_checkpoint
 
     result = evaluate_checkpoint(from_args(EvalConfig, args))
     print(result["table"])
@@ -49,14 +49,14 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
 
 def run_predict(args: argparse.Namespace) -> int:
-    from qgdist.train.predict import predict
+    from qgdist.infer.predict import predict
 
     predict(from_args(PredictConfig, args))
     return 0
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from qgdist.train.export import export_checkpoint
+    from qgdist.infer.export import export_checkpoint
 
     cfg = from_args(ExportConfig, args)
     result = export_checkpoint(cfg)

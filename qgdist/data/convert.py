@@ -32,21 +32,14 @@ from qgdist.data.labels import LabelConvention
 from qgdist.data.shards.manifest import MANIFEST_NAME, Manifest, ShardInfo, write_manifest
 from qgdist.data.shards.schema import CHUNK_JETS
 from qgdist.data.shards.writer import ChunkWriter, ShardWriter
-from qgdist.data.sources import cms, energyflow
-from qgdist.data.sources.base import Plan, Unit, file_name
+from qgdist.data.sources.base import Unit, file_name
 from qgdist.data.sources.errors import BadRowError, Rejected
+from qgdist.data.sources.plan import KINDS, READERS, Source, expand_inputs, plan_inputs
 from qgdist.data.split import DEFAULT_FRACTIONS, SPLIT_NAMES, assign_splits, parse_fractions
 from qgdist.data.stats import StatSums
 
-READERS = {"cms": cms, "energyflow": energyflow}
-KINDS = {"cms": "image", "energyflow": "cloud"}
-EXTENSIONS = {"cms": ".parquet", "energyflow": ".npz"}
-#: Rows per task: a CMS unit of 1024 jets is ~5 MB of shards and ~1-2 s of work; clouds are ~10x cheaper.
-ROWS_PER_TASK = {"cms": 1024, "energyflow": 16384}
 _OUR_FILES = re.compile(r"^(?:\.)?(?:train|val|test)-\d{6}-\d{3}\.tar(?:\.tmp)?$")
 _SIZE_UNITS = {"kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "kb": 10**3, "mb": 10**6, "gb": 10**9, "b": 1}
-
-Source = Literal["cms", "energyflow"]
 
 
 def parse_size(text: str) -> int:
@@ -109,25 +102,6 @@ class InspectConfig:
     dir: str = option(help="output directory of qgdist convert (path or fsspec URL)", positional=True)
     verify: bool = option(False, "re-hash every shard; exit 1 on any mismatch")
     show: int = option(10, "quarantine entries to print")
-
-
-def expand_inputs(inputs: list[str], source: str) -> list[str]:
-    """Files named directly, the matching files of directories, and glob matches, in sorted order."""
-    out: list[str] = []
-    for item in inputs:
-        fs, path = fsspec.core.url_to_fs(item)
-        protocol = item.split("://")[0] + "://" if "://" in item else ""
-        if any(ch in path for ch in "*?["):
-            found = sorted(fs.glob(path))
-        elif fs.isdir(path):
-            found = sorted(p for p in fs.ls(path, detail=False) if p.endswith(EXTENSIONS[source]))
-        else:
-            found = [path]
-        out += [protocol + p if protocol else p for p in found]
-    names = [file_name(p) for p in out]
-    if len(set(names)) != len(names):
-        raise ValueError("two inputs share a file name; keys and splits are derived from it: rename one")
-    return out
 
 
 def convert_unit(unit: dict[str, Any], cfg: dict[str, Any]) -> dict[str, Any]:
@@ -230,39 +204,6 @@ def verify_output(out: str) -> list[str]:
     return problems
 
 
-def plan_inputs(cfg: ConvertConfig, inputs: list[str], cpus: int = 1) -> tuple[list[Unit], int, list[Rejected]]:
-    """Units of every input (numbered), total rows, and rows/files rejected while planning.
-
-    Without an explicit ``rows_per_task``, units shrink until there are at least ``cpus`` of them, so a small
-    input still keeps every CPU busy (planning reads footers only, so planning twice is cheap) -- except that a
-    deflated EnergyFlow file stays one unit (cutting it would decompress its start once per unit; its task reads
-    ahead in a thread instead). An explicit ``rows_per_task`` cuts every file.
-    """
-    per_task = cfg.rows_per_task or ROWS_PER_TASK[cfg.source]
-    units, rows, rejected = _plan(cfg, inputs, per_task)
-    if cfg.rows_per_task is None and 0 < len(units) < cpus and rows > len(units):
-        units, rows, rejected = _plan(cfg, inputs, max(1, -(-rows // cpus)))
-    return [dataclasses.replace(u, index=i) for i, u in enumerate(units)], rows, rejected
-
-
-def _plan(cfg: ConvertConfig, inputs: list[str], per_task: int) -> tuple[list[Unit], int, list[Rejected]]:
-    units, rows, rejected = [], 0, []
-    for path in inputs:
-        try:
-            plan: Plan = READERS[cfg.source].plan(path, per_task, split_deflated=cfg.rows_per_task is not None)
-        except BadRowError as err:
-            if cfg.on_bad_row == "error":
-                raise
-            rejected.append(err.record)
-            continue
-        if plan.rejected and cfg.on_bad_row == "error":
-            raise BadRowError.from_record(plan.rejected[0])
-        units += plan.units
-        rows += plan.rows
-        rejected += plan.rejected
-    return units, rows, rejected
-
-
 def convert(cfg: ConvertConfig) -> Manifest:
     """Convert ``cfg.inputs`` into shards plus ``manifest.json`` under ``cfg.out``; returns the manifest.
 
@@ -286,7 +227,7 @@ def convert(cfg: ConvertConfig) -> Manifest:
     ray_seconds = start - ray_seconds
     inputs = expand_inputs(cfg.inputs, cfg.source)
     clean_output(cfg.out)
-    units, rows_total, quarantine = plan_inputs(cfg, inputs, cpus)
+    units, rows_total, quarantine = plan_inputs(cfg.source, inputs, cpus, cfg.rows_per_task, cfg.on_bad_row)
     settings = dataclasses.asdict(cfg)
     run_units = _ray_results if cfg.executor == "ray" and units else _local_results
     results = run_units(units, settings)

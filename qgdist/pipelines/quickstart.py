@@ -53,7 +53,7 @@ def quickstart(cfg: QuickstartConfig) -> Path:
     from qgdist.data.convert import ConvertConfig, convert
     from qgdist.pipelines.toy_data import toy_file
     from qgdist.train.config import TrainConfig, resolve
-    from qgdist.train.evaluate import EvalConfig, evaluate_checkpoint
+    from qgdist.infer.evaluate import EvalConfig, evaluate_checkpoint
     from qgdist.train.ray_trainer import fit
 
     t0 = time.perf_counter()

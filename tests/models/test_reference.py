@@ -12,7 +12,7 @@ import torch
 
 pytest.importorskip("weaver")
 
-from qgdist.bench.step import (  # imported after the skip, like weaver itself
+from qgdist.bench.weaver_reference import (  # imported after the skip, like weaver itself
     build_weaver,
     channel_first,
     check_against_weaver,

@@ -118,7 +118,7 @@ def test_run_directory_may_be_a_url(scheme, cloud_dir, tmp_path, capsys, monkeyp
     """
     import fsspec
 
-    from qgdist.train.evaluate import EvalConfig, evaluate_checkpoint
+    from qgdist.infer.evaluate import EvalConfig, evaluate_checkpoint
 
     monkeypatch.setenv("QGDIST_SCRATCH", str(tmp_path / "scratch"))
     url = (tmp_path / "remote").as_uri() if scheme == "file" else f"memory://qgdist-test/{tmp_path.name}"

@@ -231,7 +231,7 @@ def test_ray_train_killed_mid_epoch_resumes_and_evaluates_on_s3(s3, shards, tmp_
     after its first mid-epoch checkpoint, then re-run: it resumes from the pointer and finishes; ``evaluate``
     takes the run's URL."""
     from qgdist.data.shards.manifest import read_manifest
-    from qgdist.train.evaluate import EvalConfig, evaluate_checkpoint
+    from qgdist.infer.evaluate import EvalConfig, evaluate_checkpoint
 
     storage_url = f"s3://{BUCKET}/runs"
     run_dir = f"{storage_url}/ray"

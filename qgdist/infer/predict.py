@@ -90,8 +90,8 @@ def detect_input(paths: list[str]) -> str:
 def plan_units(cfg: PredictConfig, kind: str, pre: Any, cpus: int) -> tuple[list[dict[str, Any]], int, list]:
     """The units to score (JSON-able dicts), the jets planned, and rows rejected while planning."""
     from qgdist.core.storage import join
-    from qgdist.data.convert import ConvertConfig, expand_inputs, plan_inputs
     from qgdist.data.shards.manifest import read_manifest
+    from qgdist.data.sources.plan import expand_inputs, plan_inputs
 
     if kind == "shards":
         units, total = [], 0
@@ -105,10 +105,8 @@ def plan_units(cfg: PredictConfig, kind: str, pre: Any, cpus: int) -> tuple[list
                     total += shard.samples
         return units, total, []
     pre.check_source(kind, " ".join(cfg.data))
-    convert_cfg = ConvertConfig(source=kind, inputs=list(cfg.data), out=cfg.out, on_bad_row=cfg.on_bad_row,
-                                label_quark_value=cfg.label_quark_value, rows_per_task=cfg.rows_per_task)
     inputs = expand_inputs(list(cfg.data), kind)
-    planned, rows, rejected = plan_inputs(convert_cfg, inputs, cpus)
+    planned, rows, rejected = plan_inputs(kind, inputs, cpus, cfg.rows_per_task, cfg.on_bad_row)
     units = [{"type": kind, "unit": {**u.__dict__, "row_groups": list(u.row_groups)}, "index": u.index}
              for u in planned]
     return units, rows, rejected
@@ -122,7 +120,7 @@ class Scorer:
                  label_quark_value: int | None, device: str = "auto") -> None:
         from qgdist.core.device import resolve_device
         from qgdist.data.loader import Collate
-        from qgdist.train.evaluate import checkpoint_preprocessing, model_from_checkpoint
+        from qgdist.infer.evaluate import checkpoint_preprocessing, model_from_checkpoint
 
         self.device = resolve_device(device)
         self.model, state = model_from_checkpoint(checkpoint)
@@ -185,7 +183,7 @@ class Scorer:
 
             yield from read_shard(unit["path"])
             return
-        from qgdist.data.convert import READERS
+        from qgdist.data.sources.plan import READERS
         from qgdist.data.labels import LabelConvention
         from qgdist.data.sources.base import Unit
 
@@ -210,7 +208,7 @@ def predict(cfg: PredictConfig) -> dict[str, Any]:
     from tqdm import tqdm
 
     from qgdist.data.sources.errors import BadRowError, Rejected
-    from qgdist.train.evaluate import checkpoint_preprocessing, resolve_checkpoint
+    from qgdist.infer.evaluate import checkpoint_preprocessing, resolve_checkpoint
 
     start = time.perf_counter()
     checkpoint = str(resolve_checkpoint(cfg.checkpoint))

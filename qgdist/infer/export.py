@@ -224,7 +224,7 @@ def export_checkpoint(cfg: ExportConfig) -> dict[str, Any]:
     A ``*-pyg`` model is exported through its dense twin (same weights), and checked against the PyG model.
     """
     from qgdist.models import get_model, model_config
-    from qgdist.train.evaluate import model_from_checkpoint
+    from qgdist.infer.evaluate import model_from_checkpoint
 
     model, state = model_from_checkpoint(cfg.checkpoint)
     name = (state.get("fingerprint") or {}).get("model", "")
@@ -234,7 +234,7 @@ def export_checkpoint(cfg: ExportConfig) -> dict[str, Any]:
         exported.load_state_dict(model.state_dict())
     import json
 
-    from qgdist.train.evaluate import checkpoint_preprocessing
+    from qgdist.infer.evaluate import checkpoint_preprocessing
 
     metadata = {PREPROCESSING_KEY: json.dumps(checkpoint_preprocessing(state, cfg.checkpoint).to_dict()),
                 "qgdist.model": name, "qgdist.inputs": ",".join(INPUT_NAMES[model.kind]),

@@ -18,9 +18,9 @@ from qgdist.data.loader import LoaderConfig, ShardLoader
 from qgdist.data.preprocessing import PreprocessingMismatch
 from qgdist.pipelines.toy_data import toy_file
 from qgdist.train.config import TrainConfig, resolve
-from qgdist.train.evaluate import EvalConfig, evaluate_checkpoint
+from qgdist.infer.evaluate import EvalConfig, evaluate_checkpoint
 from qgdist.train.loop import train
-from qgdist.train.predict import PredictConfig, predict
+from qgdist.infer.predict import PredictConfig, predict
 from tests.trainkit import write_dataset
 
 TINY = {"conv_params": [[8, [16, 16]]], "fc_params": [[32, 0.1]]}
@@ -105,8 +105,8 @@ def test_onnx_model_carries_the_preprocessing_and_gives_the_same_scores(scenario
 
     from qgdist.data.loader import Collate, read_shard
     from qgdist.data.shards.manifest import read_manifest
-    from qgdist.train.evaluate import checkpoint_preprocessing, model_from_checkpoint
-    from qgdist.train.export import ExportConfig, export_checkpoint, onnx_preprocessing
+    from qgdist.infer.evaluate import checkpoint_preprocessing, model_from_checkpoint
+    from qgdist.infer.export import ExportConfig, export_checkpoint, onnx_preprocessing
 
     path = export_checkpoint(ExportConfig(checkpoint=scenario["run"], onnx=str(tmp_path / "pn.onnx")))["onnx"]
     _, state = model_from_checkpoint(scenario["run"])

@@ -21,8 +21,8 @@ from qgdist.data.loader import LoaderConfig, ShardLoader
 from qgdist.models import get_model
 from qgdist.train.checkpoint import Checkpointer
 from qgdist.train.config import TrainConfig, resolve
-from qgdist.train.evaluate import model_from_checkpoint
-from qgdist.train.export import INPUT_NAMES, example_inputs, knn_onnx
+from qgdist.infer.evaluate import model_from_checkpoint
+from qgdist.infer.export import INPUT_NAMES, example_inputs, knn_onnx
 from qgdist.train.metrics import compute_metrics
 
 MODELS = {"cloud": ("particlenet-lite", {}), "image": ("resnet15", {"fmaps": [8, 8], "nblocks": 1})}
