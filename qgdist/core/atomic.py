@@ -81,6 +81,15 @@ def write_text(path: str | os.PathLike[str], text: str) -> None:
     write_bytes(path, text.encode())
 
 
+def upload(local: Path, remote: UPath) -> None:
+    """Copy a local file or directory tree to ``remote`` (a path or URL), each file written atomically."""
+    if local.is_dir():
+        for child in local.iterdir():
+            upload(child, remote / child.name)
+        return
+    write_bytes(remote, local.read_bytes())
+
+
 def write_json(path: str | os.PathLike[str], doc: Any, indent: int | None = 1) -> None:
     """Write ``doc`` as JSON to ``path`` atomically (values JSON cannot hold are written with ``str``)."""
     write_text(path, json.dumps(doc, indent=indent, default=str, sort_keys=False) + "\n")

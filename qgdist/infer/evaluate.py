@@ -7,8 +7,9 @@
     roc.png          ROC and gluon rejection vs quark efficiency (qgdist.train.plots.plot_roc)
     scores.parquet   one row per jet: file, row (of the source file), is_quark, score (quark probability), logit
 
-``--checkpoint`` may be a checkpoint directory, its ``state.pt``, or a run directory (its best checkpoint by
-validation AUC, else its latest).
+``--checkpoint`` may be a checkpoint directory, its ``state.pt``, an ``artifacts/model.pt``, or a run directory
+(its best checkpoint by validation AUC, else its latest). The model is rebuilt from the checkpoint's own model
+config and fed with the checkpoint's preprocessing.
 """
 
 from __future__ import annotations
@@ -21,13 +22,15 @@ from typing import TYPE_CHECKING, Any, Literal
 from qgdist.core.atomic import atomic_path, write_json
 from qgdist.core.config import option
 from qgdist.core.device import Device
-from qgdist.core.storage import is_local, run_path, scratch_dir, upload
+from qgdist.core.errors import InputError
+from qgdist.core.run import Run
 
 if TYPE_CHECKING:   # torch is imported when evaluating, so that the command line's parser stays light
     import torch
+    from upath import UPath
 
     from qgdist.data.preprocessing import Preprocessing
-    from upath import UPath
+    from qgdist.train.checkpoint import Checkpoint
 
 METRIC_ORDER = ("loss", "acc", "auc", "rej30", "rej50")
 
@@ -36,8 +39,8 @@ METRIC_ORDER = ("loss", "acc", "auc", "rej30", "rej50")
 class EvalConfig:
     """One evaluation: which checkpoint, on which data and split, written where (the flags of ``qgdist evaluate``)."""
 
-    checkpoint: str = option(help="checkpoint directory, its state.pt, or a run directory (best checkpoint, else "
-                                  "latest)")
+    checkpoint: str = option(help="checkpoint directory, its state.pt, a model.pt, or a run directory (best "
+                                  "checkpoint, else latest)")
     data: str = option(help="shard directory (manifest.json + tar shards)")
     split: Literal["train", "val", "test"] = option("test", "split to score")
     out: str | None = option(None, "output directory (default RUN_DIR/eval/SPLIT; written locally, copied up when "
@@ -51,55 +54,15 @@ class EvalConfig:
                                             "directory's local store)")
 
 
-def resolve_checkpoint(path: str | os.PathLike[str]) -> UPath:
-    """A checkpoint directory from a checkpoint dir, a ``state.pt`` or a run dir (best, else latest); local or URL."""
-    from qgdist.train.checkpoint import STATE_FILE, Checkpointer
+def load_model(path: str | os.PathLike[str]) -> tuple[torch.nn.Module, Checkpoint, UPath]:
+    """The model a user names as ``--checkpoint`` (a checkpoint directory, its ``state.pt``, ``model.pt`` or a run
+    directory: its best checkpoint, else its latest), rebuilt from its stored model config, in eval mode on the
+    CPU; with its checkpoint and where it was found."""
+    from qgdist.train.checkpointer import find_checkpoint, load_checkpoint
 
-    path = run_path(path)
-    if path.is_file():
-        return path.parent
-    if (path / STATE_FILE).exists():
-        return path
-    if (path / "checkpoints").is_dir():
-        ckpt = Checkpointer(path)
-        found = ckpt.best() or ckpt.latest()
-        if found is not None:
-            return found
-    raise FileNotFoundError(f"{path}: neither a checkpoint (no {STATE_FILE}) nor a run directory with checkpoints")
-
-
-def model_from_checkpoint(path: str | os.PathLike[str]) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """Rebuild the model of a checkpoint (eval mode, CPU) and return it with the checkpoint's state dict.
-
-    The architecture comes from the checkpoint's config fingerprint (model name, model kwargs) and its
-    preprocessing record (cloud models get ``in_features`` from the preset, as in training).
-    """
-    from qgdist.models import get_model
-    from qgdist.train.checkpoint import load_checkpoint
-
-    state = load_checkpoint(resolve_checkpoint(path))
-    fp = state.get("fingerprint") or {}
-    if "model" not in fp:
-        raise ValueError(f"{path}: checkpoint has no config fingerprint naming its model")
-    pre = checkpoint_preprocessing(state, str(path))
-    kwargs = dict(fp.get("model_kwargs") or {})
-    model = get_model(fp["model"], **kwargs)
-    if model.kind == "cloud" and "in_features" not in kwargs:
-        model = get_model(fp["model"], **kwargs, in_features=len(pre.feature_names))
-    model.load_state_dict(state["model"])
-    return model.eval(), state
-
-
-def checkpoint_preprocessing(state: dict[str, Any], where: str) -> Preprocessing:
-    """The preprocessing a checkpoint's model was trained with (never the scored dataset's statistics)."""
-    from qgdist.data.preprocessing import Preprocessing
-
-    doc = state.get("preprocessing")
-    if not doc:
-        raise ValueError(f"{where}: the checkpoint records no preprocessing (written by an older qgdist), so its "
-                         "inputs cannot be reproduced on other data; resume the run once (qgdist train with the "
-                         "same --run-name) to write a checkpoint that carries it")
-    return Preprocessing.from_dict(doc)
+    found = find_checkpoint(path)
+    checkpoint = load_checkpoint(found)
+    return checkpoint.build_model(), checkpoint, found
 
 
 def _jet_ids(batch: dict[str, Any]) -> tuple[list[str], list[int]]:
@@ -114,17 +77,17 @@ def _jet_ids(batch: dict[str, Any]) -> tuple[list[str], list[int]]:
     return files, rows
 
 
-def score_split(model: torch.nn.Module, state: dict[str, Any], cfg: EvalConfig, device: torch.device) -> dict[str, Any]:
-    """Run ``model`` over every jet of ``cfg.split`` once, with the checkpoint's preprocessing; returns columns
-    file, row, is_quark, logit and the loss. Results stay on the device until the end (no sync per batch)."""
+def score_split(model: torch.nn.Module, pre: Preprocessing, cfg: EvalConfig, device: torch.device) -> dict[str, Any]:
+    """Run ``model`` over every jet of ``cfg.split`` once, with the checkpoint's preprocessing ``pre``; returns
+    columns file, row, is_quark, logit and the loss. Results stay on the device until the end (no sync per batch)."""
     import torch
     from tqdm import tqdm
 
-    from qgdist.data.loader import LoaderConfig, ShardLoader, to_device
+    from qgdist.data.config import DataConfig
+    from qgdist.data.loader import ShardLoader, to_device
 
-    pre = checkpoint_preprocessing(state, cfg.checkpoint)
-    loader = ShardLoader(LoaderConfig(cfg.data, split=cfg.split, batch_size=cfg.batch_size, training=False,
-                                      shuffle_buffer=0, device=str(device), preprocessing=pre))
+    loader = ShardLoader(DataConfig(cfg.data, batch_size=cfg.batch_size), cfg.split, training=False,
+                         device=str(device), preprocessing=pre)
     total = loader.manifest.splits.get(cfg.split, {}).get("samples")
     files: list[str] = []
     rows: list[int] = []
@@ -184,34 +147,33 @@ def evaluate_checkpoint(cfg: EvalConfig) -> dict[str, Any]:
     from qgdist.train.metrics import compute_metrics
     from qgdist.train.plots import plot_roc
 
-    ckpt_dir = resolve_checkpoint(cfg.checkpoint)
     device = resolve_device(cfg.device)
-    model, state = model_from_checkpoint(ckpt_dir)
+    model, checkpoint, found = load_model(cfg.checkpoint)
     model.to(device)
-    run_dir = ckpt_dir.parent.parent if ckpt_dir.parent.name == "checkpoints" else ckpt_dir
-    out = Path(cfg.out) if cfg.out else scratch_dir(run_dir) / "eval" / cfg.split
+    run = Run.of_checkpoint(found) or Run(str(found.parent))   # a loose checkpoint or model.pt: beside it
+    out = Path(cfg.out) if cfg.out else run.local_eval_dir(cfg.split)
     out.mkdir(parents=True, exist_ok=True)
 
-    scored = score_split(model, state, cfg, device)
+    scored = score_split(model, checkpoint.preprocessing, cfg, device)
     cols = scored["columns"]
     logits, labels = torch.tensor(cols["logit"]), torch.tensor(cols["is_quark"])
     metrics = compute_metrics(logits, labels, loss=scored["loss"])
     fpr, tpr, _ = binary_roc(torch.sigmoid(logits.double()), labels.long(), thresholds=None)
-    name = (state.get("fingerprint") or {}).get("model", "model")
+    name = checkpoint.model_name
     paths = {"roc": plot_roc({f"{name} ({cfg.split})": (fpr.tolist(), tpr.tolist())}, out / "roc.png"),
              "scores": write_scores(cols, out / "scores.parquet"), "metrics": out / "metrics.json"}
     doc = {**metrics, "n_jets": len(logits), "n_quark": int(labels.sum()), "split": cfg.split, "model": name,
-           "checkpoint": str(ckpt_dir), "epoch": state.get("epoch"), "global_step": state.get("global_step")}
+           "checkpoint": str(found), "epoch": checkpoint.epoch, "global_step": checkpoint.global_step}
     write_json(paths["metrics"], doc)
-    if not cfg.out and not is_local(run_dir):
-        upload(out, run_dir / "eval" / cfg.split)
+    if not cfg.out:
+        run.publish(out, run.eval_dir(cfg.split))
     if cfg.track:
-        track_results(cfg, scratch_dir(run_dir), state, metrics, paths)
+        track_results(cfg, run, checkpoint, metrics, paths)
     return {"metrics": metrics, "paths": {k: str(v) for k, v in paths.items()}, "n_jets": len(logits),
             "table": format_table(metrics, f"{name} on {cfg.split} ({len(logits)} jets)")}
 
 
-def track_results(cfg: EvalConfig, run_dir: Path, state: dict[str, Any], metrics: dict[str, float],
+def track_results(cfg: EvalConfig, run: Run, checkpoint: Checkpoint, metrics: dict[str, float],
                   paths: dict[str, Path]) -> str:
     """Add ``<split>/<metric>`` (at the checkpoint's global step) and the outputs to the run that trained it.
 
@@ -223,14 +185,15 @@ def track_results(cfg: EvalConfig, run_dir: Path, state: dict[str, Any], metrics
     from qgdist.core.tracking import resolve_tracking_uri
     from qgdist.track.tracker import Tracker
 
-    run_id = state.get("mlflow_run_id")
+    run_id = checkpoint.mlflow_run_id
     if not run_id:
-        raise ValueError(f"{cfg.checkpoint}: the checkpoint names no MLflow run (trained with tracking off?)")
-    tracker = Tracker(run_dir, resolve_tracking_uri(cfg.tracking_uri))
+        raise InputError(f"{cfg.checkpoint}: the checkpoint names no MLflow run (trained with tracking off?)",
+                         file=cfg.checkpoint, field="mlflow_run_id")
+    tracker = Tracker(run.scratch, resolve_tracking_uri(cfg.tracking_uri))
     tracker.start(f"evaluate {cfg.split}", run_id=run_id)
     with tracker:
         tracker.log_metrics({f"{cfg.split}/{k}": v for k, v in metrics.items() if math.isfinite(v)},
-                            step=int(state.get("global_step") or 0))
+                            step=checkpoint.global_step)
         for path in paths.values():
             tracker.log_artifact(path, artifact_path=f"eval/{cfg.split}")
     return run_id

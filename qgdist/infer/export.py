@@ -41,7 +41,7 @@ PREPROCESSING_KEY = "qgdist.preprocessing"
 class ExportConfig:
     """Which checkpoint to export where, and how closely onnxruntime must agree with PyTorch (``qgdist export``)."""
 
-    checkpoint: str = option(help="checkpoint directory, its state.pt, or a run directory")
+    checkpoint: str = option(help="checkpoint directory, its state.pt, a model.pt, or a run directory")
     onnx: str = option(help="output .onnx file")
     opset: int = option(17, "ONNX opset version")
     atol: float = option(1e-4, "tolerated absolute difference of the logits")
@@ -221,24 +221,22 @@ def check_onnx(path: str | os.PathLike[str], model: torch.nn.Module, atol: float
 def export_checkpoint(cfg: ExportConfig) -> dict[str, Any]:
     """Rebuild the checkpoint's model, export it to ``cfg.onnx`` and check it with onnxruntime.
 
-    A ``*-pyg`` model is exported through its dense twin (same weights), and checked against the PyG model.
+    A ``*-pyg`` model is exported through its dense twin (same weights), and checked against the PyG model. The
+    ONNX metadata is the checkpoint's model card (model, model config, preprocessing under ``qgdist.preprocessing``)
+    plus the input and output names.
     """
-    from qgdist.models import get_model, model_config
-    from qgdist.infer.evaluate import model_from_checkpoint
+    from qgdist.infer.evaluate import load_model
+    from qgdist.models import get_model
 
-    model, state = model_from_checkpoint(cfg.checkpoint)
-    name = (state.get("fingerprint") or {}).get("model", "")
+    model, checkpoint, _ = load_model(cfg.checkpoint)
+    name = checkpoint.model_name
     exported = model
     if name.endswith("-pyg"):   # PyG's EdgeConv does not trace; the dense twin shares its state dict
-        exported = get_model(name.removesuffix("-pyg"), **model_config(model))
+        exported = get_model(name.removesuffix("-pyg"), **checkpoint.model_config)
         exported.load_state_dict(model.state_dict())
-    import json
-
-    from qgdist.infer.evaluate import checkpoint_preprocessing
-
-    metadata = {PREPROCESSING_KEY: json.dumps(checkpoint_preprocessing(state, cfg.checkpoint).to_dict()),
-                "qgdist.model": name, "qgdist.inputs": ",".join(INPUT_NAMES[model.kind]),
-                "qgdist.output": "logits: quark logit (sigmoid = quark probability)"}
+    metadata = checkpoint.model_card() | {"qgdist.inputs": ",".join(INPUT_NAMES[model.kind]),
+                                          "qgdist.output": "logits: quark logit (sigmoid = quark probability)"}
+    assert metadata[PREPROCESSING_KEY]   # what onnx_preprocessing reads
     path = export_model(exported, cfg.onnx, cfg.opset, cfg.image_size, metadata)
     check = check_onnx(path, model, cfg.atol, cfg.rtol, cfg.image_size)   # against the checkpoint's own model
     return {"onnx": str(path), "bytes": path.stat().st_size, "model": name, **check}

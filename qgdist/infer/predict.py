@@ -40,7 +40,8 @@ Input = Literal["auto", "shards", "cms", "energyflow"]
 class PredictConfig:
     """``qgdist predict``: which model scores which jets, where the scores go and how the work spreads."""
 
-    checkpoint: str = option(help="checkpoint directory, its state.pt, or a run directory (best, else latest)")
+    checkpoint: str = option(help="checkpoint directory, its state.pt, a model.pt, or a run directory (best, else "
+                                  "latest)")
     data: list[str] = option(help="shard directories (holding manifest.json), or CMS parquet / EnergyFlow npz "
                                   "files, directories or globs; paths or fsspec URLs")
     out: str = option(help="output directory: part-*.parquet, summary.json, roc.png")
@@ -120,12 +121,12 @@ class Scorer:
                  label_quark_value: int | None, device: str = "auto") -> None:
         from qgdist.core.device import resolve_device
         from qgdist.data.loader import Collate
-        from qgdist.infer.evaluate import checkpoint_preprocessing, model_from_checkpoint
+        from qgdist.infer.evaluate import load_model
 
         self.device = resolve_device(device)
-        self.model, state = model_from_checkpoint(checkpoint)
+        self.model, loaded, _ = load_model(checkpoint)
         self.model.to(self.device)
-        self.pre = checkpoint_preprocessing(state, checkpoint)
+        self.pre = loaded.preprocessing
         self.collate = Collate(self.pre)
         self.out, self.batch_size, self.on_bad_row = out, batch_size, on_bad_row
         self.label_quark_value = label_quark_value
@@ -208,11 +209,11 @@ def predict(cfg: PredictConfig) -> dict[str, Any]:
     from tqdm import tqdm
 
     from qgdist.data.sources.errors import BadRowError, Rejected
-    from qgdist.infer.evaluate import checkpoint_preprocessing, resolve_checkpoint
+    from qgdist.train.checkpointer import find_checkpoint, load_checkpoint
 
     start = time.perf_counter()
-    checkpoint = str(resolve_checkpoint(cfg.checkpoint))
-    pre = checkpoint_preprocessing(_load_state(checkpoint), checkpoint)
+    checkpoint = str(find_checkpoint(cfg.checkpoint))
+    pre = load_checkpoint(checkpoint).preprocessing
     kind = detect_input(list(cfg.data)) if cfg.input == "auto" else cfg.input
     cpus, gpus, ray_seconds = 1, 0, 0.0
     if cfg.executor == "ray":
@@ -261,12 +262,6 @@ def predict(cfg: PredictConfig) -> dict[str, Any]:
             line += f"; auc {m['auc']:.4f} acc {m['acc']:.4f} 1/eps_B@50% {m['rej50']:.1f}"
         print(line + f"\n{join(cfg.out, SUMMARY)}", file=sys.stderr)
     return summary
-
-
-def _load_state(checkpoint: str) -> dict[str, Any]:
-    from qgdist.train.checkpoint import load_checkpoint
-
-    return load_checkpoint(checkpoint)
 
 
 def _local_dir(out: str) -> str | None:

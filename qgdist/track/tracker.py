@@ -41,6 +41,8 @@ from pathlib import Path
 from typing import Any
 
 from qgdist.core.atomic import write_text
+from qgdist.core.run import MLFLOW_DIR, UNSENT_FILE, local_store_artifacts
+from qgdist.core.run import local_store_uri as store_uri
 
 #: Short HTTP timeouts so an unreachable server costs seconds, not minutes (MLflow's defaults: 120 s, 7 retries).
 #: Set only where the user has not set them already.
@@ -48,12 +50,11 @@ HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "5", "MLFLOW_HTTP_REQUEST_MAX_RE
                  "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
 PARAM_MAX_CHARS = 6000   # MLflow 3 rejects longer param values
 BATCH_MAX_METRICS = 1000  # MLflow's log_batch limit
-UNSENT_FILE = "mlflow_unsent.jsonl"
 
 
 def local_store_uri(run_dir: str | Path) -> str:
-    """The embedded sqlite store of a run directory (an absolute ``sqlite:////...`` URI)."""
-    return f"sqlite:///{Path(run_dir).resolve() / 'mlflow' / 'mlflow.db'}"
+    """The embedded sqlite store of a (local) run directory (an absolute ``sqlite:////...`` URI)."""
+    return store_uri(Path(run_dir) / MLFLOW_DIR)
 
 
 def flatten_config(config: Any, prefix: str = "") -> dict[str, str]:
@@ -111,7 +112,7 @@ class Tracker:
         for name, value in HTTP_DEFAULTS.items():
             os.environ.setdefault(name, value)
         if self.tracking_uri.startswith("sqlite:"):
-            (self.run_dir / "mlflow").mkdir(parents=True, exist_ok=True)
+            (self.run_dir / MLFLOW_DIR).mkdir(parents=True, exist_ok=True)
         self._client = MlflowClient(tracking_uri=self.tracking_uri)
         if not run_id:
             run = self._client.create_run(self._experiment_id(), run_name=run_name,
@@ -214,7 +215,7 @@ class Tracker:
             return found.experiment_id
         location = None
         if self.tracking_uri.startswith("sqlite:"):   # otherwise mlflow would put artifacts in ./mlruns
-            location = (self.run_dir / "mlflow" / "artifacts").resolve().as_uri()
+            location = local_store_artifacts(self.run_dir / MLFLOW_DIR).resolve().as_uri()
         return self._client.create_experiment(self.experiment, artifact_location=location)
 
     def _log_params(self, params: dict[str, str], known: Mapping[str, str] | None = None) -> None:

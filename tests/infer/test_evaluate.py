@@ -17,12 +17,14 @@ import torch
 from tests.trainkit import write_dataset
 
 from qgdist.cli import main
-from qgdist.data.loader import LoaderConfig, ShardLoader
-from qgdist.models import get_model
-from qgdist.train.checkpoint import Checkpointer
-from qgdist.train.config import TrainConfig, resolve
-from qgdist.infer.evaluate import model_from_checkpoint
+from qgdist.data.config import DataConfig
+from qgdist.data.loader import ShardLoader
+from qgdist.infer.evaluate import load_model
 from qgdist.infer.export import INPUT_NAMES, example_inputs, knn_onnx
+from qgdist.models import get_model, model_config
+from qgdist.train.checkpoint import Checkpoint
+from qgdist.train.checkpointer import Checkpointer
+from qgdist.train.config import TrainConfig, resolve
 from qgdist.train.metrics import compute_metrics
 
 MODELS = {"cloud": ("particlenet-lite", {}), "image": ("resnet15", {"fmaps": [8, 8], "nblocks": 1})}
@@ -47,14 +49,15 @@ def run(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
     from qgdist.data.shards.manifest import read_manifest
 
     pre = Preprocessing.from_manifest(read_manifest(data), data)   # what a training run records
-    Checkpointer(cfg.run_dir).save({"model": model.state_dict(), "fingerprint": cfg.fingerprint(), "epoch": 1,
-                                    "step": 0, "global_step": 3, "preprocessing": pre.to_dict()}, auc=0.5)
+    Checkpointer(cfg.run).save(Checkpoint(model_name=name, model_config=model_config(model), weights=model.state_dict(),
+                                          preprocessing=pre, config=cfg.to_dict(), fingerprint=cfg.fingerprint(),
+                                          epoch=1, global_step=3), auc=0.5)
     return {"kind": kind, "data": data, "run_dir": Path(cfg.run_dir), "model": model.eval()}
 
 
-def test_model_from_checkpoint_restores_weights(run: dict) -> None:
-    model, state = model_from_checkpoint(run["run_dir"])
-    assert state["global_step"] == 3 and not model.training
+def test_the_model_is_rebuilt_from_its_checkpoint_with_its_weights(run: dict) -> None:
+    model, checkpoint, _ = load_model(run["run_dir"])
+    assert checkpoint.global_step == 3 and not model.training
     for (name, want), got in zip(run["model"].state_dict().items(), model.state_dict().values()):
         assert torch.equal(want, got), name
 
@@ -71,7 +74,7 @@ def test_evaluate_writes_metrics_plot_and_scores(run: dict, tmp_path: Path, caps
     np.testing.assert_allclose(scores["score"], 1 / (1 + np.exp(-np.array(scores["logit"]))), rtol=1e-5)
 
     # The scores are the model's: recompute them from the shards with the same loader, in the same order.
-    loader = ShardLoader(LoaderConfig(run["data"], split="test", batch_size=64, training=False, shuffle_buffer=0))
+    loader = ShardLoader(DataConfig(run["data"], batch_size=64), "test", training=False)
     inputs, labels = next(loader.epoch(0))
     with torch.no_grad():
         logits = run["model"](**inputs)
@@ -103,7 +106,7 @@ def test_export_round_trips_through_onnxruntime(run: dict, tmp_path: Path) -> No
     names = INPUT_NAMES[run["kind"]]
     assert [i.name for i in session.get_inputs()] == list(names)
     # Real jets from the shards this time, at a batch size the export never saw.
-    loader = ShardLoader(LoaderConfig(run["data"], split="test", batch_size=5, training=False, shuffle_buffer=0))
+    loader = ShardLoader(DataConfig(run["data"], batch_size=5), "test", training=False)
     for inputs, _ in list(loader.epoch(0))[:3]:
         got = session.run(["logits"], {n: inputs[n].numpy() for n in names})[0]
         with torch.no_grad():

@@ -14,7 +14,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from qgdist.data.convert import ConvertConfig, convert
-from qgdist.data.loader import LoaderConfig, ShardLoader
+from qgdist.data.config import DataConfig
+from qgdist.data.loader import ShardLoader
 from qgdist.data.preprocessing import PreprocessingMismatch
 from qgdist.pipelines.toy_data import toy_file
 from qgdist.train.config import TrainConfig, resolve
@@ -70,7 +71,7 @@ def test_unseen_data_scores_like_the_training_sets_own_test_split(scenario):
     assert abs(own["acc"] - other["acc"]) < 0.1 and other["acc"] > 0.6, (own, other)   # the bug gave 0.500
     # The other dataset has no statistics of its own: standardising with them is an error, never a default.
     with pytest.raises(ValueError, match="no train-split normalisation statistics"):
-        ShardLoader(LoaderConfig(scenario["shards_b"], split="test", training=False, shuffle_buffer=0))
+        ShardLoader(DataConfig(scenario["shards_b"]), "test", training=False)
 
 
 @pytest.mark.slow
@@ -105,13 +106,13 @@ def test_onnx_model_carries_the_preprocessing_and_gives_the_same_scores(scenario
 
     from qgdist.data.loader import Collate, read_shard
     from qgdist.data.shards.manifest import read_manifest
-    from qgdist.infer.evaluate import checkpoint_preprocessing, model_from_checkpoint
+    from qgdist.infer.evaluate import load_model
     from qgdist.infer.export import ExportConfig, export_checkpoint, onnx_preprocessing
 
     path = export_checkpoint(ExportConfig(checkpoint=scenario["run"], onnx=str(tmp_path / "pn.onnx")))["onnx"]
-    _, state = model_from_checkpoint(scenario["run"])
+    _, checkpoint, _ = load_model(scenario["run"])
     pre = onnx_preprocessing(path)
-    assert pre == checkpoint_preprocessing(state, scenario["run"])
+    assert pre == checkpoint.preprocessing
     shard = read_manifest(scenario["shards_b"]).shards_of("test")[0].name
     batch = next(Collate(pre).batches(read_shard(f"{scenario['shards_b']}/{shard}"), 200))   # the first 200 jets
     pad = 16   # the exported graph pads by k masked particles itself; a few more keep topk well defined

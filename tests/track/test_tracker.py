@@ -279,7 +279,7 @@ def test_evaluate_track_adds_test_metrics_to_the_training_run(server: TrackerCom
 
     from qgdist.cli import main
     from qgdist.models import get_model
-    from qgdist.train.checkpoint import Checkpointer
+    from qgdist.train.checkpointer import Checkpointer
     from qgdist.train.config import TrainConfig, resolve
 
     data = write_dataset(str(tmp_path / "data"), "cloud", {"train": [16], "test": [24]})
@@ -336,7 +336,7 @@ def test_evaluate_track_finds_the_server_run_through_the_environment(server: Tra
     written = json.loads((tmp_path / "env-run" / "eval" / "test" / "metrics.json").read_text())
     scores = pq.read_table(tmp_path / "env-run" / "eval" / "test" / "scores.parquet").to_pydict()
     recomputed = compute_metrics(torch.tensor(scores["logit"]), torch.tensor(scores["is_quark"]))
-    assert written["n_jets"] == 24 and written["global_step"] == trained["global_step"] == 3
+    assert written["n_jets"] == 24 and written["global_step"] == trained.global_step == 3
     assert history(client, run_id, "test/auc") == [(3, pytest.approx(written["auc"]))]
     assert history(client, run_id, "test/auc")[0][1] == pytest.approx(recomputed["auc"], rel=1e-5)
     assert {f.path for f in client.list_artifacts(run_id, "eval/test")} == {

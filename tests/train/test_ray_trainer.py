@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from qgdist.train.checkpoint import Checkpointer, load_checkpoint
+from qgdist.train.checkpointer import Checkpointer, load_checkpoint
 from qgdist.train.config import TrainConfig, resolve
 from qgdist.train.ray_trainer import fit, worker_loop
 from tests.trainkit import write_dataset
@@ -52,7 +52,7 @@ def ray_cfg(data_dir: str, model: str, storage, **kw) -> TrainConfig:
 
 
 def final_weights(run_dir: str | Path) -> dict[str, torch.Tensor]:
-    return load_checkpoint(Checkpointer(run_dir).latest())["model"]
+    return load_checkpoint(Checkpointer(run_dir).latest()).weights
 
 
 @pytest.fixture(scope="module")
@@ -64,15 +64,15 @@ def reference(ray_local, data, tmp_path_factory):
 
 
 def test_ddp_trains_cloud_model(reference):
-    latest = Checkpointer(reference["run_dir"]).pointer()
+    latest = Checkpointer(reference.run_dir).pointer()
     assert latest["epoch"] == 2 and latest["step"] == 0
     # It learned: the synthetic jets separate easily (quarks narrower, fewer particles); chance is 0.5 and the
     # 32 validation jets put a statistical error of about 0.1 on the AUC, so 0.75 is a clear margin.
     assert reference["metrics"]["epoch"] == 2 and reference["metrics"]["auc"] > 0.75
-    state = load_checkpoint(reference["checkpoint"])
-    assert state["fingerprint"]["world_size"] == 2
-    assert [p["rank"] for p in state["loader"]] == [0, 1]       # every rank's loader position is kept
-    assert len(state["rng"]) == 2
+    state = load_checkpoint(reference.checkpoint)
+    assert state.fingerprint["world_size"] == 2
+    assert [p["rank"] for p in state.training.loader] == [0, 1]       # every rank's loader position is kept
+    assert len(state.training.rng) == 2
     # 128 train jets, 2 ranks x batch 8: 8 steps per epoch on each rank.
     assert latest["global_step"] == 16
 
@@ -102,9 +102,9 @@ def _dying_worker(config: dict) -> None:
 def test_worker_killed_mid_epoch_recovers_bit_identically(reference, data, tmp_path):
     cfg = ray_cfg(data["cloud"], "particlenet-lite", tmp_path, run_name="killed", max_failures=1)
     out = fit(cfg, worker_fn=_dying_worker)
-    assert (Path(out["run_dir"]) / "killed-once").exists()
-    assert Checkpointer(out["run_dir"]).pointer()["global_step"] == 16
-    a, b = final_weights(reference["run_dir"]), final_weights(out["run_dir"])
+    assert (Path(out.run_dir) / "killed-once").exists()
+    assert Checkpointer(out.run_dir).pointer()["global_step"] == 16
+    a, b = final_weights(reference.run_dir), final_weights(out.run_dir)
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -114,12 +114,12 @@ def test_seed_recipe_run_resumes_under_ray(data, ray_local, tmp_path, capfd):
     cfg = ray_cfg(data["cloud"], "particlenet-lite", tmp_path, run_name="seed", recipe="seed", epochs=1)
     assert (cfg.optim.optimizer, cfg.optim.lr, cfg.optim.schedule) == ("adam", 1e-3, "step")
     first = fit(cfg.replace(max_steps=3))
-    assert Checkpointer(first["run_dir"]).pointer()["global_step"] == 3
+    assert Checkpointer(first.run_dir).pointer()["global_step"] == 3
     capfd.readouterr()
     fit(cfg)
     relayed = capfd.readouterr().out
     assert "resumed from" in relayed and "at epoch 0 step 3" in relayed   # rank 0's line reached the driver
     assert "epoch 0: " in relayed and "auc=" in relayed
-    state = load_checkpoint(Checkpointer(first["run_dir"]).latest())
-    assert state["global_step"] == 8 and state["fingerprint"]["optimizer"] == "adam"
-    assert state["optimizer"]["param_groups"][0]["initial_lr"] == pytest.approx(1e-3)
+    state = load_checkpoint(Checkpointer(first.run_dir).latest())
+    assert state.global_step == 8 and state.fingerprint["optimizer"] == "adam"
+    assert state.training.optimizer["param_groups"][0]["initial_lr"] == pytest.approx(1e-3)

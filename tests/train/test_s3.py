@@ -24,7 +24,6 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -32,7 +31,7 @@ import torch
 pytest.importorskip("s3fs", reason="the s3 extra (pip install 'qgdist[s3]') is not installed")
 pytest.importorskip("moto.server", reason="moto[server] (the test extra) is not installed")
 
-from qgdist.train.checkpoint import Checkpointer, load_checkpoint  # noqa: E402
+from qgdist.train.checkpointer import Checkpointer, load_checkpoint  # noqa: E402
 from qgdist.train.config import TrainConfig, resolve  # noqa: E402
 from qgdist.train.loop import train  # noqa: E402
 
@@ -151,7 +150,7 @@ def test_plain_loop_checkpoints_by_pointer_and_resumes_bit_identically(s3, shard
 
     monkeypatch.setattr(type(s3), "mv", no_rename)
     first = train(_cfg(shards, storage_url, "plain", max_steps=6))
-    assert first["global_step"] == 6 and first["epoch"] == 0
+    assert first.global_step == 6 and first.epoch == 0
     ckpt = Checkpointer(run_dir)
     assert ckpt.pointer() | {"val_auc": None} == {"name": "step-000000006", "epoch": 0, "step": 6,
                                                    "global_step": 6, "val_auc": None}
@@ -182,18 +181,18 @@ def test_plain_loop_checkpoints_by_pointer_and_resumes_bit_identically(s3, shard
             ckpt.save(state | {"global_step": 7, "step": 7})
 
     resumed = train(_cfg(shards, storage_url, "plain"))
-    assert resumed["epoch"] == 1 and resumed["global_step"] > 6
+    assert resumed.epoch == 1 and resumed.global_step > 6
     latest = Checkpointer(run_dir).pointer()
     assert latest["epoch"] == 1 and latest["step"] == 0 and latest["val_auc"] is not None
     dirs = storage.list_dirs(f"{run_dir}/checkpoints")
     assert "step-000000007" not in dirs and latest["name"] in dirs and len(dirs) <= 2   # keep_last 1 + best
     assert not [k for k in s3.find(f"{BUCKET}/runs/plain") if k.endswith(".tmp")]
     with s3.open(f"{BUCKET}/runs/plain/checkpoints/{latest['name']}/state.pt", "rb") as f:
-        remote = torch.load(f, weights_only=True)["model"]
+        remote = torch.load(f, weights_only=True)["weights"]
 
     whole = train(_cfg(shards, str(tmp_path), "whole"))
-    assert whole["global_step"] == resumed["global_step"]
-    local = load_checkpoint(Checkpointer(tmp_path / "whole").latest())["model"]
+    assert whole.global_step == resumed.global_step
+    local = load_checkpoint(Checkpointer(tmp_path / "whole").latest()).weights
     assert remote.keys() == local.keys() and all(torch.equal(remote[k], local[k]) for k in local)
     # The local run took the rename path: its checkpoint directories exist, no temporary one is left.
     assert not list((tmp_path / "whole" / "checkpoints").glob(".*"))
@@ -261,7 +260,7 @@ def test_ray_train_killed_mid_epoch_resumes_and_evaluates_on_s3(s3, shards, tmp_
     latest = _latest(s3, run_dir)
     assert latest["epoch"] == 2 and latest["step"] == 0 and latest["global_step"] > killed_at["global_step"]
     state = load_checkpoint(Checkpointer(run_dir).latest())
-    assert state["fingerprint"]["world_size"] == 2 and [p["rank"] for p in state["loader"]] == [0, 1]
+    assert state.fingerprint["world_size"] == 2 and [p["rank"] for p in state.training.loader] == [0, 1]
     keys = [k for k in s3.find(f"{BUCKET}/runs/ray") if "/checkpoints/" in k]
     assert not [k for k in keys if ".tmp" in k]
     assert {k.rsplit("/", 1)[-1] for k in s3.find(f"{BUCKET}/runs/ray/artifacts")} >= {"model.pt", "metrics.json"}
