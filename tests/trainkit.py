@@ -7,6 +7,7 @@ Shards hold chunks of ``chunk_jets`` jets (schema 2), small by default so that e
 
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -76,3 +77,11 @@ def write_dataset(out: str, kind: str, samples: dict[str, list[int]], seed: int 
                         rows={"in": row, "written": row, "rejected": 0}, stats=stats.finish(), chunk_jets=chunk_jets)
     write_manifest(manifest, out)
     return out
+
+
+def strict_json(text: str) -> dict:
+    """Parse as a strict JSON reader would: NaN and Infinity are not JSON."""
+    def refuse(token: str) -> None:
+        raise ValueError(f"not JSON: {token}")
+
+    return json.loads(text, parse_constant=refuse)

@@ -4,6 +4,7 @@ A run lives in ``STORAGE/RUN_NAME`` (``--storage``, ``--run-name``): a local pat
 ``s3://bucket/runs/pn`` that every worker sees. Its layout::
 
     checkpoints/step-000000120/state.pt   a complete checkpoint (qgdist.train.checkpoint)
+    checkpoints/step-000000120/checkpoint.json   its files with their sizes and sha256, written last
     checkpoints/latest.json               pointer to the latest complete checkpoint: the commit
     checkpoints/best.json                 pointer to the one with the best validation AUC
     artifacts/                            config.json, metrics.json, model.pt, curves.png, roc.png (at the end)
@@ -36,6 +37,7 @@ CHECKPOINTS = "checkpoints"
 LATEST = "latest.json"
 BEST = "best.json"
 STATE_FILE = "state.pt"
+INDEX_FILE = "checkpoint.json"
 CHECKPOINT_PREFIX = "step-"
 ARTIFACTS = "artifacts"
 MODEL_FILE = "model.pt"

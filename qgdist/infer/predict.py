@@ -332,14 +332,16 @@ def _metrics(out: str, parts: list[str], pre: Any) -> dict[str, Any]:
             table = pq.read_table(f, columns=["logit", "is_quark"])
         if table.column("is_quark").null_count:
             return {}
-        logits.append(torch.from_numpy(table.column("logit").to_numpy()))
-        labels.append(torch.from_numpy(table.column("is_quark").to_numpy()))
+        # torch.tensor copies: Arrow's buffers are read-only, which torch.from_numpy warns about
+        logits.append(torch.tensor(table.column("logit").to_numpy()))
+        labels.append(torch.tensor(table.column("is_quark").to_numpy()))
     if not logits:
         return {}
     logit, label = torch.cat(logits), torch.cat(labels)
     if label.min() == label.max():   # one class only: no ROC
         return {}
-    metrics = compute_metrics(logit, label)
+    loss = torch.nn.functional.binary_cross_entropy_with_logits(logit.double(), label.double()).item()
+    metrics = compute_metrics(logit, label, loss=loss)
     from torchmetrics.functional.classification import binary_roc
 
     from qgdist.train.plots import plot_roc

@@ -55,14 +55,17 @@ def train(cfg: TrainConfig, device: torch.device | str | None = None, report: Re
 
     # -- build --------------------------------------------------------------------------------------------------
     checkpointer = Checkpointer(cfg.run, cfg.checkpoint.keep_last)
-    source, resumed = checkpointer.resume_point(cfg.checkpoint.resume_from)
+    point = checkpointer.resume_point(cfg.checkpoint.resume_from)   # the latest intact checkpoint, if any
+    for line in point.skipped:
+        console.say(line)
+    resumed = point.checkpoint
     data = TrainingData.build(cfg, place, resumed)
     model = build_model(cfg, data, place.device)
     optim = Optimisation.build(cfg.optim, model, data.schedule_steps, data.steps[0], place.device)
 
     # -- resume -------------------------------------------------------------------------------------------------
     if resumed is not None:
-        state = resume(resumed, str(source), cfg, model, optim, data, place, console.say)
+        state = resume(resumed, str(point.path), cfg, model, optim, data, place, console.say)
     else:
         state = TrainState()
         console.say(f"starting {cfg.checkpoint.run_name}: {cfg.model.model} on {cfg.data.data}, {place.world} "
@@ -86,7 +89,7 @@ def train(cfg: TrainConfig, device: torch.device | str | None = None, report: Re
         status = "FINISHED"
     finally:
         tracker.finish(status)
-    latest = saver.last or checkpointer.latest()
+    latest = saver.last or point.path
     return TrainResult.of(str(cfg.run), str(latest) if latest else None, state)
 
 

@@ -41,13 +41,12 @@ def worker_loop(config: dict[str, Any]) -> None:
     import ray.train.torch
 
     from qgdist.core.storage import is_local
-    from qgdist.train.checkpointer import Checkpointer
     from qgdist.train.console import Console
     from qgdist.train.loop import train
 
     cfg = build(TrainConfig, config["train"], where="the driver's config")
     ray_ckpt = ray.train.get_checkpoint()
-    if cfg.checkpoint.resume_from is None and Checkpointer(cfg.run).latest() is None and ray_ckpt is not None:
+    if cfg.checkpoint.resume_from is None and ray_ckpt is not None and not _has_intact_checkpoint(cfg):
         cfg = cfg.replace(resume_from=ray_ckpt.to_directory())  # our pointer is gone but Ray kept one: use it
 
     def report(metrics: dict[str, float], path: UPath | None) -> None:
@@ -61,6 +60,15 @@ def worker_loop(config: dict[str, Any]) -> None:
 
     console = Console(enabled=ray.train.get_context().get_world_rank() == 0, queue=config.get("console"))
     train(cfg, device=ray.train.torch.get_device(), report=report, console=console)
+
+
+def _has_intact_checkpoint(cfg: TrainConfig) -> bool:
+    from qgdist.train.checkpointer import Checkpointer, DamagedCheckpoint
+
+    try:
+        return Checkpointer(cfg.run).resume_point().checkpoint is not None
+    except DamagedCheckpoint:
+        return False
 
 
 def fit(cfg: TrainConfig, worker_fn: Callable[[dict[str, Any]], None] = worker_loop) -> TrainResult:
@@ -79,9 +87,9 @@ def fit(cfg: TrainConfig, worker_fn: Callable[[dict[str, Any]], None] = worker_l
         raise ValueError("fit() runs Ray Train workers: launch.workers must be at least 1 (0 is the plain loop)")
     # Refuse an incompatible resume here, in the driver, with a clear message (not from inside a worker).
     checkpointer = Checkpointer(cfg.run)
-    source, resumed = checkpointer.resume_point(c.resume_from)
-    if resumed is not None:
-        check_fingerprint(resumed.fingerprint, cfg.fingerprint(), str(source), c.allow_config_change)
+    point = checkpointer.resume_point(c.resume_from)   # rank 0 says which damaged ones it skips
+    if point.checkpoint is not None:
+        check_fingerprint(point.checkpoint.fingerprint, cfg.fingerprint(), str(point.path), c.allow_config_change)
     ensure_ray(launch.address, num_cpus=None, log_dir=cfg.run.log_dir, verbose=cfg.tracking.verbose)
     resources = {"CPU": launch.cpus_per_worker} | ({"GPU": 1} if launch.gpu else {}) | launch.worker_resources
     relay = Relay()

@@ -14,7 +14,7 @@ import onnxruntime as ort
 import pyarrow.parquet as pq
 import pytest
 import torch
-from tests.trainkit import write_dataset
+from tests.trainkit import strict_json, write_dataset
 
 from qgdist.cli import main
 from qgdist.data.config import DataConfig
@@ -81,11 +81,13 @@ def test_evaluate_writes_metrics_plot_and_scores(run: dict, tmp_path: Path, caps
     np.testing.assert_allclose(scores["logit"], logits.numpy(), rtol=1e-4, atol=1e-5)
     assert scores["is_quark"] == labels.to(torch.uint8).tolist()
 
-    doc = json.loads((out / "metrics.json").read_text())
+    doc = strict_json((out / "metrics.json").read_text())
     expected = compute_metrics(torch.tensor(scores["logit"]), torch.tensor(scores["is_quark"]))
     assert doc["n_jets"] == TEST_JETS and doc["split"] == "test" and doc["global_step"] == 3
     for key in ("auc", "acc", "rej30", "rej50"):
-        assert doc[key] == pytest.approx(expected[key], rel=1e-5), key
+        # JSON has no infinity: a rejection with no gluon left (1/0) is written as null
+        want = expected[key] if np.isfinite(expected[key]) else None
+        assert doc[key] == pytest.approx(want, rel=1e-5), key
     bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels).item()
     assert doc["loss"] == pytest.approx(bce, rel=1e-4)
     assert (out / "roc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -112,6 +114,28 @@ def test_export_round_trips_through_onnxruntime(run: dict, tmp_path: Path) -> No
         with torch.no_grad():
             want = run["model"](**inputs).numpy()
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_export_never_replaces_a_file_with_an_unchecked_one(run: dict, tmp_path: Path, capsys) -> None:
+    """An existing ONNX file is refused without --overwrite, and with it is replaced only once the new file has
+    passed its check: a failing check leaves the old file byte for byte."""
+    from qgdist.infer.export import export_model
+
+    path = tmp_path / "model.onnx"
+    path.write_bytes(b"the user's earlier export")
+    assert main(["export", "--checkpoint", str(run["run_dir"]), "--onnx", str(path)]) == 2
+    assert "--overwrite" in capsys.readouterr().err and path.read_bytes() == b"the user's earlier export"
+
+    def failing(tmp: Path) -> None:
+        assert tmp != path and tmp.stat().st_size > 1000   # the new file exists, under another name
+        raise AssertionError("onnxruntime disagrees")
+
+    with pytest.raises(AssertionError, match="disagrees"):
+        export_model(run["model"], path, check=failing)
+    assert path.read_bytes() == b"the user's earlier export" and sorted(p.name for p in tmp_path.iterdir()) == [
+        "model.onnx"]
+    assert main(["export", "--checkpoint", str(run["run_dir"]), "--onnx", str(path), "--overwrite"]) == 0
+    ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
 
 class _KnnModule(torch.nn.Module):

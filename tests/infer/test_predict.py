@@ -22,7 +22,7 @@ from qgdist.train.config import TrainConfig, resolve
 from qgdist.infer.evaluate import EvalConfig, evaluate_checkpoint
 from qgdist.train.loop import train
 from qgdist.infer.predict import PredictConfig, predict
-from tests.trainkit import write_dataset
+from tests.trainkit import strict_json, write_dataset
 
 TINY = {"conv_params": [[8, [16, 16]]], "fc_params": [[32, 0.1]]}
 
@@ -97,6 +97,9 @@ def test_predict_on_raw_files_and_shards_equals_evaluate(scenario, tmp_path):
         diff = max(abs(scored[k] - reference[k]) for k in reference)
         assert diff < 1e-5, diff
         assert summary["metrics"]["auc"] == pytest.approx(scenario["other"]["metrics"]["auc"], abs=1e-6)
+        # summary.json is strict JSON (no NaN/Infinity tokens) and its loss is the BCE of the scores, as evaluate's
+        written = strict_json((out / "summary.json").read_text())
+        assert written["metrics"]["loss"] == pytest.approx(scenario["other"]["metrics"]["loss"], rel=1e-4)
     assert len(raw["parts"]) == 4          # 1000 rows in units of 250, spread over 2 actors
 
 

@@ -148,3 +148,21 @@ def test_run_directory_may_be_a_url(scheme, cloud_dir, tmp_path, capsys, monkeyp
     assert out["n_jets"] == 16
     assert json.loads(fs.cat(f"{root}/eval/val/metrics.json"))["auc"] == pytest.approx(out["metrics"]["auc"])
     assert fs.exists(f"{root}/eval/val/scores.parquet")
+
+
+def test_a_damaged_latest_checkpoint_costs_only_the_steps_since_the_previous_one(cloud_dir, tmp_path, capsys):
+    """A truncated latest state.pt (a disk filling up, a node dying mid-copy): the re-run says so in one line,
+    resumes from the previous checkpoint and ends bit-identical to a run that was never interrupted."""
+    kw = dict(epochs=1, checkpoint_every=2, keep_last=3)
+    whole = train(_cfg(cloud_dir, "particlenet-lite", tmp_path / "whole", **kw))
+    train(_cfg(cloud_dir, "particlenet-lite", tmp_path / "cut", max_steps=5, **kw))   # checkpoints at 2, 4, 5
+    state = Checkpointer(tmp_path / "cut").latest() / "state.pt"
+    state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
+    capsys.readouterr()
+    resumed = train(_cfg(cloud_dir, "particlenet-lite", tmp_path / "cut", **kw))
+    printed = capsys.readouterr().out.splitlines()
+    assert "step-000000005/state.pt" in printed[0] and printed[0].endswith("skipped"), printed[:2]
+    assert printed[1].startswith("resumed from") and "(global step 4)" in printed[1], printed[:2]
+    assert resumed.global_step == whole.global_step
+    a, b = _weights(tmp_path / "whole"), _weights(tmp_path / "cut")
+    assert all(torch.equal(a[k], b[k]) for k in a)
