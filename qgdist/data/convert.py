@@ -13,6 +13,7 @@ half-written shards) and then every shard or temporary file of a previous run.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import posixpath
@@ -20,6 +21,7 @@ import re
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -28,6 +30,7 @@ import numpy as np
 
 from qgdist.core.config import option
 from qgdist.core.storage import is_object_store, list_names
+from qgdist.data.identity import dataset_id, source_records
 from qgdist.data.labels import LabelConvention
 from qgdist.data.shards.manifest import MANIFEST_NAME, Manifest, ShardInfo, write_manifest
 from qgdist.data.shards.schema import CHUNK_JETS
@@ -228,6 +231,11 @@ def convert(cfg: ConvertConfig) -> Manifest:
     inputs = expand_inputs(cfg.inputs, cfg.source)
     clean_output(cfg.out)
     units, rows_total, quarantine = plan_inputs(cfg.source, inputs, cpus, cfg.rows_per_task, cfg.on_bad_row)
+    # The inputs' sha256 (the dataset's identity) is read while the tasks convert: the driver waits anyway.
+    rows_by_path = collections.Counter()
+    for u in units:
+        rows_by_path[u.path] += u.rows
+    hashing = ThreadPoolExecutor(1).submit(source_records, sorted(rows_by_path), dict(rows_by_path))
     settings = dataclasses.asdict(cfg)
     run_units = _ray_results if cfg.executor == "ray" and units else _local_results
     results = run_units(units, settings)
@@ -261,7 +269,8 @@ def convert(cfg: ConvertConfig) -> Manifest:
         chunk_jets=cfg.chunk_jets, shards=sorted(shards, key=lambda s: s.name),
         rows={"in": rows_in, "written": written, "rejected": rejected},
         quarantine=[r.to_dict() for r in sorted(quarantine, key=lambda r: (r.file, r.row or -1))],
-        stats=stats.finish())
+        stats=stats.finish(), sources=hashing.result())
+    manifest.dataset_id = dataset_id(manifest)
     write_manifest(manifest, cfg.out)
     if cfg.progress:
         print(summary(manifest, time.perf_counter() - start), file=sys.stderr)

@@ -50,6 +50,9 @@ class EvalConfig:
     progress: bool = option(True, "progress bar")
     track: bool = option(False, "also log SPLIT/* metrics and the outputs into the MLflow run that trained the "
                                 "checkpoint")
+    score_seen: bool = option(False, "score the split even if it holds jets the model trained or validated on "
+                                     "(refused otherwise; their count goes into metrics.json)",
+                              flag="--score-seen-jets")
     tracking_uri: str | None = option(None, "MLflow server of that run (default: $MLFLOW_TRACKING_URI, else the run "
                                             "directory's local store)")
 
@@ -144,11 +147,18 @@ def evaluate_checkpoint(cfg: EvalConfig) -> dict[str, Any]:
     from torchmetrics.functional.classification import binary_roc
 
     from qgdist.core.device import resolve_device
+    from qgdist.data.identity import TrainedOn
+    from qgdist.data.shards.manifest import read_manifest
+    from qgdist.infer.seen import check_seen
     from qgdist.train.metrics import compute_metrics
     from qgdist.train.plots import plot_roc
 
     device = resolve_device(cfg.device)
     model, checkpoint, found = load_model(cfg.checkpoint)
+    trained = TrainedOn.from_dict(checkpoint.dataset)
+    manifest = read_manifest(cfg.data)
+    seen = check_seen(trained, trained.seen_in_dataset(manifest, [cfg.split]) if trained and manifest.sources
+                      else None, f"{cfg.data} ({cfg.split} split)", cfg.score_seen)
     model.to(device)
     run = Run.of_checkpoint(found) or Run(str(found.parent))   # a loose checkpoint or model.pt: beside it
     out = Path(cfg.out) if cfg.out else run.local_eval_dir(cfg.split)
@@ -163,7 +173,8 @@ def evaluate_checkpoint(cfg: EvalConfig) -> dict[str, Any]:
     paths = {"roc": plot_roc({f"{name} ({cfg.split})": (fpr.tolist(), tpr.tolist())}, out / "roc.png"),
              "scores": write_scores(cols, out / "scores.parquet"), "metrics": out / "metrics.json"}
     doc = {**metrics, "n_jets": len(logits), "n_quark": int(labels.sum()), "split": cfg.split, "model": name,
-           "checkpoint": str(found), "epoch": checkpoint.epoch, "global_step": checkpoint.global_step}
+           "checkpoint": str(found), "epoch": checkpoint.epoch, "global_step": checkpoint.global_step,
+           "dataset_id": manifest.dataset_id or None, "seen_jets": seen}
     write_json(paths["metrics"], doc)
     if not cfg.out:
         run.publish(out, run.eval_dir(cfg.split))

@@ -27,9 +27,12 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from qgdist.core.config import option
+
+if TYPE_CHECKING:
+    from qgdist.data.identity import TrainedOn
 
 PART = "part-{index:06d}.parquet"
 SUMMARY = "summary.json"
@@ -60,6 +63,8 @@ class PredictConfig:
     num_cpus: int | None = option(None, "CPUs of a private local Ray (default: all)")
     executor: Literal["ray", "local"] = option("ray", "ray: actors on a cluster; local: this process, no Ray",
                                                aliases={"--no-ray": "local"})
+    score_seen: bool = option(False, "score jets the model trained or validated on too (refused otherwise; their "
+                                     "count goes into summary.json)", flag="--score-seen-jets")
     progress: bool = option(True, "progress bar (jets/s) and summary")
     verbose: bool = option(False, "show Ray's own log lines on the terminal")
 
@@ -88,29 +93,47 @@ def detect_input(paths: list[str]) -> str:
     return kinds.pop()
 
 
-def plan_units(cfg: PredictConfig, kind: str, pre: Any, cpus: int) -> tuple[list[dict[str, Any]], int, list]:
-    """The units to score (JSON-able dicts), the jets planned, and rows rejected while planning."""
+def plan_units(cfg: PredictConfig, kind: str, pre: Any, cpus: int,
+               trained: TrainedOn | None = None) -> tuple[list[dict[str, Any]], int, list, dict[str, int] | None]:
+    """The units to score (JSON-able dicts), the jets planned, rows rejected while planning, and per file the jets
+    among them that the model trained or validated on (``trained``; None when that cannot be known)."""
+    import collections
+
+    import numpy as np
+
     from qgdist.core.storage import join
+    from qgdist.data.identity import source_records
     from qgdist.data.shards.manifest import read_manifest
     from qgdist.data.sources.plan import expand_inputs, plan_inputs
 
     if kind == "shards":
         units, total = [], 0
+        seen: dict[str, int] | None = {} if trained is not None else None
+        splits = ("train", "val", "test") if cfg.split == "all" else (cfg.split,)
         for data in cfg.data:
             manifest = read_manifest(data)
             pre.check_fits(manifest, data)
-            splits = ("train", "val", "test") if cfg.split == "all" else (cfg.split,)
+            if seen is not None:   # a dataset converted before identities cannot be checked
+                seen = seen | trained.seen_in_dataset(manifest, splits) if manifest.sources else None
             for split in splits:
                 for shard in manifest.shards_of(split):
                     units.append({"type": "shard", "path": join(data, shard.name), "index": len(units)})
                     total += shard.samples
-        return units, total, []
+        return units, total, [], seen
     pre.check_source(kind, " ".join(cfg.data))
     inputs = expand_inputs(list(cfg.data), kind)
     planned, rows, rejected = plan_inputs(kind, inputs, cpus, cfg.rows_per_task, cfg.on_bad_row)
     units = [{"type": kind, "unit": {**u.__dict__, "row_groups": list(u.row_groups)}, "index": u.index}
              for u in planned]
-    return units, rows, rejected
+    if trained is None:
+        return units, rows, rejected, None
+    per_file = collections.Counter()
+    for u in planned:
+        per_file[u.path] += u.rows
+    # one streamed read of each input for its sha256: the files are identified by content, not by name
+    sources = source_records(sorted(per_file), dict(per_file))
+    seen = trained.seen_in_files((name, s["sha256"], np.arange(s["rows"])) for name, s in sources.items())
+    return units, rows, rejected, seen
 
 
 # -- scoring (actors) -----------------------------------------------------------------------------------------------
@@ -208,12 +231,15 @@ def predict(cfg: PredictConfig) -> dict[str, Any]:
     """
     from tqdm import tqdm
 
+    from qgdist.data.identity import TrainedOn
     from qgdist.data.sources.errors import BadRowError, Rejected
+    from qgdist.infer.seen import check_seen
     from qgdist.train.checkpointer import find_checkpoint, load_checkpoint
 
     start = time.perf_counter()
     checkpoint = str(find_checkpoint(cfg.checkpoint))
-    pre = load_checkpoint(checkpoint).preprocessing
+    loaded = load_checkpoint(checkpoint)
+    pre, trained = loaded.preprocessing, TrainedOn.from_dict(loaded.dataset)
     kind = detect_input(list(cfg.data)) if cfg.input == "auto" else cfg.input
     cpus, gpus, ray_seconds = 1, 0, 0.0
     if cfg.executor == "ray":
@@ -225,7 +251,8 @@ def predict(cfg: PredictConfig) -> dict[str, Any]:
         resources = ray.cluster_resources()
         cpus, gpus = int(resources.get("CPU", 1)), int(resources.get("GPU", 0))
         ray_seconds = time.perf_counter() - start
-    units, total, quarantine = plan_units(cfg, kind, pre, cpus)
+    units, total, quarantine, seen_counts = plan_units(cfg, kind, pre, cpus, trained)
+    seen = check_seen(trained, seen_counts, " ".join(cfg.data), cfg.score_seen)
     _clean(cfg.out)
     records = _run_ray(cfg, checkpoint, units, cpus, gpus) if cfg.executor == "ray" else _run_local(
         cfg, checkpoint, units)
@@ -248,7 +275,7 @@ def predict(cfg: PredictConfig) -> dict[str, Any]:
     seconds = time.perf_counter() - start
     summary = {"checkpoint": checkpoint, "input": kind, "data": list(cfg.data), "jets": jets, "rows_in": rows_in,
                "rejected": rejected, "quarantine": quarantine[:1000], "parts": sorted(parts),
-               "seconds": round(seconds, 3), "ray_seconds": round(ray_seconds, 3),
+               "seen_jets": seen, "seconds": round(seconds, 3), "ray_seconds": round(ray_seconds, 3),
                "jets_per_s": round(jets / max(seconds - ray_seconds, 1e-9), 1)}
     summary |= _metrics(cfg.out, sorted(parts), pre)
     from qgdist.core.atomic import write_json

@@ -31,6 +31,7 @@ import torch
 
 from qgdist.core.errors import IncompatibleCheckpoint
 from qgdist.data.preprocessing import Preprocessing
+from qgdist.data.shards.manifest import Manifest
 
 #: The layout written here. 1: the untyped dict written before (no ``schema`` key), migrated on load.
 SCHEMA_VERSION = 2
@@ -71,7 +72,7 @@ class Checkpoint:
     metrics: dict[str, float] = field(default_factory=dict)        # validation metrics at the last epoch end
     history: dict[str, list[list[float]]] = field(default_factory=dict)   # metric -> [[global_step, value], ...]
     mlflow_run_id: str = ""
-    dataset: dict[str, Any] | None = None   # identity of the data it trained on (reserved for the dataset id)
+    dataset: dict[str, Any] | None = None   # the jets it trained and validated on (qgdist.data.identity.TrainedOn)
     training: TrainingState | None = None   # None in model.pt
     schema: int = SCHEMA_VERSION
 
@@ -170,6 +171,23 @@ def _from_layout_1(old: dict[str, Any], where: str) -> dict[str, Any]:
             "fingerprint": fp, "epoch": old["epoch"], "step": old["step"], "global_step": old["global_step"],
             "metrics": last_val, "history": history, "mlflow_run_id": old.get("mlflow_run_id") or "",
             "training": training, "schema": SCHEMA_VERSION}
+
+
+def check_dataset(checkpoint: Checkpoint, manifest: Manifest, data: str, where: str, allow: bool = False) -> str | None:
+    """Refuse to continue a checkpoint on another dataset than it trained on (unless ``allow``); returns a line
+    saying what changed when allowed, None when nothing did (or the checkpoint predates dataset ids)."""
+    from qgdist.data.identity import TrainedOn  # noqa: PLC0415
+
+    saved = TrainedOn.from_dict(checkpoint.dataset)
+    if saved is None or saved.dataset_id == manifest.dataset_id:
+        return None
+    now = f"dataset {manifest.dataset_id or '(no id: converted by an older qgdist)'} ({data})"
+    if not allow:
+        raise IncompatibleCheckpoint(
+            f"{where} was trained on {saved.describe()}, but --data is {now}: a resumed run would mix the two. "
+            "Use another --run-name to train on this dataset, or --allow-config-change to continue anyway.",
+            file=where, field="data", expected=saved.dataset_id, got=manifest.dataset_id)
+    return f"dataset changed since the checkpoint (allowed): {saved.describe()} -> {now}"
 
 
 def check_fingerprint(saved: dict[str, Any], current: dict[str, Any], where: str, allow: bool = False) -> list[str]:

@@ -78,7 +78,8 @@ def fit(cfg: TrainConfig, worker_fn: Callable[[dict[str, Any]], None] = worker_l
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from qgdist.core.ray import ensure_ray
-    from qgdist.train.checkpoint import check_fingerprint
+    from qgdist.data.shards.manifest import read_manifest
+    from qgdist.train.checkpoint import check_dataset, check_fingerprint
     from qgdist.train.checkpointer import Checkpointer, load_checkpoint
     from qgdist.train.console import Relay
 
@@ -90,6 +91,8 @@ def fit(cfg: TrainConfig, worker_fn: Callable[[dict[str, Any]], None] = worker_l
     point = checkpointer.resume_point(c.resume_from)   # rank 0 says which damaged ones it skips
     if point.checkpoint is not None:
         check_fingerprint(point.checkpoint.fingerprint, cfg.fingerprint(), str(point.path), c.allow_config_change)
+        check_dataset(point.checkpoint, read_manifest(cfg.data.data), cfg.data.data, str(point.path),
+                      c.allow_config_change)
     ensure_ray(launch.address, num_cpus=None, log_dir=cfg.run.log_dir, verbose=cfg.tracking.verbose)
     resources = {"CPU": launch.cpus_per_worker} | ({"GPU": 1} if launch.gpu else {}) | launch.worker_resources
     relay = Relay()

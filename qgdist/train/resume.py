@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch
 
 from qgdist.train.build import TrainingData
-from qgdist.train.checkpoint import Checkpoint, check_fingerprint, set_rng_state
+from qgdist.train.checkpoint import Checkpoint, check_dataset, check_fingerprint, set_rng_state
 from qgdist.train.config import TrainConfig
 from qgdist.train.optim import Optimisation
 from qgdist.train.parallel import Placement
@@ -25,6 +25,9 @@ def resume(checkpoint: Checkpoint, source: str, cfg: TrainConfig, model: torch.n
         f"(global step {checkpoint.global_step})")
     changed = check_fingerprint(checkpoint.fingerprint, cfg.fingerprint(), source,
                                 cfg.checkpoint.allow_config_change)
+    moved = check_dataset(checkpoint, data.train.manifest, cfg.data.data, source, cfg.checkpoint.allow_config_change)
+    if moved:
+        say(moved)
     model.load_state_dict(checkpoint.weights)
     schedule_at = data.schedule_at
     if schedule_at is not None:

@@ -8,11 +8,12 @@ every rank calls ``save`` at the same step; rank 0 composes the ``Checkpoint`` a
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from upath import UPath
 
+from qgdist.data.identity import TrainedOn
 from qgdist.models import model_config
 from qgdist.track.tracker import Tracker
 from qgdist.train import parallel
@@ -44,6 +45,11 @@ class Saver:
     tracker: Tracker
     report: Report | None = None
     last: UPath | None = None        # the latest checkpoint this process wrote
+    trained_on: TrainedOn | None = field(init=False)
+
+    def __post_init__(self) -> None:
+        # Which jets the model trains and validates on: recorded in every checkpoint (and model.pt)
+        self.trained_on = TrainedOn.of_manifest(self.data.train.manifest, self.cfg.data.data)
 
     def model_checkpoint(self, training: TrainingState | None = None) -> Checkpoint:
         """The model as it is now, with ``training`` state if given (else what ``model.pt`` holds)."""
@@ -52,7 +58,8 @@ class Saver:
             model_name=self.cfg.model.model, model_config=model_config(self.model),
             weights=self.model.state_dict(), preprocessing=self.data.preprocessing, config=self.cfg.to_dict(),
             fingerprint=self.cfg.fingerprint(), epoch=s.epoch, step=s.step, global_step=s.global_step,
-            metrics=dict(s.val), history=s.history, mlflow_run_id=s.mlflow_run_id or "", training=training)
+            metrics=dict(s.val), history=s.history, mlflow_run_id=s.mlflow_run_id or "", training=training,
+            dataset=self.trained_on.to_dict() if self.trained_on else None)
 
     def save(self, epoch_end: bool = False) -> UPath | None:
         """Checkpoint the run at its current step (every rank calls this); returns the directory on rank 0."""
