@@ -21,9 +21,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+import fsspec
 import numpy as np
 
 from qgdist.core.config import option
+from qgdist.core.errors import InputError
 from qgdist.data.features import mass_and_charge
 from qgdist.generate.formats import CMSParquetWriter, pad_clouds, write_energyflow_npz
 
@@ -50,6 +52,7 @@ class ToyConfig:
     item_name: Literal["item", "element"] = option("item", "CMS nested list item name: legacy item or modern element")
     compress: bool = option(True, "EnergyFlow: deflate the npz members, as the public files are",
                             aliases={"--stored": False})
+    overwrite: bool = option(False, "replace an existing --out file (the new one takes its name only once complete)")
 
 
 @dataclass
@@ -174,7 +177,10 @@ def write_cms(cfg: ToyConfig, chunk: int = 64) -> None:
 
 
 def run(cfg: ToyConfig) -> None:
-    """Write ``cfg.jets`` toy jets to ``cfg.out`` in ``cfg.format``."""
+    """Write ``cfg.jets`` toy jets to ``cfg.out`` in ``cfg.format`` (an existing file only with ``overwrite``)."""
+    fs, path = fsspec.core.url_to_fs(cfg.out)
+    if fs.exists(path) and not cfg.overwrite:
+        raise InputError(f"out: {cfg.out} exists; give --overwrite to replace it", file=cfg.out, field="out")
     if cfg.format == "cms":
         write_cms(cfg)
     elif cfg.format == "energyflow":

@@ -3,9 +3,12 @@
 ``evaluate_checkpoint(EvalConfig(checkpoint, data, split="test"))`` writes into ``out`` (default
 ``<run_dir>/eval/<split>``)::
 
-    metrics.json     loss, acc, auc, rej30, rej50, n_jets, split, checkpoint
+    metrics.json     loss, acc, auc, rej30, rej50, n_jets, split, checkpoint, seen_jets, files (written last)
     roc.png          ROC and gluon rejection vs quark efficiency (qgdist.train.plots.plot_roc)
     scores.parquet   one row per jet: file, row (of the source file), is_quark, score (quark probability), logit
+
+An earlier evaluation there is refused unless ``--overwrite``; then the new files go beside it (``g-<id>/``) and
+``metrics.json``'s ``files`` names them (``qgdist.core.output``).
 
 ``--checkpoint`` may be a checkpoint directory, its ``state.pt``, an ``artifacts/model.pt``, or a run directory
 (its best checkpoint by validation AUC, else its latest). The model is rebuilt from the checkpoint's own model
@@ -14,7 +17,9 @@ config and fed with the checkpoint's preprocessing.
 
 from __future__ import annotations
 
+import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -23,6 +28,7 @@ from qgdist.core.atomic import atomic_path, write_json
 from qgdist.core.config import option
 from qgdist.core.device import Device
 from qgdist.core.errors import InputError
+from qgdist.core.output import Output
 from qgdist.core.run import Run
 
 if TYPE_CHECKING:   # torch is imported when evaluating, so that the command line's parser stays light
@@ -33,6 +39,8 @@ if TYPE_CHECKING:   # torch is imported when evaluating, so that the command lin
     from qgdist.train.checkpoint import Checkpoint
 
 METRIC_ORDER = ("loss", "acc", "auc", "rej30", "rej50")
+METRICS = "metrics.json"
+_OUR_FILES = re.compile(r"^\.?(?:scores\.parquet|roc\.png)(?:\.tmp)?$")
 
 
 @dataclass(frozen=True)
@@ -50,6 +58,8 @@ class EvalConfig:
     progress: bool = option(True, "progress bar")
     track: bool = option(False, "also log SPLIT/* metrics and the outputs into the MLflow run that trained the "
                                 "checkpoint")
+    overwrite: bool = option(False, "replace an evaluation already in the output directory (the old one stays whole "
+                                    "until the new metrics.json is written)")
     score_seen: bool = option(False, "score the split even if it holds jets the model trained or validated on "
                                      "(refused otherwise; their count goes into metrics.json)",
                               flag="--score-seen-jets")
@@ -162,7 +172,10 @@ def evaluate_checkpoint(cfg: EvalConfig) -> dict[str, Any]:
     model.to(device)
     run = Run.of_checkpoint(found) or Run(str(found.parent))   # a loose checkpoint or model.pt: beside it
     out = Path(cfg.out) if cfg.out else run.local_eval_dir(cfg.split)
-    out.mkdir(parents=True, exist_ok=True)
+    # Everything is checked: only now is the output touched, beside an earlier one (qgdist.core.output).
+    output = Output(str(out), METRICS, "an evaluation", cfg.overwrite, ours=_OUR_FILES)
+    old = list(json.loads((out / METRICS).read_text()).get("files", {}).values()) if output.committed() else []
+    output.begin()
 
     scored = score_split(model, checkpoint.preprocessing, cfg, device)
     cols = scored["columns"]
@@ -170,12 +183,14 @@ def evaluate_checkpoint(cfg: EvalConfig) -> dict[str, Any]:
     metrics = compute_metrics(logits, labels, loss=scored["loss"])
     fpr, tpr, _ = binary_roc(torch.sigmoid(logits.double()), labels.long(), thresholds=None)
     name = checkpoint.model_name
-    paths = {"roc": plot_roc({f"{name} ({cfg.split})": (fpr.tolist(), tpr.tolist())}, out / "roc.png"),
-             "scores": write_scores(cols, out / "scores.parquet"), "metrics": out / "metrics.json"}
+    files = {"roc": output.name("roc.png"), "scores": output.name("scores.parquet")}
+    paths = {"roc": plot_roc({f"{name} ({cfg.split})": (fpr.tolist(), tpr.tolist())}, out / files["roc"]),
+             "scores": write_scores(cols, out / files["scores"]), "metrics": out / METRICS}
     doc = {**metrics, "n_jets": len(logits), "n_quark": int(labels.sum()), "split": cfg.split, "model": name,
            "checkpoint": str(found), "epoch": checkpoint.epoch, "global_step": checkpoint.global_step,
-           "dataset_id": manifest.dataset_id or None, "seen_jets": seen}
-    write_json(paths["metrics"], doc)
+           "dataset_id": manifest.dataset_id or None, "seen_jets": seen, "files": files}
+    write_json(paths["metrics"], doc)   # the commit
+    output.finish(old)
     if not cfg.out:
         run.publish(out, run.eval_dir(cfg.split))
     if cfg.track:

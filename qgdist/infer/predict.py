@@ -16,6 +16,10 @@ Output directory::
     summary.json              jets, rows in / rejected, quarantine, parts, metrics (when labels exist), timing
     roc.png                   when labels exist
 
+``summary.json`` is written last and names the parts (and ``roc``) it covers: read those. Scores already in
+``--out`` are refused unless ``--overwrite``; then the new ones go into a generation folder beside them
+(``g-<id>/part-...``) and the old ones are deleted after the new summary is written (``qgdist.core.output``).
+
 Raw files carry labels in both formats (``y``), so metrics are computed whenever every jet has one.
 """
 
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import json
 import posixpath
+import re
 import sys
 import time
 from collections.abc import Iterator
@@ -30,11 +35,14 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from qgdist.core.config import option
+from qgdist.core.output import Output
 
 if TYPE_CHECKING:
     from qgdist.data.identity import TrainedOn
 
 PART = "part-{index:06d}.parquet"
+ROC = "roc.png"
+_OUR_FILES = re.compile(r"^\.?(?:part-\d{6}\.parquet|roc\.png)(?:\.tmp)?$")
 SUMMARY = "summary.json"
 Input = Literal["auto", "shards", "cms", "energyflow"]
 
@@ -48,6 +56,8 @@ class PredictConfig:
     data: list[str] = option(help="shard directories (holding manifest.json), or CMS parquet / EnergyFlow npz "
                                   "files, directories or globs; paths or fsspec URLs")
     out: str = option(help="output directory: part-*.parquet, summary.json, roc.png")
+    overwrite: bool = option(False, "replace scores already in --out (written beside them; the old ones stay whole "
+                                    "until the new summary.json is written)")
     input: Input = option("auto", "what --data holds (auto: shards when a manifest.json is there, else by "
                                   "file extension)")
     split: Literal["all", "train", "val", "test"] = option("all", "shards: which split to score")
@@ -141,7 +151,7 @@ class Scorer:
     """Holds the model; scores whole units and writes one parquet part per unit (``map_batches`` actor class)."""
 
     def __init__(self, checkpoint: str, out: str, batch_size: int, on_bad_row: str,
-                 label_quark_value: int | None, device: str = "auto") -> None:
+                 label_quark_value: int | None, device: str = "auto", prefix: str = "") -> None:
         from qgdist.core.device import resolve_device
         from qgdist.data.loader import Collate
         from qgdist.infer.evaluate import load_model
@@ -151,7 +161,7 @@ class Scorer:
         self.model.to(self.device)
         self.pre = loaded.preprocessing
         self.collate = Collate(self.pre)
-        self.out, self.batch_size, self.on_bad_row = out, batch_size, on_bad_row
+        self.out, self.prefix, self.batch_size, self.on_bad_row = out, prefix, batch_size, on_bad_row
         self.label_quark_value = label_quark_value
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
@@ -193,7 +203,7 @@ class Scorer:
                           "is_quark": pa.array(label, pa.uint8()),
                           "score": pa.array(1.0 / (1.0 + np.exp(-logit.astype(np.float64))), pa.float32()),
                           "logit": pa.array(logit, pa.float32())})
-        name = PART.format(index=unit["index"])
+        name = self.prefix + PART.format(index=unit["index"])   # relative to out, as summary.json names it
         with atomic_path(join(self.out, name)) as tmp:
             pq.write_table(table, tmp)
         return {"index": unit["index"], "jets": len(rows), "rows_in": counts["rows_in"] or len(rows),
@@ -253,9 +263,12 @@ def predict(cfg: PredictConfig) -> dict[str, Any]:
         ray_seconds = time.perf_counter() - start
     units, total, quarantine, seen_counts = plan_units(cfg, kind, pre, cpus, trained)
     seen = check_seen(trained, seen_counts, " ".join(cfg.data), cfg.score_seen)
-    _clean(cfg.out)
-    records = _run_ray(cfg, checkpoint, units, cpus, gpus) if cfg.executor == "ray" else _run_local(
-        cfg, checkpoint, units)
+    # Everything is checked: only now is the output touched, beside an earlier one (qgdist.core.output).
+    output = Output(cfg.out, SUMMARY, "scores", cfg.overwrite, ours=_OUR_FILES)
+    old = _committed_files(cfg.out) if output.committed() else []
+    prefix = output.begin()
+    records = _run_ray(cfg, checkpoint, units, cpus, gpus, prefix) if cfg.executor == "ray" else _run_local(
+        cfg, checkpoint, units, prefix)
     quarantine = [r.to_dict() for r in quarantine]
     jets, rows_in, parts = 0, sum(1 for r in quarantine if r.get("row") is not None), []
     bar = tqdm(total=total, unit="jet", unit_scale=True, desc="predict", disable=not cfg.progress,
@@ -277,11 +290,12 @@ def predict(cfg: PredictConfig) -> dict[str, Any]:
                "rejected": rejected, "quarantine": quarantine[:1000], "parts": sorted(parts),
                "seen_jets": seen, "seconds": round(seconds, 3), "ray_seconds": round(ray_seconds, 3),
                "jets_per_s": round(jets / max(seconds - ray_seconds, 1e-9), 1)}
-    summary |= _metrics(cfg.out, sorted(parts), pre)
+    summary |= _metrics(output, sorted(parts), pre)
     from qgdist.core.atomic import write_json
     from qgdist.core.storage import join
 
-    write_json(join(cfg.out, SUMMARY), summary)
+    write_json(join(cfg.out, SUMMARY), summary)   # the commit
+    output.finish(old)
     if cfg.progress:
         line = f"scored {jets} jets ({rejected} rejected) in {seconds:.1f} s, {summary['jets_per_s']:.0f} jets/s"
         if "metrics" in summary:
@@ -295,33 +309,23 @@ def _local_dir(out: str) -> str | None:
     return None if "://" in out else out
 
 
-def _clean(out: str) -> None:
-    """Remove a previous run's summary first, then its parts (only names we write)."""
-    import re
+def _committed_files(out: str) -> list[str]:
+    """The files an earlier summary.json names (its parts and ROC plot)."""
+    from qgdist.core.storage import join, read_bytes
 
-    import fsspec
-
-    fs, root = fsspec.core.url_to_fs(out)
-    try:
-        fs.makedirs(root, exist_ok=True)
-    except (FileExistsError, NotImplementedError):
-        pass
-    if fs.exists(posixpath.join(root, SUMMARY)):
-        fs.rm(posixpath.join(root, SUMMARY))
-    if fs.exists(root):
-        for path in fs.ls(root, detail=False):
-            if re.fullmatch(r"\.?part-\d{6}\.parquet(\.tmp)?", posixpath.basename(path)):
-                fs.rm(path)
+    doc = json.loads(read_bytes(join(out, SUMMARY)))
+    return list(doc.get("parts", [])) + ([doc["roc"]] if doc.get("roc") else [])
 
 
-def _run_local(cfg: PredictConfig, checkpoint: str, units: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-    scorer = Scorer(checkpoint, cfg.out, cfg.batch_size, cfg.on_bad_row, cfg.label_quark_value)
+def _run_local(cfg: PredictConfig, checkpoint: str, units: list[dict[str, Any]],
+               prefix: str) -> Iterator[dict[str, Any]]:
+    scorer = Scorer(checkpoint, cfg.out, cfg.batch_size, cfg.on_bad_row, cfg.label_quark_value, prefix=prefix)
     for unit in units:
         yield scorer.score(unit)
 
 
 def _run_ray(cfg: PredictConfig, checkpoint: str, units: list[dict[str, Any]], cpus: int,
-             gpus: int) -> Iterator[dict[str, Any]]:
+             gpus: int, prefix: str) -> Iterator[dict[str, Any]]:
     """One block per unit through an actor pool; records stream back as units finish."""
     if not units:
         return
@@ -340,12 +344,13 @@ def _run_ray(cfg: PredictConfig, checkpoint: str, units: list[dict[str, Any]], c
     ds = ds.map_batches(
         Scorer, batch_size=1, concurrency=workers, num_cpus=0 if gpus_per_worker else 1, num_gpus=gpus_per_worker,
         fn_constructor_kwargs={"checkpoint": checkpoint, "out": cfg.out, "batch_size": cfg.batch_size,
-                               "on_bad_row": cfg.on_bad_row, "label_quark_value": cfg.label_quark_value})
+                               "on_bad_row": cfg.on_bad_row, "label_quark_value": cfg.label_quark_value,
+                               "prefix": prefix})
     for row in ds.iter_rows():
         yield json.loads(row["record"])
 
 
-def _metrics(out: str, parts: list[str], pre: Any) -> dict[str, Any]:
+def _metrics(output: Output, parts: list[str], pre: Any) -> dict[str, Any]:
     """Metrics and ROC over every part when every jet has a label (read back two columns per part)."""
     import pyarrow.parquet as pq
     import torch
@@ -355,7 +360,7 @@ def _metrics(out: str, parts: list[str], pre: Any) -> dict[str, Any]:
 
     logits, labels = [], []
     for name in parts:
-        with run_path(join(out, name)).open("rb") as f:
+        with run_path(join(output.root, name)).open("rb") as f:
             table = pq.read_table(f, columns=["logit", "is_quark"])
         if table.column("is_quark").null_count:
             return {}
@@ -374,5 +379,5 @@ def _metrics(out: str, parts: list[str], pre: Any) -> dict[str, Any]:
     from qgdist.train.plots import plot_roc
 
     fpr, tpr, _ = binary_roc(torch.sigmoid(logit.double()), label.long(), thresholds=None)
-    plot_roc({f"predict ({len(logit)} jets)": (fpr.numpy(), tpr.numpy())}, join(out, "roc.png"))
-    return {"metrics": metrics, "label_convention": pre.label_convention}
+    plot_roc({f"predict ({len(logit)} jets)": (fpr.numpy(), tpr.numpy())}, output.path(ROC))
+    return {"metrics": metrics, "label_convention": pre.label_convention, "roc": output.name(ROC)}

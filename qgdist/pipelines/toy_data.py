@@ -22,7 +22,7 @@ def toy_file(format: str, jets: int, path: str | os.PathLike[str], seed: int = 0
     from qgdist.generate.toy import run as generate
 
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    generate(ToyConfig(format=format, jets=jets, out=str(path), seed=seed))
+    generate(ToyConfig(format=format, jets=jets, out=str(path), seed=seed, overwrite=True))   # our own scratch
     return str(path)
 
 

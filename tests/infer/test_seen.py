@@ -122,3 +122,49 @@ def test_a_run_refuses_to_resume_on_another_dataset(world, tmp_path):
     out = train(resolve(TrainConfig.of(data=world["b"], **(kw | {"max_steps": 4, "allow_config_change": True}))))
     assert out.global_step == 4
     assert torch.load(f"{out.checkpoint}/state.pt", weights_only=True)["dataset"]["dataset_id"] == b
+
+
+def test_a_predict_rerun_never_destroys_the_scores_already_there(world, tmp_path):
+    """Refused without --overwrite; a --overwrite rerun failing on a bad row after writing parts leaves the
+    earlier scores complete; a finished one replaces them entirely."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from qgdist.data.sources.errors import BadRowError
+
+    unseen = toy_file("energyflow", 300, tmp_path / "unseen.npz", seed=99)
+    out = tmp_path / "scores"
+    kw = dict(checkpoint=world["run"], out=str(out), executor="local", progress=False, rows_per_task=100)
+    first = predict(PredictConfig(data=[unseen], **kw))
+    before = (out / "summary.json").read_text()
+
+    def whole() -> bool:
+        names = json.loads((out / "summary.json").read_text())["parts"]
+        return (out / "summary.json").read_text() == before and \
+            sum(pq.read_table(out / n).num_rows for n in names) == first["jets"] == 300
+
+    with pytest.raises(InputError, match="already holds scores"):
+        predict(PredictConfig(data=[unseen], **kw))
+    with np.load(unseen) as f:
+        X, y = f["X"].copy(), f["y"]
+    X[250, 0, 0] = np.inf   # the third unit: two parts are written first
+    np.savez(tmp_path / "bad.npz", X=X, y=y)
+    with pytest.raises(BadRowError, match="row 250"):
+        predict(PredictConfig(data=[str(tmp_path / "bad.npz")], overwrite=True, **kw))
+    assert whole()
+    again = predict(PredictConfig(data=[unseen], overwrite=True, **(kw | {"rows_per_task": 150})))
+    files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file() and p.name != "ray.log")
+    assert files == sorted(again["parts"] + [again["roc"], "summary.json"]) and len(again["parts"]) == 2
+
+
+def test_an_evaluation_is_replaced_only_when_asked_and_only_once_complete(world, tmp_path, capsys):
+    args = ["evaluate", "--checkpoint", world["run"], "--data", world["a"], "--out", str(tmp_path), "--no-progress"]
+    assert main(args) == 0
+    first = json.loads((tmp_path / "metrics.json").read_text())
+    assert first["files"] == {"roc": "roc.png", "scores": "scores.parquet"}
+    assert main(args) == 2 and "already holds an evaluation" in capsys.readouterr().err
+    assert main(args + ["--overwrite"]) == 0
+    second = json.loads((tmp_path / "metrics.json").read_text())
+    assert second["files"]["scores"].startswith("g-") and second["auc"] == first["auc"]
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file()) == sorted(
+        [*second["files"].values(), "metrics.json"])

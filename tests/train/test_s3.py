@@ -103,9 +103,13 @@ def shards(s3, tmp_path_factory):
     return url
 
 
-def test_convert_writes_a_new_prefix_and_reruns_clean(s3, shards, tmp_path):
-    from qgdist.data.convert import ConvertConfig, clean_output, convert, verify_output
+def test_convert_writes_a_new_prefix_and_never_destroys_a_dataset_on_rerun(s3, shards, tmp_path):
+    import numpy as np
+
+    from qgdist.core.errors import InputError
+    from qgdist.data.convert import ConvertConfig, convert, verify_output
     from qgdist.data.shards.manifest import read_manifest
+    from qgdist.data.sources.errors import BadRowError
 
     manifest = read_manifest(shards)
     assert manifest.rows == {"in": 3000, "written": 3000, "rejected": 0}
@@ -114,20 +118,31 @@ def test_convert_writes_a_new_prefix_and_reruns_clean(s3, shards, tmp_path):
     assert names == {"manifest.json"} | {s.name for s in manifest.shards}
     assert len({s.name.split("-")[1] for s in manifest.shards}) == 3   # three Ray tasks wrote their own shards
 
-    # Re-converting into a used prefix with another task size leaves only the new run's shards; cleaning a
-    # prefix that was never written is a no-op (the case that raised FileNotFoundError from fs.ls).
+    # Re-converting into a used prefix: refused without --overwrite; with it, a rerun that fails on a bad row
+    # halfway leaves the earlier dataset complete, and one that succeeds leaves only its own shards.
     copy = f"s3://{BUCKET}/shards/copy"
     s3.cp(shards.removeprefix("s3://"), copy.removeprefix("s3://"), recursive=True)
-    npz = tmp_path / "few.npz"
     from qgdist.generate.toy import ToyConfig, run
+    npz, bad = tmp_path / "few.npz", tmp_path / "bad.npz"
     run(ToyConfig("energyflow", 300, str(npz), seed=4))
+    with np.load(npz) as f:
+        X, y = f["X"].copy(), f["y"]
+    X[250, 0, 0] = np.nan   # a bad row in the second of two tasks: the first has written its shards by then
+    np.savez(bad, X=X, y=y)
+    with pytest.raises(InputError, match="already holds a converted dataset"):
+        convert(ConvertConfig("energyflow", [str(npz)], copy, executor="local", progress=False))
+    with pytest.raises(BadRowError, match="row 250"):
+        convert(ConvertConfig("energyflow", [str(bad)], copy, rows_per_task=150, executor="local", progress=False,
+                              overwrite=True))
+    assert read_manifest(copy).rows == manifest.rows and verify_output(copy) == []
     again = convert(ConvertConfig("energyflow", [str(npz)], copy, rows_per_task=300, executor="local",
-                                  progress=False))
-    left = {p.rsplit("/", 1)[-1] for p in s3.ls(copy.removeprefix("s3://"), refresh=True)}
-    assert left == {"manifest.json"} | {s.name for s in again.shards}
-    assert verify_output(copy) == []
-    clean_output(f"s3://{BUCKET}/never/written")
-    assert not s3.exists(f"{BUCKET}/never")
+                                  progress=False, overwrite=True))
+    left = {p.removeprefix(copy.removeprefix("s3://") + "/") for p in s3.find(copy.removeprefix("s3://"))}
+    assert left == {"manifest.json"} | {s.name for s in again.shards}   # the old shards and the failed try: gone
+    assert verify_output(copy) == [] and again.rows["in"] == 300
+    # converting into a prefix never written before works (no directory to make on S3)
+    convert(ConvertConfig("energyflow", [str(npz)], f"s3://{BUCKET}/never/written", executor="local",
+                          progress=False))
 
 
 def _cfg(data: str, storage: str, run_name: str, **kw) -> TrainConfig:
