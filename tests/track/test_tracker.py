@@ -278,7 +278,9 @@ def test_evaluate_track_adds_test_metrics_to_the_training_run(server: TrackerCom
     from tests.trainkit import write_dataset
 
     from qgdist.cli import main
-    from qgdist.models import get_model
+    from qgdist.data.preprocessing import Preprocessing
+    from qgdist.models import get_model, model_config
+    from qgdist.train.checkpoint import Checkpoint
     from qgdist.train.checkpointer import Checkpointer
     from qgdist.train.config import TrainConfig, resolve
 
@@ -288,9 +290,11 @@ def test_evaluate_track_adds_test_metrics_to_the_training_run(server: TrackerCom
     run_id = tracker.start("trained", cfg)
     tracker.log_metrics({"val/auc": 0.5}, step=7)
     tracker.finish()
-    Checkpointer(cfg.run_dir).save({"model": get_model("particlenet-lite", in_features=7).state_dict(),
-                                    "fingerprint": cfg.fingerprint(), "epoch": 1, "step": 0, "global_step": 7,
-                                    "mlflow_run_id": run_id, "preprocessing": _preprocessing(data)})
+    model = get_model("particlenet-lite", in_features=7)
+    Checkpointer(cfg.run_dir).save(Checkpoint(
+        model_name="particlenet-lite", model_config=model_config(model), weights=model.state_dict(),
+        preprocessing=Preprocessing.from_dict(_preprocessing(data)), config=cfg.to_dict(),
+        fingerprint=cfg.fingerprint(), epoch=1, global_step=7, mlflow_run_id=run_id))
     assert main(["evaluate", "--checkpoint", cfg.run_dir, "--data", data, "--no-progress", "--track",
                  "--tracking-uri", server.url]) == 0
     client = MlflowClient(server.url)

@@ -68,7 +68,7 @@ def test_ddp_trains_cloud_model(reference):
     assert latest["epoch"] == 2 and latest["step"] == 0
     # It learned: the synthetic jets separate easily (quarks narrower, fewer particles); chance is 0.5 and the
     # 32 validation jets put a statistical error of about 0.1 on the AUC, so 0.75 is a clear margin.
-    assert reference["metrics"]["epoch"] == 2 and reference["metrics"]["auc"] > 0.75
+    assert reference.epoch == 2 and reference.val["auc"] > 0.75
     state = load_checkpoint(reference.checkpoint)
     assert state.fingerprint["world_size"] == 2
     assert [p["rank"] for p in state.training.loader] == [0, 1]       # every rank's loader position is kept

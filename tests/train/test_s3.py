@@ -171,11 +171,14 @@ def test_plain_loop_checkpoints_by_pointer_and_resumes_bit_identically(s3, shard
                                                    "global_step": 6, "val_auc": None}
     keys = {p.removeprefix(f"{BUCKET}/runs/plain/") for p in s3.find(f"{BUCKET}/runs/plain")}
     # keep_last=1: step 4 was pruned once step 6 was committed; nothing under a temporary name.
-    assert keys == {"checkpoints/latest.json", "checkpoints/step-000000006/state.pt"}
+    assert keys == {"checkpoints/latest.json", "checkpoints/step-000000006/state.pt",
+                    "checkpoints/step-000000006/checkpoint.json"}
 
     # A save that dies after writing its state object but before the pointer: the pointer still names step 6,
     # and the orphan is neither resumed from nor kept.
-    import qgdist.train.checkpoint as checkpoint
+    import dataclasses
+
+    import qgdist.train.checkpointer as checkpoint
 
     def dies(path, text):
         raise KeyboardInterrupt("killed before the pointer was written")
@@ -184,7 +187,7 @@ def test_plain_loop_checkpoints_by_pointer_and_resumes_bit_identically(s3, shard
     with monkeypatch.context() as mp:
         mp.setattr(checkpoint, "write_text", dies)
         with pytest.raises(KeyboardInterrupt):
-            ckpt.save(state | {"global_step": 7, "step": 7})
+            ckpt.save(dataclasses.replace(state, global_step=7, step=7))
     assert s3.exists(f"{BUCKET}/runs/plain/checkpoints/step-000000007/state.pt")
     assert ckpt.pointer()["name"] == "step-000000006" and ckpt.latest().name == "step-000000006"
     # Pruning counts the last K up to the pointer only: the uncommitted step 7 goes, the committed step 6 stays.
@@ -193,7 +196,7 @@ def test_plain_loop_checkpoints_by_pointer_and_resumes_bit_identically(s3, shard
     with monkeypatch.context() as mp:   # and once more, for the resume below to meet an orphan
         mp.setattr(checkpoint, "write_text", dies)
         with pytest.raises(KeyboardInterrupt):
-            ckpt.save(state | {"global_step": 7, "step": 7})
+            ckpt.save(dataclasses.replace(state, global_step=7, step=7))
 
     resumed = train(_cfg(shards, storage_url, "plain"))
     assert resumed.epoch == 1 and resumed.global_step > 6
