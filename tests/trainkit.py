@@ -55,8 +55,11 @@ def _images(rng: np.random.Generator, quark: np.ndarray, rows: np.ndarray, size:
 
 
 def write_dataset(out: str, kind: str, samples: dict[str, list[int]], seed: int = 0, image_size: int = 16,
-                  chunk_jets: int = 4) -> str:
-    """Write shards ``{split}-{NNNNNN}.tar`` with the given jet counts per shard, plus a manifest; returns ``out``."""
+                  chunk_jets: int = 4, sorted_labels: bool = False) -> str:
+    """Write shards ``{split}-{NNNNNN}.tar`` with the given jet counts per shard, plus a manifest; returns ``out``.
+
+    ``sorted_labels``: each split's first half of jets (in shard order) are quarks, the rest gluons -- the worst
+    case for a loader's shuffling."""
     os.makedirs(out, exist_ok=True)
     rng = np.random.default_rng(seed)
     shards, row, stats = [], 0, StatSums()
@@ -64,6 +67,9 @@ def write_dataset(out: str, kind: str, samples: dict[str, list[int]], seed: int 
         for i, count in enumerate(counts):
             rows = np.arange(row, row + count)
             quark = rng.integers(2, size=count).astype(np.uint8)
+            if sorted_labels:
+                half, before = sum(counts) / 2, sum(counts[:i])
+                quark = (np.arange(before, before + count) < half).astype(np.uint8)
             block: JetChunk = _clouds(rng, quark, rows) if kind == "cloud" else _images(rng, quark, rows, image_size)
             writer = ChunkWriter(ShardWriter(out, split, lambda k, n=f"{split}-{i:06d}.tar": n), chunk_jets)
             writer.add(block)

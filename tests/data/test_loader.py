@@ -202,3 +202,20 @@ def test_the_loader_refuses_schema_1_and_shards_without_an_index(cloud_dir, tmp_
     (tmp_path / "manifest.json").write_text(json.dumps(doc))
     with pytest.raises(SchemaError, match="schema version 1 .* re-run `qgdist convert`"):
         ShardLoader(DataConfig(str(tmp_path), batch_size=8))
+
+
+def test_batches_mix_labels_as_a_random_draw_would_even_from_label_sorted_shards(tmp_path):
+    """The worst case for shuffling: the first half of the shards hold only quarks, the rest only gluons. Each
+    batch's quark fraction must spread as little as a random draw of ``batch`` jets would (binomial variance
+    p(1-p)/batch), within a factor of 3 -- the pool's own composition adds some (~1.7x expected here). Without the
+    in-pool permutation a batch is two consecutive 8-jet chunks, and the spread is ~8x the binomial."""
+    batch = 16
+    data = write_dataset(str(tmp_path / "sorted"), "cloud", {"train": [64] * 8}, seed=1, chunk_jets=8,
+                         sorted_labels=True)
+    loader = ShardLoader(DataConfig(data, batch_size=batch, shuffle_buffer=128), seed=7)
+    fractions = np.array([b["label"].float().mean().item() for e in range(4) for b in loader.collated(e)])
+    assert len(fractions) == 4 * 512 // batch
+    binomial = 0.25 / batch
+    ratio = fractions.var() / binomial
+    print(f"per-batch quark fraction: mean {fractions.mean():.3f}, variance {ratio:.2f} x binomial")
+    assert abs(fractions.mean() - 0.5) < 0.05 and ratio < 3.0, ratio

@@ -1,7 +1,8 @@
 """``qgdist evaluate`` and ``qgdist export`` on real checkpoints (written by the project's Checkpointer) and shards.
 
-Outputs are read back with stock libraries: pyarrow for the scores, onnxruntime for the ONNX file. The run
-artifacts that the tracker uploads (``log_run_artifacts``) are tested in test_track.py, against the real server.
+Outputs are read back with stock libraries: pyarrow for the scores, onnxruntime for the ONNX file. ``evaluate
+--track`` (metrics and outputs added to the training run) is tested against a real MLflow server in
+tests/track/test_tracker.py.
 """
 
 from __future__ import annotations
