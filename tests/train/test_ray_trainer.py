@@ -7,7 +7,9 @@ image family's 2-worker DDP run is in tests/pipelines/test_quickstart.py (quicks
 from __future__ import annotations
 
 import os
+import re
 import signal
+import time
 import sys
 from pathlib import Path
 
@@ -77,33 +79,70 @@ def test_ddp_trains_cloud_model(reference):
     assert latest["global_step"] == 16
 
 
-def _dying_worker(config: dict) -> None:
-    """Rank 1 kills its own process (SIGKILL) in the middle of epoch 0, once; then the normal worker loop."""
-    import ray.train
+def _dying_worker(at_step: int, wipe_checkpoints: bool = False):
+    """A worker loop in which rank 1 kills its own process (SIGKILL) during global step ``at_step``, once --
+    after rank 0 deleted the run's own checkpoints, with ``wipe_checkpoints`` (a lost volume: only Ray's copies
+    of the epoch-end checkpoints are left)."""
+    def worker(config: dict) -> None:
+        import shutil
 
-    import qgdist.train.loop as loop
+        import ray.train
 
-    run = config["train"]["checkpoint"]
-    marker = Path(run["storage"]) / run["run_name"] / "killed-once"
-    if ray.train.get_context().get_world_rank() == 1 and not marker.exists():
-        real_step, calls = loop.train_step, [0]
+        import qgdist.train.loop as loop
 
-        def step(*args, **kwargs):
-            calls[0] += 1
-            if calls[0] == 6:  # after the checkpoint at global step 4, before step 6 finishes
-                marker.touch()
-                os.kill(os.getpid(), signal.SIGKILL)
-            return real_step(*args, **kwargs)
+        run = Path(config["train"]["checkpoint"]["storage"]) / config["train"]["checkpoint"]["run_name"]
+        marker, rank = run / "killed-once", ray.train.get_context().get_world_rank()
+        if not marker.exists():
+            real_step, calls = loop.train_step, [0]
 
-        loop.train_step = step
-    worker_loop(config)
+            def step(*args, **kwargs):
+                calls[0] += 1
+                if calls[0] == at_step:
+                    if rank == 0 and wipe_checkpoints:
+                        shutil.rmtree(run / "checkpoints")
+                        marker.touch()
+                    elif rank == 1:
+                        while wipe_checkpoints and not marker.exists():   # rank 0 wipes first
+                            time.sleep(0.01)
+                        marker.touch()
+                        os.kill(os.getpid(), signal.SIGKILL)
+                return real_step(*args, **kwargs)
+
+            loop.train_step = step
+        worker_loop(config)
+
+    return worker
 
 
-def test_worker_killed_mid_epoch_recovers_bit_identically(reference, data, tmp_path):
+def _resumed_at(printed: str) -> tuple[str, int]:
+    """The checkpoint and global step of the one "resumed from" line a run printed."""
+    lines = [line for line in printed.splitlines() if line.startswith("resumed from")]
+    assert len(lines) == 1, printed[-3000:]
+    found = re.fullmatch(r"resumed from (\S+) at epoch \d+ step \d+ \(global step (\d+)\)", lines[0])
+    assert found, lines[0]
+    return found[1], int(found[2])
+
+
+def test_worker_killed_mid_epoch_resumes_from_its_last_checkpoint_bit_identically(reference, data, tmp_path,
+                                                                                 capsys):
     cfg = ray_cfg(data["cloud"], "particlenet-lite", tmp_path, run_name="killed", max_failures=1)
-    out = fit(cfg, worker_fn=_dying_worker)
+    out = fit(cfg, worker_fn=_dying_worker(6))
     assert (Path(out.run_dir) / "killed-once").exists()
+    # Resumed, not restarted from scratch: from the checkpoint at step 4 (every 2 steps), one step redone.
+    where, step = _resumed_at(capsys.readouterr().out)
+    assert step == 4 and where.endswith("checkpoints/step-000000004") and 6 - 1 - step <= cfg.checkpoint.checkpoint_every
     assert Checkpointer(out.run_dir).pointer()["global_step"] == 16
+    a, b = final_weights(reference.run_dir), final_weights(out.run_dir)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_with_its_checkpoints_lost_a_run_resumes_from_rays_copy(reference, data, tmp_path, capsys):
+    """Our checkpoints directory is gone (a lost volume) when a worker dies in epoch 1: the restarted workers
+    find Ray's copy of the epoch-0 checkpoint (ray.train.get_checkpoint) and still end bit-identical."""
+    cfg = ray_cfg(data["cloud"], "particlenet-lite", tmp_path, run_name="wiped", max_failures=1)
+    out = fit(cfg, worker_fn=_dying_worker(11, wipe_checkpoints=True))
+    where, step = _resumed_at(capsys.readouterr().out)
+    assert step == 8 and "/checkpoints/" not in where   # Ray's copy, at the end of epoch 0
     a, b = final_weights(reference.run_dir), final_weights(out.run_dir)
     assert all(torch.equal(a[k], b[k]) for k in a)
 
