@@ -7,6 +7,10 @@ benchmark's own process does), sampling every ``interval`` seconds:
   the processes sharing them; RSS counts them in each);
 * ``max_hwm_mb``: the largest single process's kernel peak mark (VmHWM), which catches peaks between samples;
   ``sum_hwm_mb`` sums every process's mark; ``hwm_mb_by_process``: name -> [summed marks, processes].
+
+With ``mem_cap`` (bytes) the command runs inside a memory limit (``qgdist.bench.memcap``: a cgroup of its own, or
+a PSS watchdog where no cgroup controller is writable) and the result adds the cap's report: method, cap, the
+cgroup's peaks and ``oom_kills`` (processes killed for want of memory; a run with kills is a failure).
 """
 
 from __future__ import annotations
@@ -61,20 +65,33 @@ def tree_memory(root: Any, hwm: dict[int, int], names: dict[int, str] | None = N
 
 
 def measure_tree(cmd: list[str], env: dict[str, str] | None = None, interval: float = 0.2,
-                 kill_when: Callable[[], bool] | None = None, check: bool = False) -> dict[str, Any]:
+                 kill_when: Callable[[], bool] | None = None, check: bool = False,
+                 mem_cap: int | None = None, cap_method: str | None = None) -> dict[str, Any]:
     """Run ``cmd`` in a new session; its wall seconds, output and the tree's memory (see the module docstring).
 
     ``kill_when``: polled at each sample; when it returns True the whole session is SIGKILLed (a lost machine),
     and the result says ``killed``. A non-zero exit is returned (``returncode``), or with ``check`` raised as a
-    RuntimeError holding the end of the command's stderr.
+    RuntimeError holding the end of the command's stderr (so is an out-of-memory kill under ``mem_cap``).
     """
+    from qgdist.bench.memcap import MemoryCap
+
+    cap = MemoryCap(mem_cap, "qgdist-bench", prefer=cap_method) if mem_cap else None
+    try:
+        return _measure(cmd, env, interval, kill_when, check, cap)
+    finally:
+        if cap is not None:
+            cap.close()
+
+
+def _measure(cmd: list[str], env: dict[str, str] | None, interval: float, kill_when: Callable[[], bool] | None,
+             check: bool, cap: Any) -> dict[str, Any]:
     import psutil
 
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    proc = subprocess.Popen(cap.wrap(cmd) if cap else cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
                             env={**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled"),
                                  **(env or {})})
-    root, peak, hwm, names, killed = psutil.Process(proc.pid), [0, 0], {}, {}, False
+    root, peak, hwm, names, killed, over_cap = psutil.Process(proc.pid), [0, 0], {}, {}, False, False
     out: dict[str, str] = {}
     readers = [threading.Thread(target=lambda k=k, f=f: out.__setitem__(k, f.read()))
                for k, f in (("stdout", proc.stdout), ("stderr", proc.stderr))]
@@ -83,7 +100,9 @@ def measure_tree(cmd: list[str], env: dict[str, str] | None = None, interval: fl
     while proc.poll() is None:
         pss, rss = tree_memory(root, hwm, names)
         peak = [max(peak[0], pss), max(peak[1], rss)]
-        if kill_when is not None and not killed and kill_when():
+        if cap is not None and not killed and cap.sample(pss):
+            over_cap = True   # the watchdog's out-of-memory kill
+        if not killed and (over_cap or (kill_when is not None and kill_when())):
             os.killpg(proc.pid, signal.SIGKILL)
             killed = True
         time.sleep(interval)
@@ -94,9 +113,12 @@ def measure_tree(cmd: list[str], env: dict[str, str] | None = None, interval: fl
         entry = by_name.setdefault(names.get(pid, "?"), [0.0, 0])
         entry[0] += mark / 1e6
         entry[1] += 1
-    if check and proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{out.get('stderr', '')[-3000:]}")
-    return {"wall_s": time.perf_counter() - start, "returncode": proc.returncode, "killed": killed,
+    capped = cap.report(over_cap) if cap is not None else {}
+    if check and (proc.returncode != 0 or capped.get("oom_kills")):
+        oom = f", {capped['oom_kills']} out-of-memory kills under a {capped['cap_mb']:.0f} MB cap" \
+            if capped.get("oom_kills") else ""
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}{oom}):\n{out.get('stderr', '')[-3000:]}")
+    return capped | {"wall_s": time.perf_counter() - start, "returncode": proc.returncode, "killed": killed,
             "stdout": out.get("stdout", ""), "stderr": out.get("stderr", ""),
             "peak_pss_mb": peak[0] / 1e6, "peak_rss_mb": peak[1] / 1e6,
             "max_hwm_mb": max(hwm.values(), default=0) / 1e6, "sum_hwm_mb": sum(hwm.values()) / 1e6,

@@ -40,8 +40,11 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, *, log_d
         ray.init(address=address, log_to_driver=verbose)
         return
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    from qgdist.core.memory import object_store_bytes
+
+    # Ray sizes its object store from the host's memory even inside a smaller cgroup limit (qgdist.core.memory)
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
-             log_to_driver=verbose, configure_logging=False)
+             log_to_driver=verbose, configure_logging=False, object_store_memory=object_store_bytes())
 
 
 def quiet_ray_loggers(log_dir: str | os.PathLike[str] | None) -> Path | None:
