@@ -41,6 +41,8 @@ from qgdist.data.shards.writer import ChunkWriter, ShardWriter
 from qgdist.data.sources.base import Unit, file_name
 from qgdist.data.sources.errors import BadRowError, Rejected
 from qgdist.data.sources.plan import KINDS, READERS, Source, expand_inputs, plan_inputs
+from qgdist.data.sources.ray_units import unit_dataset
+from qgdist.data.sources.stream import Rows, with_rows
 from qgdist.data.split import DEFAULT_FRACTIONS, SPLIT_NAMES, assign_splits, parse_fractions
 from qgdist.data.stats import StatSums
 
@@ -112,9 +114,9 @@ class InspectConfig:
     show: int = option(10, "quarantine entries to print")
 
 
-def convert_unit(unit: dict[str, Any], cfg: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def convert_unit(unit: dict[str, Any], cfg: dict[str, Any], prefix: str = "", rows: Rows | None = None) -> dict[str, Any]:
     """One task: read, validate, encode and write the shards of one unit (named ``prefix`` + ``{split}-{unit}-{k}``);
-    returns a JSON-able record.
+    returns a JSON-able record. ``rows``: the unit's raw rows when its file's streaming reader inflated them.
 
     Everything is done on whole decoded blocks (columns of many jets): the split of each jet, the chunks written
     per split, and the train statistics; no Python loop visits jets one by one.
@@ -126,7 +128,8 @@ def convert_unit(unit: dict[str, Any], cfg: dict[str, Any], prefix: str = "") ->
                                           c.shard_size),
                               c.chunk_jets, c.compress) for s in SPLIT_NAMES}
     stats, rejected, rows_in, written = StatSums(), [], 0, 0
-    for chunk in READERS[c.source].read(u, c.labels(), c.dtype):
+    read = READERS[c.source].read
+    for chunk in read(u, c.labels(), c.dtype, rows=rows) if rows is not None else read(u, c.labels(), c.dtype):
         rows_in += len(chunk) + len(chunk.rejected)
         rejected += [r.to_dict() for r in chunk.rejected]
         if rejected and c.on_bad_row == "error":
@@ -157,16 +160,17 @@ def _ray_results(units: list[Unit], cfg: dict[str, Any], prefix: str) -> Iterato
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # our own bar counts rows; Ray's per-operator bars would interleave with it
     logging.getLogger("ray.data").setLevel(logging.WARNING)
-    items = [{"unit": json.dumps(dataclasses.asdict(u))} for u in units]
-    ds = ray.data.from_items(items, override_num_blocks=len(items))
-    ds = ds.map(lambda row: {"record": json.dumps(convert_unit(json.loads(row["unit"]), cfg, prefix))}, num_cpus=1)
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    ds = unit_dataset([dataclasses.asdict(u) for u in units], units, inflaters=1 + cpus // 8)
+    ds = ds.map(lambda row: {"record": json.dumps(convert_unit(json.loads(row["item"]), cfg, prefix,
+                                                               Rows.from_columns(row)))}, num_cpus=1)
     for row in ds.iter_rows():
         yield json.loads(row["record"])
 
 
 def _local_results(units: list[Unit], cfg: dict[str, Any], prefix: str) -> Iterator[dict[str, Any]]:
-    for u in units:
-        yield convert_unit(dataclasses.asdict(u), cfg, prefix)
+    for u, rows in with_rows(units):   # a deflated file's units inflated once, in order
+        yield convert_unit(dataclasses.asdict(u), cfg, prefix, rows)
 
 
 def verify_output(out: str) -> list[str]:

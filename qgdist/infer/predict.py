@@ -167,11 +167,15 @@ class Scorer:
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         import numpy as np
 
-        records = [json.dumps(self.score(json.loads(text))) for text in batch["unit"]]
+        from qgdist.data.sources.stream import Rows
+
+        records = [json.dumps(self.score(json.loads(text), Rows.from_columns({"x": x, "y": y, "meta": meta})))
+                   for text, x, y, meta in zip(batch["item"], batch["x"], batch["y"], batch["meta"])]
         return {"record": np.array(records, dtype=object)}
 
-    def score(self, unit: dict[str, Any]) -> dict[str, Any]:
-        """Score one unit; returns its record (jets, rows in, rejected rows, part file) or an ``error``."""
+    def score(self, unit: dict[str, Any], raw: Any = None) -> dict[str, Any]:
+        """Score one unit; returns its record (jets, rows in, rejected rows, part file) or an ``error``.
+        ``raw``: its raw rows when its file's streaming reader inflated them (``qgdist.data.sources.stream``)."""
         import numpy as np
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -186,7 +190,7 @@ class Scorer:
         files: list[str] = []
         rows: list[int] = []
         labels, logits = [], []
-        for collated in self.collate.batches(self._samples(unit, rejected, counts), self.batch_size):
+        for collated in self.collate.batches(self._samples(unit, rejected, counts, raw), self.batch_size):
             if rejected and self.on_bad_row == "error":
                 return {"index": unit["index"], "error": rejected[0]}
             inputs, label = to_device(collated, self.device)
@@ -209,7 +213,7 @@ class Scorer:
         return {"index": unit["index"], "jets": len(rows), "rows_in": counts["rows_in"] or len(rows),
                 "rejected": rejected, "part": name}
 
-    def _samples(self, unit: dict[str, Any], rejected: list, counts: dict[str, int]) -> Iterator[Any]:
+    def _samples(self, unit: dict[str, Any], rejected: list, counts: dict[str, int], raw: Any = None) -> Iterator[Any]:
         """Chunks of jets: raw (tar-member dicts) from a shard, or decoded blocks read from a source file's rows by
         the same readers as ``qgdist convert`` (what it would write); ``Collate`` takes both."""
         if unit["type"] == "shard":
@@ -225,7 +229,8 @@ class Scorer:
         u = Unit(**{**unit["unit"], "row_groups": tuple(unit["unit"]["row_groups"])})
         labels = (LabelConvention.default(source) if self.label_quark_value is None
                   else LabelConvention(source, self.label_quark_value))
-        for chunk in READERS[source].read(u, labels, "float32"):
+        read = READERS[source].read
+        for chunk in read(u, labels, "float32", rows=raw) if raw is not None else read(u, labels, "float32"):
             counts["rows_in"] += len(chunk) + len(chunk.rejected)
             rejected += [r.to_dict() for r in chunk.rejected]
             if len(chunk):
@@ -319,9 +324,17 @@ def _committed_files(out: str) -> list[str]:
 
 def _run_local(cfg: PredictConfig, checkpoint: str, units: list[dict[str, Any]],
                prefix: str) -> Iterator[dict[str, Any]]:
+    from qgdist.data.sources.stream import with_rows
+
     scorer = Scorer(checkpoint, cfg.out, cfg.batch_size, cfg.on_bad_row, cfg.label_quark_value, prefix=prefix)
-    for unit in units:
-        yield scorer.score(unit)
+    sources = [_source_unit(u) for u in units]
+    streamed = [s for s in sources if s is not None and s.stream]
+    for item, source in zip(units, sources):
+        if source is None or not source.stream:
+            yield scorer.score(item)
+    by_index = {u["index"]: u for u in units}
+    for source, rows in with_rows(streamed):   # each deflated file inflated once, its units in order
+        yield scorer.score(by_index[source.index], rows)
 
 
 def _run_ray(cfg: PredictConfig, checkpoint: str, units: list[dict[str, Any]], cpus: int,
@@ -339,8 +352,10 @@ def _run_ray(cfg: PredictConfig, checkpoint: str, units: list[dict[str, Any]], c
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False   # our bar counts jets; Ray's operator bars would interleave with it
     logging.getLogger("ray.data").setLevel(logging.WARNING)
-    items = [{"unit": json.dumps(u)} for u in units]
-    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    from qgdist.data.sources.ray_units import unit_dataset
+
+    # a deflated file's rows are inflated once by a streaming read task and scored by every actor
+    ds = unit_dataset(units, [_source_unit(u) for u in units], inflaters=1 + cpus // 8)
     ds = ds.map_batches(
         Scorer, batch_size=1, concurrency=workers, num_cpus=0 if gpus_per_worker else 1, num_gpus=gpus_per_worker,
         fn_constructor_kwargs={"checkpoint": checkpoint, "out": cfg.out, "batch_size": cfg.batch_size,
@@ -348,6 +363,15 @@ def _run_ray(cfg: PredictConfig, checkpoint: str, units: list[dict[str, Any]], c
                                "prefix": prefix})
     for row in ds.iter_rows():
         yield json.loads(row["record"])
+
+
+def _source_unit(item: dict[str, Any]) -> Any:
+    """The source-file unit an item scores (None for a shard)."""
+    if item["type"] == "shard":
+        return None
+    from qgdist.data.sources.base import Unit
+
+    return Unit(**{**item["unit"], "row_groups": tuple(item["unit"]["row_groups"])})
 
 
 def _metrics(output: Output, parts: list[str], pre: Any) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from qgdist.data.config import DataConfig
 from qgdist.data.convert import ConvertConfig, convert, verify_output
 from qgdist.data.loader import ShardLoader
 from qgdist.data.shards.manifest import read_manifest
+from qgdist.data.sources.energyflow import _open_zip
 from qgdist.data.sources.errors import BadRowError
 from qgdist.generate.toy import ToyConfig, run
 
@@ -42,6 +43,31 @@ def test_ray_pipeline_matches_in_process_run_byte_for_byte(ray_local, tmp_path):
         assert [(s.name, s.sha256) for s in by_ray.shards] == [(s.name, s.sha256) for s in local.shards]
         assert by_ray.stats == local.stats
         assert read_manifest(f"file://{tmp_path}/ray_{source}").shards == by_ray.shards
+
+
+def test_a_deflated_file_spreads_over_the_tasks_like_a_stored_one_with_the_same_shards(ray_local, tmp_path,
+                                                                                        monkeypatch):
+    """A deflated npz is cut into units like a stored one (no --rows-per-task: 16,384 rows a unit); one streaming
+    reader inflates it once and every unit is decoded and written by its own task. The shards equal, byte for
+    byte, those of the same jets in a stored npz of the same name (whose units read their own rows)."""
+    import qgdist.data.sources.stream as stream
+
+    run(ToyConfig("energyflow", 20000, str(tmp_path / "deflated" / "jets.npz"), seed=5))
+    run(ToyConfig("energyflow", 20000, str(tmp_path / "stored" / "jets.npz"), seed=5, compress=False))
+    by_ray = convert(ConvertConfig("energyflow", [str(tmp_path / "deflated" / "jets.npz")], str(tmp_path / "ray"),
+                                   progress=False))
+    opened = []
+    monkeypatch.setattr(stream, "_open_zip", lambda path: opened.append(path) or _open_zip(path))
+    local = convert(ConvertConfig("energyflow", [str(tmp_path / "deflated" / "jets.npz")], str(tmp_path / "local"),
+                                  executor="local", progress=False))
+    assert len(opened) == 1   # two units, one inflation of the file
+    stored = convert(ConvertConfig("energyflow", [str(tmp_path / "stored" / "jets.npz")], str(tmp_path / "stored_out"),
+                                   executor="local", progress=False))
+    assert len({s.name.split("-")[1] for s in by_ray.shards}) == 2   # ceil(20000 / 16384) units
+    assert by_ray.rows == local.rows == stored.rows == {"in": 20000, "written": 20000, "rejected": 0}
+    for other in (local, stored):
+        assert [(s.name, s.sha256) for s in by_ray.shards] == [(s.name, s.sha256) for s in other.shards]
+        assert by_ray.stats == other.stats
 
 
 def test_ray_pipeline_reports_bad_rows(ray_local, tmp_path):

@@ -86,7 +86,10 @@ def test_predict_on_raw_files_and_shards_equals_evaluate(scenario, tmp_path):
         ray.shutdown()
     shards = predict(PredictConfig(checkpoint=scenario["run"], data=[scenario["shards_b"]],
                                    out=str(tmp_path / "shards"), executor="local", progress=False))
-    for summary, out in ((raw, tmp_path / "raw"), (shards, tmp_path / "shards")):
+    # the deflated file's units, inflated once by one streaming reader, scored in this process
+    local = predict(PredictConfig(checkpoint=scenario["run"], data=[scenario["raw_b"]], out=str(tmp_path / "local"),
+                                  executor="local", rows_per_task=250, progress=False))
+    for summary, out in ((raw, tmp_path / "raw"), (shards, tmp_path / "shards"), (local, tmp_path / "local")):
         assert summary["jets"] == 1000 and summary["rejected"] == 0
         parts = sorted(out.glob("part-*.parquet"))
         assert len(parts) == len(summary["parts"]) and (out / "roc.png").stat().st_size > 1000

@@ -14,13 +14,19 @@ from qgdist.data.sources.errors import BadRowError, Rejected
 
 @dataclass(frozen=True)
 class Unit:
-    """One read task: rows [row_start, row_stop) of one input file (CMS: made of whole ``row_groups``)."""
+    """One read task: rows [row_start, row_stop) of one input file (CMS: made of whole ``row_groups``).
+
+    ``stream``: the rows lie in a compressed stream without random access (a deflated npz member); the file's
+    units are then inflated once, in order, by one streaming reader (``qgdist.data.sources.stream``) that hands
+    each unit its raw rows, instead of each unit inflating everything before it.
+    """
 
     path: str
     row_start: int
     row_stop: int
     row_groups: tuple[int, ...] = ()
     index: int = -1
+    stream: bool = False
 
     @property
     def rows(self) -> int:

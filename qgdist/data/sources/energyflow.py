@@ -9,13 +9,14 @@ and discards what lies before the unit) and then read the unit chunk by chunk, s
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 import zipfile
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -24,6 +25,9 @@ from qgdist.data.labels import LabelConvention
 from qgdist.data.shards.schema import CLOUD_JET, CloudChunk, sort_particles
 from qgdist.data.sources.base import Chunk, Plan, Unit, file_name, open_input, row_units
 from qgdist.data.sources.errors import BadRowError, Rejected
+
+if TYPE_CHECKING:
+    from qgdist.data.sources.stream import Rows
 
 #: Rapidities beyond this are corrupt data, not particles (cosh would overflow on the way to energies).
 MAX_RAPIDITY = 10.0
@@ -80,16 +84,17 @@ def _labels(zf: zipfile.ZipFile, path: str) -> np.ndarray:
 def plan(path: str, rows_per_unit: int, split_deflated: bool = True) -> Plan:
     """Row-range units from the npy header of ``X``; rows beyond the shorter of X and y are rejected here.
 
-    A deflated ``X`` has no random access: a unit that starts at row r must decompress (and discard) rows 0..r-1,
-    so cutting one file into U units costs (U + 1) / 2 decompressions of it. With ``split_deflated=False`` such a
-    file is one unit (its task reads ahead in a thread instead, see ``read``); a stored ``X`` is always cut.
+    A deflated ``X`` has no random access: its units are marked ``stream`` and inflated once, in order, by one
+    streaming reader that hands each unit its rows (``qgdist.data.sources.stream``), so the file spreads over
+    every task like a stored one. With ``split_deflated=False`` such a file is one unit.
     """
     name = file_name(path)
     f, zf = _open_zip(path)
     with f, zf:
         info = _member(zf, "X", path)
         shape, _, _ = _header(zf, info, path)
-        if info.compress_type != zipfile.ZIP_STORED and not split_deflated:
+        deflated = info.compress_type != zipfile.ZIP_STORED
+        if deflated and not split_deflated:
             rows_per_unit = max(shape[0], 1) if len(shape) else 1
         if len(shape) != 3 or shape[2] != 4:
             raise BadRowError(name, None, "X", f"shape {list(shape)}, expected (N, M, 4)")
@@ -101,7 +106,8 @@ def plan(path: str, rows_per_unit: int, split_deflated: bool = True) -> Plan:
     field, reason = ("y", f"no label: y has {n_labels} entries, X has {n} rows") if n > n_labels else \
         ("X", f"no jet: X has {n} rows, y has {n_labels} entries")
     rejected = [Rejected(name, r, field, reason) for r in range(both, max(n, n_labels))]
-    return Plan(row_units(path, both, rows_per_unit), max(n, n_labels), rejected)
+    units = [dataclasses.replace(u, stream=deflated) for u in row_units(path, both, rows_per_unit)]
+    return Plan(units, max(n, n_labels), rejected)
 
 
 def _stored_data_offset(f: Any, info: zipfile.ZipInfo) -> int:
@@ -237,13 +243,24 @@ class _Unreadable(Exception):
     """A block of ``X`` could not be read (corrupt or truncated stream)."""
 
 
-def read(unit: Unit, labels: LabelConvention, dtype: str = "float32", read_rows: int = 1024) -> Iterator[Chunk]:
+class InflateError(Exception):
+    """A block that the file's streaming reader could not inflate; its text is the original error's
+    ``"Type: message"``, so the rows it loses are reported as a unit's own read would report them."""
+
+
+def read(unit: Unit, labels: LabelConvention, dtype: str = "float32", read_rows: int = 1024,
+         rows: Rows | None = None) -> Iterator[Chunk]:
     """Yield the unit's rows in chunks of ``read_rows`` jets without loading ``X`` whole.
 
+    ``rows``: the unit's raw rows, inflated ahead by the file's streaming reader (a ``stream`` unit); without them
+    the unit reads its own rows from the file (a deflated member is inflated from its start).
     Helper threads read (for a deflated member: decompress) and validate the next blocks while this one is encoded
     and written: zlib and numpy release the GIL, so on spare cores the three stages overlap.
     """
-    name = file_name(unit.path)
+    if rows is not None:
+        yield from _decode(unit, labels, dtype, read_rows, rows.block, rows.y, unit.row_start, rows.row_shape,
+                           np.dtype(rows.xdtype))
+        return
     f, zf = _open_zip(unit.path)
     with f, zf:
         info = _member(zf, "X", unit.path)
@@ -257,40 +274,50 @@ def read(unit: Unit, labels: LabelConvention, dtype: str = "float32", read_rows:
             stream = zf.open(info)
             stream.seek(header + unit.row_start * row_bytes)  # decompresses and discards the rows before the unit
 
-        def block(lo: int) -> bytes:
-            hi = min(lo + read_rows, unit.row_stop)
+        def block(lo: int, hi: int) -> bytes:
             data = stream.read((hi - lo) * row_bytes)
             if len(data) != (hi - lo) * row_bytes:
                 raise EOFError(f"file ends after {len(data) // max(row_bytes, 1)} of {hi - lo} rows")
             return data
 
-        def decoded(lo: int, data: Future) -> Chunk:
-            hi = min(lo + read_rows, unit.row_stop)
-            try:
-                raw = data.result()
-            except Exception as err:  # the stream cannot go on past a corrupt or truncated block
-                raise _Unreadable(f"unreadable ({type(err).__name__}: {err})") from err
-            x = np.frombuffer(raw, dtype=xdtype).reshape((hi - lo,) + tuple(shape[1:]))
-            x = x if x.dtype == np.float64 else x.astype(np.float64)
-            return decode_rows(x, y[lo:hi], np.arange(lo, hi), name, labels, dtype)
+        with stream if stream is not f else nullcontext():
+            yield from _decode(unit, labels, dtype, read_rows, block, y, 0, tuple(shape[1:]), xdtype)
 
-        # A pipeline of two helper threads, six blocks deep (~30 MB): one inflates block after block (the stream is
-        # sequential), one validates them, while the caller encodes and writes; zlib and numpy release the GIL.
-        with stream if stream is not f else nullcontext(), \
-                ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(1) as decoder:
-            pending: deque[tuple[int, Future]] = deque()
-            starts = iter(range(unit.row_start, unit.row_stop, read_rows))
-            while True:
-                while len(pending) < 6 and (lo := next(starts, None)) is not None:
-                    pending.append((lo, decoder.submit(decoded, lo, reader.submit(block, lo))))
-                if not pending:
-                    return
-                lo, result = pending.popleft()
-                try:
-                    chunk = result.result()
-                except _Unreadable as err:   # this block and every later one of the unit are lost
-                    for _, later in pending:
-                        later.cancel()
-                    yield Chunk(rejected=[Rejected(name, r, "X", str(err)) for r in range(lo, unit.row_stop)])
-                    return
-                yield chunk
+
+def _decode(unit: Unit, labels: LabelConvention, dtype: str, read_rows: int, block: Any, y: np.ndarray,
+            y_start: int, row_shape: tuple[int, ...], xdtype: np.dtype) -> Iterator[Chunk]:
+    """The unit's chunks from ``block(lo, hi)`` (raw bytes of rows [lo, hi)) and labels ``y`` (from row
+    ``y_start``), read and validated ahead by helper threads."""
+    name = file_name(unit.path)
+
+    def decoded(lo: int, data: Future) -> Chunk:
+        hi = min(lo + read_rows, unit.row_stop)
+        try:
+            raw = data.result()
+        except Exception as err:  # the stream cannot go on past a corrupt or truncated block
+            text = str(err) if isinstance(err, InflateError) else f"{type(err).__name__}: {err}"
+            raise _Unreadable(f"unreadable ({text})") from err
+        x = np.frombuffer(raw, dtype=xdtype).reshape((hi - lo,) + row_shape)
+        x = x if x.dtype == np.float64 else x.astype(np.float64)
+        return decode_rows(x, y[lo - y_start:hi - y_start], np.arange(lo, hi), name, labels, dtype)
+
+    # A pipeline of two helper threads, six blocks deep (~30 MB): one inflates block after block (the stream is
+    # sequential), one validates them, while the caller encodes and writes; zlib and numpy release the GIL.
+    with ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(1) as decoder:
+        pending: deque[tuple[int, Future]] = deque()
+        starts = iter(range(unit.row_start, unit.row_stop, read_rows))
+        while True:
+            while len(pending) < 6 and (lo := next(starts, None)) is not None:
+                hi = min(lo + read_rows, unit.row_stop)
+                pending.append((lo, decoder.submit(decoded, lo, reader.submit(block, lo, hi))))
+            if not pending:
+                return
+            lo, result = pending.popleft()
+            try:
+                chunk = result.result()
+            except _Unreadable as err:   # this block and every later one of the unit are lost
+                for _, later in pending:
+                    later.cancel()
+                yield Chunk(rejected=[Rejected(name, r, "X", str(err)) for r in range(lo, unit.row_stop)])
+                return
+            yield chunk

@@ -48,16 +48,15 @@ def plan_inputs(source: str, inputs: list[str], cpus: int = 1, rows_per_task: in
     """Units of every input (numbered), total rows, and rows/files rejected while planning.
 
     Without an explicit ``rows_per_task``, units shrink until there are at least ``cpus`` of them, so a small
-    input still keeps every CPU busy (planning reads footers only, so planning twice is cheap) -- except that a
-    deflated EnergyFlow file stays one unit (cutting it would decompress its start once per unit; its task reads
-    ahead in a thread instead). An explicit ``rows_per_task`` cuts every file. Under ``on_bad_row="error"`` the
-    first bad file or row raises ``BadRowError``.
+    input still keeps every CPU busy (planning reads footers only, so planning twice is cheap). A deflated
+    EnergyFlow file is cut like any other: its units are ``stream`` units, inflated once by one streaming reader
+    (``qgdist.data.sources.stream``). Under ``on_bad_row="error"`` the first bad file or row raises
+    ``BadRowError``.
     """
     per_task = rows_per_task or ROWS_PER_TASK[source]
-    split_deflated = rows_per_task is not None
-    units, rows, rejected = _plan(source, inputs, per_task, split_deflated, on_bad_row)
+    units, rows, rejected = _plan(source, inputs, per_task, True, on_bad_row)
     if rows_per_task is None and 0 < len(units) < cpus and rows > len(units):
-        units, rows, rejected = _plan(source, inputs, max(1, -(-rows // cpus)), split_deflated, on_bad_row)
+        units, rows, rejected = _plan(source, inputs, max(1, -(-rows // cpus)), True, on_bad_row)
     return [dataclasses.replace(u, index=i) for i, u in enumerate(units)], rows, rejected
 
 
