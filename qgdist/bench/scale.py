@@ -1,22 +1,28 @@
-"""``qgdist bench scale``: a million jets through the whole pipeline on one machine, next to a tenth of that.
+"""``qgdist bench scale``: every stage on data bigger than its memory, at several scales, optionally under a cap.
 
-For each scale (``--small`` x and 1x of ``--jets`` clouds and ``--images`` images) it runs, each stage as its own
-measured process tree (``qgdist.bench.memory``):
+For each cloud scale (``--jets``, e.g. ``100000,1000000,2000000``) and each image scale (``--images``) it runs each
+stage as its own measured process tree (``qgdist.bench.memory``), inside ``--mem-cap`` GB when given (a cgroup of
+its own, ``qgdist.bench.memcap``; an out-of-memory kill there is a failed stage):
 
-1. **generate**: toy jets in the EnergyFlow npz format (files of ``--jets-per-file``, as the public files hold
-   100k) and in the CMS parquet format (files of ``--images-per-file``);
-2. **convert**: ``qgdist.data.convert`` on a private local Ray with ``--workers`` CPUs; Ray's start (and its
-   workers' imports) reported apart from the conversion;
-3. **train**: ``qgdist train`` (Ray Train, ``--workers`` workers) of ``--model`` for ``--train-steps`` steps -- a
-   slice of an epoch -- SIGKILLed (its whole process group: a lost machine) a few seconds after its first
-   checkpoint past half way, then run again to resume and finish; throughput from the MLflow run's logged steps;
-   the cost of the kill is reported as the steps redone and the resumed run's time to its first new step;
-4. **score**: ``qgdist predict`` of every cloud with the trained checkpoint (and, with ``--score-images``, every
-   image with a ResNet-15 checkpoint of one step: throughput does not depend on the weights).
+clouds
+  1. **generate**: toy EnergyFlow npz files of ``--jets-per-file`` (the public files hold 100k), deflated;
+  2. **convert**: ``qgdist.data.convert`` on a private local Ray of ``--workers`` CPUs (Ray's start apart);
+  3. **train**: ``qgdist train`` of ``--model`` with ``--workers`` Ray workers for one whole epoch (or
+     ``--train-steps``), SIGKILLed (its process group) a few seconds after its first checkpoint past half way and
+     run again to resume and finish (``--no-kill``: one run); throughput from the MLflow run's logged steps;
+  4. **evaluate**: ``qgdist evaluate`` of the test split;
+  5. **predict**: ``qgdist predict`` of every raw npz row (deflated files: one streaming reader each, scored by
+     ``--workers`` actors), ``--score-seen-jets``;
 
-Per stage and scale: rows, rows/s of the work itself, start-up (wall time minus rows / rows/s: interpreter, imports,
-Ray, model building, and for training the kill and restart), wall time, bytes in and out, the tree's peak PSS and
-the largest process's peak RSS mark; then the large/small ratios (memory should stay flat, throughput steady).
+images
+  1. **generate** CMS parquet files of ``--images-per-file``; 2. **convert**; 3. **train** ``--image-model`` for
+  ``--image-train-steps`` steps (a slice of an epoch).
+
+Rows in = written = scored is checked (convert's manifest and predict's summary against the rows generated).
+Per stage and scale: rows, rows/s of the work itself, wall time, bytes, the tree's peak PSS, the largest process's
+peak RSS mark and, under a cap, the cgroup's peak anonymous + shared memory (Ray's object store included) and its
+out-of-memory kills; then each stage's largest / smallest scale ratios. ``bench_scale.json`` is rewritten after
+every stage, with the load average before and after each.
 """
 
 from __future__ import annotations
@@ -28,28 +34,36 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+from qgdist.bench import comma_ints, load_average
 from qgdist.core.config import option
 
 T0 = time.perf_counter()   # child entry points count their work from after their imports
+STAGES = ("generate", "convert", "train", "evaluate", "predict")
 
 
 @dataclass(frozen=True)
 class BenchScaleConfig:
     """``qgdist bench scale`` settings."""
 
-    jets: int = option(1_000_000, "toy clouds (EnergyFlow format) at full scale")
-    images: int = option(100_000, "toy images (CMS format) at full scale")
-    small: float = option(0.1, "the small run's fraction of the full scale")
+    jets: tuple[int, ...] = option((100_000, 1_000_000), "toy clouds (EnergyFlow format) per scale, comma-separated "
+                                   "(0 or empty: none)", parse=comma_ints, metavar="N,N,...")
+    images: tuple[int, ...] = option((10_000, 100_000), "toy images (CMS format) per scale", parse=comma_ints,
+                                     metavar="N,N,...")
+    mem_cap: float | None = option(None, "run every stage inside this many GB (cgroup v1 or v2 where writable, "
+                                         "else a PSS watchdog); an out-of-memory kill fails the stage")
     jets_per_file: int = option(100_000, "clouds per npz file (the public files hold 100k)")
     images_per_file: int = option(10_000, "images per parquet file")
-    model: str = option("particlenet-lite", "cloud model trained and scored")
-    train_steps: int = option(120, "training steps (a slice of the small scale's first epoch), killed and "
-                                   "resumed past half way")
+    model: str = option("particlenet-lite", "cloud model trained, evaluated and used to predict")
+    train_steps: int = option(0, "cloud training steps (0: one whole epoch)")
+    kill: bool = option(True, "SIGKILL the cloud training past half way and resume it")
+    image_model: str = option("resnet15", "image model trained on a slice of an epoch")
+    image_train_steps: int = option(40, "image training steps (a slice of an epoch; 0: skip)")
+    until: Literal["generate", "convert", "train", "evaluate", "predict"] = option(
+        "predict", "last stage to run at each scale (the stages run in order, each needs the ones before)")
     batch_size: int = option(256, "jets per worker and step")
     workers: int = option(2, "Ray CPUs for conversion, training workers and scoring actors")
-    score_images: bool = option(True, "also score the images (ResNet-15; slow on CPUs)")
     workdir: str = option("runs/bench_scale", "data, runs, scores and bench_scale.json")
 
 
@@ -83,6 +97,7 @@ def _convert(source: str, out: str, cpus: str, *inputs: str) -> dict[str, Any]:
     t = time.perf_counter()
     m = convert(ConvertConfig(source=source, inputs=list(inputs), out=out, executor="ray", progress=False))
     return {"rows": m.rows["in"], "written": m.rows["written"], "rejected": m.rows["rejected"],
+            "train_rows": m.splits.get("train", {}).get("samples", 0), "shards": len(m.shards),
             "loop_s": time.perf_counter() - t, "startup_s": t - T0, "ray_start_s": ray_s,
             "bytes_in": sum(os.path.getsize(f) for f in inputs), "bytes_out": sum(s.bytes for s in m.shards)}
 
@@ -91,16 +106,34 @@ CHILDREN = {"_generate": _generate, "_convert": _convert}
 
 
 # -- stages -----------------------------------------------------------------------------------------------------------
-def _child(name: str, *args: str) -> dict[str, Any]:
+class StageFailed(RuntimeError):
+    """A stage exited non-zero or was killed for want of memory; its figures are in ``result``."""
+
+    def __init__(self, message: str, result: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.result = result
+
+
+def _measure(cfg: BenchScaleConfig, cmd: list[str], **kw: Any) -> dict[str, Any]:
+    """``measure_tree`` under the cap; a non-zero exit or an out-of-memory kill raises ``StageFailed``."""
     from qgdist.bench.memory import measure_tree
 
-    cmd = [sys.executable, "-m", "qgdist.bench.scale", name, *args]
-    run = measure_tree(cmd, check=True)
-    return json.loads(run["stdout"].strip().splitlines()[-1]) | _memory(run)
+    run = measure_tree(cmd, mem_cap=int(cfg.mem_cap * 1e9) if cfg.mem_cap else None, **kw)
+    if (run["returncode"] != 0 and not run["killed"]) or run.get("oom_kills"):
+        why = f"{run.get('oom_kills')} out-of-memory kills" if run.get("oom_kills") else f"exit {run['returncode']}"
+        raise StageFailed(f"{' '.join(cmd[:4])}...: {why}\n{run['stderr'][-2000:]}", _memory(run))
+    return run
 
 
 def _memory(run: dict[str, Any]) -> dict[str, Any]:
-    return {k: run[k] for k in ("wall_s", "peak_pss_mb", "max_hwm_mb", "sum_hwm_mb", "hwm_mb_by_process")}
+    keys = ("wall_s", "peak_pss_mb", "max_hwm_mb", "sum_hwm_mb", "hwm_mb_by_process", "cap_mb", "cap_method",
+            "peak_anon_shmem_mb", "peak_cgroup_mb", "oom_kills")
+    return {k: run[k] for k in keys if k in run}
+
+
+def _child(cfg: BenchScaleConfig, name: str, *args: str) -> dict[str, Any]:
+    run = _measure(cfg, [sys.executable, "-m", "qgdist.bench.scale", name, *args])
+    return json.loads(run["stdout"].strip().splitlines()[-1]) | _memory(run)
 
 
 def _logged_steps(run_dir: str) -> list[tuple[int, float]]:
@@ -114,18 +147,21 @@ def _logged_steps(run_dir: str) -> list[tuple[int, float]]:
     return sorted((m.step, m.timestamp / 1000) for m in client.get_metric_history(run.info.run_id, "train/loss"))
 
 
-def _train(cfg: BenchScaleConfig, data: str, root: Path) -> dict[str, Any]:
-    """Train a slice of an epoch, SIGKILL it past half way, resume it to the end."""
-    from qgdist.bench.memory import measure_tree
+def _train(cfg: BenchScaleConfig, data: str, root: Path, model: str, steps: int, kill: bool,
+           train_rows: int) -> dict[str, Any]:
+    """Train ``steps`` steps (0: one epoch); with ``kill``, SIGKILL it past half way and resume it to the end."""
     from qgdist.core.run import Run
 
-    run = Run.at(str(root / "runs"), "scale")
+    name = f"scale-{model}"
+    run = Run.at(str(root / "runs"), name)
     run_dir = Path(run.location)
-    every = max(1, cfg.train_steps // 4)
-    cmd = [sys.executable, "-m", "qgdist", "train", "--data", data, "--model", cfg.model, "--workers",
-           str(cfg.workers), "--epochs", "1", "--max-steps", str(cfg.train_steps), "--batch-size", str(cfg.batch_size),
-           "--checkpoint-every", str(every), "--log-every", "5", "--storage", str(root / "runs"), "--run-name", "scale",
-           "--no-progress", "--max-failures", "0"]
+    jets_per_step = cfg.batch_size * cfg.workers
+    planned = steps or max(1, train_rows // jets_per_step)   # an epoch: the smallest loader slot may cut a few
+    every = max(1, planned // 4)
+    cmd = [sys.executable, "-m", "qgdist", "train", "--data", data, "--model", model, "--workers",
+           str(cfg.workers), "--epochs", "1", "--batch-size", str(cfg.batch_size), "--checkpoint-every", str(every),
+           "--log-every", "5", "--storage", str(root / "runs"), "--run-name", name, "--no-progress",
+           "--max-failures", "0"] + (["--max-steps", str(steps)] if steps else [])
     pointer = run.pointer()
     seen: dict[str, float] = {}
 
@@ -135,82 +171,142 @@ def _train(cfg: BenchScaleConfig, data: str, root: Path) -> dict[str, Any]:
         return "at" in seen and time.time() - seen["at"] > 5
 
     env = {"RAY_ADDRESS": ""}
-    first = measure_tree(cmd, env=env, kill_when=past_half)
-    if not first["killed"]:
-        raise RuntimeError(f"training was not killed (exit {first['returncode']}):\n{first['stderr'][-3000:]}")
-    killed_at = time.time()
-    checkpoint_step = json.loads(pointer.read_text())["global_step"]
-    before = [p for p in _logged_steps(str(run_dir)) if p[1] <= killed_at]
+    runs, extra = [], {}
+    if kill:
+        first = _measure(cfg, cmd, env=env, kill_when=past_half)
+        if not first["killed"]:
+            raise StageFailed(f"training was not killed (exit {first['returncode']})", _memory(first))
+        runs.append(first)
+        killed_at = time.time()
+        extra = {"checkpoint_step": json.loads(pointer.read_text())["global_step"],
+                 "last_logged_before_kill": max((p[0] for p in _logged_steps(str(run_dir)) if p[1] <= killed_at),
+                                                default=None)}
     restart = time.time()
-    second = measure_tree(cmd, env=env, check=True)
+    runs.append(_measure(cfg, cmd, env=env))
     points = _logged_steps(str(run_dir))
-    after = [p for p in points if p[1] > restart]
-    jets_per_step = cfg.batch_size * cfg.workers
+    before, after = [p for p in points if p[1] <= restart], [p for p in points if p[1] > restart]
     rates = [(b[-1][0] - b[0][0]) * jets_per_step / (b[-1][1] - b[0][1]) for b in (before, after) if len(b) > 1]
-    return {"rows": cfg.train_steps * jets_per_step, "loop_s": None,
-            "rows_per_s": sum(rates) / len(rates) if rates else float("nan"),
-            "checkpoint_step": checkpoint_step, "last_logged_before_kill": before[-1][0] if before else None,
-            "resume_to_first_step_s": after[0][1] - restart if after else None,
-            "wall_s": first["wall_s"] + second["wall_s"], "run_dir": str(run_dir),
-            **{k: max(first[k], second[k]) for k in ("peak_pss_mb", "max_hwm_mb", "sum_hwm_mb")}}
+    final = json.loads(pointer.read_text())["global_step"]
+    extra["resume_to_first_step_s"] = after[0][1] - restart if kill and after else None
+    return {"rows": final * jets_per_step, "steps": final, "loop_s": None, "train_rows": train_rows,
+            "rows_per_s": sum(rates) / len(rates) if rates else float("nan"), "run_dir": str(run_dir),
+            **extra, **_combined(runs)}
 
 
-def _score(cfg: BenchScaleConfig, checkpoint: str, data: str, out: Path) -> dict[str, Any]:
-    from qgdist.bench.memory import measure_tree
+def _combined(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The figures of a stage run as several commands: wall times add up, peaks are the largest."""
+    out = _memory(runs[-1])
+    out["wall_s"] = sum(r["wall_s"] for r in runs)
+    for k in ("peak_pss_mb", "max_hwm_mb", "sum_hwm_mb", "peak_anon_shmem_mb", "peak_cgroup_mb", "oom_kills"):
+        if k in out:
+            out[k] = max(r.get(k, 0) for r in runs)
+    return out
 
+
+def _evaluate(cfg: BenchScaleConfig, checkpoint: str, data: str, out: Path) -> dict[str, Any]:
+    cmd = [sys.executable, "-m", "qgdist", "evaluate", "--checkpoint", checkpoint, "--data", data, "--split", "test",
+           "--out", str(out), "--no-progress"]
+    run = _measure(cfg, cmd)
+    metrics = json.loads((out / "metrics.json").read_text())
+    scored = run["wall_s"]
+    return {"rows": metrics["n_jets"], "loop_s": scored, "auc": metrics.get("auc")} | _memory(run)
+
+
+def _predict(cfg: BenchScaleConfig, checkpoint: str, data: str, out: Path) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "qgdist", "predict", "--checkpoint", checkpoint, "--data", data, "--out", str(out),
-           "--workers", str(cfg.workers), "--num-cpus", str(cfg.workers), "--no-progress"]
-    run = measure_tree(cmd, env={"RAY_ADDRESS": ""}, check=True)
+           "--workers", str(cfg.workers), "--num-cpus", str(cfg.workers), "--no-progress", "--score-seen-jets"]
+    run = _measure(cfg, cmd, env={"RAY_ADDRESS": ""})
     summary = json.loads((out / "summary.json").read_text())
     parts = glob.glob(str(out / "part-*.parquet"))
-    return {"rows": summary["jets"], "rows_per_s": summary["jets_per_s"], "ray_start_s": summary["ray_seconds"],
+    return {"rows": summary["rows_in"], "scored": summary["jets"], "rejected": summary["rejected"],
+            "rows_per_s": summary["jets_per_s"], "ray_start_s": summary["ray_seconds"],
             "bytes_out": sum(os.path.getsize(p) for p in parts), "auc": summary.get("metrics", {}).get("auc")} | _memory(run)
 
 
-def run_scale(cfg: BenchScaleConfig, jets: int, images: int, root: Path) -> dict[str, Any]:
-    """Every stage at one scale; returns stage -> figures."""
-    import shutil
+def _after(cfg: BenchScaleConfig, done: str) -> bool:
+    """Is ``done`` the last stage to run?"""
+    return STAGES.index(cfg.until) <= STAGES.index(done)
 
-    shutil.rmtree(root, ignore_errors=True)
-    rows: dict[str, Any] = {}
 
-    def stage(name: str, result: dict[str, Any]) -> None:
-        rows[name] = result
-        print(f"  {name}: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                        for k, v in result.items() if k != "run_dir"), flush=True)
+def _clouds(cfg: BenchScaleConfig, jets: int, root: Path, stage: Any) -> None:
+    raw, shards = root / "ef", str(root / "shards-ef")
+    gen = stage("generate clouds", lambda: _child(cfg, "_generate", "energyflow", str(jets), str(cfg.jets_per_file),
+                                                  str(raw), "1"))
+    if _after(cfg, "generate"):
+        return
+    conv = stage("convert clouds", lambda: _child(cfg, "_convert", "energyflow", shards, str(cfg.workers),
+                                                  *sorted(glob.glob(str(raw / "*.npz")))))
+    if conv["rows"] != gen["rows"] or conv["written"] + conv["rejected"] != conv["rows"]:
+        raise RuntimeError(f"convert clouds: {gen['rows']} generated, {conv['rows']} in, {conv['written']} written")
+    if _after(cfg, "convert"):
+        return
+    train = stage("train clouds", lambda: _train(cfg, shards, root, cfg.model, cfg.train_steps, cfg.kill,
+                                                 conv["train_rows"]))
+    if _after(cfg, "train"):
+        return
+    stage("evaluate clouds", lambda: _evaluate(cfg, train["run_dir"], shards, root / "eval-ef"))
+    if _after(cfg, "evaluate"):
+        return
+    pred = stage("predict clouds", lambda: _predict(cfg, train["run_dir"], str(raw), root / "scores-ef"))
+    if not pred["rows"] == pred["scored"] == conv["written"]:
+        raise RuntimeError(f"predict clouds: {pred['rows']} in, {pred['scored']} scored, {conv['written']} written")
 
-    stage("generate clouds", _child("_generate", "energyflow", str(jets), str(cfg.jets_per_file),
-                                    str(root / "ef"), "1"))
-    stage("generate images", _child("_generate", "cms", str(images), str(cfg.images_per_file), str(root / "cms"), "2"))
-    stage("convert clouds", _child("_convert", "energyflow", str(root / "shards-ef"), str(cfg.workers),
-                                   *sorted(glob.glob(str(root / "ef" / "*.npz")))))
-    stage("convert images", _child("_convert", "cms", str(root / "shards-cms"), str(cfg.workers),
-                                   *sorted(glob.glob(str(root / "cms" / "*.parquet")))))
-    stage("train clouds", _train(cfg, str(root / "shards-ef"), root))
-    stage("score clouds", _score(cfg, rows["train clouds"]["run_dir"], str(root / "shards-ef"), root / "scores-ef"))
-    if cfg.score_images:
-        from qgdist.bench.predict import one_step_checkpoint
 
-        images = str(root / "shards-cms")
-        stage("score images", _score(cfg, one_step_checkpoint("resnet15", images, root), images,
-                                     root / "scores-cms"))
-    return rows
+def _images(cfg: BenchScaleConfig, images: int, root: Path, stage: Any) -> None:
+    raw, shards = root / "cms", str(root / "shards-cms")
+    gen = stage("generate images", lambda: _child(cfg, "_generate", "cms", str(images), str(cfg.images_per_file),
+                                                  str(raw), "2"))
+    if _after(cfg, "generate"):
+        return
+    conv = stage("convert images", lambda: _child(cfg, "_convert", "cms", shards, str(cfg.workers),
+                                                  *sorted(glob.glob(str(raw / "*.parquet")))))
+    if conv["rows"] != gen["rows"] or conv["written"] + conv["rejected"] != conv["rows"]:
+        raise RuntimeError(f"convert images: {gen['rows']} generated, {conv['rows']} in, {conv['written']} written")
+    if cfg.image_train_steps and not _after(cfg, "convert"):
+        stage("train images", lambda: _train(cfg, shards, root, cfg.image_model, cfg.image_train_steps, False,
+                                             conv["train_rows"]))
 
 
 def run(cfg: BenchScaleConfig) -> dict[str, Any]:
-    """Both scales, small first; prints the table and writes ``workdir/bench_scale.json``."""
+    """Every scale, smallest first; prints each stage as it ends and the table at the end; writes
+    ``workdir/bench_scale.json`` after every stage. Returns the results (``failed`` lists failed stages)."""
+    import shutil
+
     from qgdist.core.atomic import write_json
 
     work = Path(cfg.workdir)
     work.mkdir(parents=True, exist_ok=True)
-    load = [os.getloadavg()]
-    scales = {}
-    for name, share in (("small", cfg.small), ("full", 1.0)):
-        jets, images = int(cfg.jets * share), int(cfg.images * share)
-        print(f"{name}: {jets} clouds, {images} images", flush=True)
-        scales[name] = {"jets": jets, "images": images, "stages": run_scale(cfg, jets, images, work / name)}
-    load.append(os.getloadavg())
-    results = {"config": asdict(cfg), "scales": scales, "load_before_after": load}
+    results: dict[str, Any] = {"config": asdict(cfg), "rows": [], "failed": [], "load": [load_average()]}
+
+    for kind, scales, body in (("clouds", cfg.jets, _clouds), ("images", cfg.images, _images)):
+        for n in sorted(s for s in scales if s > 0):
+            root = work / f"{kind}-{n}"
+            shutil.rmtree(root, ignore_errors=True)
+            print(f"{kind}: {n:,}", flush=True)
+
+            def stage(name: str, fn: Any, n: int = n) -> dict[str, Any]:
+                load = load_average()
+                try:
+                    result = fn()
+                except StageFailed as err:
+                    results["rows"].append({"stage": name, "scale": n, "failed": str(err)[:300], **err.result})
+                    results["failed"].append(f"{name} at {n:,}")
+                    write_json(work / "bench_scale.json", results)
+                    raise
+                results["rows"].append({"stage": name, "scale": n, "load_before": load, "load_after": load_average(),
+                                        **{k: v for k, v in result.items() if k != "hwm_mb_by_process"},
+                                        "hwm_mb_by_process": result.get("hwm_mb_by_process")})
+                write_json(work / "bench_scale.json", results)
+                print(f"  {name}: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                                for k, v in result.items() if k not in ("run_dir", "hwm_mb_by_process")),
+                      flush=True)
+                return result
+
+            try:
+                body(cfg, n, root, stage)
+            except StageFailed as err:
+                print(f"  FAILED: {err}", flush=True)
+    results["load"].append(load_average())
     write_json(work / "bench_scale.json", results)
     print(table(results))
     return results
@@ -221,26 +317,34 @@ def _rate(r: dict[str, Any]) -> float:
 
 
 def table(results: dict[str, Any]) -> str:
-    """Markdown: one row per stage and scale, then large/small ratios."""
-    s, f = results["scales"]["small"], results["scales"]["full"]
-    lines = ["| stage | rows | rows/s | start-up s | wall s | bytes in MB | bytes out MB | peak PSS MB | max proc HWM MB |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for scale in (s, f):
-        for name, r in scale["stages"].items():
-            start = r["wall_s"] - r["rows"] / _rate(r)   # everything that is not the work itself
-            lines.append(f"| {name} | {r['rows']:,} | {_rate(r):,.0f} | {start:.1f} | "
-                         f"{r['wall_s']:.1f} | {r.get('bytes_in', 0) / 1e6:,.0f} | {r.get('bytes_out', 0) / 1e6:,.0f} | "
-                         f"{r['peak_pss_mb']:,.0f} | {r['max_hwm_mb']:,.0f} |")
-    lines += ["", "| stage | rows/s full / small | peak PSS full / small | max proc HWM full / small |", "|---|---|---|---|"]
-    for name in f["stages"]:
-        a, b = s["stages"][name], f["stages"][name]
-        lines.append(f"| {name} | {_rate(b) / _rate(a):.2f} | {b['peak_pss_mb'] / a['peak_pss_mb']:.2f} | "
-                     f"{b['max_hwm_mb'] / a['max_hwm_mb']:.2f} |")
-    t = f["stages"]["train clouds"]
-    first = t["resume_to_first_step_s"]
-    lines.append(f"\nkill during training (full): checkpoint at step {t['checkpoint_step']}, last step logged before "
-                 f"the kill {t['last_logged_before_kill']}; resumed run's first new step "
-                 + (f"{first:.1f} s after it was started" if first is not None else "not seen"))
+    """Markdown: one row per stage and scale, then each stage's largest / smallest scale ratios."""
+    lines = ["| stage | rows | rows/s | wall s | peak PSS MB | max proc HWM MB | peak anon+shm MB | cap MB | OOM kills "
+             "| load before / after |", "|---|---|---|---|---|---|---|---|---|---|"]
+    by_stage: dict[str, list[dict[str, Any]]] = {}
+    for r in results["rows"]:
+        if "failed" in r:
+            lines.append(f"| {r['stage']} | {r['scale']:,} | FAILED | {r.get('wall_s', 0):.0f} | "
+                         f"{r.get('peak_pss_mb', 0):,.0f} | {r.get('max_hwm_mb', 0):,.0f} | "
+                         f"{r.get('peak_anon_shmem_mb', 0):,.0f} | {r.get('cap_mb') or 0:,.0f} | "
+                         f"{r.get('oom_kills', '')} | |")
+            continue
+        by_stage.setdefault(r["stage"], []).append(r)
+        anon = f"{r['peak_anon_shmem_mb']:,.0f}" if "peak_anon_shmem_mb" in r else "-"
+        cap = f"{r['cap_mb']:,.0f}" if r.get("cap_mb") else "-"
+        lines.append(f"| {r['stage']} | {r['rows']:,} | {_rate(r):,.0f} | {r['wall_s']:.0f} | {r['peak_pss_mb']:,.0f} "
+                     f"| {r['max_hwm_mb']:,.0f} | {anon} | {cap} | {r.get('oom_kills', '-')} | "
+                     f"{r['load_before'].split()[0]} / {r['load_after'].split()[0]} |")
+    lines += ["", "| stage | scales | rows/s ratio | peak PSS ratio | max proc HWM ratio | anon+shm ratio |",
+              "|---|---|---|---|---|---|"]
+    for name, rows in by_stage.items():
+        if len(rows) < 2:
+            continue
+        a, b = rows[0], rows[-1]
+        anon = f"{b['peak_anon_shmem_mb'] / a['peak_anon_shmem_mb']:.2f}" if a.get("peak_anon_shmem_mb") else "-"
+        lines.append(f"| {name} | {b['scale']:,} / {a['scale']:,} | {_rate(b) / _rate(a):.2f} | "
+                     f"{b['peak_pss_mb'] / a['peak_pss_mb']:.2f} | {b['max_hwm_mb'] / a['max_hwm_mb']:.2f} | {anon} |")
+    if results["failed"]:
+        lines.append("\nFAILED: " + "; ".join(results["failed"]))
     return "\n".join(lines)
 
 

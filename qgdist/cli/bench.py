@@ -21,7 +21,7 @@ KINDS: dict[str, tuple[Any, type, Callable[[Any], Any], str]] = {
     "predict": (predict, predict.BenchPredictConfig, predict.run,
                 "qgdist predict jets/s from raw files and shards, memory at 1x and 10x input"),
     "scale": (scale, scale.BenchScaleConfig, scale.run,
-              "1M toy clouds + 100k images: generate, convert, train (killed, resumed), score; vs 100k"),
+              "every stage at 100k..2M clouds and images, under a memory cap: flat memory, rows in = scored"),
     "physics": (physics, physics.PhysicsBenchConfig, physics.run_physics,
                 "Pythia jets -> shards -> ParticleNet(-Lite)/ResNet-15 vs the paper"),
 }
