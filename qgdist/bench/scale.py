@@ -60,6 +60,7 @@ class BenchScaleConfig:
     kill: bool = option(True, "SIGKILL the cloud training past half way and resume it")
     image_model: str = option("resnet15", "image model trained on a slice of an epoch")
     image_train_steps: int = option(40, "image training steps (a slice of an epoch; 0: skip)")
+    image_batch_size: int = option(64, "images per worker and step")
     until: Literal["generate", "convert", "train", "evaluate", "predict"] = option(
         "predict", "last stage to run at each scale (the stages run in order, each needs the ones before)")
     batch_size: int = option(256, "jets per worker and step")
@@ -148,18 +149,18 @@ def _logged_steps(run_dir: str) -> list[tuple[int, float]]:
 
 
 def _train(cfg: BenchScaleConfig, data: str, root: Path, model: str, steps: int, kill: bool,
-           train_rows: int) -> dict[str, Any]:
+           train_rows: int, batch_size: int) -> dict[str, Any]:
     """Train ``steps`` steps (0: one epoch); with ``kill``, SIGKILL it past half way and resume it to the end."""
     from qgdist.core.run import Run
 
     name = f"scale-{model}"
     run = Run.at(str(root / "runs"), name)
     run_dir = Path(run.location)
-    jets_per_step = cfg.batch_size * cfg.workers
+    jets_per_step = batch_size * cfg.workers
     planned = steps or max(1, train_rows // jets_per_step)   # an epoch: the smallest loader slot may cut a few
     every = max(1, planned // 4)
     cmd = [sys.executable, "-m", "qgdist", "train", "--data", data, "--model", model, "--workers",
-           str(cfg.workers), "--epochs", "1", "--batch-size", str(cfg.batch_size), "--checkpoint-every", str(every),
+           str(cfg.workers), "--epochs", "1", "--batch-size", str(batch_size), "--checkpoint-every", str(every),
            "--log-every", "5", "--storage", str(root / "runs"), "--run-name", name, "--no-progress",
            "--max-failures", "0"] + (["--max-steps", str(steps)] if steps else [])
     pointer = run.pointer()
@@ -241,7 +242,7 @@ def _clouds(cfg: BenchScaleConfig, jets: int, root: Path, stage: Any) -> None:
     if _after(cfg, "convert"):
         return
     train = stage("train clouds", lambda: _train(cfg, shards, root, cfg.model, cfg.train_steps, cfg.kill,
-                                                 conv["train_rows"]))
+                                                 conv["train_rows"], cfg.batch_size))
     if _after(cfg, "train"):
         return
     stage("evaluate clouds", lambda: _evaluate(cfg, train["run_dir"], shards, root / "eval-ef"))
@@ -264,7 +265,7 @@ def _images(cfg: BenchScaleConfig, images: int, root: Path, stage: Any) -> None:
         raise RuntimeError(f"convert images: {gen['rows']} generated, {conv['rows']} in, {conv['written']} written")
     if cfg.image_train_steps and not _after(cfg, "convert"):
         stage("train images", lambda: _train(cfg, shards, root, cfg.image_model, cfg.image_train_steps, False,
-                                             conv["train_rows"]))
+                                             conv["train_rows"], cfg.image_batch_size))
 
 
 def run(cfg: BenchScaleConfig) -> dict[str, Any]:

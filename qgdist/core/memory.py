@@ -90,3 +90,28 @@ def object_store_bytes() -> int | None:
     if limit is None or limit >= machine_memory():
         return None
     return int(limit * OBJECT_STORE_SHARE)
+
+
+def release_free_memory() -> None:
+    """Hand the C heap's free pages back to the system (glibc ``malloc_trim``; nothing elsewhere).
+
+    glibc keeps freed memory in its heap and raises its mmap threshold as large blocks are freed, so a process
+    that allocates many variably-sized temporaries (batches of jets padded to their longest jet, decoded
+    blocks) grows with the amount of work it has done, not with what it holds. Workers call this after each unit
+    of work: a few milliseconds, against seconds of work per unit.
+    """
+    global _libc
+    if _libc is None:
+        import ctypes
+        import ctypes.util
+
+        try:
+            lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            _libc = lib if hasattr(lib, "malloc_trim") else False
+        except OSError:
+            _libc = False
+    if _libc:
+        _libc.malloc_trim(0)
+
+
+_libc = None

@@ -31,6 +31,7 @@ import fsspec
 import numpy as np
 
 from qgdist.core.config import option
+from qgdist.core.memory import release_free_memory
 from qgdist.core.output import Output
 from qgdist.core.storage import join, list_names
 from qgdist.data.identity import dataset_id, source_records
@@ -147,6 +148,7 @@ def convert_unit(unit: dict[str, Any], cfg: dict[str, Any], prefix: str = "", ro
                 stats.add(part)
         written += len(block)
     shards = [dataclasses.asdict(info) for w in writers.values() for info in w.close()]
+    release_free_memory()   # the unit's blocks are freed: give their heap back (flat memory over many units)
     return {"unit": u.index, "rows_in": rows_in, "written": written, "rejected": rejected, "shards": shards,
             "stats": stats.sums}
 

@@ -182,6 +182,7 @@ class Scorer:
         import torch
 
         from qgdist.core.atomic import atomic_path
+        from qgdist.core.memory import release_free_memory
         from qgdist.core.storage import join
         from qgdist.data.loader import to_device
 
@@ -210,6 +211,7 @@ class Scorer:
         name = self.prefix + PART.format(index=unit["index"])   # relative to out, as summary.json names it
         with atomic_path(join(self.out, name)) as tmp:
             pq.write_table(table, tmp)
+        release_free_memory()   # the unit's batches freed: give their heap back (flat memory over many units)
         return {"index": unit["index"], "jets": len(rows), "rows_in": counts["rows_in"] or len(rows),
                 "rejected": rejected, "part": name}
 
