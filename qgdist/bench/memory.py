@@ -57,7 +57,7 @@ def tree_memory(root: Any, hwm: dict[int, int], names: dict[int, str] | None = N
             pss += getattr(info, "pss", info.rss)
             rss += info.rss
             hwm[p.pid] = max(hwm.get(p.pid, 0), _hwm(p.pid))
-            if names is not None and p.pid not in names:
+            if names is not None and names.get(p.pid, "sh") == "sh":   # a capped command is sh until it execs
                 names[p.pid] = process_name(p)
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             pass

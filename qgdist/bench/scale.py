@@ -272,9 +272,12 @@ def run(cfg: BenchScaleConfig) -> dict[str, Any]:
     """Every scale, smallest first; prints each stage as it ends and the table at the end; writes
     ``workdir/bench_scale.json`` after every stage. Returns the results (``failed`` lists failed stages)."""
     import shutil
+    import signal
 
     from qgdist.core.atomic import write_json
 
+    # a SIGTERM (kill, a job scheduler) unwinds like Ctrl-C, so the running stage's cgroup and processes go too
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     work = Path(cfg.workdir)
     work.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {"config": asdict(cfg), "rows": [], "failed": [], "load": [load_average()]}

@@ -167,10 +167,9 @@ class Scorer:
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         import numpy as np
 
-        from qgdist.data.sources.stream import Rows
+        from qgdist.data.sources.ray_units import rows_of
 
-        records = [json.dumps(self.score(json.loads(text), Rows.from_columns({"x": x, "y": y, "meta": meta})))
-                   for text, x, y, meta in zip(batch["item"], batch["x"], batch["y"], batch["meta"])]
+        records = [json.dumps(self.score(item, raw)) for item, raw in rows_of(batch)]
         return {"record": np.array(records, dtype=object)}
 
     def score(self, unit: dict[str, Any], raw: Any = None) -> dict[str, Any]:
@@ -357,9 +356,9 @@ def _run_ray(cfg: PredictConfig, checkpoint: str, units: list[dict[str, Any]], c
     from qgdist.data.sources.ray_units import unit_dataset
 
     # a deflated file's rows are inflated once by a streaming read task and scored by every actor
-    ds = unit_dataset(units, [_source_unit(u) for u in units], inflaters=1 + cpus // 8)
+    ds = unit_dataset(units, [_source_unit(u) for u in units], consumers=workers, inflaters=1 + cpus // 8)
     ds = ds.map_batches(
-        Scorer, batch_size=1, concurrency=workers, num_cpus=0 if gpus_per_worker else 1, num_gpus=gpus_per_worker,
+        Scorer, batch_size=1, batch_format="pyarrow", concurrency=workers, num_cpus=0 if gpus_per_worker else 1, num_gpus=gpus_per_worker,
         fn_constructor_kwargs={"checkpoint": checkpoint, "out": cfg.out, "batch_size": cfg.batch_size,
                                "on_bad_row": cfg.on_bad_row, "label_quark_value": cfg.label_quark_value,
                                "prefix": prefix})

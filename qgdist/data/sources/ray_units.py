@@ -23,18 +23,29 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from qgdist.data.sources.base import Unit
-from qgdist.data.sources.stream import stream_groups
+from qgdist.data.sources.stream import Rows, stream_groups
 
 #: Blocks bigger than this are not merged with the next one: far below one unit's rows, so one unit per block.
 BLOCK_BYTES = 1 << 20
 
 
-def _table(item: str, columns: dict[str, Any] | None) -> Any:
+def _binary(data: Any) -> Any:
+    """A one-value large_binary Arrow array over ``data`` (a buffer), without copying it."""
+    import numpy as np
     import pyarrow as pa
 
-    columns = columns or {"x": None, "y": None, "meta": None}
-    return pa.table({"item": pa.array([item], pa.string()), "x": pa.array([columns["x"]], pa.large_binary()),
-                     "y": pa.array([columns["y"]], pa.large_binary()), "meta": pa.array([columns["meta"]], pa.string())})
+    view = memoryview(data) if data is not None else None
+    offsets = pa.py_buffer(np.array([0, view.nbytes if view is not None else 0], np.int64))
+    return pa.Array.from_buffers(pa.large_binary(), 1, [None, offsets, pa.py_buffer(view if view is not None else b"")])
+
+
+def _table(item: str, rows: Any) -> Any:
+    """One block: the item, and its unit's raw rows (none for a unit that reads its own)."""
+    import pyarrow as pa
+
+    x, y, meta = (rows.x, rows.y.astype("float64").tobytes(), rows.meta()) if rows is not None else (b"", b"", None)
+    return pa.table({"item": pa.array([item], pa.string()), "x": _binary(x), "y": _binary(y),
+                     "meta": pa.array([meta], pa.string())})
 
 
 def _plain(item: str) -> Iterator[Any]:
@@ -45,12 +56,45 @@ def _streamed(items: dict[int, str], group: tuple[Unit, ...]) -> Iterator[Any]:
     from qgdist.data.sources.stream import inflate
 
     for unit, rows in inflate(group):
-        yield _table(items[unit.index], rows.to_columns())
+        yield _table(items[unit.index], rows)
+        del rows   # the next unit's rows are inflated while this block waits in the object store
 
 
-def unit_dataset(items: Sequence[dict[str, Any]], units: Sequence[Unit | None], inflaters: int = 1) -> Any:
+def rows_of(batch: Any) -> list[tuple[dict[str, Any], Rows | None]]:
+    """The items of a ``batch_format="pyarrow"`` batch with their units' raw rows (Arrow buffers in the object
+    store, not copied)."""
+    from qgdist.data.sources.stream import Rows
+
+    out = []
+    for i in range(batch.num_rows):
+        meta = batch.column("meta")[i].as_py()
+        raw = None
+        if meta is not None:
+            x, y = (_value(batch.column(name), i) for name in ("x", "y"))
+            raw = Rows.from_parts(x, y, meta)
+        out.append((json.loads(batch.column("item")[i].as_py()), raw))
+    return out
+
+
+def _value(column: Any, i: int) -> memoryview:
+    """Row ``i`` of a large_binary column as a view of its Arrow buffer."""
+    import numpy as np
+
+    chunks = column.chunks if hasattr(column, "chunks") else [column]
+    for chunk in chunks:
+        if i < len(chunk):
+            offsets = np.frombuffer(chunk.buffers()[1], np.int64)[chunk.offset + i: chunk.offset + i + 2]
+            return memoryview(chunk.buffers()[2])[int(offsets[0]):int(offsets[1])]
+        i -= len(chunk)
+    raise IndexError(i)
+
+
+def unit_dataset(items: Sequence[dict[str, Any]], units: Sequence[Unit | None], consumers: int,
+                 inflaters: int = 1) -> Any:
     """A Ray Data dataset of ``items`` (JSON-able work descriptions) with, for each ``stream`` unit among
-    ``units`` (``units[i]`` is item i's source unit, or None), its raw rows (see the module docstring)."""
+    ``units`` (``units[i]`` is item i's source unit, or None), its raw rows (see the module docstring); read it
+    with ``map_batches(..., batch_size=1, batch_format="pyarrow")`` and ``rows_of``. ``consumers``: the tasks or
+    actors that will work on it at once (they set the object-store budget)."""
     import ray
     from ray.data import Datasource, ReadTask
     from ray.data.block import BlockMetadata
@@ -73,6 +117,23 @@ def unit_dataset(items: Sequence[dict[str, Any]], units: Sequence[Unit | None], 
         def estimate_inmemory_data_size(self) -> int | None:
             return None
 
-    ray.data.DataContext.get_current().target_max_block_size = BLOCK_BYTES
+    ctx = ray.data.DataContext.get_current()
+    ctx.target_max_block_size = BLOCK_BYTES
+    if groups:   # room for one unit per consumer and one per reader in the object store, not the whole input
+        budget = (max(1, consumers) + inflaters) * max(_payload_bytes(g) for g in groups)
+        limits = ctx.execution_options.resource_limits
+        ctx.execution_options.resource_limits = limits.copy(object_store_memory=max(budget, 64 << 20))
     return ray.data.read_datasource(Units(), num_cpus=0, concurrency=max(1, inflaters),
                                     override_num_blocks=max(1, len(plain) + len(groups)))
+
+
+def _payload_bytes(group: tuple[Unit, ...]) -> int:
+    """The largest unit's raw rows in a deflated file (from its npy header, as planning read it)."""
+    import numpy as np
+
+    from qgdist.data.sources.energyflow import _header, _member, _open_zip
+
+    f, zf = _open_zip(group[0].path)
+    with f, zf:
+        shape, xdtype, _ = _header(zf, _member(zf, "X", group[0].path), group[0].path)
+    return max(u.rows for u in group) * int(np.prod(shape[1:])) * xdtype.itemsize

@@ -55,20 +55,17 @@ class Rows:
             raise InflateError(self.error)
         return memoryview(self.x)[(lo - self.start) * self.row_bytes:(hi - self.start) * self.row_bytes]
 
-    def to_columns(self) -> dict[str, Any]:
-        """One row of a Ray Data block: the bytes and a JSON header."""
-        meta = {"xdtype": self.xdtype, "row_shape": list(self.row_shape), "start": self.start,
-                "failed_at": self.failed_at, "error": self.error}
-        return {"x": bytes(self.x), "y": self.y.astype(np.float64).tobytes(), "meta": json.dumps(meta)}
+    def meta(self) -> str:
+        """Everything but the bytes, as JSON."""
+        return json.dumps({"xdtype": self.xdtype, "row_shape": list(self.row_shape), "start": self.start,
+                           "failed_at": self.failed_at, "error": self.error})
 
     @classmethod
-    def from_columns(cls, row: dict[str, Any]) -> Rows | None:
-        """The inverse of ``to_columns``; None for a row without rows (a unit that reads its own)."""
-        if row.get("meta") is None:
-            return None
-        meta = json.loads(row["meta"])
-        return cls(row["x"], np.frombuffer(row["y"], np.float64), meta["xdtype"], tuple(meta["row_shape"]),
-                   meta["start"], meta["failed_at"], meta["error"])
+    def from_parts(cls, x: Any, y: Any, meta: str) -> Rows:
+        """The inverse of (``x``, ``y`` bytes, ``meta()``); ``x`` and ``y`` may be any buffers (no copy)."""
+        m = json.loads(meta)
+        return cls(x, np.frombuffer(y, np.float64), m["xdtype"], tuple(m["row_shape"]), m["start"], m["failed_at"],
+                   m["error"])
 
 
 def inflate(units: Sequence[Unit], read_rows: int = READ_ROWS) -> Iterator[tuple[Unit, Rows]]:
