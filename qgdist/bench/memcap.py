@@ -39,7 +39,7 @@ class MemoryCap:
         self.cap = int(cap_bytes)
         self.dir: Path | None = None
         self.method = "watchdog"
-        self.peak_anon_shmem = 0
+        self.peak_anon_shmem = self.peak_shmem = 0
         for method in ("cgroup-v1", "cgroup-v2"):
             if prefer not in (None, method):
                 continue
@@ -109,10 +109,11 @@ class MemoryCap:
             return tree_pss > self.cap
         stat = self._stat()
         if self.method == "cgroup-v1":   # v1 counts shmem inside "cache"; rss is anonymous memory
-            used = stat.get("total_rss", stat.get("rss", 0)) + stat.get("total_shmem", stat.get("shmem", 0))
+            anon, shmem = stat.get("total_rss", stat.get("rss", 0)), stat.get("total_shmem", stat.get("shmem", 0))
         else:
-            used = stat.get("anon", 0) + stat.get("shmem", 0)
-        self.peak_anon_shmem = max(self.peak_anon_shmem, used)
+            anon, shmem = stat.get("anon", 0), stat.get("shmem", 0)
+        self.peak_anon_shmem = max(self.peak_anon_shmem, anon + shmem)
+        self.peak_shmem = max(self.peak_shmem, shmem)
         return False
 
     def oom_kills(self) -> int:
@@ -142,7 +143,8 @@ class MemoryCap:
     def report(self, watchdog_killed: bool = False) -> dict[str, Any]:
         """What the cap saw: method, cap, peaks, out-of-memory kills."""
         return {"cap_mb": self.cap / MB, "cap_method": self.method, "cgroup": str(self.dir) if self.dir else None,
-                "peak_anon_shmem_mb": self.peak_anon_shmem / MB, "peak_cgroup_mb": self.peak_usage() / MB,
+                "peak_anon_shmem_mb": self.peak_anon_shmem / MB, "peak_shmem_mb": self.peak_shmem / MB,
+                "peak_cgroup_mb": self.peak_usage() / MB,
                 "oom_kills": self.oom_kills() + int(watchdog_killed)}
 
     def close(self) -> None:

@@ -128,7 +128,7 @@ def _measure(cfg: BenchScaleConfig, cmd: list[str], **kw: Any) -> dict[str, Any]
 
 def _memory(run: dict[str, Any]) -> dict[str, Any]:
     keys = ("wall_s", "peak_pss_mb", "max_hwm_mb", "sum_hwm_mb", "hwm_mb_by_process", "cap_mb", "cap_method",
-            "peak_anon_shmem_mb", "peak_cgroup_mb", "oom_kills")
+            "peak_anon_shmem_mb", "peak_shmem_mb", "peak_cgroup_mb", "oom_kills")
     return {k: run[k] for k in keys if k in run}
 
 

@@ -98,9 +98,14 @@ def release_free_memory() -> None:
     glibc keeps freed memory in its heap and raises its mmap threshold as large blocks are freed, so a process
     that allocates many variably-sized temporaries (batches of jets padded to their longest jet, decoded
     blocks) grows with the amount of work it has done, not with what it holds. Workers call this after each unit
-    of work: a few milliseconds, against seconds of work per unit.
+    of work: a few milliseconds, against seconds of work per unit. Arrow's own allocator (jemalloc or mimalloc,
+    which keeps freed pages for reuse) is asked to return its unused memory too.
     """
+    import sys
+
     global _libc
+    if "pyarrow" in sys.modules:
+        sys.modules["pyarrow"].default_memory_pool().release_unused()
     if _libc is None:
         import ctypes
         import ctypes.util
