@@ -10,7 +10,7 @@
   next stage's tasks or actors decode them in parallel, so the file spreads over every CPU like a stored one.
 
 Memory is bounded by Ray Data's backpressure: a read task blocks once ``_max_num_blocks_in_streaming_gen_buffer``
-of its blocks wait unconsumed, and the executor reads no more of an operator's outputs than its object-store
+(2) of its blocks wait unconsumed, and the executor reads no more of an operator's outputs than its object-store
 budget allows. Every unit is its own block (``BLOCK_BYTES``), so units spread over tasks one by one. Read tasks ask
 for no CPU (inflating is light; the consumers may be actors holding every CPU, which would starve a read task that
 needed one), and at most ``inflaters`` of them run at once.
@@ -55,9 +55,12 @@ def _plain(item: str) -> Iterator[Any]:
 def _streamed(items: dict[int, str], group: tuple[Unit, ...]) -> Iterator[Any]:
     from qgdist.data.sources.stream import inflate
 
+    from qgdist.core.memory import release_free_memory
+
     for unit, rows in inflate(group):
         yield _table(items[unit.index], rows)
         del rows   # the next unit's rows are inflated while this block waits in the object store
+        release_free_memory()
 
 
 def rows_of(batch: Any) -> list[tuple[dict[str, Any], Rows | None]]:
