@@ -23,6 +23,7 @@ import time
 
 import torch
 
+from qgdist.core.memory import release_free_memory
 from qgdist.data.loader import ShardLoader
 from qgdist.track.tracker import Tracker
 from qgdist.train import parallel
@@ -40,6 +41,7 @@ from qgdist.train.state import TrainResult, TrainState
 from qgdist.train.step import forward_logits, train_step
 
 WARMUP_STEPS = 3  # steps left out of the steady-state throughput (first batches, allocator, DDP buckets)
+TRIM_EVERY = 50   # steps between handing freed heap back to the system (milliseconds each)
 
 
 def train(cfg: TrainConfig, device: torch.device | str | None = None, report: Report | None = None,
@@ -112,6 +114,8 @@ def train_epoch(cfg: TrainConfig, model: torch.nn.Module, optim: Optimisation, d
         state.started_unix = state.started_unix or time.time()
         if warm is None and state.step >= WARMUP_STEPS:
             warm = (time.perf_counter(), state.step)
+        if state.global_step % TRIM_EVERY == 0:
+            release_free_memory()   # batches are padded to their longest jet: glibc's heap would grow with the steps
         if state.global_step % t.log_every == 0:
             mean = torch.stack(running).mean().item()   # the one host sync, every log_every steps
             running = []
