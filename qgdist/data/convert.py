@@ -1,4 +1,4 @@
-"""Conversion of CMS parquet / EnergyFlow npz files into WebDataset shards, as a Ray Data pipeline.
+"""Conversion of CMS parquet / EnergyFlow npz / columnar (ROOT, jagged parquet, HDF5) files into WebDataset shards, as a Ray Data pipeline.
 
 The driver reads only file footers and headers to plan **units** (row ranges of one file; for CMS whole row
 groups), so one large file spreads over every CPU of every node. ``ray.data.from_items(units).map(convert_unit)``
@@ -32,21 +32,21 @@ from qgdist.data.labels import LabelConvention
 from qgdist.data.shards.manifest import MANIFEST_NAME, Manifest, ShardInfo, write_manifest
 from qgdist.data.shards.schema import CHUNK_JETS
 from qgdist.data.shards.writer import ChunkWriter, ShardWriter
-from qgdist.data.sources import cms, energyflow
+from qgdist.data.sources import cms, columnar, energyflow
 from qgdist.data.sources.base import Plan, Unit, file_name
 from qgdist.data.sources.errors import BadRowError, Rejected
 from qgdist.data.split import DEFAULT_FRACTIONS, SPLIT_NAMES, assign_splits, parse_fractions
 from qgdist.data.stats import StatSums
 
-READERS = {"cms": cms, "energyflow": energyflow}
-KINDS = {"cms": "image", "energyflow": "cloud"}
-EXTENSIONS = {"cms": ".parquet", "energyflow": ".npz"}
+READERS = {"cms": cms, "energyflow": energyflow, "columnar": columnar}
+KINDS = {"cms": "image", "energyflow": "cloud", "columnar": "cloud"}
+EXTENSIONS = {"cms": ".parquet", "energyflow": ".npz", "columnar": columnar.EXTENSIONS}
 #: Rows per task: a CMS unit of 1024 jets is ~5 MB of shards and ~1-2 s of work; clouds are ~10x cheaper.
-ROWS_PER_TASK = {"cms": 1024, "energyflow": 16384}
+ROWS_PER_TASK = {"cms": 1024, "energyflow": 16384, "columnar": 16384}
 _OUR_FILES = re.compile(r"^(?:\.)?(?:train|val|test)-\d{6}-\d{3}\.tar(?:\.tmp)?$")
 _SIZE_UNITS = {"kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "kb": 10**3, "mb": 10**6, "gb": 10**9, "b": 1}
 
-Source = Literal["cms", "energyflow"]
+Source = Literal["cms", "energyflow", "columnar"]
 
 
 def parse_size(text: str) -> int:
@@ -62,7 +62,8 @@ def parse_size(text: str) -> int:
 class ConvertConfig:
     """``qgdist convert`` settings."""
 
-    source: Source = option(help="source format: CMS End-to-End parquet or EnergyFlow npz")
+    source: Source = option(help="source format: CMS End-to-End parquet, EnergyFlow npz, or columnar (ROOT "
+                                 "TTrees, jagged parquet, HDF5 in the weaver/ParT layout)")
     inputs: list[str] = option(help="files, directories or globs (paths or fsspec URLs)",
                                positional=True, metavar="INPUT")
     out: str = option(help="output directory (path or fsspec URL)")
@@ -78,7 +79,11 @@ class ConvertConfig:
     dtype: Literal["float32", "float16"] = option(
         "float32", "storage precision of image values / particle kinematics")
     label_quark_value: Literal[0, 1] | None = option(
-        None, "raw y that means quark (default: the source's convention, cms 0, energyflow 1)")
+        None, "raw y that means quark (default: the source's convention, cms 0, energyflow 1, columnar 1)")
+    branches: dict[str, str] = option(
+        {}, "columnar: branch names that differ from the weaver/ParT layout (qgdist.data.sources.columnar.Branches:"
+        " tree, label, pid, px, py, pz, energy, pt, rapidity, eta, phi, counts), e.g. pid= for no PDG ids",
+        flag="--branch", metavar="KEY=BRANCH")
     address: str | None = option(None, "Ray cluster to join (default: start a private local Ray)")
     num_cpus: int | None = option(None, "CPUs of the private local Ray (default: all)")
     rows_per_task: int | None = option(None, "rows per read task (default: cms 1024, energyflow 16384)")
@@ -95,6 +100,13 @@ class ConvertConfig:
             object.__setattr__(self, "split", parse_fractions(self.split))
         elif not isinstance(self.split, tuple):
             object.__setattr__(self, "split", tuple(self.split))
+        if self.branches and self.source != "columnar":
+            raise ValueError(f"branch: --branch applies to --source columnar, not {self.source}")
+        columnar.Branches.of(self.branches)   # an unknown key or an incomplete choice is a bad option
+
+    def reader_options(self) -> dict[str, Any]:
+        """Keyword arguments of the source reader's ``plan`` and ``read`` beyond the common ones."""
+        return {"branches": columnar.Branches.of(self.branches)} if self.source == "columnar" else {}
 
     def labels(self) -> LabelConvention:
         if self.label_quark_value is None:
@@ -142,7 +154,7 @@ def convert_unit(unit: dict[str, Any], cfg: dict[str, Any]) -> dict[str, Any]:
     writers = {s: ChunkWriter(ShardWriter(c.out, s, lambda k, s=s: f"{s}-{u.index:06d}-{k:03d}.tar", c.shard_size),
                               c.chunk_jets, c.compress) for s in SPLIT_NAMES}
     stats, rejected, rows_in, written = StatSums(), [], 0, 0
-    for chunk in READERS[c.source].read(u, c.labels(), c.dtype):
+    for chunk in READERS[c.source].read(u, c.labels(), c.dtype, **c.reader_options()):
         rows_in += len(chunk) + len(chunk.rejected)
         rejected += [r.to_dict() for r in chunk.rejected]
         if rejected and c.on_bad_row == "error":
@@ -249,7 +261,8 @@ def _plan(cfg: ConvertConfig, inputs: list[str], per_task: int) -> tuple[list[Un
     units, rows, rejected = [], 0, []
     for path in inputs:
         try:
-            plan: Plan = READERS[cfg.source].plan(path, per_task, split_deflated=cfg.rows_per_task is not None)
+            plan: Plan = READERS[cfg.source].plan(path, per_task, split_deflated=cfg.rows_per_task is not None,
+                                                  **cfg.reader_options())
         except BadRowError as err:
             if cfg.on_bad_row == "error":
                 raise
