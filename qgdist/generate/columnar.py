@@ -85,9 +85,13 @@ def write_root(path: str, branches: Mapping[str, Any], tree: str = TREE) -> None
     import awkward as ak
     import uproot
 
-    jagged = {k.removeprefix("part_"): _jagged(*v) for k, v in branches.items() if isinstance(v, tuple)
-              and k.startswith("part_")}
-    other_jagged = {k: _jagged(*v) for k, v in branches.items() if isinstance(v, tuple) and not k.startswith("part_")}
+    shared = next((v[1] for k, v in branches.items() if isinstance(v, tuple) and k.startswith("part_")), None)
+
+    def zipped(k: str, v: Any) -> bool:   # part_* branches of the same lengths share one counter
+        return isinstance(v, tuple) and k.startswith("part_") and np.array_equal(v[1], shared)
+
+    jagged = {k.removeprefix("part_"): _jagged(*v) for k, v in branches.items() if zipped(k, v)}
+    other_jagged = {k: _jagged(*v) for k, v in branches.items() if isinstance(v, tuple) and not zipped(k, v)}
     flat = {k: np.asarray(v) for k, v in branches.items() if not isinstance(v, tuple)}
     data: dict[str, Any] = {**flat, **other_jagged}
     if jagged:
