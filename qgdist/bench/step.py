@@ -66,9 +66,10 @@ class StepBenchConfig:
         if not self.models:
             raise ValueError("--model: name at least one model")
         if self.reference is not None:
-            bad = [m for m in self.models if "particlenet" not in m]
+            bad = [m for m in self.models if "particlenet" not in m and m != "particle-transformer"]
             if bad:
-                raise ValueError(f"--reference {self.reference} compares ParticleNet models only, not {bad}")
+                raise ValueError(f"--reference {self.reference} compares ParticleNet models and "
+                                 f"particle-transformer only, not {bad}")
 
 
 @dataclass
@@ -93,15 +94,16 @@ def _sync(device: Any) -> None:
         torch.cuda.synchronize(device)  # timing only: the step itself never syncs
 
 
-def _batches(kind: str, cfg: StepBenchConfig, batch_size: int, device: Any) -> list[tuple[dict, Any]]:
+def _batches(kind: str, cfg: StepBenchConfig, batch_size: int, device: Any,
+             vectors: bool = False) -> list[tuple[dict, Any]]:
     import torch
 
     from qgdist.models.synthetic import cloud_batch, image_batch
 
     g = torch.Generator().manual_seed(cfg.seed)
     if kind == "cloud":
-        return [cloud_batch(batch_size, cfg.in_features, cfg.max_particles, generator=g, device=device)
-                for _ in range(2)]
+        return [cloud_batch(batch_size, cfg.in_features, cfg.max_particles, generator=g, device=device,
+                            vectors=vectors) for _ in range(2)]
     return [image_batch(batch_size, cfg.image_size, generator=g, device=device) for _ in range(2)]
 
 
@@ -126,7 +128,7 @@ def build_runner(name: str, cfg: StepBenchConfig, device: Any, batch_size: int, 
     ``compile_model``, default ``cfg.compile``)."""
     import torch
 
-    from qgdist.models import count_parameters, get_model, model_kind
+    from qgdist.models import count_parameters, extra_inputs, get_model, model_kind
 
     torch.manual_seed(cfg.seed)
     kind = model_kind(name)
@@ -136,7 +138,7 @@ def build_runner(name: str, cfg: StepBenchConfig, device: Any, batch_size: int, 
     elif name == "seed-cnn":
         kwargs["image_size"] = cfg.image_size
     model = get_model(name, **kwargs).to(device).train()
-    batches = _batches(kind, cfg, batch_size, device)
+    batches = _batches(kind, cfg, batch_size, device, vectors="vectors" in extra_inputs(name))
     compiled = cfg.compile if compile_model is None else compile_model
     # dynamic=True: B, P (and the packed row count) symbolic from the first call: no recompile per batch.
     step_model = torch.compile(model, dynamic=True) if compiled else model
@@ -345,7 +347,12 @@ def run(cfg: StepBenchConfig) -> int:
             runners.append(eager)
             baselines[name] = eager
         if cfg.reference == "weaver-core":
-            runners.append(build_weaver_runner(ours, cfg, device, batch_size))
+            if name == "particle-transformer":
+                from qgdist.bench.weaver_part import build_weaver_part_runner
+
+                runners.append(build_weaver_part_runner(ours, cfg, device, batch_size))
+            else:
+                runners.append(build_weaver_runner(ours, cfg, device, batch_size))
             if cfg.compile:
                 eager.model.load_state_dict(ours.model.state_dict())
             baselines[name] = runners[-1]
