@@ -45,7 +45,7 @@ import numpy as np
 import torch
 
 from qgdist.data.config import DataConfig
-from qgdist.data.features import flat_features
+from qgdist.data.features import flat_features, four_momenta
 from qgdist.data.preprocessing import Preprocessing
 from qgdist.data.epoch_plan import (JET_BITS, Layout, Pool, Unit, deal, delivered, plan_epoch, remaining_jets,
                                     shuffled_chunks, slot_jets, slot_rng)
@@ -75,15 +75,17 @@ class LoaderConfig:
     # The model's preprocessing (a checkpoint's); None: build it from this dataset's train-split statistics
     # with ``preset`` and ``max_particles`` (training). Given, it replaces both and must fit the dataset.
     preprocessing: Preprocessing | None = None
+    vectors: bool = False           # clouds: add each particle's (px, py, pz, E) as input ``vectors`` (ParT)
 
     @classmethod
     def of_run(cls, data: DataConfig, split: str, *, training: bool, rank: int = 0, world_size: int = 1,
-               seed: int = 0, device: str = "cpu", preprocessing: Preprocessing | None = None) -> LoaderConfig:
+               seed: int = 0, device: str = "cpu", preprocessing: Preprocessing | None = None,
+               vectors: bool = False) -> LoaderConfig:
         """One rank's loader for a training run's ``data`` section (no shuffling unless ``training``)."""
         return cls(data.data, split=split, batch_size=data.batch_size, rank=rank, world_size=world_size,
                    num_workers=data.loader_workers, seed=seed, shuffle_buffer=data.shuffle_buffer if training else 0,
                    training=training, preset=data.preset, max_particles=data.max_particles, device=device,
-                   preprocessing=preprocessing)
+                   preprocessing=preprocessing, vectors=vectors)
 
 
 class Collate:
@@ -100,6 +102,7 @@ class Collate:
 
     def __init__(self, pre: Preprocessing):
         self.kind, self.preset, self.max_particles = pre.kind, pre.preset, pre.max_particles
+        self.vectors = pre.vectors
         self.jet_mean = np.array(pre.jet_mean, np.float32)
         self.jet_std = np.array(pre.jet_std, np.float32)
         self.feat_mean = np.array(pre.feature_mean, np.float32)
@@ -157,8 +160,13 @@ class Collate:
         features = np.zeros((b, width, feats_real.shape[1]), np.float32)
         points = np.zeros((b, width, 2), np.float32)
         features[mask], points[mask] = feats_real, points_real
-        return {"points": torch.from_numpy(points), "features": torch.from_numpy(features),
-                "mask": torch.from_numpy(mask)}
+        out = {"points": torch.from_numpy(points), "features": torch.from_numpy(features),
+               "mask": torch.from_numpy(mask)}
+        if self.vectors:  # (px, py, pz, E) in GeV, unstandardised: ParT's pair features take logs of them
+            vectors = np.zeros((b, width, 4), np.float32)
+            vectors[mask] = four_momenta(sel.kin, sel.pid)[:, [1, 2, 3, 0]]  # type: ignore[attr-defined]
+            out["vectors"] = torch.from_numpy(vectors)
+        return out
 
 
 class _EpochDataset(torch.utils.data.IterableDataset):
@@ -275,7 +283,8 @@ def to_device(batch: dict[str, Any], device: torch.device | str,
             flat = torch.from_numpy(np.zeros(size, np.float32))
             flat[pix] = val
         return {"image": flat.view(len(label), *shape), "jet": jet}, label
-    inputs = {k: batch[k].to(device, non_blocking=non_blocking) for k in ("points", "features", "mask")}
+    inputs = {k: batch[k].to(device, non_blocking=non_blocking) for k in ("points", "features", "mask", "vectors")
+              if k in batch}
     return inputs, label
 
 
@@ -292,7 +301,7 @@ class ShardLoader:
         self.manifest = read_manifest(cfg.data)
         self.kind = self.manifest.kind
         self.preprocessing = cfg.preprocessing or Preprocessing.from_manifest(
-            self.manifest, cfg.data, cfg.preset, cfg.max_particles)
+            self.manifest, cfg.data, cfg.preset, cfg.max_particles, cfg.vectors)
         self.preprocessing.check_fits(self.manifest, cfg.data)
         self.collate = Collate(self.preprocessing)
         self.workers = max(1, cfg.num_workers)

@@ -113,7 +113,7 @@ def train(cfg: TrainConfig, device: torch.device | str | None = None, report: Re
           console: Console | None = None) -> dict[str, Any]:
     """Train ``cfg`` (resolved, see ``qgdist.train.config.resolve``); returns the final validation metrics,
     checkpoint path and counters."""
-    from qgdist.models import get_model  # noqa: PLC0415 -- models import torch-geometric; only needed here
+    from qgdist.models import extra_inputs, get_model  # noqa: PLC0415 -- models import torch-geometric
     from qgdist.track.tracker import Tracker
 
     if not cfg.resolved:
@@ -146,7 +146,8 @@ def train(cfg: TrainConfig, device: torch.device | str | None = None, report: Re
 
     def loader(split: str, training: bool, pre: Preprocessing | None) -> ShardLoader:
         return ShardLoader(LoaderConfig.of_run(d, split, training=training, rank=rank, world_size=world,
-                                               seed=o.seed, device=str(device), preprocessing=pre))
+                                               seed=o.seed, device=str(device), preprocessing=pre,
+                                               vectors="vectors" in extra_inputs(cfg.model.model)))
 
     train_loader = loader("train", True, pre)
     pre = train_loader.preprocessing
