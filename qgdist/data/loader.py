@@ -162,8 +162,9 @@ class Collate:
         features[mask], points[mask] = feats_real, points_real
         out = {"points": torch.from_numpy(points), "features": torch.from_numpy(features),
                "mask": torch.from_numpy(mask)}
-        if self.vectors:  # (px, py, pz, E) in GeV, unstandardised: ParT's pair features take logs of them
-            vectors = np.zeros((b, width, 4), np.float32)
+        if self.vectors:  # (px, py, pz, E) in GeV, unstandardised: ParT's pair features take logs of them.
+            # float64: ln m^2 of a nearly collinear pair is E^2 - p^2 of ~10^5 GeV^2, noise after float32 rounding
+            vectors = np.zeros((b, width, 4), np.float64)
             vectors[mask] = four_momenta(sel.kin, sel.pid)[:, [1, 2, 3, 0]]  # type: ignore[attr-defined]
             out["vectors"] = torch.from_numpy(vectors)
         return out

@@ -23,10 +23,12 @@ Two layouts, one function (``ParTConfig.layout``):
   particles and real pairs only (``MaskedBatchNorm``), padded keys masked in every attention.
 
 Padding-safe: a jet's logit does not depend on the padding (values or amount), in training mode too. (weaver's
-input batch norm counts padded slots in its training statistics; in eval mode the two are equal.) Under autocast
-the pair features are computed in float32 (``ln m^2`` of nearly collinear pairs cancels), the batch and layer
-norms normalise in float32, and the attention bias is cast to the attention's dtype; jets must hold at least one
-particle (the loader never yields empty jets).
+input batch norm counts padded slots in its training statistics; in eval mode the two are equal.) The pair
+features are computed in the precision of ``vectors`` (at least float32) whatever the autocast: ``ln m^2`` of a
+nearly collinear pair cancels, so the loader hands float64 four-momenta (measured on one toy batch: 192 of 222k
+pairs moved by up to 12.9 in ``ln m^2`` between float32- and float64-stored copies of the same jets). Batch and
+layer norms normalise in float32, the attention bias is cast to the attention's dtype; jets must hold at least
+one particle (the loader never yields empty jets).
 """
 
 from __future__ import annotations
@@ -96,33 +98,38 @@ def pair_features(kin_i: tuple[torch.Tensor, ...], kin_j: tuple[torch.Tensor, ..
 
 # -- where the particles and pairs are: one plan per batch -----------------------------------------------------------
 class Group(NamedTuple):
-    """Jets attended together: ``jets`` (G,), each padded to ``width``; ``src`` (G * width,) token row of each
-    slot (padded slots repeat a real row; None: the tokens already are (G, width)); ``keys`` (G, width) bool."""
+    """Jets attended together: ``jets`` (G,) of the batch, each given ``width`` token slots starting at slot
+    ``start``; ``keys`` (G, width) bool marks the slots that hold a particle."""
 
     jets: torch.Tensor
     width: int
-    src: torch.Tensor | None
+    start: int
     keys: torch.Tensor
 
 
 @dataclass
 class Plan:
-    """Where one batch's tokens, groups and pairs are (``packed_plan`` / ``padded_plan``)."""
+    """Where one batch's tokens and pairs are (``packed_plan`` / ``padded_plan``).
+
+    Tokens live in **slots**: group after group, each jet of a group in ``width`` consecutive slots (its particles
+    first, then copies of its last particle that no attention ever reads), so every attention is a plain view.
+    """
 
     batch: int
-    tokens: int                       # token rows: N real particles (packed) or B * P slots (padded)
-    token_mask: torch.Tensor | None   # (tokens,) bool: which rows are real (padded layout only)
+    slots: int
+    src: torch.Tensor | None          # packed: (slots,) real-particle row of each slot; padded: None (slot = b * P + i)
+    token_mask: torch.Tensor | None   # padded: (slots,) bool, the real particles (for the input batch norm)
     groups: list[Group]
-    back: torch.Tensor | None         # packed: permutation from the groups' real slots to token order
-    slot_real: list[torch.Tensor]     # packed: per group, the flat slots holding real particles
-    pair_i: torch.Tensor              # (E,) token row of the first particle of each pair (i >= j)
+    jet_order: torch.Tensor | None    # packed: the jets in slot order (cat of the groups'); padded: None (0..B-1)
+    pair_i: torch.Tensor              # (E,) particle row of the first particle of each pair (i >= j)
     pair_j: torch.Tensor
-    pair_mask: torch.Tensor | None    # (E,) real pairs (padded layout only)
-    pair_dest: list[tuple[torch.Tensor, torch.Tensor]]   # per group: (pairs of it, flat (g, i, j) and (g, j, i))
+    pair_mask: torch.Tensor | None    # padded: (E,) real pairs
+    pair_dest: list[tuple[int, int, torch.Tensor, torch.Tensor, torch.Tensor]]
+    # per group: its pairs [lo, hi), flat (g, i, j) of each, and of the pairs with i != j, flat (g, j, i)
 
 
 def padded_plan(mask: torch.Tensor) -> Plan:
-    """Static shapes, no host sync: every slot is a token row, one group of all jets, every pair i >= j."""
+    """Static shapes, no host sync: every (jet, slot) is a token, one group of all jets, every pair i >= j."""
     b, p = mask.shape
     dev = mask.device
     ti, tj = torch.tril_indices(p, p, device=dev)
@@ -131,17 +138,18 @@ def padded_plan(mask: torch.Tensor) -> Plan:
     pair_mask = (mask[:, ti] & mask[:, tj]).reshape(-1)
     dest_base = (torch.arange(b, device=dev) * p * p).view(b, 1)
     lower = (dest_base + ti * p + tj).reshape(-1)
-    upper = (dest_base + tj * p + ti).reshape(-1)
-    off = (ti != tj).repeat(b)
-    dest = torch.cat([lower, upper[off]])
-    which = torch.cat([torch.arange(lower.numel(), device=dev), torch.arange(lower.numel(), device=dev)[off]])
-    group = Group(torch.arange(b, device=dev), p, None, mask)
-    return Plan(b, b * p, mask.reshape(-1), [group], None, [], pair_i, pair_j, pair_mask, [(which, dest)])
+    # the pairs with i > j, found by arithmetic (a nonzero() would be a host sync): (i, j) is tril entry i(i+1)/2 + j
+    si, sj = torch.tril_indices(p, p, offset=-1, device=dev)
+    off = ((torch.arange(b, device=dev) * ti.numel()).view(b, 1) + si * (si + 1) // 2 + sj).reshape(-1)
+    upper = (dest_base + sj * p + si).reshape(-1)
+    group = Group(torch.arange(b, device=dev), p, 0, mask)
+    return Plan(b, b * p, None, mask.reshape(-1), [group], None, pair_i, pair_j, pair_mask,
+                [(0, lower.numel(), lower, off, upper)])
 
 
 def packed_plan(mask: torch.Tensor, groups: int = 4) -> Plan:
-    """Real particles only: token rows in the mask's row-major order; jets grouped by length for attention;
-    the real pairs i >= j of every jet. Reads the jet lengths on the host (one sync)."""
+    """Real particles only, jets grouped by length (each group padded to its own longest jet), the real pairs
+    i >= j of every jet. Reads the jet lengths on the host (one sync)."""
     b, p = mask.shape
     dev = mask.device
     counts = mask.sum(1)
@@ -149,39 +157,34 @@ def packed_plan(mask: torch.Tensor, groups: int = 4) -> Plan:
     starts = torch.cumsum(counts, 0) - counts
     order = torch.argsort(counts, stable=True)
     sorted_lengths = torch.sort(lengths, stable=True).values.tolist()
-    first = sum(1 for n in sorted_lengths if n == 0)
-    jets = b - first
-    n_groups = max(1, min(groups, jets))
-    cuts = [first + round(i * jets / n_groups) for i in range(n_groups + 1)]
-    plan_groups, slot_real, real_rows, pairs_i, pairs_j, pair_dest = [], [], [], [], [], []
-    n_pairs = 0
+    if sorted_lengths and sorted_lengths[0] == 0:
+        raise ValueError("a jet without particles: every jet needs at least one (the converter rejects empty jets)")
+    n_groups = max(1, min(groups, b))
+    cuts = [round(i * b / n_groups) for i in range(n_groups + 1)]
+    plan_groups, srcs, pairs_i, pairs_j, pair_dest = [], [], [], [], []
+    slot, n_pairs = 0, 0
     for lo, hi in zip(cuts[:-1], cuts[1:]):
         if hi <= lo:
             continue
         g_jets, width = order[lo:hi], int(sorted_lengths[hi - 1])
         g_counts, g_starts = counts[g_jets], starts[g_jets]
         local = torch.arange(width, device=dev)
-        keys = local < g_counts[:, None]
-        src = (g_starts[:, None] + torch.minimum(local, g_counts[:, None] - 1)).reshape(-1)
-        real = keys.reshape(-1).nonzero().squeeze(1)
-        plan_groups.append(Group(g_jets, width, src, keys))
-        slot_real.append(real)
-        real_rows.append(src[real])
+        plan_groups.append(Group(g_jets, width, slot, local < g_counts[:, None]))
+        srcs.append((g_starts[:, None] + torch.minimum(local, g_counts[:, None] - 1)).reshape(-1))
+        slot += len(g_jets) * width
         ti, tj = torch.tril_indices(width, width, device=dev)
         valid = (ti[None, :] < g_counts[:, None]).nonzero()          # (pairs, 2): (jet in group, tril index)
         gj, t = valid[:, 0], valid[:, 1]
         i, j = ti[t], tj[t]
         pairs_i.append(g_starts[gj] + i)
         pairs_j.append(g_starts[gj] + j)
-        lower = gj * width * width + i * width + j
         off = (i != j).nonzero().squeeze(1)
-        upper = (gj * width * width + j * width + i)[off]
-        which = torch.cat([torch.arange(len(gj), device=dev), off]) + n_pairs
-        pair_dest.append((which, torch.cat([lower, upper])))
+        lower = gj * width * width + i * width + j
+        upper = (gj * width * width + j * width + i).index_select(0, off)
+        pair_dest.append((n_pairs, n_pairs + len(gj), lower, off, upper))
         n_pairs += len(gj)
-    back = torch.argsort(torch.cat(real_rows))          # groups' real slots (concatenated) -> token order
-    return Plan(b, int(lengths.sum()), None, plan_groups, back, slot_real, torch.cat(pairs_i), torch.cat(pairs_j),
-                None, pair_dest)
+    return Plan(b, slot, torch.cat(srcs), None, plan_groups, order, torch.cat(pairs_i), torch.cat(pairs_j), None,
+                pair_dest)
 
 
 # -- layers ---------------------------------------------------------------------------------------------------------------
@@ -249,38 +252,34 @@ class Block(nn.Module):
         return h + self.w_resid * x
 
     def forward(self, x: torch.Tensor, plan: Plan, biases: list[torch.Tensor]) -> torch.Tensor:
-        """x (tokens, D) -> (tokens, D): every particle attends to the particles of its jet, with the pair bias."""
+        """x (slots, D) -> (slots, D): every particle attends to the particles of its jet, with the pair bias."""
         qkv = self.attn.in_proj(self.pre_attn_norm(x))
         p = self.attn_dropout if self.training else 0.0
         outs = []
         for group, bias in zip(plan.groups, biases):
-            rows = qkv if group.src is None else qkv.index_select(0, group.src)
-            q, k, v = rows.view(len(group.jets), group.width, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+            g, w = len(group.jets), group.width
+            q, k, v = qkv[group.start: group.start + g * w].view(g, w, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), dropout_p=p)
-            o = o.transpose(1, 2).reshape(-1, self.dim)
-            outs.append(o if group.src is None else o.index_select(0, plan.slot_real[len(outs)]))
-        attended = outs[0] if plan.back is None else torch.cat(outs).index_select(0, plan.back)
-        return self._tail(attended, x)
+            outs.append(o.transpose(1, 2).reshape(g * w, self.dim))
+        return self._tail(outs[0] if len(outs) == 1 else torch.cat(outs), x)
 
     def forward_cls(self, x: torch.Tensor, cls: torch.Tensor, plan: Plan) -> torch.Tensor:
-        """cls (B, D): the class token attends to itself and its jet's particles x (tokens, D)."""
-        w, bias = self.attn.in_proj.weight, self.attn.in_proj.bias
-        q = F.linear(cls, w[: self.dim], bias[: self.dim])                       # the raw token is the query
-        kv = F.linear(self.pre_attn_norm(x), w[self.dim:], bias[self.dim:])      # (tokens, 2D)
-        kv_cls = F.linear(self.pre_attn_norm(cls), w[self.dim:], bias[self.dim:])
-        out = cls.new_zeros(cls.shape) if len(plan.groups) > 1 else None
+        """cls (B, D), in slot order: the class token attends to itself and its jet's particles x (slots, D)."""
+        w_in, b_in = self.attn.in_proj.weight, self.attn.in_proj.bias
+        q = F.linear(cls, w_in[: self.dim], b_in[: self.dim])                    # the raw token is the query
+        kv = F.linear(self.pre_attn_norm(x), w_in[self.dim:], b_in[self.dim:])   # (slots, 2D)
+        kv_cls = F.linear(self.pre_attn_norm(cls), w_in[self.dim:], b_in[self.dim:])
+        outs, first = [], 0
         for group in plan.groups:
-            g = len(group.jets)
-            rows = kv if group.src is None else kv.index_select(0, group.src)
-            keys = torch.cat([kv_cls.index_select(0, group.jets).unsqueeze(1), rows.view(g, group.width, -1)], 1)
-            k, v = keys.view(g, group.width + 1, 2, self.heads, -1).permute(2, 0, 3, 1, 4)
-            qg = q.index_select(0, group.jets).view(g, 1, self.heads, -1).transpose(1, 2)
-            allowed = F.pad(group.keys, (1, 0), value=True).view(g, 1, 1, -1)
-            o = F.scaled_dot_product_attention(qg, k, v, attn_mask=allowed).transpose(1, 2).reshape(g, self.dim)
-            if out is None:
-                return self._tail(o, cls)
-            out = out.index_copy(0, group.jets, o.to(out.dtype))
-        return self._tail(out, cls)
+            g, w = len(group.jets), group.width
+            rows = kv[group.start: group.start + g * w].view(g, w, -1)
+            keys = torch.cat([kv_cls[first: first + g].unsqueeze(1), rows], 1)
+            k, v = keys.view(g, w + 1, 2, self.heads, -1).permute(2, 0, 3, 1, 4)
+            qg = q[first: first + g].view(g, 1, self.heads, -1).transpose(1, 2)
+            allowed = F.pad(group.keys, (1, 0), value=True).view(g, 1, 1, w + 1)
+            outs.append(F.scaled_dot_product_attention(qg, k, v, attn_mask=allowed).transpose(1, 2).reshape(g, -1))
+            first += g
+        return self._tail(outs[0] if len(outs) == 1 else torch.cat(outs), cls)
 
 
 class ParticleTransformer(nn.Module):
@@ -349,40 +348,47 @@ class ParticleTransformer(nn.Module):
         mask = mask.bool()
         b, p = mask.shape
         plan = self.plan(mask, self.packed_layout(features))
-        flat_features = features.reshape(b * p, -1)
-        flat_vectors = vectors.reshape(b * p, 4)
-        if plan.token_mask is None:   # packed: the real particles' rows
+        flat_features, flat_vectors = features.reshape(b * p, -1), vectors.reshape(b * p, 4)
+        if plan.src is not None:   # packed: the real particles' rows, normalised and embedded, then into slots
             rows = mask.reshape(-1).nonzero().squeeze(1)
-            flat_features, flat_vectors = flat_features.index_select(0, rows), flat_vectors.index_select(0, rows)
-            x = self.input_norm(flat_features)
+            flat_vectors = flat_vectors.index_select(0, rows)
+            x = self.embed(self.input_norm(flat_features.index_select(0, rows))).index_select(0, plan.src)
         else:
             m = plan.token_mask.unsqueeze(-1).to(features.dtype)
-            x = self.input_norm(flat_features * m, plan.token_mask)
-        x = self.embed(x)
+            x = self.embed(self.input_norm(flat_features * m, plan.token_mask))
         biases = self._pair_biases(flat_vectors, plan)
         for block in self.blocks:
             x = block(x, plan, biases)
         cls = self.cls_token.expand(b, -1).to(x.dtype)
         for block in self.cls_blocks:
             cls = block.forward_cls(x, cls, plan)
-        return self.head(self.norm(cls)).squeeze(-1).float()
+        logits = self.head(self.norm(cls)).squeeze(-1).float()
+        if plan.jet_order is None:
+            return logits
+        return logits.new_empty(b).index_copy(0, plan.jet_order, logits)   # slot order -> batch order
 
     def _pair_biases(self, vectors: torch.Tensor, plan: Plan) -> list[torch.Tensor]:
-        """Per attention group, (G, heads, width, width) float32: the embedded pair features, symmetric, and
-        -inf where the key is padding."""
-        wide = torch.promote_types(vectors.dtype, torch.float32)   # float32 at least (float64 models: float64)
+        """Per attention group, (G, heads, width, width): the embedded pair features, symmetric, and -inf where
+        the key is padding.
+
+        The features are computed in the precision of ``vectors``, at least float32, whatever the autocast: ln m^2
+        of a nearly collinear pair is a difference of squares of ~10^5 GeV^2 that float32 rounds to noise (the
+        loader hands float64 four-momenta; weaver-core computes in float32, as ours does on float32 input)."""
+        wide = torch.promote_types(vectors.dtype, torch.float32)
         with torch.autocast(vectors.device.type, enabled=False):
             v = vectors.to(wide)
             kin = particle_kinematics(v)
             pi, pj = plan.pair_i, plan.pair_j
             feats = pair_features(tuple(t.index_select(0, pi) for t in kin), tuple(t.index_select(0, pj) for t in kin),
                                   v.index_select(0, pi), v.index_select(0, pj))
-        emb = self.pair_embed(feats, plan.pair_mask).to(wide)
+        emb = self.pair_embed(feats.to(self.pair_embed.input_norm.weight.dtype), plan.pair_mask)
+        emb = emb.to(torch.promote_types(emb.dtype, torch.float32))
         heads = emb.shape[-1]
         out = []
-        for group, (which, dest) in zip(plan.groups, plan.pair_dest):
+        for group, (lo, hi, lower, off, upper) in zip(plan.groups, plan.pair_dest):
             g, w = len(group.jets), group.width
-            dense = emb.new_zeros(g * w * w, heads).index_copy(0, dest, emb.index_select(0, which))
+            e = emb[lo:hi]
+            dense = emb.new_zeros(g * w * w, heads).index_copy(0, lower, e).index_copy(0, upper, e.index_select(0, off))
             bias = dense.view(g, w, w, heads).permute(0, 3, 1, 2)
             out.append(bias.masked_fill(~group.keys.view(g, 1, 1, w), float("-inf")).contiguous())
         return out

@@ -87,3 +87,14 @@ def test_bad_inputs_are_refused():
         model(**{**inputs, "vectors": inputs["vectors"][..., :3]})
     with pytest.raises(ValueError, match="in_features=7"):
         model(**{**inputs, "features": inputs["features"][..., :5]})
+
+
+def test_padded_layout_has_no_host_sync():
+    # GPU-ready: no op that reads a device value on the host (nonzero, item) in a training step
+    model = _model("padded").train()
+    inputs, label = _batch()
+    with torch.profiler.profile() as prof:
+        _grads(model, inputs, label)
+    ops = {e.key for e in prof.key_averages()}
+    assert "aten::scaled_dot_product_attention" in ops
+    assert not ops & {"aten::nonzero", "aten::item", "aten::_local_scalar_dense", "aten::nonzero_static"}, ops
