@@ -83,6 +83,7 @@ class Runner:
     shape: tuple[int, ...]
     run: Callable[[int], Any]
     times: list[float] = field(default_factory=list)
+    cpu_times: list[float] = field(default_factory=list)   # process CPU time (all threads) per timed step
     note: str = ""
     warmup_s: float = 0.0
 
@@ -364,24 +365,31 @@ def run(cfg: StepBenchConfig) -> int:
         r.warmup_s = time.perf_counter() - start
     for i in range(cfg.steps):
         for r in runners:
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             loss = r.run(i)
             _sync(device)
             r.times.append(time.perf_counter() - start)
+            r.cpu_times.append(time.process_time() - cpu)
     if cfg.steps:
         float(loss)  # the last loss is read, so nothing is left in flight
-    print(f"{'model':<24}{'impl':<20}{'params':>9}  {'batch shape':<18}{'ms/step':>10}{'jets/s':>10}{'ratio':>9}")
+    print(f"{'model':<24}{'impl':<20}{'params':>9}  {'batch shape':<18}{'ms/step':>10}{'jets/s':>10}{'ratio':>9}"
+          f"{'cpu ms/step':>13}{'cpu ratio':>10}")
     def jets_per_s(r: Runner) -> float:
         return batch_size / statistics.median(r.times) if r.times else float("nan")
 
     for r in runners:
         seconds = statistics.median(r.times) if r.times else float("nan")
         jets = jets_per_s(r)
-        ref = jets_per_s(baselines.get(r.name, runners[0]))
+        base = baselines.get(r.name, runners[0])
+        ref = jets_per_s(base)
+        cpu = statistics.median(r.cpu_times) if r.cpu_times else float("nan")
+        cpu_ref = statistics.median(base.cpu_times) if base.cpu_times else float("nan")
         print(f"{r.name:<24}{r.impl:<20}{r.params:>9}  {r.shape!s:<18}{1e3 * seconds:>10.1f}{jets:>10.0f}"
-              f"{jets / ref:>8.2f}x")
+              f"{jets / ref:>8.2f}x{1e3 * cpu:>13.1f}{cpu_ref / cpu:>9.2f}x")
         if r.note:
             print(f"  reference check: {r.note}")
+    print("cpu ms/step: process CPU time of the step, all threads (on a shared machine it moves less with the "
+          "load than wall time); cpu ratio: the baseline's over this row's")
     if cfg.reference:
         print("ratio: jets/s over weaver-core's on the same batches (weaver-core rows: 1.00x)")
     elif cfg.compile:
