@@ -19,22 +19,19 @@ values are NaN or infinite, whose label is not 0/1 or whose PDG id is unknown is
 from __future__ import annotations
 
 import dataclasses
-import posixpath
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
 from qgdist.data.features import mass_and_charge
 from qgdist.data.labels import LabelConvention
-from qgdist.data.sources.base import Chunk, Plan, Unit, file_name, open_input, row_units
+from qgdist.data.sources.base import Chunk, Plan, Unit, file_name, row_units
+from qgdist.data.sources.columnar_files import (Column, HDF5Source, ParquetSource, RootSource, Source, Unreadable,
+                                                file_format)
+from qgdist.data.sources.columnar_files import EXTENSIONS, FORMATS  # noqa: F401 -- this source's files, for convert
 from qgdist.data.sources.energyflow import MAX_RAPIDITY, decode_rows, known_pids
 from qgdist.data.sources.errors import BadRowError, Rejected
-
-#: File extensions this reader takes, and the format each means.
-FORMATS = {".root": "root", ".parquet": "parquet", ".h5": "hdf5", ".hdf5": "hdf5"}
-EXTENSIONS = tuple(FORMATS)
 
 
 @dataclass(frozen=True)
@@ -94,214 +91,23 @@ class Branches:
         return self.momenta + ((self.pid,) if self.pid else ())
 
 
-@dataclass
-class Column:
-    """One branch over a block of entries: ``values`` (flat over particles for per-particle branches) and
-    ``counts`` (values per entry; -1 marks a null list; None for a per-jet branch)."""
-
-    values: np.ndarray
-    counts: np.ndarray | None = None
-
-
-def file_format(path: str) -> str:
-    ext = posixpath.splitext(file_name(path))[1].lower()
-    if ext not in FORMATS:
-        raise BadRowError(file_name(path), None, "<file>", f"not a columnar file ({', '.join(EXTENSIONS)})")
-    return FORMATS[ext]
-
-
-# -- the three formats: open, list branches, read a block of entries ------------------------------------------------
-class _Source:
-    """An open columnar file: ``rows``, ``names`` (branch -> "jet" | "particle"), ``read(names, lo, hi)``."""
-
-    rows: int
-    names: dict[str, str]
-    where: str
-
-    def read(self, names: list[str], lo: int, hi: int) -> dict[str, Column]:
-        raise NotImplementedError
-
-    def close(self) -> None:
-        pass
-
-
-class _RootSource(_Source):
-    def __init__(self, path: str, tree: str) -> None:
-        import uproot
-
-        fs, p = open_input(path)
-        self._file = fs.open(p, "rb")
-        name = file_name(path)
-        try:
-            self._root = uproot.open(self._file)
-            trees = sorted({k.split(";")[0] for k, c in self._root.classnames().items() if c == "TTree"})
-        except Exception as err:  # uproot raises ValueError/OSError/its own for files that are not ROOT
-            self._file.close()
-            raise BadRowError(name, None, "<file>", f"not a readable ROOT file ({err})") from None
-        if not tree:
-            if len(trees) != 1:
-                self.close()
-                raise BadRowError(name, None, "<tree>", f"{len(trees)} TTrees ({', '.join(trees) or 'none'}): "
-                                  "name one with --branch tree=NAME")
-            tree = trees[0]
-        if tree not in trees:
-            self.close()
-            raise BadRowError(name, None, tree, f"no TTree {tree!r} (TTrees: {', '.join(trees) or 'none'})")
-        self._tree = self._root[tree]
-        self.where = f"TTree {tree!r}"
-        self.rows = int(self._tree.num_entries)
-        self.names = {}
-        for key in self._tree.keys(recursive=False):
-            typename = self._tree[key].typename
-            self.names[key] = "particle" if typename.endswith("[]") or "vector<" in typename else "jet"
-
-    def read(self, names: list[str], lo: int, hi: int) -> dict[str, Column]:
-        import awkward as ak
-
-        out = {}
-        for name in names:
-            try:
-                array = self._tree[name].array(entry_start=lo, entry_stop=hi, library="ak")
-            except Exception as err:  # a corrupt or truncated basket
-                raise _Unreadable(name, f"unreadable ({type(err).__name__}: {err})") from err
-            if array.ndim > 1:
-                out[name] = Column(ak.to_numpy(ak.flatten(array)), ak.to_numpy(ak.num(array, axis=1)))
-            else:
-                out[name] = Column(ak.to_numpy(array))
-        return out
-
-    def close(self) -> None:
-        self._root.close()
-        self._file.close()
-
-
-class _ParquetSource(_Source):
-    def __init__(self, path: str) -> None:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        fs, p = open_input(path)
-        self._file = fs.open(p, "rb")
-        try:
-            self._pf = pq.ParquetFile(self._file)
-        except Exception as err:  # pyarrow raises ArrowInvalid/OSError for truncated or corrupt footers
-            self._file.close()
-            raise BadRowError(file_name(path), None, "<file>", f"not a readable parquet file ({err})") from None
-        self.where = "the parquet schema"
-        self.rows = self._pf.metadata.num_rows
-        schema = self._pf.schema_arrow
-        self.names = {f.name: "particle" if pa.types.is_list(f.type) or pa.types.is_large_list(f.type) else "jet"
-                      for f in schema}
-        self.row_groups = [self._pf.metadata.row_group(g).num_rows for g in range(self._pf.metadata.num_row_groups)]
-
-    def batches(self, names: list[str], row_groups: tuple[int, ...], size: int) -> Iterator[dict[str, Column]]:
-        import pyarrow as pa
-
-        for batch in self._pf.iter_batches(batch_size=size, row_groups=list(row_groups), columns=names,
-                                           use_threads=False):
-            out = {}
-            for name in names:
-                arr = batch.column(name)
-                if pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type):
-                    counts = arr.value_lengths().fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
-                    out[name] = Column(arr.flatten().to_numpy(zero_copy_only=False), counts)
-                else:   # nulls come back as NaN (floats, or ints made float) and are refused by the checks
-                    out[name] = Column(arr.to_numpy(zero_copy_only=False))
-            yield out
-
-    def close(self) -> None:
-        self._file.close()
-
-
-class _HDF5Source(_Source):
-    def __init__(self, path: str, group: str) -> None:
-        import h5py
-
-        fs, p = open_input(path)
-        self._file = fs.open(p, "rb")
-        name = file_name(path)
-        try:
-            self._h5 = h5py.File(self._file, "r")
-        except Exception as err:  # h5py raises OSError for files that are not HDF5
-            self._file.close()
-            raise BadRowError(name, None, "<file>", f"not a readable HDF5 file ({err})") from None
-        if group and group not in self._h5:
-            self.close()
-            raise BadRowError(name, None, group, f"no HDF5 group {group!r}")
-        node = self._h5[group] if group else self._h5
-        self._group = node
-        self.where = f"HDF5 group {group or '/'!r}"
-        self.names, self.padded, lengths = {}, set(), set()
-        for key, ds in node.items():
-            if not isinstance(ds, h5py.Dataset):
-                continue
-            if h5py.check_vlen_dtype(ds.dtype) is not None and ds.ndim == 1:
-                self.names[key] = "particle"
-            elif ds.ndim == 2:
-                self.names[key] = "particle"
-                self.padded.add(key)
-            elif ds.ndim == 1:
-                self.names[key] = "jet"
-            else:
-                continue
-            lengths.add(ds.shape[0])
-        self.rows = min(lengths) if lengths else 0
-        self._lengths = {key: node[key].shape[0] for key in self.names}
-
-    def read(self, names: list[str], lo: int, hi: int, counts_name: str = "") -> dict[str, Column]:
-        out: dict[str, Column] = {}
-        try:
-            n = np.asarray(self._group[counts_name][lo:hi], np.int64) if counts_name else None
-        except Exception as err:
-            raise _Unreadable(counts_name, f"unreadable ({type(err).__name__}: {err})") from err
-        for name in names:
-            try:
-                block = self._group[name][lo:hi]
-            except Exception as err:
-                raise _Unreadable(name, f"unreadable ({type(err).__name__}: {err})") from err
-            if name in self.padded:       # zero-padded (k, M): the first counts[i] values of row i are real
-                width = block.shape[1]
-                real = np.arange(width)[None, :] < np.minimum(n, width)[:, None]
-                counts = np.where(n > width, -2, n)       # -2: the counts branch promises more than the row holds
-                out[name] = Column(np.asarray(block[real], np.float64), counts)
-            elif self.names.get(name) == "particle":      # variable-length rows
-                counts = np.fromiter((len(v) for v in block), np.int64, len(block))
-                values = np.concatenate(block) if len(block) else np.zeros(0)
-                out[name] = Column(np.asarray(values, np.float64), counts)
-            else:
-                out[name] = Column(np.asarray(block))
-        return out
-
-    def close(self) -> None:
-        self._h5.close()
-        self._file.close()
-
-
-class _Unreadable(Exception):
-    """A branch could not be read for a block of entries (corrupt or truncated data)."""
-
-    def __init__(self, branch: str, reason: str) -> None:
-        super().__init__(reason)
-        self.branch, self.reason = branch, reason
-
-
-def _open(path: str, branches: Branches) -> _Source:
+def _open(path: str, branches: Branches) -> Source:
     fmt = file_format(path)
     if fmt == "root":
-        return _RootSource(path, branches.tree)
+        return RootSource(path, branches.tree)
     if fmt == "parquet":
-        return _ParquetSource(path)
-    return _HDF5Source(path, branches.tree)
+        return ParquetSource(path)
+    return HDF5Source(path, branches.tree)
 
 
-def _check_branches(src: _Source, path: str, branches: Branches) -> list[str]:
+def _check_branches(src: Source, path: str, branches: Branches) -> list[str]:
     """The branches to read (per jet, then per particle); refuses the file when one is missing or misshapen."""
     name = file_name(path)
     wanted = [(b, "particle") for b in branches.particle] + [(branches.label, "jet")]
     counts = branches.counts if branches.counts in src.names else ""
     if counts:
         wanted.append((counts, "jet"))
-    elif isinstance(src, _HDF5Source) and any(b in src.padded for b, _ in wanted):
+    elif isinstance(src, HDF5Source) and any(b in src.padded for b, _ in wanted):
         raise BadRowError(name, None, branches.counts or "counts",
                           f"zero-padded per-particle arrays need a per-jet count of particles: no branch "
                           f"{branches.counts!r} in {src.where} (name it with --branch counts=NAME)")
@@ -314,7 +120,7 @@ def _check_branches(src: _Source, path: str, branches: Branches) -> list[str]:
             what = "a list of values per entry" if src.names[branch] == "particle" else "one value per entry"
             raise BadRowError(name, None, branch, f"holds {what}, expected one value per "
                               f"{'particle' if shape == 'particle' else 'jet'}")
-    if isinstance(src, _HDF5Source):
+    if isinstance(src, HDF5Source):
         short = {b: n for b, n in src._lengths.items() if b in dict(wanted) and n != src.rows}
         if short:
             b = min(short, key=short.get)
@@ -331,7 +137,7 @@ def plan(path: str, rows_per_unit: int, split_deflated: bool = True, branches: B
         _check_branches(src, path, branches)
         if src.rows == 0:
             raise BadRowError(file_name(path), None, "<file>", "file has no entries")
-        if isinstance(src, _ParquetSource):
+        if isinstance(src, ParquetSource):
             units, groups, start, row = [], [], 0, 0
             for g, n in enumerate(src.row_groups):
                 groups.append(g)
@@ -345,10 +151,10 @@ def plan(path: str, rows_per_unit: int, split_deflated: bool = True, branches: B
         src.close()
 
 
-def _blocks(src: _Source, unit: Unit, names: list[str], counts: str,
-            read_rows: int) -> Iterator[tuple[int, int, dict[str, Column] | _Unreadable]]:
+def _blocks(src: Source, unit: Unit, names: list[str], counts: str,
+            read_rows: int) -> Iterator[tuple[int, int, dict[str, Column] | Unreadable]]:
     """(first row, end row, columns or the read error) for each block of the unit."""
-    if isinstance(src, _ParquetSource):
+    if isinstance(src, ParquetSource):
         lo = unit.row_start
         batches = src.batches(names, unit.row_groups, read_rows)
         while True:
@@ -357,7 +163,7 @@ def _blocks(src: _Source, unit: Unit, names: list[str], counts: str,
             except StopIteration:
                 return
             except Exception as err:  # a corrupt page: the rest of the unit cannot be read
-                yield lo, unit.row_stop, _Unreadable(names[0], f"unreadable ({type(err).__name__}: {err})")
+                yield lo, unit.row_stop, Unreadable(names[0], f"unreadable ({type(err).__name__}: {err})")
                 return
             n = len(cols[names[0]].counts if cols[names[0]].counts is not None else cols[names[0]].values)
             yield lo, lo + n, cols
@@ -366,11 +172,11 @@ def _blocks(src: _Source, unit: Unit, names: list[str], counts: str,
     for lo in range(unit.row_start, unit.row_stop, read_rows):
         hi = min(lo + read_rows, unit.row_stop)
         try:
-            if isinstance(src, _HDF5Source):
+            if isinstance(src, HDF5Source):
                 cols = src.read(names, lo, hi, counts if counts in src.names else "")
             else:
                 cols = src.read(names, lo, hi)
-        except _Unreadable as err:
+        except Unreadable as err:
             yield lo, hi, err
             continue
         yield lo, hi, cols
@@ -385,7 +191,7 @@ def read(unit: Unit, labels: LabelConvention, dtype: str = "float32", read_rows:
     try:
         names = _check_branches(src, unit.path, branches)
         for lo, hi, cols in _blocks(src, unit, names, branches.counts, read_rows):
-            if isinstance(cols, _Unreadable):
+            if isinstance(cols, Unreadable):
                 yield Chunk(rejected=[Rejected(name, r, cols.branch, cols.reason) for r in range(lo, hi)])
                 continue
             yield decode_block(cols, np.arange(lo, hi), name, branches, labels, dtype)
@@ -449,7 +255,7 @@ def _kinematics(b: Branches, values: dict[str, np.ndarray], pid: np.ndarray, jet
 
 def decode_block(cols: dict[str, Column], rows: np.ndarray, name: str, b: Branches, labels: LabelConvention,
                  dtype: str) -> Chunk:
-    """Validate and encode one block: ``cols`` from a ``_Source``, ``rows`` their entry numbers in the file.
+    """Validate and encode one block: ``cols`` from a ``Source``, ``rows`` their entry numbers in the file.
 
     Every check runs on whole arrays; only rejected rows are visited one by one (to name their problem). The good
     rows go through the EnergyFlow encoder as (pt, rapidity, phi, pid) clouds, so identical particles give
