@@ -16,7 +16,8 @@ logits must agree (float32, ``rtol=1e-4, atol=1e-5``) on every jet with more tha
 with an error. Jets of <= k particles are left out of the check on purpose: weaver pairs them with padded slots
 (edge feature ``(x_i, -x_i)``), ours with self-loops (``(x_i, 0)``), a documented difference. Then both train on
 the same batches, with the same threads, dtype and optimizer, interleaved; weaver gets channel-first copies of
-the batches, made before timing. ``--compile`` compiles ours only.
+the batches, made before timing. ``--compile`` compiles ours only. For ``particle-transformer`` the reference is
+weaver's ``ParticleTransformer`` (``qgdist.bench.weaver_part``), checked on every jet.
 """
 
 from __future__ import annotations
