@@ -59,7 +59,8 @@ class StepBenchConfig:
     layout: Literal["auto", "padded", "packed"] = option(
         "auto", "dense ParticleNet layout (ParticleNetConfig.layout): auto = packed on CPU, padded on GPU")
     reference: Literal["weaver-core"] | None = option(
-        None, "also build weaver-core's ParticleNet per ParticleNet model, check it agrees with ours, time both")
+        None, "also build weaver-core's ParticleNet (ParticleTransformer) per ParticleNet model (particle-transformer), "
+              "check it agrees with ours, time both")
 
     def __post_init__(self) -> None:
         if isinstance(self.models, str):  # "a,b" from a --config file (flags are split by their parser)

@@ -70,6 +70,15 @@ def test_root_parquet_and_hdf5_convert_train_and_score(trained, tmp_path):
     assert max(abs(scored[k] - reference[k]) for k in reference) < 1e-5     # raw files score as their shards
 
 
+def test_onnx_export_of_part_is_refused_in_one_line(trained, tmp_path, capsys):
+    from qgdist.cli import main
+
+    assert main(["export", "--checkpoint", trained["run"], "--onnx", str(tmp_path / "part.onnx")]) == 2
+    assert "ONNX export of particle-transformer (inputs vectors besides points, features, mask) is not supported" \
+        in capsys.readouterr().err
+    assert not (tmp_path / "part.onnx").exists()
+
+
 def test_the_npz_of_the_same_jets_scores_the_same_and_bad_files_are_named(trained, tmp_path):
     npz = tmp_path / "a.npz"
     run(ToyConfig("energyflow", 600, str(npz), seed=21))                     # the jets of a.root
