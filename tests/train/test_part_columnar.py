@@ -19,6 +19,9 @@ from qgdist.infer.evaluate import EvalConfig, evaluate_checkpoint  # noqa: E402
 from qgdist.train.loop import train  # noqa: E402
 from qgdist.infer.predict import PredictConfig, predict  # noqa: E402
 
+# convert + train + evaluate + predict: 218 s at a load of 11 on the 2 shared cores (2026-12-06), so marked slow
+pytestmark = pytest.mark.slow
+
 TINY = {"embed_dims": [16, 32, 16], "pair_embed_dims": [8, 8], "num_heads": 4, "num_layers": 2,
         "num_cls_layers": 1}
 
