@@ -57,7 +57,7 @@ def worker_loop(config: dict[str, Any]) -> None:
         ray.train.report({k: float(v) for k, v in metrics.items()}, checkpoint=checkpoint,
                          checkpoint_dir_name=path.name if checkpoint else None)
 
-    console = Console(enabled=ray.train.get_context().get_world_rank() == 0, queue=config.get("console"))
+    console = Console(enabled=ray.train.get_context().get_world_rank() == 0, mailbox=config.get("console"))
     train(cfg, device=ray.train.torch.get_device(), report=report, console=console)
 
 
@@ -85,7 +85,7 @@ def fit(cfg: TrainConfig, worker_fn: Callable[[dict[str, Any]], None] = worker_l
     relay = Relay()
     trainer = TorchTrainer(
         worker_fn,
-        train_loop_config={"train": cfg.to_dict(), "console": relay.queue},
+        train_loop_config={"train": cfg.to_dict(), "console": relay.mailbox},
         torch_config=TorchConfig(backend="nccl" if launch.gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
             num_workers=(launch.min_workers, launch.workers) if launch.elastic else launch.workers,
