@@ -16,6 +16,11 @@ lost Ray restarts the group with as many as the cluster has room for (at least M
 ``--resize-check-s`` it checks whether there is room to grow back to MAX; either way the workers start again from
 the latest checkpoint, and ``train`` continues the epoch with the new world size (``qgdist.train.elastic``).
 
+What the user sees: rank 0's lines and bar, relayed to the driver (``qgdist.train.console``), and one plain line
+for each node lost or joined and each restart, wait or resize of the worker group (``qgdist.train.events``, fed by
+a callback in Ray Train's controller and by a watch on the node table); those lines are also added to the MLflow
+run as tags ``qgdist.event.NNN`` when the run ends.
+
 ``storage`` must be a filesystem every worker sees: local disk on one machine, NFS / a PVC on a cluster, or an
 fsspec URL such as ``s3://bucket/runs`` (see ``qgdist.core.storage``).
 """
@@ -69,8 +74,11 @@ def fit(cfg: TrainConfig, worker_fn: Callable[[dict[str, Any]], None] = worker_l
 
     from qgdist.core.ray import ensure_ray
     from qgdist.train.checkpoint import STATE_FILE, Checkpointer, check_fingerprint, load_checkpoint
-    from qgdist.train.console import Relay
+    from qgdist.core.nodes import NodeWatch
     from qgdist.core.storage import run_path, scratch_dir
+    from qgdist.train.console import Relay
+    from qgdist.train.controller_events import ControllerEvents
+    from qgdist.train.events import Narrator
 
     launch, c = cfg.launch, cfg.checkpoint
     if launch.workers < 1:
@@ -83,6 +91,11 @@ def fit(cfg: TrainConfig, worker_fn: Callable[[dict[str, Any]], None] = worker_l
     ensure_ray(launch.address, num_cpus=None, log_dir=scratch_dir(cfg.run_dir), verbose=cfg.tracking.verbose)
     resources = {"CPU": launch.cpus_per_worker} | ({"GPU": 1} if launch.gpu else {}) | launch.worker_resources
     relay = Relay()
+    # Node losses and restarts, one plain line each on this terminal (qgdist.train.events).
+    narrator = Narrator(min_workers=launch.min_workers or launch.workers, max_workers=launch.workers,
+                        per_worker=resources, max_failures=launch.max_failures, batch_size=cfg.data.batch_size,
+                        say=relay.say, position=relay.position, checkpoint=lambda: Checkpointer(cfg.run_dir).pointer())
+    relay.on_other = narrator.on_message
     trainer = TorchTrainer(
         worker_fn,
         train_loop_config={"train": cfg.to_dict(), "console": relay.mailbox},
@@ -94,10 +107,32 @@ def fit(cfg: TrainConfig, worker_fn: Callable[[dict[str, Any]], None] = worker_l
         run_config=ray.train.RunConfig(
             name=c.run_name, storage_path=c.storage,
             failure_config=ray.train.FailureConfig(max_failures=launch.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=max(1, c.keep_last))),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=max(1, c.keep_last)),
+            callbacks=[ControllerEvents(relay.mailbox)]),
     )
-    with relay:
-        result = trainer.fit()
+    with relay, NodeWatch(on_lost=narrator.on_node_lost, on_joined=narrator.on_node_joined):
+        try:
+            result = trainer.fit()
+        finally:
+            _record(cfg, narrator, relay)
     latest = Checkpointer(cfg.run_dir).latest()
     return {"metrics": dict(result.metrics or {}), "run_dir": cfg.run_dir,
             "checkpoint": str(latest) if latest else None}
+
+
+def _record(cfg: TrainConfig, narrator: Any, relay: Any) -> None:
+    """The run's cluster events into its MLflow run (tags), where rank 0's tracker wrote it."""
+    from qgdist.core.storage import is_local, run_path, scratch_dir
+    from qgdist.track.tracker import local_store_uri
+    from qgdist.train.events import record_events
+
+    t = cfg.tracking
+    if not (t.track and narrator.events):
+        return
+    id_file = run_path(cfg.run_dir) / "mlflow_run_id"   # written by rank 0 when it starts tracking
+    run_id = id_file.read_text().strip() if id_file.exists() else None
+    # Without a tracking server the store is rank 0's local one: the driver sees it only on a local run dir.
+    uri = t.tracking_uri or (local_store_uri(scratch_dir(cfg.run_dir)) if is_local(cfg.run_dir) else None)
+    problem = record_events(narrator.events, run_id, uri)
+    if problem:
+        relay.say(f"note: the run's {len(narrator.events)} cluster events could not be added to MLflow ({problem})")
