@@ -20,6 +20,7 @@ import re
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -27,6 +28,7 @@ import fsspec
 import numpy as np
 
 from qgdist.core.config import option
+from qgdist.core.nodes import NodeWatch
 from qgdist.core.storage import is_object_store, list_names
 from qgdist.data.labels import LabelConvention
 from qgdist.data.shards.manifest import MANIFEST_NAME, Manifest, ShardInfo, write_manifest
@@ -79,6 +81,8 @@ class ConvertConfig:
         "ray", "ray: Ray Data tasks; local: the same task code in this process, without Ray",
         aliases={"--no-ray": "local"})
     progress: bool = option(True, "progress bar and closing summary on stderr", aliases={"--quiet": False})
+    verbose: bool = option(False, "show Ray's own log lines on the terminal (else they go to OUT/ray.log when "
+                                  "OUT is a local directory)")
 
     def __post_init__(self) -> None:
         # A --config YAML file may give these as text ("64MiB", "0.8,0.1,0.1"): keep the parsed values.
@@ -215,19 +219,24 @@ def convert(cfg: ConvertConfig) -> Manifest:
             cfg.dtype not in ("float32", "float16") or cfg.chunk_jets < 1:
         raise ValueError(f"bad config: source={cfg.source!r} on_bad_row={cfg.on_bad_row!r} dtype={cfg.dtype!r} "
                          f"chunk_jets={cfg.chunk_jets!r}")
-    ray_seconds, cpus = time.perf_counter(), 1
+    ray_seconds, cpus, own_ray_log = time.perf_counter(), 1, False
     if cfg.executor == "ray":
         import ray
 
         from qgdist.core.ray import ensure_ray
 
-        ensure_ray(cfg.address, cfg.num_cpus)
+        own_ray_log = not ray.is_initialized() and not cfg.verbose and "://" not in cfg.out
+        ensure_ray(cfg.address, cfg.num_cpus, verbose=cfg.verbose)
         cpus = int(ray.cluster_resources().get("CPU", 1))
     start = time.perf_counter()
     ray_seconds = start - ray_seconds
     inputs = expand_inputs(cfg.inputs, cfg.source)
     clean_output(cfg.out)
     units, rows_total, quarantine = plan_inputs(cfg.source, inputs, cpus, cfg.rows_per_task, cfg.on_bad_row)
+    if own_ray_log:   # Ray started or joined here: its lines into OUT/ray.log, once the inputs are planned
+        from qgdist.core.ray import quiet_ray_loggers
+
+        quiet_ray_loggers(cfg.out)
     settings = dataclasses.asdict(cfg)
     run_units = _ray_results if cfg.executor == "ray" and units else _local_results
     results = run_units(units, settings)
@@ -236,7 +245,11 @@ def convert(cfg: ConvertConfig) -> Manifest:
     rows_in, written = sum(1 for r in quarantine if r.row is not None), 0
     bar = tqdm(total=rows_total, unit="rows", desc=f"convert {cfg.source}", disable=not cfg.progress,
                file=sys.stderr, smoothing=0.1)
-    with bar:
+    # A node lost under the tasks: one line; Ray runs its tasks again elsewhere (a unit's shards are rewritten).
+    watch = NodeWatch(on_lost=lambda node: bar.write(
+        f"node {node.address} lost: Ray runs its conversion tasks again on the other nodes", file=sys.stderr)
+    ) if run_units is _ray_results else nullcontext()
+    with bar, watch:
         bar.update(rows_in)
         for record in results:
             if "error" in record:
@@ -265,6 +278,9 @@ def convert(cfg: ConvertConfig) -> Manifest:
     write_manifest(manifest, cfg.out)
     if cfg.progress:
         print(summary(manifest, time.perf_counter() - start), file=sys.stderr)
+        if lost := [node.address for node in getattr(watch, "lost", [])]:
+            print(f"{len(lost)} node(s) lost ({', '.join(lost)}); their tasks ran again on the other nodes",
+                  file=sys.stderr)
         if cfg.executor == "ray":
             print(f"(plus {ray_seconds:.1f} s to start or join Ray)", file=sys.stderr)
     return manifest
