@@ -164,6 +164,13 @@ class Relay:
         tqdm.write(text, file=sys.stdout)
         sys.stdout.flush()
 
+    def close_bar(self) -> None:
+        """Close rank 0's bar (its workers stopped: a bar left standing would show a stale rate); the next group
+        draws a new one. Its position is kept for ``position()``. Called in the relay thread (``on_other``)."""
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
     def position(self) -> tuple[str, int]:
         """The last progress rank 0 sent: the bar's title and the jets done in it (``("", 0)`` before any)."""
         return self._desc, self._done

@@ -34,7 +34,8 @@ class Narrator:
     """Turns cluster and controller events into plain lines (``say``) and keeps them (``events``).
 
     ``position()`` returns the progress bar's title ("epoch 3") and the jets done in it; ``checkpoint()`` the
-    latest checkpoint pointer (``{"epoch", "step", "global_step"}``) or None; ``nodes()`` the alive nodes.
+    latest checkpoint pointer (``{"epoch", "step", "global_step"}``) or None; ``nodes()`` the alive nodes;
+    ``stopped()`` is called when the worker group stops for a restart or a resize.
     Methods may be called from the relay thread and the node-watch thread at once.
     """
 
@@ -42,10 +43,12 @@ class Narrator:
                  batch_size: int, say: Callable[[str], None] = print,
                  position: Callable[[], tuple[str, int]] = lambda: ("", 0),
                  checkpoint: Callable[[], Mapping[str, int] | None] = lambda: None,
-                 nodes: Callable[[], dict[str, Node]] = alive_nodes, clock: Callable[[], float] = time.time) -> None:
+                 nodes: Callable[[], dict[str, Node]] = alive_nodes, clock: Callable[[], float] = time.time,
+                 stopped: Callable[[], None] = lambda: None) -> None:
         self.min_workers, self.max_workers, self.per_worker = min_workers, max_workers, dict(per_worker)
         self.max_failures, self.batch_size = max_failures, batch_size
         self.say_line, self.position, self.checkpoint, self.nodes, self.clock = say, position, checkpoint, nodes, clock
+        self.stopped = stopped   # the worker group stopped: the relay closes rank 0's bar, which would stand still
         self.events: list[tuple[float, str]] = []
         self.group: list[str] = []          # node id of each rank of the running worker group
         self.groups_started = 0
@@ -86,6 +89,7 @@ class Narrator:
             if state == "SCHEDULING":
                 self.scheduling = int(detail.get("num_workers") or 0)
             elif state == "RESTARTING":
+                self.stopped()
                 self._flush_failure()
                 self.restarts += 1
                 where = self.where()
@@ -106,6 +110,7 @@ class Narrator:
                           f"waiting for workers: {self._fit(self._alive())} of {self.max_workers} fit, minimum "
                           f"{self.min_workers}")
             elif state == "RESIZING":
+                self.stopped()
                 self._flush_failure()
                 self._say(f"room for {self._workers(int(detail.get('num_workers') or 0))} "
                           f"({len(self.group)} running): restarting from the latest checkpoint to resize")

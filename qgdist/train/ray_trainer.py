@@ -94,7 +94,8 @@ def fit(cfg: TrainConfig, worker_fn: Callable[[dict[str, Any]], None] = worker_l
     # Node losses and restarts, one plain line each on this terminal (qgdist.train.events).
     narrator = Narrator(min_workers=launch.min_workers or launch.workers, max_workers=launch.workers,
                         per_worker=resources, max_failures=launch.max_failures, batch_size=cfg.data.batch_size,
-                        say=relay.say, position=relay.position, checkpoint=lambda: Checkpointer(cfg.run_dir).pointer())
+                        say=relay.say, position=relay.position, stopped=relay.close_bar,
+                        checkpoint=lambda: Checkpointer(cfg.run_dir).pointer())
     relay.on_other = narrator.on_message
     trainer = TorchTrainer(
         worker_fn,

@@ -29,11 +29,16 @@ class World:
         self.bar = ("", 0)
         self.pointer = None
         self.lines: list[str] = []
+        self.stops = 0   # times the relay was told to close rank 0's bar
 
     def narrator(self, low: int = 1, high: int = 2, max_failures: int = 3) -> Narrator:
+        def stopped() -> None:
+            self.stops += 1
+
         return Narrator(min_workers=low, max_workers=high, per_worker=PER_WORKER, max_failures=max_failures,
                         batch_size=16, say=self.lines.append, position=lambda: self.bar,
-                        checkpoint=lambda: self.pointer, nodes=lambda: dict(self.alive), clock=lambda: 1.0)
+                        checkpoint=lambda: self.pointer, nodes=lambda: dict(self.alive), clock=lambda: 1.0,
+                        stopped=stopped)
 
 
 def test_a_lost_node_is_one_line_then_the_wait_then_the_resume():
@@ -57,6 +62,7 @@ def test_a_lost_node_is_one_line_then_the_wait_then_the_resume():
         "resumed from global step 5 (epoch 0 step 5) with 1 of 2 workers",
     ]
     assert narrator.events == [(1.0, line) for line in world.lines]
+    assert world.stops == 1                                    # the stale bar closed once, at the restart
 
 
 def test_a_failed_worker_on_a_live_node_is_named_with_its_error_and_a_fixed_run_waits_for_all():
@@ -125,6 +131,7 @@ def test_joins_idle_losses_and_resizes_are_told():
     assert world.lines == ["node 10.0.0.2:40002 lost at the start (no worker ran there)",
                            "node 10.0.0.2:40002 joined: 2 of 2 workers fit",
                            "room for 2 of 2 workers (1 running): restarting from the latest checkpoint to resize"]
+    assert world.stops == 1
 
 
 def test_workers_that_fit_counts_each_nodes_capacity():
