@@ -4,8 +4,8 @@ Ray itself tells the driver of a lost node only as a raw error dump (the dead ra
 ``qgdist.core.ray`` keeps in ``ray.log``). ``NodeWatch`` turns the GCS node table into one call per change, from
 which each stage prints one plain line: training (``qgdist.train.events``), ``predict`` and ``convert``.
 
-A node is named by its raylet's ``ip:port``: several nodes may share an IP (one machine, or pods behind one
-address), the port tells them apart, and it is what ``ray status`` and the dashboard show next to the node id.
+A node is named by its raylet's ``ip:port`` (``NodeManagerAddress:NodeManagerPort`` in ``ray.nodes()``): several
+nodes may share an IP (one machine, or pods behind one address), and the port tells them apart.
 """
 
 from __future__ import annotations
