@@ -222,4 +222,7 @@ class Relay:
             self._bar.close()
             self._bar = None
         elif kind not in ("update", "close") and self.on_other is not None:
-            self.on_other(message)
+            try:
+                self.on_other(message)
+            except Exception as err:  # noqa: BLE001 -- an event that cannot be told must not silence rank 0
+                self.say(f"note: could not tell a cluster event ({type(err).__name__}: {err})")

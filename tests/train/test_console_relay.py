@@ -72,3 +72,16 @@ def test_lines_go_on_after_the_relay_process_is_killed(ray_local, capfd):
         assert ray.get(relay.mailbox.__ray_call__.remote(lambda self: os.getpid())) != pid
         console.say("after the restart")
         _wait_printed(capfd, "after the restart", seen)
+
+
+def test_a_failing_event_handler_does_not_silence_rank_0(ray_local, capfd):
+    def broken(message: tuple) -> None:
+        raise KeyError("nodes")
+
+    seen: list[str] = []
+    with Relay(on_other=broken) as relay:
+        console = Console(mailbox=relay.mailbox)
+        relay.mailbox.post.remote(("cluster", "group", {}))
+        console.say("still here")
+        _wait_printed(capfd, "still here", seen)
+    assert "note: could not tell a cluster event (KeyError: 'nodes')" in "".join(seen)
