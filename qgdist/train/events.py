@@ -151,7 +151,7 @@ class Narrator:
         if failure is not None:
             self._say(f"worker failed at {failure[0]}: {failure[1]}")
         self._say(f"waiting for workers: {self._fit(self._alive())} of {self.max_workers} fit, minimum "
-                  f"{self.min_workers} (restart {self.restarts} of {self.max_failures})")
+                  f"{self.min_workers} (restart {self.restarts} of {self._limit()})")
 
     def _flush_failure(self) -> None:
         """A vanished worker whose node was not declared lost before the restart went on: a failed worker."""
@@ -174,6 +174,9 @@ class Narrator:
             return dict(self._known)
         self._known.update(alive)
         return alive
+
+    def _limit(self) -> str:
+        return str(self.max_failures) if self.max_failures >= 0 else "unlimited"   # --max-failures -1: no limit
 
     def _fit(self, alive: Mapping[str, Node]) -> int:
         return min(workers_that_fit(alive, self.per_worker), self.max_workers)

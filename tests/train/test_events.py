@@ -65,6 +65,14 @@ def test_a_lost_node_is_one_line_then_the_wait_then_the_resume():
     assert world.stops == 1                                    # the stale bar closed once, at the restart
 
 
+def test_unlimited_restarts_are_said_so():
+    world = World()
+    narrator = world.narrator(max_failures=-1)
+    narrator.on_group([A.id, B.id])
+    narrator.on_state("RESTARTING", {"error": "rank 0 RuntimeError (boom)"})
+    assert world.lines[-1] == "waiting for workers: 2 of 2 fit, minimum 1 (restart 1 of unlimited)"
+
+
 def test_a_failed_worker_on_a_live_node_is_named_with_its_error_and_a_fixed_run_waits_for_all():
     world = World()
     narrator = world.narrator(low=2, high=2, max_failures=2)
