@@ -3,17 +3,24 @@
 Unless ``verbose``, Ray's own lines stay off the terminal: workers' output is not forwarded to the driver
 (``log_to_driver=False``; Ray still writes it to its session logs, ``<session>/logs/worker-*.out``), the
 driver's ``ray`` loggers write to ``ray.log`` in the given log directory, and Ray Data's to its own
-``ray-data.log`` in the session logs only. What a user should see from inside the
-workers (progress, per-epoch metrics) reaches the driver through ``qgdist.train.console`` instead.
+``ray-data.log`` in the session logs only. Errors the cluster publishes to every driver (a node marked dead, with
+its raylet's log tail, printed as ``(raylet) ...`` in colour whatever ``log_to_driver`` says) go to the same
+``ray.log``. What a user should see from inside the workers (progress, per-epoch metrics) reaches the driver
+through ``qgdist.train.console`` instead, and lost nodes are told in plain lines (``qgdist.core.nodes``).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
+import time
 from pathlib import Path
+from typing import Any
 
 LOG_NAME = "ray.log"
+_COLOUR = re.compile(r"\x1b\[[0-9;]*m")
+_REPEAT_S = 10.0   # the same published error again within this many seconds is logged once
 
 
 def ensure_ray(address: str | None = None, num_cpus: int | None = None, *, log_dir: str | os.PathLike[str] | None = None,
@@ -35,13 +42,18 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, *, log_d
         return
     if not verbose:
         quiet_ray_loggers(log_dir)
+        log_cluster_errors()
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=verbose)
-        return
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
-             log_to_driver=verbose, configure_logging=False)
+    else:
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+                 log_to_driver=verbose, configure_logging=False)
+    if not verbose:
+        # ray.init reconfigures the "ray" logger (configure_logging=False clears its handlers, True resets their
+        # formats): attach ray.log again, or its records would reach stderr through Python's last resort.
+        quiet_ray_loggers(log_dir)
 
 
 def quiet_ray_loggers(log_dir: str | os.PathLike[str] | None) -> Path | None:
@@ -54,11 +66,45 @@ def quiet_ray_loggers(log_dir: str | os.PathLike[str] | None) -> Path | None:
             if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
                 logging.getLogger(name).removeHandler(handler)
     if log_dir is None or "://" in str(log_dir):
-        logger.addHandler(logging.NullHandler())
+        if not any(isinstance(h, logging.NullHandler) for h in logger.handlers):
+            logger.addHandler(logging.NullHandler())
         return None
     path = Path(log_dir) / LOG_NAME
     path.parent.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(path)
+    handler = next((h for h in logger.handlers if isinstance(h, logging.FileHandler)
+                    and Path(h.baseFilename) == path.resolve()), None)
+    if handler is None:
+        handler = logging.FileHandler(path)
+        logger.addHandler(handler)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logger.addHandler(handler)
     return path
+
+
+def log_cluster_errors(logger: logging.Logger | None = None) -> None:
+    """Send the errors Ray publishes to the driver (``(raylet) ...`` lines) to ``logger`` (the ``ray`` logger:
+    ``ray.log``), colour codes removed, instead of the terminal. Call before ``ray.init``.
+
+    Ray 2.60's driver prints them from a thread it starts in ``ray.init`` (``listen_error_messages``), through
+    the module function ``ray._private.worker.print_to_stdstream``, whatever ``log_to_driver`` says; no setting
+    turns that off. The function is looked up at each call, so replacing it reroutes those lines; worker
+    output (only forwarded with ``log_to_driver=True``, i.e. ``--verbose``) is bound at connect and unaffected.
+    A Ray without that function keeps printing them: tests/core/test_ray_logs.py notices.
+    """
+    import ray._private.worker as ray_worker
+
+    if not hasattr(ray_worker, "print_to_stdstream"):
+        return
+    target = logger or logging.getLogger("ray")
+    recent: dict[str, float] = {}   # Ray delivers some errors twice (and dedups them before printing): once here
+
+    def to_log(data: dict[str, Any], ignore_prefix: bool = False) -> None:
+        who, now = data.get("pid") or "ray", time.monotonic()
+        for line in data.get("lines") or []:
+            text = f"({who}) {_COLOUR.sub('', str(line))}"
+            if now - recent.get(text, -_REPEAT_S) >= _REPEAT_S:
+                target.warning("%s", text)
+            recent[text] = now
+        if len(recent) > 1000:
+            recent.clear()
+
+    ray_worker.print_to_stdstream = to_log

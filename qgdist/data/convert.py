@@ -24,6 +24,7 @@ import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -31,6 +32,7 @@ import fsspec
 import numpy as np
 
 from qgdist.core.config import option
+from qgdist.core.nodes import NodeWatch
 from qgdist.core.output import Output
 from qgdist.core.storage import join, list_names
 from qgdist.data.identity import dataset_id, source_records
@@ -93,6 +95,8 @@ class ConvertConfig:
     progress: bool = option(True, "progress bar and closing summary on stderr", aliases={"--quiet": False})
     overwrite: bool = option(False, "replace a dataset already in --out (written beside it; the old one stays whole "
                                     "until the new manifest is written)")
+    verbose: bool = option(False, "show Ray's own log lines on the terminal (else they go to OUT/ray.log when "
+                                  "OUT is a local directory)")
 
     def __post_init__(self) -> None:
         # A --config YAML file may give these as text ("64MiB", "0.8,0.1,0.1"): keep the parsed values.
@@ -223,13 +227,14 @@ def convert(cfg: ConvertConfig) -> Manifest:
             cfg.dtype not in ("float32", "float16") or cfg.chunk_jets < 1:
         raise ValueError(f"bad config: source={cfg.source!r} on_bad_row={cfg.on_bad_row!r} dtype={cfg.dtype!r} "
                          f"chunk_jets={cfg.chunk_jets!r}")
-    ray_seconds, cpus = time.perf_counter(), 1
+    ray_seconds, cpus, own_ray_log = time.perf_counter(), 1, False
     if cfg.executor == "ray":
         import ray
 
         from qgdist.core.ray import ensure_ray
 
-        ensure_ray(cfg.address, cfg.num_cpus)
+        own_ray_log = not ray.is_initialized() and not cfg.verbose and "://" not in cfg.out
+        ensure_ray(cfg.address, cfg.num_cpus, verbose=cfg.verbose)
         cpus = int(ray.cluster_resources().get("CPU", 1))
     start = time.perf_counter()
     ray_seconds = start - ray_seconds
@@ -246,6 +251,10 @@ def convert(cfg: ConvertConfig) -> Manifest:
     for u in units:
         rows_by_path[u.path] += u.rows
     hashing = ThreadPoolExecutor(1).submit(source_records, sorted(rows_by_path), dict(rows_by_path))
+    if own_ray_log:   # Ray started or joined here: its lines into OUT/ray.log, once the inputs are planned
+        from qgdist.core.ray import quiet_ray_loggers
+
+        quiet_ray_loggers(cfg.out)
     settings = dataclasses.asdict(cfg)
     run_units = _ray_results if cfg.executor == "ray" and units else _local_results
     results = run_units(units, settings, prefix)
@@ -254,7 +263,11 @@ def convert(cfg: ConvertConfig) -> Manifest:
     rows_in, written = sum(1 for r in quarantine if r.row is not None), 0
     bar = tqdm(total=rows_total, unit="rows", desc=f"convert {cfg.source}", disable=not cfg.progress,
                file=sys.stderr, smoothing=0.1)
-    with bar:
+    # A node lost under the tasks: one line; Ray runs its tasks again elsewhere (a unit's shards are rewritten).
+    watch = NodeWatch(on_lost=lambda node: bar.write(
+        f"node {node.address} lost: Ray runs its conversion tasks again on the other nodes", file=sys.stderr)
+    ) if run_units is _ray_results else nullcontext()
+    with bar, watch:
         bar.update(rows_in)
         for record in results:
             if "error" in record:
@@ -285,6 +298,9 @@ def convert(cfg: ConvertConfig) -> Manifest:
     output.finish(old)
     if cfg.progress:
         print(summary(manifest, time.perf_counter() - start), file=sys.stderr)
+        if lost := [node.address for node in getattr(watch, "lost", [])]:
+            print(f"{len(lost)} node(s) lost ({', '.join(lost)}); their tasks ran again on the other nodes",
+                  file=sys.stderr)
         if cfg.executor == "ray":
             print(f"(plus {ray_seconds:.1f} s to start or join Ray)", file=sys.stderr)
     return manifest

@@ -21,6 +21,10 @@ Output directory::
 (``g-<id>/part-...``) and the old ones are deleted after the new summary is written (``qgdist.core.output``).
 
 Raw files carry labels in both formats (``y``), so metrics are computed whenever every jet has one.
+
+On a cluster, a node lost under the scoring actors is one plain line on the terminal (``qgdist.core.nodes``;
+Ray's own dump goes to ``ray.log``): Ray Data restarts the actors elsewhere and sends their units again, each
+unit's part is rewritten whole, and the summary counts the nodes lost and the actors restarted.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import re
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -39,6 +44,7 @@ from qgdist.core.output import Output
 
 if TYPE_CHECKING:
     from qgdist.data.identity import TrainedOn
+from qgdist.core.nodes import NodeWatch
 
 PART = "part-{index:06d}.parquet"
 ROC = "roc.png"
@@ -181,11 +187,17 @@ class Scorer:
         self.collate = Collate(self.pre)
         self.out, self.prefix, self.batch_size, self.on_bad_row = out, prefix, batch_size, on_bad_row
         self.label_quark_value = label_quark_value
+        self.restarted = _restarted_actor()   # told once, in this actor's first record
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         import numpy as np
 
-        records = [json.dumps(self.score(json.loads(text))) for text in batch["unit"]]
+        records = []
+        for text in batch["unit"]:
+            record = self.score(json.loads(text))
+            if self.restarted:
+                record["restarted"], self.restarted = True, False
+            records.append(json.dumps(record))
         return {"record": np.array(records, dtype=object)}
 
     def score(self, unit: dict[str, Any]) -> dict[str, Any]:
@@ -252,6 +264,17 @@ class Scorer:
                 yield chunk.block
 
 
+def _restarted_actor() -> bool:
+    """Whether this process is a Ray actor that Ray restarted (after its process or node was lost)."""
+    try:
+        import ray
+
+        context = ray.get_runtime_context() if ray.is_initialized() else None
+        return bool(context and context.get_actor_id() and context.was_current_actor_reconstructed)
+    except Exception:  # noqa: BLE001 -- not an actor, or the GCS did not answer: nothing to tell
+        return False
+
+
 # -- the driver -----------------------------------------------------------------------------------------------------
 def predict(cfg: PredictConfig) -> dict[str, Any]:
     """Score ``cfg.data`` with ``cfg.checkpoint``; writes parts, ``summary.json`` (and ``roc.png``) to ``cfg.out``.
@@ -290,10 +313,14 @@ def predict(cfg: PredictConfig) -> dict[str, Any]:
     records = _run_ray(cfg, checkpoint, units, cpus, gpus, prefix) if cfg.executor == "ray" else _run_local(
         cfg, checkpoint, units, prefix)
     quarantine = [r.to_dict() for r in quarantine]
-    jets, rows_in, parts = 0, sum(1 for r in quarantine if r.get("row") is not None), []
+    jets, rows_in, parts, restarted = 0, sum(1 for r in quarantine if r.get("row") is not None), [], 0
     bar = tqdm(total=total, unit="jet", unit_scale=True, desc="predict", disable=not cfg.progress,
                file=sys.stderr, smoothing=0.1)
-    with bar:
+    # A node lost under the scoring actors: one line; Ray restarts them elsewhere and their units are scored again.
+    watch = NodeWatch(on_lost=lambda node: bar.write(
+        f"node {node.address} lost: Ray restarts its scoring actors on the other nodes and scores their units "
+        "again", file=sys.stderr)) if cfg.executor == "ray" else nullcontext()
+    with bar, watch:
         for record in records:
             if "error" in record:
                 raise BadRowError.from_record(Rejected(**record["error"]))
@@ -301,7 +328,12 @@ def predict(cfg: PredictConfig) -> dict[str, Any]:
             rows_in += record["rows_in"]
             quarantine += record["rejected"]
             parts.append(record["part"])
+            if record.get("restarted"):
+                restarted += 1
+                bar.write("a scoring actor was lost and restarted by Ray; the units it held are scored again",
+                          file=sys.stderr)
             bar.update(record["rows_in"])
+    lost = [node.address for node in getattr(watch, "lost", [])]
     rejected = sum(1 for r in quarantine if r.get("row") is not None)
     if kind != "shards" and jets + rejected != rows_in:   # a bug, never bad input
         raise RuntimeError(f"row accounting broken: in {rows_in}, scored {jets} + rejected {rejected}")
@@ -309,7 +341,8 @@ def predict(cfg: PredictConfig) -> dict[str, Any]:
     summary = {"checkpoint": checkpoint, "input": kind, "data": list(cfg.data), "jets": jets, "rows_in": rows_in,
                "rejected": rejected, "quarantine": quarantine[:1000], "parts": sorted(parts),
                "seen_jets": seen, "seconds": round(seconds, 3), "ray_seconds": round(ray_seconds, 3),
-               "jets_per_s": round(jets / max(seconds - ray_seconds, 1e-9), 1)}
+               "jets_per_s": round(jets / max(seconds - ray_seconds, 1e-9), 1),
+               "nodes_lost": lost, "actors_restarted": restarted}
     summary |= _metrics(output, sorted(parts), pre)
     from qgdist.core.atomic import write_json
     from qgdist.core.storage import join
@@ -321,6 +354,9 @@ def predict(cfg: PredictConfig) -> dict[str, Any]:
         if "metrics" in summary:
             m = summary["metrics"]
             line += f"; auc {m['auc']:.4f} acc {m['acc']:.4f} 1/eps_B@50% {m['rej50']:.1f}"
+        if lost or restarted:
+            line += (f"\n{len(lost)} node(s) lost ({', '.join(lost) or 'none'}), {restarted} scoring actor(s) "
+                     "restarted; every unit is in the output once")
         print(line + f"\n{join(cfg.out, SUMMARY)}", file=sys.stderr)
     return summary
 

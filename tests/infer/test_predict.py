@@ -136,3 +136,55 @@ def test_data_that_does_not_fit_the_model_is_refused(scenario, tmp_path):
     with pytest.raises(PreprocessingMismatch, match="cms files, but the model was trained on energyflow"):
         predict(PredictConfig(checkpoint=scenario["run"], data=[cms], out=str(tmp_path / "p"), executor="local",
                               progress=False))
+
+
+@pytest.mark.slow
+def test_a_scoring_actor_lost_mid_run_is_one_line_and_a_count(scenario, tmp_path, capfd):
+    """A scoring actor's process SIGKILLed mid-run: Ray Data restarts it and sends its units again; the terminal
+    gets one plain line (no raw Ray dump), the summary counts the restart, and every jet is scored once."""
+    import os
+    import signal
+    import threading
+    import time
+
+    import ray
+    from ray.util.state import list_actors
+
+    raw = toy_file("energyflow", 20000, tmp_path / "many" / "many_qg.npz", seed=13)
+    out = tmp_path / "scores"
+    killed: list[int] = []
+
+    def kill_one_scorer() -> None:
+        deadline, pids = time.monotonic() + 300, []
+        while time.monotonic() < deadline and len(pids) < 2:   # both scoring actors up
+            try:
+                pids = [a.pid for a in list_actors(filters=[("class_name", "=", "MapWorker(MapBatches(Scorer))"),
+                                                            ("state", "=", "ALIVE")])]
+            except Exception:  # noqa: BLE001 -- Ray or its State API not up yet
+                pids = []
+            time.sleep(0.1)
+        while time.monotonic() < deadline and not list(out.glob("part-*.parquet")):
+            time.sleep(0.02)   # the first unit scored: both actors hold units now
+        if pids:
+            os.kill(pids[0], signal.SIGKILL)
+            killed.append(pids[0])
+
+    killer = threading.Thread(target=kill_one_scorer, daemon=True)
+    killer.start()
+    try:
+        summary = predict(PredictConfig(checkpoint=scenario["run"], data=[str(raw)], out=str(out), workers=2,
+                                        num_cpus=2, rows_per_task=250, batch_size=64))
+    finally:
+        ray.shutdown()
+    killer.join(timeout=30)
+    terminal = capfd.readouterr()
+    assert killed, "the run ended before a scoring actor could be killed"
+    assert summary["actors_restarted"] == 1 and summary["nodes_lost"] == [], summary
+    lines = [line for line in terminal.err.splitlines() if "scoring actor" in line]
+    assert lines[0].endswith("a scoring actor was lost and restarted by Ray; the units it held are scored again")
+    assert len(lines) == 2 and "0 node(s) lost (none), 1 scoring actor(s) restarted" in lines[1], lines
+    assert "(raylet)" not in terminal.out + terminal.err and "\x1b[" not in terminal.out + terminal.err
+    scored = {}
+    for part in out.glob("part-*.parquet"):
+        scored |= _scores(part)
+    assert summary["jets"] == 20000 and len(scored) == 20000 and len(summary["parts"]) == 80
