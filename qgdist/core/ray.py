@@ -11,10 +11,13 @@ through ``qgdist.train.console`` instead, and lost nodes are told in plain lines
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
+import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -108,3 +111,32 @@ def log_cluster_errors(logger: logging.Logger | None = None) -> None:
             recent.clear()
 
     ray_worker.print_to_stdstream = to_log
+
+
+@contextlib.contextmanager
+def native_stderr_to_log(log_dir: str | os.PathLike[str] | None, verbose: bool = False) -> Iterator[None]:
+    """For the duration, what Ray's C++ core writes straight to this process's stderr (file descriptor 2, e.g.
+    core_worker.cc's warning about actor constructor arguments in the object store, ray-project/ray#57733) goes
+    to ``log_dir/ray.log``, while Python's ``sys.stderr`` -- progress bars, our messages, tracebacks -- keeps
+    writing to the terminal. Nothing changes with ``verbose`` or without a local ``log_dir``."""
+    if verbose or log_dir is None or "://" in str(log_dir):
+        yield
+        return
+    path = Path(log_dir) / LOG_NAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sys.stderr.flush()
+    saved = os.dup(2)
+    log = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    terminal = os.fdopen(os.dup(saved), "w", buffering=1)
+    python_stderr = sys.stderr
+    try:
+        os.dup2(log, 2)
+        sys.stderr = terminal
+        yield
+    finally:
+        terminal.flush()
+        os.dup2(saved, 2)
+        sys.stderr = python_stderr
+        for fd in (log, saved):
+            os.close(fd)
+        terminal.close()

@@ -286,6 +286,7 @@ def predict(cfg: PredictConfig) -> dict[str, Any]:
 
     from qgdist.data.identity import TrainedOn
     from qgdist.data.sources.errors import BadRowError, Rejected
+    from qgdist.core.ray import native_stderr_to_log
     from qgdist.infer.seen import check_seen
     from qgdist.train.checkpointer import find_checkpoint, load_checkpoint
 
@@ -314,25 +315,28 @@ def predict(cfg: PredictConfig) -> dict[str, Any]:
         cfg, checkpoint, units, prefix)
     quarantine = [r.to_dict() for r in quarantine]
     jets, rows_in, parts, restarted = 0, sum(1 for r in quarantine if r.get("row") is not None), [], 0
-    bar = tqdm(total=total, unit="jet", unit_scale=True, desc="predict", disable=not cfg.progress,
-               file=sys.stderr, smoothing=0.1)
-    # A node lost under the scoring actors: one line; Ray restarts them elsewhere and their units are scored again.
-    watch = NodeWatch(on_lost=lambda node: bar.write(
-        f"node {node.address} lost: Ray restarts its scoring actors on the other nodes and scores their units "
-        "again", file=sys.stderr)) if cfg.executor == "ray" else nullcontext()
-    with bar, watch:
-        for record in records:
-            if "error" in record:
-                raise BadRowError.from_record(Rejected(**record["error"]))
-            jets += record["jets"]
-            rows_in += record["rows_in"]
-            quarantine += record["rejected"]
-            parts.append(record["part"])
-            if record.get("restarted"):
-                restarted += 1
-                bar.write("a scoring actor was lost and restarted by Ray; the units it held are scored again",
-                          file=sys.stderr)
-            bar.update(record["rows_in"])
+    # Ray's C++ lines (the actor pool's start) go to ray.log; our bar and lines stay on the terminal.
+    quiet = native_stderr_to_log(_local_dir(cfg.out), cfg.verbose) if cfg.executor == "ray" else nullcontext()
+    with quiet:
+        bar = tqdm(total=total, unit="jet", unit_scale=True, desc="predict", disable=not cfg.progress,
+                   file=sys.stderr, smoothing=0.1)
+        # A node lost under the scoring actors: one line; Ray restarts them elsewhere and scores their units again.
+        watch = NodeWatch(on_lost=lambda node: bar.write(
+            f"node {node.address} lost: Ray restarts its scoring actors on the other nodes and scores their units "
+            "again", file=sys.stderr)) if cfg.executor == "ray" else nullcontext()
+        with bar, watch:
+            for record in records:
+                if "error" in record:
+                    raise BadRowError.from_record(Rejected(**record["error"]))
+                jets += record["jets"]
+                rows_in += record["rows_in"]
+                quarantine += record["rejected"]
+                parts.append(record["part"])
+                if record.get("restarted"):
+                    restarted += 1
+                    bar.write("a scoring actor was lost and restarted by Ray; the units it held are scored again",
+                              file=sys.stderr)
+                bar.update(record["rows_in"])
     lost = [node.address for node in getattr(watch, "lost", [])]
     rejected = sum(1 for r in quarantine if r.get("row") is not None)
     if kind != "shards" and jets + rejected != rows_in:   # a bug, never bad input
