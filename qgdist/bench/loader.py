@@ -31,7 +31,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from qgdist.bench import load_average
 from qgdist.bench.loader_v1 import v1_batches, write_schema1, write_sorted
@@ -44,17 +44,17 @@ class LoaderBenchConfig:
 
     cloud_data: str | None = option(None, "converted cloud dataset (default: toy clouds)")
     image_data: str | None = option(None, "converted image dataset (default: toy images)")
-    jets: int = option(24000, "toy clouds when no data is given (12 files)")
-    image_jets: int = option(2000, "toy images when no data is given (3 files)")
-    batch: int = option(512, "jets per batch")
-    preset: str = option("kin", "cloud feature preset")
-    shuffle_buffer: int = option(8192, "jets in the shuffle buffer (both loaders; training's default)")
-    epochs: int = option(4, "passes over the train split per measurement")
-    repeat: int = option(3, "measurements per row, interleaved; medians are quoted")
+    jets: int = option(24000, "toy clouds when no data is given (12 files)", min=12)
+    image_jets: int = option(2000, "toy images when no data is given (3 files)", min=3)
+    batch: int = option(512, "jets per batch", min=1)
+    preset: Literal["kin", "kinpid"] = option("kin", "cloud feature preset")
+    shuffle_buffer: int = option(8192, "jets in the shuffle buffer (both loaders; training's default)", min=0)
+    epochs: int = option(4, "passes over the train split per measurement", min=1)
+    repeat: int = option(3, "measurements per row, interleaved; medians are quoted", min=1)
     workdir: str = option("runs/bench_loader", "toy data, schema-1 copies, bench_loader.json")
     cloud_model: str = option("particlenet-lite", "model that consumes the clouds (--model-steps)")
     image_model: str = option("resnet15", "model that consumes the images (--model-steps)")
-    model_steps: int = option(0, "timed model steps per format at batch 64 (0: skip)")
+    model_steps: int = option(0, "timed model steps per format at batch 64 (0: skip)", min=0)
 
 
 # -- measurements (each in its own process) -------------------------------------------------------------------------

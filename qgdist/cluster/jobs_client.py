@@ -149,7 +149,7 @@ class LogsConfig:
 
     job_id: str = option(help="submission id of the job", positional=True)
     follow: bool = option(False, "keep printing until the job ends", aliases={"-f": True})
-    tail: int | None = option(None, "only the last LINES lines", metavar="LINES")
+    tail: int | None = option(None, "only the last LINES lines", metavar="LINES", min=1)
     client: ClientConfig = ClientConfig()
 
 

@@ -47,8 +47,8 @@ class SubmitConfig:
     #: The parsers ``check`` uses (the CLI's subparsers, by command name); None: no check.
     check_with: Mapping[str, argparse.ArgumentParser] | None = option(None, "parsers to check ARGS with", cli=False)
     timeout_s: float | None = option(None, "with --wait, give up waiting after this long (the job keeps running)",
-                                     flag="--timeout", metavar="SECONDS")
-    tail_lines: int = option(40, "log lines shown when a job fails", flag="--tail", metavar="LINES")
+                                     flag="--timeout", metavar="SECONDS", gt=0)
+    tail_lines: int = option(40, "log lines shown when a job fails", flag="--tail", metavar="LINES", min=0)
 
 
 def shell_word(arg: str) -> str:

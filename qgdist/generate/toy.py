@@ -44,9 +44,9 @@ class ToyConfig:
     """``qgdist generate toy`` settings."""
 
     format: Literal["cms", "energyflow"] = option(help="source format to write")
-    jets: int = option(help="number of jets (half quark, half gluon)")
+    jets: int = option(help="number of jets (half quark, half gluon)", min=1)
     out: str = option(help="output file (local path or fsspec URL)")
-    seed: int = option(0, "random seed (the same seed writes the same jets)")
+    seed: int = option(0, "random seed (the same seed writes the same jets)", min=0)
     item_name: Literal["item", "element"] = option("item", "CMS nested list item name: legacy item or modern element")
     compress: bool = option(True, "EnergyFlow: deflate the npz members, as the public files are",
                             aliases={"--stored": False})

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from qgdist.core.atomic import atomic_path, write_json
 from qgdist.core.config import option
 from qgdist.core.device import Device
+from qgdist.core.errors import InputError
 from qgdist.core.storage import is_local, run_path, scratch_dir, upload
 
 if TYPE_CHECKING:   # torch is imported when evaluating, so that the command line's parser stays light
@@ -42,7 +43,7 @@ class EvalConfig:
     split: Literal["train", "val", "test"] = option("test", "split to score")
     out: str | None = option(None, "output directory (default RUN_DIR/eval/SPLIT; written locally, copied up when "
                                    "the run directory is a URL)")
-    batch_size: int = option(512, "jets per batch")
+    batch_size: int = option(512, "jets per batch", min=1)
     device: Device = option("auto", "where the model runs; auto: CUDA when visible")
     progress: bool = option(True, "progress bar")
     track: bool = option(False, "also log SPLIT/* metrics and the outputs into the MLflow run that trained the "
@@ -55,6 +56,7 @@ def resolve_checkpoint(path: str | os.PathLike[str]) -> UPath:
     """A checkpoint directory from a checkpoint dir, a ``state.pt`` or a run dir (best, else latest); local or URL."""
     from qgdist.train.checkpoint import STATE_FILE, Checkpointer
 
+    given = str(path)
     path = run_path(path)
     if path.is_file():
         return path.parent
@@ -65,7 +67,12 @@ def resolve_checkpoint(path: str | os.PathLike[str]) -> UPath:
         found = ckpt.best() or ckpt.latest()
         if found is not None:
             return found
-    raise FileNotFoundError(f"{path}: neither a checkpoint (no {STATE_FILE}) nor a run directory with checkpoints")
+    if not path.exists():
+        raise InputError(f"{given}: no such checkpoint or run directory", file=given,
+                         hint="--checkpoint takes a run directory (STORAGE/RUN_NAME: its best checkpoint, else its "
+                              "latest), a checkpoint directory (RUN_DIR/checkpoints/step-N) or its state.pt")
+    raise InputError(f"{given}: neither a checkpoint (no {STATE_FILE}) nor a run directory with checkpoints",
+                     file=given)
 
 
 def model_from_checkpoint(path: str | os.PathLike[str]) -> tuple[torch.nn.Module, dict[str, Any]]:
@@ -181,9 +188,11 @@ def evaluate_checkpoint(cfg: EvalConfig) -> dict[str, Any]:
     from torchmetrics.functional.classification import binary_roc
 
     from qgdist.core.device import resolve_device
+    from qgdist.data.shards.manifest import read_manifest
     from qgdist.train.metrics import compute_metrics
     from qgdist.train.plots import plot_roc
 
+    read_manifest(cfg.data)   # a missing --data is named before the checkpoint is loaded
     ckpt_dir = resolve_checkpoint(cfg.checkpoint)
     device = resolve_device(cfg.device)
     model, state = model_from_checkpoint(ckpt_dir)
