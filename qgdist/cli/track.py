@@ -46,5 +46,7 @@ def replay(run_dir: Path, tracking_uri: str | None) -> int:
         print(f"nothing to replay: {run_dir / UNSENT_FILE} does not exist")
         return 0
     sent = replay_unsent(run_dir, tracking_uri)
-    print(f"replayed {sent} records from {run_dir / UNSENT_FILE} to {tracking_uri or 'the local store'}")
+    from qgdist.core.secrets import redact
+
+    print(f"replayed {sent} records from {run_dir / UNSENT_FILE} to {redact(tracking_uri or 'the local store')}")
     return 0

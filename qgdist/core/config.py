@@ -453,7 +453,9 @@ def to_flat_dict(cfg: Any) -> dict[str, Any]:
 
 
 def describe(cfg: Any) -> str:
-    """The resolved config as indented YAML, printed at the start of a run."""
+    """The resolved config as indented YAML, printed at the start of a run (credentials in URIs masked)."""
     import yaml
 
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=None, width=110).rstrip()
+    from qgdist.core.secrets import redact_config
+
+    return yaml.safe_dump(redact_config(to_dict(cfg)), sort_keys=False, default_flow_style=None, width=110).rstrip()

@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from qgdist.core.atomic import write_text
+from qgdist.core.secrets import redact
 
 #: Short HTTP timeouts so an unreachable server costs seconds, not minutes (MLflow's defaults: 120 s, 7 retries).
 #: Set only where the user has not set them already.
@@ -57,7 +58,8 @@ def local_store_uri(run_dir: str | Path) -> str:
 
 
 def flatten_config(config: Any, prefix: str = "") -> dict[str, str]:
-    """Flatten a dataclass / nested mapping into ``{"a.b": "value"}`` strings, as MLflow params want."""
+    """Flatten a dataclass / nested mapping into ``{"a.b": "value"}`` strings, as MLflow params want; credentials
+    in URIs (a tracking URI with a password) are masked."""
     if dataclasses.is_dataclass(config) and not isinstance(config, type):
         config = dataclasses.asdict(config)
     flat: dict[str, str] = {}
@@ -66,7 +68,7 @@ def flatten_config(config: Any, prefix: str = "") -> dict[str, str]:
             flat.update(flatten_config(value, f"{prefix}{key}."))
         return flat
     value = json.dumps(config, default=str) if isinstance(config, (list, tuple, Mapping)) else str(config)
-    flat[prefix[:-1]] = value[:PARAM_MAX_CHARS]
+    flat[prefix[:-1]] = redact(value)[:PARAM_MAX_CHARS]   # params are shown to everyone who can read the run
     return flat
 
 
@@ -264,8 +266,8 @@ class Tracker:
             if self._online:
                 self._online = False
                 self.outages += 1
-                warnings.warn(f"tracker: MLflow at {self.tracking_uri} unreachable ({type(err).__name__}: "
-                              f"{str(err)[:200]}); training goes on, buffering metrics until it is back",
+                warnings.warn(f"tracker: MLflow at {redact(self.tracking_uri)} unreachable ({type(err).__name__}: "
+                              f"{redact(str(err))[:200]}); training goes on, buffering metrics until it is back",
                               stacklevel=2)
             return
         with self._lock:
@@ -273,7 +275,8 @@ class Tracker:
                 self._idle.set()
         if not self._online:
             self._online = True
-            warnings.warn(f"tracker: MLflow at {self.tracking_uri} reachable again; buffered data sent", stacklevel=2)
+            warnings.warn(f"tracker: MLflow at {redact(self.tracking_uri)} reachable again; buffered data sent",
+                          stacklevel=2)
 
     def _spill(self, status: str | None = None) -> None:
         path = self.run_dir / UNSENT_FILE

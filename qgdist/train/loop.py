@@ -26,6 +26,7 @@ from upath import UPath
 from qgdist.core import atomic
 from qgdist.core.config import to_flat_dict
 from qgdist.core.device import resolve_device
+from qgdist.core.secrets import redact_config
 from qgdist.core.storage import is_local, run_path, scratch_dir, upload
 from qgdist.data.loader import LoaderConfig, ShardLoader
 from qgdist.data.preprocessing import Preprocessing
@@ -93,7 +94,8 @@ def write_artifacts(cfg: TrainConfig, model: torch.nn.Module, preprocessing: Pre
     out = scratch_dir(cfg.run_dir) / "artifacts"
     out.mkdir(parents=True, exist_ok=True)
     files = []
-    for name, doc in (("config.json", cfg.to_dict()), ("metrics.json", {"val": val, "history": history})):
+    saved = redact_config(cfg.to_dict())   # the run uses the real URIs; what is kept masks their credentials
+    for name, doc in (("config.json", saved), ("metrics.json", {"val": val, "history": history})):
         atomic.write_json(out / name, doc)
         files.append(out / name)
     with atomic.atomic_path(out / "model.pt") as tmp:
@@ -242,7 +244,7 @@ def train(cfg: TrainConfig, device: torch.device | str | None = None, report: Re
                 "fingerprint": cfg.fingerprint(), "preprocessing": pre.to_dict(),
                 "schedule_steps": getattr(scheduler, "total_steps", total_steps),
                 "mlflow_run_id": run_id or "", "history": history,
-                "config": json.dumps(cfg.to_dict())}, auc=(val or {}).get("auc"))
+                "config": json.dumps(redact_config(cfg.to_dict()))}, auc=(val or {}).get("auc"))
         if report is not None:
             speed = history.get("train/jets_per_s", [[0, float("nan")]])[-1][1]
             report({"epoch": epoch, "step": step, "global_step": global_step, "jets_per_s": speed,

@@ -158,6 +158,28 @@ def test_secrets_are_only_referenced(name, rendered):
 
 
 @pytest.mark.parametrize("name", RENDERINGS)
+def test_secret_values_never_reach_a_command_line(name, rendered):
+    """A Secret-backed variable is read from the environment by the program, never expanded by Kubernetes into
+    ``command``/``args`` (``$(VAR)``), where ``ps`` on the node and the pod spec would show it."""
+    for obj in rendered[name]:
+        for where, spec in m.pod_specs(obj):
+            for container in spec["containers"] + spec.get("initContainers", []):
+                secret_vars = {e["name"] for e in container.get("env", []) if "secretKeyRef" in e.get("valueFrom", {})}
+                words = " ".join(map(str, container.get("command", []) + container.get("args", [])))
+                expanded = {v for v in secret_vars if f"$({v})" in words}
+                assert not expanded, f"{where}: {sorted(expanded)} expanded into the command line"
+
+
+def test_the_postgres_backend_reaches_mlflow_by_environment_only(rendered):
+    mlflow = next(o for o in rendered["overlays/gpu"] if o["kind"] == "Deployment"
+                  and o["metadata"]["name"] == "qgdist-mlflow")
+    container = mlflow["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["MLFLOW_BACKEND_STORE_URI"]["valueFrom"]["secretKeyRef"]["name"] == "qgdist-mlflow-postgres"
+    assert "--backend-store-uri" not in container["command"] + container.get("args", [])
+
+
+@pytest.mark.parametrize("name", RENDERINGS)
 def test_ray_clusters_autoscale_share_storage_and_have_shm(name, rendered):
     claims = {o["metadata"]["name"] for o in rendered[name] if o["kind"] == "PersistentVolumeClaim"}
     for obj in rendered[name]:
