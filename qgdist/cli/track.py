@@ -40,7 +40,7 @@ def run_tracker(args: argparse.Namespace) -> int:
 
 
 def replay(run_dir: Path, tracking_uri: str | None) -> int:
-    from qgdist.track.tracker import UNSENT_FILE, replay_unsent
+    from qgdist.track.delivery import UNSENT_FILE, replay_unsent
 
     if not (run_dir / UNSENT_FILE).exists():
         print(f"nothing to replay: {run_dir / UNSENT_FILE} does not exist")

@@ -230,12 +230,16 @@ def train(cfg: TrainConfig, device: torch.device | str | None = None, report: Re
         id_file.write_text(run_id)
 
     def save(val: dict[str, float] | None = None) -> UPath | None:
+        nonlocal run_id
         state_rngs = parallel.gather(rng_state())      # collectives: every rank takes part
         positions = parallel.gather(train_loader.state_dict())
         buffers = parallel.gather(parallel.buffers_state(raw_model))
         path = None
         if rank == 0:
             tracker.sync(TRACKER_SYNC_S)
+            if tracker.run_id and tracker.run_id != run_id:   # the run was created late (tracker away at start)
+                run_id = tracker.run_id
+                id_file.write_text(run_id)
             path = ckpt.save({
                 "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": state_rngs,
@@ -304,4 +308,4 @@ def train(cfg: TrainConfig, device: torch.device | str | None = None, report: Re
         tracker.finish(status)
     return {"val": val, "started_unix": started, "history": history,
             "checkpoint": str(last_path) if last_path else None, "global_step": global_step,
-            "epoch": epoch, "mlflow_run_id": run_id}
+            "epoch": epoch, "mlflow_run_id": tracker.run_id or run_id}
