@@ -27,3 +27,5 @@ class DataConfig:
                                  "several chunks (0: no shuffling)", min=0)
     loader_workers: int = option(0, "DataLoader processes per training worker (0: decode in the training process)",
                                  min=0)
+    verify_shards: bool = option(False, "check each shard's sha256 against the manifest the first time this process "
+                                        "reads it (one extra sequential read of each shard; see bench loader)")

@@ -37,6 +37,7 @@ training there); clouds are trimmed to ``max_particles`` and padded to the longe
 from __future__ import annotations
 
 import multiprocessing
+import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -50,7 +51,7 @@ from qgdist.data.preprocessing import Preprocessing
 from qgdist.data.epoch_plan import (JET_BITS, Layout, Pool, Unit, deal, delivered, plan_epoch, remaining_jets,
                                     shuffled_chunks, slot_jets, slot_rng)
 from qgdist.data.shards.manifest import read_manifest
-from qgdist.data.shards.read import read_parts, read_shard
+from qgdist.data.shards.read import read_parts, read_shard, verify_shard
 from qgdist.data.shards.schema import ImageChunk, JetChunk, decode_chunk
 
 __all__ = ["Collate", "DenseImages", "Layout", "LoaderConfig", "ShardLoader", "read_shard", "to_device"]
@@ -72,6 +73,7 @@ class LoaderConfig:
     max_particles: int = 128
     device: str = "cpu"             # where batches land; images are densified there
     prefetch_factor: int = 4
+    verify_shards: bool = False     # sha256 of each shard this rank reads, against the manifest, once per process
     # The model's preprocessing (a checkpoint's); None: build it from this dataset's train-split statistics
     # with ``preset`` and ``max_particles`` (training). Given, it replaces both and must fit the dataset.
     preprocessing: Preprocessing | None = None
@@ -83,7 +85,7 @@ class LoaderConfig:
         return cls(data.data, split=split, batch_size=data.batch_size, rank=rank, world_size=world_size,
                    num_workers=data.loader_workers, seed=seed, shuffle_buffer=data.shuffle_buffer if training else 0,
                    training=training, preset=data.preset, max_particles=data.max_particles, device=device,
-                   preprocessing=preprocessing)
+                   preprocessing=preprocessing, verify_shards=data.verify_shards)
 
 
 class Collate:
@@ -352,6 +354,11 @@ class ShardLoader:
         plan = self._plan(epoch, earlier)
         per_worker = self._batches_per_worker(plan)
         w = self.workers
+        if self.cfg.verify_shards:   # here, in the rank's own process: each shard is hashed once per run
+            sha = {os.path.join(self.cfg.data, s.name): s.sha256 for s in self.manifest.shards}
+            mine = plan[self.cfg.rank * w:(self.cfg.rank + 1) * w]
+            for path in dict.fromkeys(u.path for slot in mine for u in slot):
+                verify_shard(path, sha[path])
         local = start_step - sum(layout.steps for layout in earlier)   # steps already run under this layout
         if local < 0:
             raise ValueError(f"step {start_step} lies before the last layout change of epoch {epoch}")
