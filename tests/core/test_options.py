@@ -265,3 +265,23 @@ def test_ranges_hold_for_configs_built_in_code_and_show_in_help() -> None:
         assert caught.value.field == message.split(":")[0]
     help_text = _parser()._subparsers._group_actions[0].choices["train"].format_help()
     assert "(default: 256; >= 1)" in " ".join(help_text.split())
+
+
+def test_a_missing_data_or_checkpoint_is_named_before_anything_starts(capsys, tmp_path) -> None:
+    """train, evaluate and predict name a --data (or --checkpoint) that is not there: one line, exit 2, before Ray
+    or a model is touched (these runs take milliseconds in this process)."""
+    missing, empty = tmp_path / "no-such-dataset", tmp_path / "ckpt"
+    empty.mkdir()
+    for argv, message in [
+        (["train", "--data", str(missing), "--model", "resnet15", "--workers", "2"],
+         f"qgdist train: {missing}: no such dataset directory"),
+        (["evaluate", "--checkpoint", str(empty), "--data", str(missing)],
+         f"qgdist evaluate: {missing}: no such dataset directory"),
+        (["predict", "--checkpoint", str(empty), "--data", str(missing), "--out", str(tmp_path / "o")],
+         f"qgdist predict: {missing}: no such file or directory"),
+        (["predict", "--checkpoint", str(tmp_path / "nope"), "--data", str(empty), "--input", "shards",
+          "--out", str(tmp_path / "o")], f"qgdist predict: {tmp_path / 'nope'}: no such checkpoint or run directory"),
+    ]:
+        code, err = run(argv, capsys)
+        assert code == 2 and err.startswith(message) and "Traceback" not in err, err
+    assert not (tmp_path / "o").exists() and not (tmp_path / "runs").exists()
