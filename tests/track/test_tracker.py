@@ -149,7 +149,8 @@ def test_resume_continues_same_run_without_duplicated_steps(server: TrackerComma
 
 
 def test_outage_buffers_then_delivers_without_duplicates(server: TrackerCommand, tmp_path: Path) -> None:
-    tracker = Tracker(tmp_path / "a", tracking_uri=server.url, flush_s=0.1, retry_s=0.2)
+    # retry_s: while the server is away the sender waits for a wake-up (flush, sync), never for its timer
+    tracker = Tracker(tmp_path / "a", tracking_uri=server.url, flush_s=0.1, retry_s=3600)
     run_id = tracker.start("outage", {"a": 1})
     # A second run whose job ends while the server is down: what it cannot send is spilled to a file.
     ending = Tracker(tmp_path / "b", tracking_uri=server.url, finish_timeout_s=1)
@@ -161,12 +162,14 @@ def test_outage_buffers_then_delivers_without_duplicates(server: TrackerCommand,
     server.stop()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        for step in range(2, 6):   # training goes on: no exception
-            tracker.log_metrics({"train/loss": float(step)}, step=step)
+        tracker.log_metrics({"train/loss": 2.0}, step=2)   # training goes on: no exception
         ending.log_metrics({"loss": 0.5}, step=3)
-        # flush returns once the sender has tried and found the server away (an event, not its 30 s timeout) ...
+        # flush returns once the sender has tried and found the server away (an event, not its 30 s timeout)
         assert not tracker.flush(timeout_s=30) and tracker.outages == 1
-        # ... and a checkpoint's sync finds nothing only in memory: the steps are on disk.
+        for step in range(3, 6):
+            tracker.log_metrics({"train/loss": float(step)}, step=step)
+        assert tracker.pending == 3
+        # A checkpoint's sync while the server is away writes the queue to disk at once: nothing only in memory.
         assert tracker.sync(timeout_s=30) and tracker.pending == 0
         spilled = [json.loads(line) for line in (tmp_path / "a" / UNSENT_FILE).read_text().splitlines()]
         assert [(r["run_id"], r["step"]) for r in spilled] == [(run_id, s) for s in range(2, 6)]
