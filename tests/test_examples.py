@@ -91,12 +91,13 @@ def examples(path: Path) -> list[Example]:
         for words in _commands(block):
             out.append(Example(f"{rel}:{comments[0][0]}", tuple(words)))
         return out
-    in_block, block, start, paragraph, para_start = False, [], 0, [], 0
+    in_block, shell, block, start, paragraph, para_start = False, False, [], 0, [], 0
     for number, line in enumerate(lines + [""], 1):
         if line.strip().startswith("```"):
-            if in_block:
+            if in_block and shell:   # shell blocks only: a diagram or a file layout is not a command line
                 for words in _commands("\n".join(block)):
                     out.append(Example(f"{rel}:{start}", tuple(words)))
+            shell = not in_block and line.strip()[3:].strip() in ("bash", "sh", "shell", "console")
             in_block, block, start = not in_block, [], number
             continue
         if in_block:
@@ -168,12 +169,13 @@ def layout_problems(path: list[str], args: argparse.Namespace, rest: list[str]) 
         parts = value.rstrip("/").split("/")
         if flag in ("--checkpoint", "--resume-from"):
             is_checkpoint = len(parts) >= 2 and parts[-2] == "checkpoints" and parts[-1].startswith("step-")
-            is_state = parts[-1] == "state.pt"
+            is_state = parts[-1] in ("state.pt", "model.pt")
             is_run_dir = "checkpoints" not in parts and parts[-1] not in ("best", "latest", "best.json",
                                                                           "latest.json")
             ok = is_checkpoint or is_state or (is_run_dir and flag == "--checkpoint")
             if not ok:
-                problems.append(f"{flag} {value}: not a run directory, a checkpoints/step-N directory or a state.pt")
+                problems.append(f"{flag} {value}: not a run directory, a checkpoints/step-N directory, a state.pt "
+                                "or a model.pt")
         elif path[0] in ("train", "evaluate") and parts[-1].endswith((".npz", ".parquet")):
             problems.append(f"{flag} {value}: {path[0]} reads a converted dataset directory, not a raw file")
     return problems

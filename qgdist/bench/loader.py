@@ -69,14 +69,15 @@ def _measure(layout: str, data: str, v1_dir: str, batch: int, buffer: int, epoch
     import torch
 
     torch.set_num_threads(1)
-    from qgdist.data.loader import LoaderConfig, ShardLoader
+    from qgdist.data.config import DataConfig
+    from qgdist.data.loader import ShardLoader
     from qgdist.data.preprocessing import Preprocessing
     from qgdist.data.shards.manifest import read_manifest
 
     manifest = read_manifest(data)
     pre = Preprocessing.from_manifest(manifest, data, preset)
-    loader = ShardLoader(LoaderConfig(data, batch_size=batch, shuffle_buffer=buffer, preset=preset,
-                                      verify_shards=layout == "v2+verify"))
+    loader = ShardLoader(DataConfig(data, batch_size=batch, shuffle_buffer=buffer, preset=preset,
+                                    verify_shards=layout == "v2+verify"))
 
     def epoch(e: int) -> Any:
         if layout.startswith("v2"):
@@ -126,7 +127,8 @@ def _run_measure(*args: Any) -> dict:
 def shuffle_quality(layout: str, data: str, v1_dir: str, batch: int, buffer: int, min_batches: int = 100) -> dict:
     """Mean share of a batch from its most common file, lag-1 label autocorrelation, batch quark-fraction spread,
     over at least ``min_batches`` batches (as many epochs as that takes)."""
-    from qgdist.data.loader import LoaderConfig, ShardLoader
+    from qgdist.data.config import DataConfig
+    from qgdist.data.loader import ShardLoader
     from qgdist.data.preprocessing import Preprocessing
     from qgdist.data.shards.manifest import read_manifest
 
@@ -136,7 +138,7 @@ def shuffle_quality(layout: str, data: str, v1_dir: str, batch: int, buffer: int
     e = 0
     while len(files) < min_batches:
         if layout == "v2":
-            loader = ShardLoader(LoaderConfig(data, batch_size=batch, shuffle_buffer=buffer))
+            loader = ShardLoader(DataConfig(data, batch_size=batch, shuffle_buffer=buffer))
             batches = [(list(b["file"]), b["label"].numpy()) for b in loader.collated(e)]
         else:
             pre = Preprocessing.from_manifest(manifest, data)
@@ -208,12 +210,13 @@ def model_speed(name: str, data: str, steps: int, preset: str) -> float:
     """Jets/s of ``train_step`` for model ``name`` on one thread, batch 64 (after one untimed step)."""
     import torch
 
-    from qgdist.data.loader import LoaderConfig, ShardLoader
+    from qgdist.data.config import DataConfig
+    from qgdist.data.loader import ShardLoader
     from qgdist.models import get_model
     from qgdist.train.step import train_step
 
     torch.set_num_threads(1)
-    loader = ShardLoader(LoaderConfig(data, batch_size=64, shuffle_buffer=0, preset=preset))
+    loader = ShardLoader(DataConfig(data, batch_size=64, shuffle_buffer=0, preset=preset))
     batches = [b for b, _ in zip(loader.epoch(0), range(steps + 1))]
     kwargs = {"in_features": loader.in_features} if loader.kind == "cloud" else {}
     model = get_model(name, **kwargs).train()

@@ -127,10 +127,10 @@ def train_and_test(cfg: PhysicsBenchConfig, model: str, data: str, test_data: st
     """Train ``model`` on ``data`` with the default recipe; metrics of the best-validation checkpoint on the test
     split of ``test_data`` (default: ``data``)."""
     from qgdist.core.device import resolve_device
-    from qgdist.data.loader import LoaderConfig, ShardLoader
-    from qgdist.data.preprocessing import Preprocessing
-    from qgdist.models import count_parameters, get_model
-    from qgdist.train.checkpoint import Checkpointer, load_checkpoint
+    from qgdist.data.config import DataConfig
+    from qgdist.data.loader import ShardLoader
+    from qgdist.models import count_parameters
+    from qgdist.train.checkpointer import Checkpointer, load_checkpoint
     from qgdist.train.config import TrainConfig, resolve
     from qgdist.train.loop import evaluate, train
 
@@ -143,17 +143,14 @@ def train_and_test(cfg: PhysicsBenchConfig, model: str, data: str, test_data: st
     start = time.perf_counter()
     result = train(tcfg, device=device)
     seconds = time.perf_counter() - start
-    best = Checkpointer(tcfg.run_dir).best() or result["checkpoint"]
-    state = load_checkpoint(best)
-    loader = ShardLoader(LoaderConfig(test_data or data, split="test", batch_size=512, training=False,
-                                      shuffle_buffer=0, device=str(device),
-                                      preprocessing=Preprocessing.from_dict(state["preprocessing"])))
-    kwargs = {"in_features": loader.in_features} if loader.kind == "cloud" else {}
-    net = get_model(model, **kwargs).to(device)
-    net.load_state_dict(state["model"])
+    best = Checkpointer(tcfg.run).best() or result.checkpoint
+    checkpoint = load_checkpoint(best)
+    loader = ShardLoader(DataConfig(test_data or data, batch_size=512), "test", training=False, device=str(device),
+                         preprocessing=checkpoint.preprocessing)
+    net = checkpoint.build_model().to(device)
     test, roc = evaluate(net, loader, device, tcfg.optim.precision)
     return {"roc": roc, "model": model, "parameters": count_parameters(net), "train_seconds": round(seconds, 1),
-            "epochs_run": result["epoch"], "steps": result["global_step"], "checkpoint": str(best), "test": test}
+            "epochs_run": result.epoch, "steps": result.global_step, "checkpoint": str(best), "test": test}
 
 
 def run_learning_curve(cfg: PhysicsBenchConfig) -> dict:

@@ -50,8 +50,7 @@ def one_step_checkpoint(model: str, shards: str, root: Path) -> str:
     cfg = resolve(TrainConfig.of(data=shards, model=model, workers=0, epochs=1, batch_size=8, max_steps=1,
                                  storage=str(root / "runs"), run_name=model, track=False, progress=False,
                                  checkpoint_every=0))
-    train(cfg)
-    return str(root / "runs" / model)
+    return train(cfg).run_dir
 
 
 def _predict(checkpoint: str, data: str, out: Path, cfg: BenchPredictConfig) -> dict[str, Any]:

@@ -117,14 +117,16 @@ def _logged_steps(run_dir: str) -> list[tuple[int, float]]:
 def _train(cfg: BenchScaleConfig, data: str, root: Path) -> dict[str, Any]:
     """Train a slice of an epoch, SIGKILL it past half way, resume it to the end."""
     from qgdist.bench.memory import measure_tree
+    from qgdist.core.run import Run
 
-    run_dir = root / "runs" / "scale"
+    run = Run.at(str(root / "runs"), "scale")
+    run_dir = Path(run.location)
     every = max(1, cfg.train_steps // 4)
     cmd = [sys.executable, "-m", "qgdist", "train", "--data", data, "--model", cfg.model, "--workers",
            str(cfg.workers), "--epochs", "1", "--max-steps", str(cfg.train_steps), "--batch-size", str(cfg.batch_size),
            "--checkpoint-every", str(every), "--log-every", "5", "--storage", str(root / "runs"), "--run-name", "scale",
            "--no-progress", "--max-failures", "0"]
-    pointer = run_dir / "checkpoints" / "latest.json"
+    pointer = run.pointer()
     seen: dict[str, float] = {}
 
     def past_half() -> bool:   # a few seconds after the first checkpoint past half way: some work to redo

@@ -30,13 +30,10 @@ def run_train(args: argparse.Namespace) -> int:
     read_manifest(cfg.data.data)   # a missing or unconverted --data is refused here, before Ray or a run directory
     print(f"training config (resolved):\n{describe(cfg)}", flush=True)
     if cfg.launch.workers == 0:
-        from qgdist.train.loop import train
-
-        out = train(cfg)
-        print(f"done: global step {out['global_step']}, checkpoint {out['checkpoint']}")
-        return 0
-    from qgdist.train.ray_trainer import fit
-
-    out = fit(cfg)
-    print(f"done: {out['run_dir']}, checkpoint {out['checkpoint']}")
+        from qgdist.train.loop import train as run
+    else:
+        from qgdist.train.ray_trainer import fit as run
+    out = run(cfg)
+    print(f"done: {out.run_dir}, epoch {out.epoch} step {out.step} (global step {out.global_step}), "
+          f"checkpoint {out.checkpoint}")
     return 0

@@ -10,6 +10,7 @@ its final name; a directory of objects is committed by writing a small pointer o
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -34,7 +35,9 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a local temporary path to write; on success it replaces ``path``, on error it is removed.
 
     For libraries that want a file name (``pyarrow.parquet.write_table``, ``savefig``, ``torch.save``).
-    ``path`` may be a URL: the file is then written locally and uploaded as one object.
+    ``path`` may be a URL: the file is then written locally and uploaded as one object. Locally the file's data
+    reach the disk (fsync) before the rename, and the rename itself before we return (fsync of the directory), so
+    a power loss after this returns cannot leave the name pointing at a hole.
     """
     local = _local(path)
     if local is not None:
@@ -42,7 +45,9 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         tmp = local.with_name(temp_name(local))
         try:
             yield tmp
+            fsync(tmp)
             os.replace(tmp, local)
+            fsync(local.parent)
         finally:
             tmp.unlink(missing_ok=True)
         return
@@ -55,6 +60,15 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         yield tmp
         _parent_dir(target)
         target.fs.put_file(str(tmp), target.path)  # streamed: a 64 MiB shard is not read into memory first
+
+
+def fsync(path: str | os.PathLike[str]) -> None:
+    """Flush a local file's (or directory's: its entries') data to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _parent_dir(target: UPath) -> None:
@@ -81,6 +95,27 @@ def write_text(path: str | os.PathLike[str], text: str) -> None:
     write_bytes(path, text.encode())
 
 
+def upload(local: Path, remote: UPath) -> None:
+    """Copy a local file or directory tree to ``remote`` (a path or URL), each file written atomically."""
+    if local.is_dir():
+        for child in local.iterdir():
+            upload(child, remote / child.name)
+        return
+    write_bytes(remote, local.read_bytes())
+
+
 def write_json(path: str | os.PathLike[str], doc: Any, indent: int | None = 1) -> None:
-    """Write ``doc`` as JSON to ``path`` atomically (values JSON cannot hold are written with ``str``)."""
-    write_text(path, json.dumps(doc, indent=indent, default=str, sort_keys=False) + "\n")
+    """Write ``doc`` as strict JSON to ``path`` atomically: NaN and infinities become ``null`` (Python's ``NaN``
+    and ``Infinity`` tokens are not JSON, and strict readers reject them); other values JSON cannot hold are
+    written with ``str``."""
+    write_text(path, json.dumps(_finite(doc), indent=indent, default=str, sort_keys=False, allow_nan=False) + "\n")
+
+
+def _finite(doc: Any) -> Any:
+    if isinstance(doc, float):
+        return doc if math.isfinite(doc) else None
+    if isinstance(doc, dict):
+        return {k: _finite(v) for k, v in doc.items()}
+    if isinstance(doc, (list, tuple)):
+        return [_finite(v) for v in doc]
+    return doc

@@ -136,17 +136,6 @@ def list_dirs(location: str | os.PathLike[str]) -> list[str]:
     return list_names(location, dirs_only=True)
 
 
-def upload(local: Path, remote: UPath) -> None:
-    """Copy a local file or directory tree to ``remote``, each file written atomically."""
-    if local.is_dir():
-        for child in local.iterdir():
-            upload(child, remote / child.name)
-        return
-    from qgdist.core.atomic import write_bytes  # noqa: PLC0415 -- atomic builds on this module
-
-    write_bytes(remote, local.read_bytes())
-
-
 def scratch_dir(run_dir: str | os.PathLike[str]) -> Path:
     """Local working directory for a run: the run directory itself when local, else a folder under
     ``$QGDIST_SCRATCH`` (default: the system temp dir) named after the URL."""

@@ -2,6 +2,7 @@
 
 ``ConvertConfig`` (``qgdist convert``) lives next to the conversion in ``qgdist.data.convert``; this module
 holds what a trainer reads: which converted dataset, and how it is batched, shuffled and turned into features.
+The loader takes this section as it is (``ShardLoader(cfg.data, ...)``): there is no second loader config.
 It imports no torch, so command-line parsing stays fast.
 """
 

@@ -7,12 +7,15 @@ then runs one task per unit: it reads its rows in coalesced blocks, validates th
 and returns a small JSON record: shards, rejected rows and partial statistics of its train rows. The driver consumes
 records as they stream in, shows progress, merges the statistics (in unit order) and writes ``manifest.json`` last.
 
-A re-run first deletes the old manifest (so a run that dies never leaves a manifest that points at missing or
-half-written shards) and then every shard or temporary file of a previous run.
+Nothing is written before every input is found and planned. An existing dataset in ``--out`` is refused unless
+``--overwrite``, and then the new shards are written beside it (in a generation folder ``g-<id>/``) and the old
+ones deleted only after the new manifest is written (``qgdist.core.output``): a rerun that fails or is killed
+leaves the earlier dataset complete.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import posixpath
@@ -20,6 +23,7 @@ import re
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -27,9 +31,11 @@ import fsspec
 import numpy as np
 
 from qgdist.core.config import option
-from qgdist.core.storage import is_object_store, list_names
+from qgdist.core.output import Output
+from qgdist.core.storage import join, list_names
+from qgdist.data.identity import dataset_id, source_records
 from qgdist.data.labels import LabelConvention
-from qgdist.data.shards.manifest import MANIFEST_NAME, Manifest, ShardInfo, write_manifest
+from qgdist.data.shards.manifest import MANIFEST_NAME, Manifest, ShardInfo, read_manifest, write_manifest
 from qgdist.data.shards.schema import CHUNK_JETS
 from qgdist.data.shards.writer import ChunkWriter, ShardWriter
 from qgdist.data.sources.base import Unit, file_name
@@ -79,6 +85,8 @@ class ConvertConfig:
         "ray", "ray: Ray Data tasks; local: the same task code in this process, without Ray",
         aliases={"--no-ray": "local"})
     progress: bool = option(True, "progress bar and closing summary on stderr", aliases={"--quiet": False})
+    overwrite: bool = option(False, "replace a dataset already in --out (written beside it; the old one stays whole "
+                                    "until the new manifest is written)")
 
     def __post_init__(self) -> None:
         # A --config YAML file may give these as text ("64MiB", "0.8,0.1,0.1"): keep the parsed values.
@@ -104,8 +112,9 @@ class InspectConfig:
     show: int = option(10, "quarantine entries to print", min=0)
 
 
-def convert_unit(unit: dict[str, Any], cfg: dict[str, Any]) -> dict[str, Any]:
-    """One task: read, validate, encode and write the shards of one unit; returns a JSON-able record.
+def convert_unit(unit: dict[str, Any], cfg: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """One task: read, validate, encode and write the shards of one unit (named ``prefix`` + ``{split}-{unit}-{k}``);
+    returns a JSON-able record.
 
     Everything is done on whole decoded blocks (columns of many jets): the split of each jet, the chunks written
     per split, and the train statistics; no Python loop visits jets one by one.
@@ -113,7 +122,8 @@ def convert_unit(unit: dict[str, Any], cfg: dict[str, Any]) -> dict[str, Any]:
     u = Unit(**{**unit, "row_groups": tuple(unit["row_groups"])})
     c = ConvertConfig(**cfg)
     name = file_name(u.path)
-    writers = {s: ChunkWriter(ShardWriter(c.out, s, lambda k, s=s: f"{s}-{u.index:06d}-{k:03d}.tar", c.shard_size),
+    writers = {s: ChunkWriter(ShardWriter(c.out, s, lambda k, s=s: f"{prefix}{s}-{u.index:06d}-{k:03d}.tar",
+                                          c.shard_size),
                               c.chunk_jets, c.compress) for s in SPLIT_NAMES}
     stats, rejected, rows_in, written = StatSums(), [], 0, 0
     for chunk in READERS[c.source].read(u, c.labels(), c.dtype):
@@ -138,7 +148,7 @@ def convert_unit(unit: dict[str, Any], cfg: dict[str, Any]) -> dict[str, Any]:
             "stats": stats.sums}
 
 
-def _ray_results(units: list[Unit], cfg: dict[str, Any]) -> Iterator[dict[str, Any]]:
+def _ray_results(units: list[Unit], cfg: dict[str, Any], prefix: str) -> Iterator[dict[str, Any]]:
     """Run ``convert_unit`` over Ray Data, one block (and task) per unit, yielding records as they finish."""
     import logging
 
@@ -149,32 +159,14 @@ def _ray_results(units: list[Unit], cfg: dict[str, Any]) -> Iterator[dict[str, A
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     items = [{"unit": json.dumps(dataclasses.asdict(u))} for u in units]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
-    ds = ds.map(lambda row: {"record": json.dumps(convert_unit(json.loads(row["unit"]), cfg))}, num_cpus=1)
+    ds = ds.map(lambda row: {"record": json.dumps(convert_unit(json.loads(row["unit"]), cfg, prefix))}, num_cpus=1)
     for row in ds.iter_rows():
         yield json.loads(row["record"])
 
 
-def _local_results(units: list[Unit], cfg: dict[str, Any]) -> Iterator[dict[str, Any]]:
+def _local_results(units: list[Unit], cfg: dict[str, Any], prefix: str) -> Iterator[dict[str, Any]]:
     for u in units:
-        yield convert_unit(dataclasses.asdict(u), cfg)
-
-
-def clean_output(out: str) -> None:
-    """Delete a previous run's manifest first, then its shards and temporary files (only names we write).
-
-    A new output may not exist yet: on object storage a prefix exists only once an object under it does, so
-    there is nothing to list (and no directory to make) until the first shard is written.
-    """
-    fs, root = fsspec.core.url_to_fs(out)
-    if not is_object_store(out):
-        fs.makedirs(root, exist_ok=True)
-    try:
-        fs.rm(posixpath.join(root, MANIFEST_NAME))
-    except FileNotFoundError:
-        pass
-    ours = [posixpath.join(root, name) for name in list_names(out) if _OUR_FILES.match(name)]
-    if ours:
-        fs.rm(ours)
+        yield convert_unit(dataclasses.asdict(u), cfg, prefix)
 
 
 def verify_output(out: str) -> list[str]:
@@ -199,8 +191,11 @@ def verify_output(out: str) -> list[str]:
         if size != shard.bytes or sha.hexdigest() != shard.sha256:
             problems.append(f"{shard.name}: {size} bytes, sha256 {sha.hexdigest()[:12]}... does not match")
     listed = {s.name for s in manifest.shards}
-    problems += [f"{name}: not in the manifest" for name in list_names(out)
-                 if _OUR_FILES.match(name) and name not in listed]
+    # where the manifest's shards are: the top level, or its generation folder (others are an unfinished rerun's)
+    folders = {posixpath.dirname(name) for name in listed} | {""}
+    problems += [f"{posixpath.join(folder, name)}: not in the manifest" for folder in sorted(folders)
+                 for name in list_names(join(out, folder) if folder else out)
+                 if _OUR_FILES.match(name) and posixpath.join(folder, name) not in listed]
     return problems
 
 
@@ -225,12 +220,21 @@ def convert(cfg: ConvertConfig) -> Manifest:
         cpus = int(ray.cluster_resources().get("CPU", 1))
     start = time.perf_counter()
     ray_seconds = start - ray_seconds
+    # Every input is found and planned (footers, headers) before the output is touched: a typo never costs the
+    # user the dataset already there.
     inputs = expand_inputs(cfg.inputs, cfg.source)
-    clean_output(cfg.out)
     units, rows_total, quarantine = plan_inputs(cfg.source, inputs, cpus, cfg.rows_per_task, cfg.on_bad_row)
+    output = Output(cfg.out, MANIFEST_NAME, "a converted dataset", cfg.overwrite, ours=_OUR_FILES)
+    old = [s.name for s in read_manifest(cfg.out).shards] if output.committed() else []
+    prefix = output.begin()
+    # The inputs' sha256 (the dataset's identity) is read while the tasks convert: the driver waits anyway.
+    rows_by_path = collections.Counter()
+    for u in units:
+        rows_by_path[u.path] += u.rows
+    hashing = ThreadPoolExecutor(1).submit(source_records, sorted(rows_by_path), dict(rows_by_path))
     settings = dataclasses.asdict(cfg)
     run_units = _ray_results if cfg.executor == "ray" and units else _local_results
-    results = run_units(units, settings)
+    results = run_units(units, settings, prefix)
     shards: list[ShardInfo] = []
     unit_stats: dict[int, dict[str, Any]] = {}
     rows_in, written = sum(1 for r in quarantine if r.row is not None), 0
@@ -261,8 +265,10 @@ def convert(cfg: ConvertConfig) -> Manifest:
         chunk_jets=cfg.chunk_jets, shards=sorted(shards, key=lambda s: s.name),
         rows={"in": rows_in, "written": written, "rejected": rejected},
         quarantine=[r.to_dict() for r in sorted(quarantine, key=lambda r: (r.file, r.row or -1))],
-        stats=stats.finish())
-    write_manifest(manifest, cfg.out)
+        stats=stats.finish(), sources=hashing.result())
+    manifest.dataset_id = dataset_id(manifest)
+    write_manifest(manifest, cfg.out)   # the commit
+    output.finish(old)
     if cfg.progress:
         print(summary(manifest, time.perf_counter() - start), file=sys.stderr)
         if cfg.executor == "ray":

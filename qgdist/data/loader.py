@@ -39,7 +39,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any
 
 import numpy as np
@@ -54,38 +54,10 @@ from qgdist.data.shards.manifest import read_manifest
 from qgdist.data.shards.read import read_parts, read_shard, verify_shard
 from qgdist.data.shards.schema import ImageChunk, JetChunk, decode_chunk
 
-__all__ = ["Collate", "DenseImages", "Layout", "LoaderConfig", "ShardLoader", "read_shard", "to_device"]
+#: Batches each DataLoader worker prepares ahead of the training step.
+PREFETCH_BATCHES = 4
 
-@dataclass
-class LoaderConfig:
-    """What one rank reads and how it is batched."""
-
-    data: str                       # directory holding manifest.json and the shards
-    split: str = "train"
-    batch_size: int = 256
-    rank: int = 0
-    world_size: int = 1
-    num_workers: int = 0            # DataLoader worker processes (0: decode in the training process)
-    seed: int = 0
-    shuffle_buffer: int = 8192      # jets in the pool beyond one batch; 0 disables shuffling (evaluation)
-    training: bool = True           # equal full batches on every rank; False: every sample once, last batch partial
-    preset: str = "kin"             # cloud feature preset (qgdist.data.features.PRESETS)
-    max_particles: int = 128
-    device: str = "cpu"             # where batches land; images are densified there
-    prefetch_factor: int = 4
-    verify_shards: bool = False     # sha256 of each shard this rank reads, against the manifest, once per process
-    # The model's preprocessing (a checkpoint's); None: build it from this dataset's train-split statistics
-    # with ``preset`` and ``max_particles`` (training). Given, it replaces both and must fit the dataset.
-    preprocessing: Preprocessing | None = None
-
-    @classmethod
-    def of_run(cls, data: DataConfig, split: str, *, training: bool, rank: int = 0, world_size: int = 1,
-               seed: int = 0, device: str = "cpu", preprocessing: Preprocessing | None = None) -> LoaderConfig:
-        """One rank's loader for a training run's ``data`` section (no shuffling unless ``training``)."""
-        return cls(data.data, split=split, batch_size=data.batch_size, rank=rank, world_size=world_size,
-                   num_workers=data.loader_workers, seed=seed, shuffle_buffer=data.shuffle_buffer if training else 0,
-                   training=training, preset=data.preset, max_particles=data.max_particles, device=device,
-                   preprocessing=preprocessing, verify_shards=data.verify_shards)
+__all__ = ["Collate", "DenseImages", "Layout", "ShardLoader", "read_shard", "to_device"]
 
 
 class Collate:
@@ -166,26 +138,27 @@ class Collate:
 class _EpochDataset(torch.utils.data.IterableDataset):
     """One rank's part of an epoch under one layout: DataLoader worker ``w`` streams slot ``rank * W + w``."""
 
-    def __init__(self, cfg: LoaderConfig, plan: Sequence[Sequence[Unit]], layout: int,
-                 batches_per_worker: int | None, skip: list[int], first: int, collate: Collate, epoch: int):
-        self.cfg, self.plan, self.layout, self.batches_per_worker = cfg, plan, layout, batches_per_worker
-        self.skip, self.first, self.collate, self.epoch = skip, first, collate, epoch
+    def __init__(self, loader: ShardLoader, plan: Sequence[Sequence[Unit]], layout: int,
+                 batches_per_worker: int | None, skip: list[int], first: int, epoch: int):
+        self.batch_size, self.shuffle, self.workers = loader.data.batch_size, loader.shuffle, loader.workers
+        self.rank, self.seed, self.collate = loader.rank, loader.seed, loader.collate
+        self.plan, self.layout, self.batches_per_worker = plan, layout, batches_per_worker
+        self.skip, self.first, self.epoch = skip, first, epoch
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = torch.utils.data.get_worker_info()
-        workers = max(1, self.cfg.num_workers)
         # The DataLoader always starts its round robin at its worker 0; a resumed epoch must start at logical
         # worker ``first`` (the one whose batch is next), so DataLoader worker d plays logical worker first + d.
-        w = ((info.id if info is not None else 0) + self.first) % workers
-        units = self.plan[self.cfg.rank * workers + w]
+        w = ((info.id if info is not None else 0) + self.first) % self.workers
+        units = self.plan[self.rank * self.workers + w]
         rng = None
-        if self.cfg.shuffle_buffer > 0:
-            rng = slot_rng(self.cfg.seed, self.epoch, self.layout, self.cfg.rank, w)
+        if self.shuffle > 0:
+            rng = slot_rng(self.seed, self.epoch, self.layout, self.rank, w)
             stream: Iterator[Any] = shuffled_chunks(units, rng)
         else:
             stream = read_parts(units)  # type: ignore[arg-type] -- evaluation: whole shard parts, in order
-        bs, limit = self.cfg.batch_size, self.batches_per_worker
-        for i, (take, entries) in enumerate(Pool(stream, bs, self.cfg.shuffle_buffer, rng)):
+        bs, limit = self.batch_size, self.batches_per_worker
+        for i, (take, entries) in enumerate(Pool(stream, bs, self.shuffle, rng)):
             if limit is not None and (i >= limit or len(take) < bs):
                 return
             if i >= self.skip[w]:  # resume: the skipped batches are drawn exactly as before, but never decoded
@@ -282,22 +255,34 @@ def to_device(batch: dict[str, Any], device: torch.device | str,
 
 
 class ShardLoader:
-    """Iterates one rank's batches epoch by epoch, and knows its position ``(epoch, step)`` for checkpoints.
+    """Iterates one rank's batches of one split epoch by epoch, and knows its position ``(epoch, step)`` for
+    checkpoints.
 
-    >>> loader = ShardLoader(LoaderConfig("data/toy-cloud", batch_size=128))
+    ``data`` is the ``data`` section of a training config (``DataConfig``): which dataset, batch size, shuffle
+    pool, preset, loader workers. The rest says which part this rank reads and what for: ``training`` batches are
+    shuffled (with ``data.shuffle_buffer``) and every rank gets the same number of full batches; otherwise
+    (evaluation) every jet comes once, in order, the last batch partial. ``preprocessing`` is the model's (a
+    checkpoint's); None builds it from this dataset's train-split statistics with ``data.preset`` and
+    ``data.max_particles`` (a fresh training run). Given, it replaces both and must fit the dataset.
+
+    >>> loader = ShardLoader(DataConfig("data/toy-cloud", batch_size=128))
     >>> for inputs, label in loader.epoch(0):
     ...     logits = model(**inputs)
     """
 
-    def __init__(self, cfg: LoaderConfig):
-        self.cfg = cfg
-        self.manifest = read_manifest(cfg.data)
+    def __init__(self, data: DataConfig, split: str = "train", *, training: bool = True, rank: int = 0,
+                 world_size: int = 1, seed: int = 0, device: str = "cpu",
+                 preprocessing: Preprocessing | None = None):
+        self.data, self.split, self.training = data, split, training
+        self.rank, self.world_size, self.seed, self.device = rank, world_size, seed, device
+        self.shuffle = data.shuffle_buffer if training else 0
+        self.manifest = read_manifest(data.data)
         self.kind = self.manifest.kind
-        self.preprocessing = cfg.preprocessing or Preprocessing.from_manifest(
-            self.manifest, cfg.data, cfg.preset, cfg.max_particles)
-        self.preprocessing.check_fits(self.manifest, cfg.data)
+        self.preprocessing = preprocessing or Preprocessing.from_manifest(
+            self.manifest, data.data, data.preset, data.max_particles)
+        self.preprocessing.check_fits(self.manifest, data.data)
         self.collate = Collate(self.preprocessing)
-        self.workers = max(1, cfg.num_workers)
+        self.workers = max(1, data.loader_workers)
         self.position = {"epoch": 0, "step": 0}
         self.earlier: tuple[Layout, ...] = ()   # the layouts that ran the current epoch's first steps
         self._plan_cache: tuple[Any, Any] = (None, None)
@@ -310,24 +295,24 @@ class ShardLoader:
 
     def _plan(self, epoch: int, earlier: Sequence[Layout] = ()) -> Sequence[Sequence[Unit]]:
         """This layout's slots for ``epoch``: the shards dealt afresh, or what ``earlier`` layouts left, re-dealt."""
-        c, slots = self.cfg, self.cfg.world_size * self.workers
+        data, slots = self.data.data, self.world_size * self.workers
         key = (epoch, tuple(earlier))
         if self._plan_cache[0] != key:
             if not earlier:
-                plan: Sequence[Sequence[Unit]] = plan_epoch(self.manifest, c.data, c.split, c.seed, epoch, slots)
+                plan: Sequence[Sequence[Unit]] = plan_epoch(self.manifest, data, self.split, self.seed, epoch, slots)
             else:
-                if not c.training or c.shuffle_buffer <= 0:
+                if not self.training or self.shuffle <= 0:
                     raise ValueError("an epoch continued under another layout must be a shuffled training epoch")
-                left = remaining_jets(self.manifest, c.data, c.split, c.seed, epoch, c.batch_size, c.shuffle_buffer,
-                                      earlier)
-                plan = deal(left, slots, c.seed, epoch, len(earlier))
+                left = remaining_jets(self.manifest, data, self.split, self.seed, epoch, self.data.batch_size,
+                                      self.shuffle, earlier)
+                plan = deal(left, slots, self.seed, epoch, len(earlier))
             self._plan_cache = (key, plan)
         return self._plan_cache[1]
 
     def _batches_per_worker(self, plan: Sequence[Sequence[Unit]]) -> int | None:
-        if not self.cfg.training:
+        if not self.training:
             return None
-        return min(slot_jets(slot) for slot in plan) // self.cfg.batch_size
+        return min(slot_jets(slot) for slot in plan) // self.data.batch_size
 
     def steps_in_epoch(self, epoch: int, earlier: Sequence[Layout] = ()) -> int:
         """Training steps every rank runs in ``epoch`` (the same on all ranks), counting those ``earlier``
@@ -336,42 +321,42 @@ class ShardLoader:
         if per_worker is None:
             raise ValueError("steps_in_epoch is defined for training loaders only")
         if per_worker == 0 and not earlier:
-            c = self.cfg
             raise ValueError(
-                f"{c.data}: the {c.split!r} split is too small for {c.world_size} rank(s) x {self.workers} "
-                f"loader worker(s) x batch size {c.batch_size}: a worker would get no full batch")
+                f"{self.data.data}: the {self.split!r} split is too small for {self.world_size} rank(s) x "
+                f"{self.workers} loader worker(s) x batch size {self.data.batch_size}: a worker would get no full "
+                "batch")
         return sum(layout.steps for layout in earlier) + per_worker * self.workers
 
     def epoch(self, epoch: int, start_step: int = 0,
               earlier: Sequence[Layout] = ()) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
-        """Batches ``(inputs, label)`` of ``epoch`` from step ``start_step`` on, on ``cfg.device``; ``earlier``:
+        """Batches ``(inputs, label)`` of ``epoch`` from step ``start_step`` on, on ``device``; ``earlier``:
         the layouts (world sizes) that ran the first steps of this epoch, when it was not this one."""
         for batch in self.collated(epoch, start_step, earlier):
-            yield to_device(batch, self.cfg.device, self._dense)
+            yield to_device(batch, self.device, self._dense)
 
     def collated(self, epoch: int, start_step: int = 0, earlier: Sequence[Layout] = ()) -> Iterator[dict[str, Any]]:
         """The collated CPU batches (sparse images; each jet's source ``file`` and ``row`` included)."""
         plan = self._plan(epoch, earlier)
         per_worker = self._batches_per_worker(plan)
         w = self.workers
-        if self.cfg.verify_shards:   # here, in the rank's own process: each shard is hashed once per run
-            sha = {os.path.join(self.cfg.data, s.name): s.sha256 for s in self.manifest.shards}
-            mine = plan[self.cfg.rank * w:(self.cfg.rank + 1) * w]
+        if self.data.verify_shards:   # here, in the rank's own process: each shard is hashed once per run
+            sha = {os.path.join(self.data.data, s.name): s.sha256 for s in self.manifest.shards}
+            mine = plan[self.rank * w:(self.rank + 1) * w]
             for path in dict.fromkeys(u.path for slot in mine for u in slot):
                 verify_shard(path, sha[path])
         local = start_step - sum(layout.steps for layout in earlier)   # steps already run under this layout
         if local < 0:
             raise ValueError(f"step {start_step} lies before the last layout change of epoch {epoch}")
         skip = [delivered(local, w, j) for j in range(w)]
-        dataset = _EpochDataset(self.cfg, plan, len(earlier), per_worker, skip, local % w, self.collate, epoch)
+        dataset = _EpochDataset(self, plan, len(earlier), per_worker, skip, local % w, epoch)
         kwargs: dict[str, Any] = {}
-        if self.cfg.num_workers > 0:
-            kwargs = {"num_workers": self.cfg.num_workers, "prefetch_factor": self.cfg.prefetch_factor,
-                      "pin_memory": torch.device(self.cfg.device).type == "cuda",
+        if self.data.loader_workers > 0:
+            kwargs = {"num_workers": self.data.loader_workers, "prefetch_factor": PREFETCH_BATCHES,
+                      "pin_memory": torch.device(self.device).type == "cuda",
                       "multiprocessing_context": worker_start_method()}
         # Our own generator: creating a DataLoader iterator draws a seed from it, which must not shift the global
         # torch RNG (dropout) differently in a resumed epoch than in an uninterrupted one.
-        generator = torch.Generator().manual_seed(self.cfg.seed)
+        generator = torch.Generator().manual_seed(self.seed)
         loader = torch.utils.data.DataLoader(dataset, batch_size=None, generator=generator, collate_fn=_as_is,
                                              **kwargs)
         self.position = {"epoch": epoch, "step": start_step}
@@ -382,7 +367,7 @@ class ShardLoader:
 
     def state_dict(self) -> dict[str, Any]:
         """The position plus everything that shapes the plan (a resume with other values would not be exact)."""
-        c = self.cfg
         earlier = [asdict(layout) for layout in self.earlier] if self.position["step"] else []
-        return {**self.position, "earlier": earlier, "rank": c.rank, "world_size": c.world_size,
-                "num_workers": c.num_workers, "seed": c.seed, "batch_size": c.batch_size, "shuffle_buffer": c.shuffle_buffer}
+        return {**self.position, "earlier": earlier, "rank": self.rank, "world_size": self.world_size,
+                "num_workers": self.data.loader_workers, "seed": self.seed, "batch_size": self.data.batch_size,
+                "shuffle_buffer": self.shuffle}

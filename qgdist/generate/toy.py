@@ -21,9 +21,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+import fsspec
 import numpy as np
 
 from qgdist.core.config import option
+from qgdist.core.errors import InputError
 from qgdist.data.features import mass_and_charge
 from qgdist.generate.formats import CMSParquetWriter, pad_clouds, write_energyflow_npz
 
@@ -50,6 +52,7 @@ class ToyConfig:
     item_name: Literal["item", "element"] = option("item", "CMS nested list item name: legacy item or modern element")
     compress: bool = option(True, "EnergyFlow: deflate the npz members, as the public files are",
                             aliases={"--stored": False})
+    overwrite: bool = option(False, "replace an existing --out file (the new one takes its name only once complete)")
 
 
 @dataclass
@@ -119,11 +122,14 @@ def energyflow_clouds(jets: ToyJets) -> list[np.ndarray]:
     return np.split(rows, np.cumsum(np.bincount(jets.jet, minlength=len(jets.is_quark)))[:-1])
 
 
-def cms_images(jets: ToyJets, rng: np.random.Generator) -> np.ndarray:
-    """(N, 3, 125, 125) float64 images: track pT, ECAL energy, HCAL energy in 5x5 towers."""
+def cms_images(jets: ToyJets, rng: np.random.Generator, size: int = IMAGE, pixel: float = PIXEL) -> np.ndarray:
+    """(N, 3, size, size) float64 images: track pT, ECAL energy, HCAL energy in 5x5 towers (size: a multiple of
+    5; the CMS images are 125 pixels of one ECAL crystal, smaller ones for tests use coarser ``pixel``)."""
+    if size % TOWER:
+        raise ValueError(f"image size {size} is not a multiple of the {TOWER}-pixel HCAL tower")
     n_jets = len(jets.is_quark)
-    ieta = np.floor(jets.deta / PIXEL + IMAGE / 2).astype(np.int64)
-    iphi = np.floor(jets.dphi / PIXEL + IMAGE / 2).astype(np.int64)
+    ieta = np.floor(jets.deta / pixel + size / 2).astype(np.int64)
+    iphi = np.floor(jets.dphi / pixel + size / 2).astype(np.int64)
     energy = jets.pt * np.cosh(jets.jet_y[jets.jet] + jets.deta)
     apid = np.abs(jets.pid)
     charged = np.isin(apid, list(_CHARGED))
@@ -134,16 +140,16 @@ def cms_images(jets: ToyJets, rng: np.random.Generator) -> np.ndarray:
     ecal = ecal + np.where(apid == 13, 0.3, 0.0)
     hcal = energy * (1 - ecal_frac) * hadron * np.clip(1 + 0.15 * rng.standard_normal(len(apid)), 0.2, None)
 
-    out = np.zeros((n_jets, 3, IMAGE, IMAGE))
-    inside = (ieta >= 0) & (ieta < IMAGE) & (iphi >= 0) & (iphi < IMAGE)
+    out = np.zeros((n_jets, 3, size, size))
+    inside = (ieta >= 0) & (ieta < size) & (iphi >= 0) & (iphi < size)
     sel = inside & charged
     np.add.at(out, (jets.jet[sel], 0, ieta[sel], iphi[sel]), jets.pt[sel])
     for de, dp, w in [(0, 0, 0.70)] + [(a, b, 0.06) for a, b in ((0, 1), (0, -1), (1, 0), (-1, 0))] \
             + [(a, b, 0.015) for a in (-1, 1) for b in (-1, 1)]:
         e_i, p_i = ieta + de, iphi + dp
-        sel = (e_i >= 0) & (e_i < IMAGE) & (p_i >= 0) & (p_i < IMAGE) & (ecal > 0)
+        sel = (e_i >= 0) & (e_i < size) & (p_i >= 0) & (p_i < size) & (ecal > 0)
         np.add.at(out, (jets.jet[sel], 1, e_i[sel], p_i[sel]), w * ecal[sel])
-    towers = np.zeros((n_jets, IMAGE // TOWER, IMAGE // TOWER))
+    towers = np.zeros((n_jets, size // TOWER, size // TOWER))
     sel = inside & (hcal > 0)
     np.add.at(towers, (jets.jet[sel], ieta[sel] // TOWER, iphi[sel] // TOWER), hcal[sel])
     out[:, 2] = np.repeat(np.repeat(towers, TOWER, axis=1), TOWER, axis=2) / TOWER**2
@@ -174,7 +180,10 @@ def write_cms(cfg: ToyConfig, chunk: int = 64) -> None:
 
 
 def run(cfg: ToyConfig) -> None:
-    """Write ``cfg.jets`` toy jets to ``cfg.out`` in ``cfg.format``."""
+    """Write ``cfg.jets`` toy jets to ``cfg.out`` in ``cfg.format`` (an existing file only with ``overwrite``)."""
+    fs, path = fsspec.core.url_to_fs(cfg.out)
+    if fs.exists(path) and not cfg.overwrite:
+        raise InputError(f"out: {cfg.out} exists; give --overwrite to replace it", file=cfg.out, field="out")
     if cfg.format == "cms":
         write_cms(cfg)
     elif cfg.format == "energyflow":

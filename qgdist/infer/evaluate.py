@@ -3,17 +3,23 @@
 ``evaluate_checkpoint(EvalConfig(checkpoint, data, split="test"))`` writes into ``out`` (default
 ``<run_dir>/eval/<split>``)::
 
-    metrics.json     loss, acc, auc, rej30, rej50, n_jets, split, checkpoint
+    metrics.json     loss, acc, auc, rej30, rej50, n_jets, split, checkpoint, seen_jets, files (written last)
     roc.png          ROC and gluon rejection vs quark efficiency (qgdist.train.plots.plot_roc)
     scores.parquet   one row per jet: file, row (of the source file), is_quark, score (quark probability), logit
 
-``--checkpoint`` may be a checkpoint directory, its ``state.pt``, or a run directory (its best checkpoint by
-validation AUC, else its latest).
+An earlier evaluation there is refused unless ``--overwrite``; then the new files go beside it (``g-<id>/``) and
+``metrics.json``'s ``files`` names them (``qgdist.core.output``).
+
+``--checkpoint`` may be a checkpoint directory, its ``state.pt``, an ``artifacts/model.pt``, or a run directory
+(its best checkpoint by validation AUC, else its latest). The model is rebuilt from the checkpoint's own model
+config and fed with the checkpoint's preprocessing.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -22,23 +28,27 @@ from qgdist.core.atomic import atomic_path, write_json
 from qgdist.core.config import option
 from qgdist.core.device import Device
 from qgdist.core.errors import InputError
-from qgdist.core.storage import is_local, run_path, scratch_dir, upload
+from qgdist.core.output import Output
+from qgdist.core.run import Run
 
 if TYPE_CHECKING:   # torch is imported when evaluating, so that the command line's parser stays light
     import torch
-
-    from qgdist.data.preprocessing import Preprocessing
     from upath import UPath
 
+    from qgdist.data.preprocessing import Preprocessing
+    from qgdist.train.checkpoint import Checkpoint
+
 METRIC_ORDER = ("loss", "acc", "auc", "rej30", "rej50")
+METRICS = "metrics.json"
+_OUR_FILES = re.compile(r"^\.?(?:scores\.parquet|roc\.png)(?:\.tmp)?$")
 
 
 @dataclass(frozen=True)
 class EvalConfig:
     """One evaluation: which checkpoint, on which data and split, written where (the flags of ``qgdist evaluate``)."""
 
-    checkpoint: str = option(help="checkpoint directory, its state.pt, or a run directory (best checkpoint, else "
-                                  "latest)")
+    checkpoint: str = option(help="checkpoint directory, its state.pt, a model.pt, or a run directory (best "
+                                  "checkpoint, else latest)")
     data: str = option(help="shard directory (manifest.json + tar shards)")
     split: Literal["train", "val", "test"] = option("test", "split to score")
     out: str | None = option(None, "output directory (default RUN_DIR/eval/SPLIT; written locally, copied up when "
@@ -48,65 +58,24 @@ class EvalConfig:
     progress: bool = option(True, "progress bar")
     track: bool = option(False, "also log SPLIT/* metrics and the outputs into the MLflow run that trained the "
                                 "checkpoint")
+    overwrite: bool = option(False, "replace an evaluation already in the output directory (the old one stays whole "
+                                    "until the new metrics.json is written)")
+    score_seen: bool = option(False, "score the split even if it holds jets the model trained or validated on "
+                                     "(refused otherwise; their count goes into metrics.json)",
+                              flag="--score-seen-jets")
     tracking_uri: str | None = option(None, "MLflow server of that run (default: $MLFLOW_TRACKING_URI, else the run "
                                             "directory's local store)")
 
 
-def resolve_checkpoint(path: str | os.PathLike[str]) -> UPath:
-    """A checkpoint directory from a checkpoint dir, a ``state.pt`` or a run dir (best, else latest); local or URL."""
-    from qgdist.train.checkpoint import STATE_FILE, Checkpointer
+def load_model(path: str | os.PathLike[str]) -> tuple[torch.nn.Module, Checkpoint, UPath]:
+    """The model a user names as ``--checkpoint`` (a checkpoint directory, its ``state.pt``, ``model.pt`` or a run
+    directory: its best checkpoint, else its latest), rebuilt from its stored model config, in eval mode on the
+    CPU; with its checkpoint and where it was found."""
+    from qgdist.train.checkpointer import find_checkpoint, load_checkpoint
 
-    given = str(path)
-    path = run_path(path)
-    if path.is_file():
-        return path.parent
-    if (path / STATE_FILE).exists():
-        return path
-    if (path / "checkpoints").is_dir():
-        ckpt = Checkpointer(path)
-        found = ckpt.best() or ckpt.latest()
-        if found is not None:
-            return found
-    if not path.exists():
-        raise InputError(f"{given}: no such checkpoint or run directory", file=given,
-                         hint="--checkpoint takes a run directory (STORAGE/RUN_NAME: its best checkpoint, else its "
-                              "latest), a checkpoint directory (RUN_DIR/checkpoints/step-N) or its state.pt")
-    raise InputError(f"{given}: neither a checkpoint (no {STATE_FILE}) nor a run directory with checkpoints",
-                     file=given)
-
-
-def model_from_checkpoint(path: str | os.PathLike[str]) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """Rebuild the model of a checkpoint (eval mode, CPU) and return it with the checkpoint's state dict.
-
-    The architecture comes from the checkpoint's config fingerprint (model name, model kwargs) and its
-    preprocessing record (cloud models get ``in_features`` from the preset, as in training).
-    """
-    from qgdist.models import get_model
-    from qgdist.train.checkpoint import load_checkpoint
-
-    state = load_checkpoint(resolve_checkpoint(path))
-    fp = state.get("fingerprint") or {}
-    if "model" not in fp:
-        raise ValueError(f"{path}: checkpoint has no config fingerprint naming its model")
-    pre = checkpoint_preprocessing(state, str(path))
-    kwargs = dict(fp.get("model_kwargs") or {})
-    model = get_model(fp["model"], **kwargs)
-    if model.kind == "cloud" and "in_features" not in kwargs:
-        model = get_model(fp["model"], **kwargs, in_features=len(pre.feature_names))
-    model.load_state_dict(state["model"])
-    return model.eval(), state
-
-
-def checkpoint_preprocessing(state: dict[str, Any], where: str) -> Preprocessing:
-    """The preprocessing a checkpoint's model was trained with (never the scored dataset's statistics)."""
-    from qgdist.data.preprocessing import Preprocessing
-
-    doc = state.get("preprocessing")
-    if not doc:
-        raise ValueError(f"{where}: the checkpoint records no preprocessing (written by an older qgdist), so its "
-                         "inputs cannot be reproduced on other data; resume the run once (qgdist train with the "
-                         "same --run-name) to write a checkpoint that carries it")
-    return Preprocessing.from_dict(doc)
+    found = find_checkpoint(path)
+    checkpoint = load_checkpoint(found)
+    return checkpoint.build_model(), checkpoint, found
 
 
 def _jet_ids(batch: dict[str, Any]) -> tuple[list[str], list[int]]:
@@ -121,17 +90,17 @@ def _jet_ids(batch: dict[str, Any]) -> tuple[list[str], list[int]]:
     return files, rows
 
 
-def score_split(model: torch.nn.Module, state: dict[str, Any], cfg: EvalConfig, device: torch.device) -> dict[str, Any]:
-    """Run ``model`` over every jet of ``cfg.split`` once, with the checkpoint's preprocessing; returns columns
-    file, row, is_quark, logit and the loss. Results stay on the device until the end (no sync per batch)."""
+def score_split(model: torch.nn.Module, pre: Preprocessing, cfg: EvalConfig, device: torch.device) -> dict[str, Any]:
+    """Run ``model`` over every jet of ``cfg.split`` once, with the checkpoint's preprocessing ``pre``; returns
+    columns file, row, is_quark, logit and the loss. Results stay on the device until the end (no sync per batch)."""
     import torch
     from tqdm import tqdm
 
-    from qgdist.data.loader import LoaderConfig, ShardLoader, to_device
+    from qgdist.data.config import DataConfig
+    from qgdist.data.loader import ShardLoader, to_device
 
-    pre = checkpoint_preprocessing(state, cfg.checkpoint)
-    loader = ShardLoader(LoaderConfig(cfg.data, split=cfg.split, batch_size=cfg.batch_size, training=False,
-                                      shuffle_buffer=0, device=str(device), preprocessing=pre))
+    loader = ShardLoader(DataConfig(cfg.data, batch_size=cfg.batch_size), cfg.split, training=False,
+                         device=str(device), preprocessing=pre)
     total = loader.manifest.splits.get(cfg.split, {}).get("samples")
     files: list[str] = []
     rows: list[int] = []
@@ -188,39 +157,49 @@ def evaluate_checkpoint(cfg: EvalConfig) -> dict[str, Any]:
     from torchmetrics.functional.classification import binary_roc
 
     from qgdist.core.device import resolve_device
+    from qgdist.data.identity import TrainedOn
     from qgdist.data.shards.manifest import read_manifest
+    from qgdist.infer.seen import check_seen
     from qgdist.train.metrics import compute_metrics
     from qgdist.train.plots import plot_roc
 
-    read_manifest(cfg.data)   # a missing --data is named before the checkpoint is loaded
-    ckpt_dir = resolve_checkpoint(cfg.checkpoint)
     device = resolve_device(cfg.device)
-    model, state = model_from_checkpoint(ckpt_dir)
+    manifest = read_manifest(cfg.data)   # a missing --data is named before the checkpoint is loaded
+    model, checkpoint, found = load_model(cfg.checkpoint)
+    trained = TrainedOn.from_dict(checkpoint.dataset)
+    seen = check_seen(trained, trained.seen_in_dataset(manifest, [cfg.split]) if trained and manifest.sources
+                      else None, f"{cfg.data} ({cfg.split} split)", cfg.score_seen)
     model.to(device)
-    run_dir = ckpt_dir.parent.parent if ckpt_dir.parent.name == "checkpoints" else ckpt_dir
-    out = Path(cfg.out) if cfg.out else scratch_dir(run_dir) / "eval" / cfg.split
-    out.mkdir(parents=True, exist_ok=True)
+    run = Run.of_checkpoint(found) or Run(str(found.parent))   # a loose checkpoint or model.pt: beside it
+    out = Path(cfg.out) if cfg.out else run.local_eval_dir(cfg.split)
+    # Everything is checked: only now is the output touched, beside an earlier one (qgdist.core.output).
+    output = Output(str(out), METRICS, "an evaluation", cfg.overwrite, ours=_OUR_FILES)
+    old = list(json.loads((out / METRICS).read_text()).get("files", {}).values()) if output.committed() else []
+    output.begin()
 
-    scored = score_split(model, state, cfg, device)
+    scored = score_split(model, checkpoint.preprocessing, cfg, device)
     cols = scored["columns"]
     logits, labels = torch.tensor(cols["logit"]), torch.tensor(cols["is_quark"])
     metrics = compute_metrics(logits, labels, loss=scored["loss"])
     fpr, tpr, _ = binary_roc(torch.sigmoid(logits.double()), labels.long(), thresholds=None)
-    name = (state.get("fingerprint") or {}).get("model", "model")
-    paths = {"roc": plot_roc({f"{name} ({cfg.split})": (fpr.tolist(), tpr.tolist())}, out / "roc.png"),
-             "scores": write_scores(cols, out / "scores.parquet"), "metrics": out / "metrics.json"}
+    name = checkpoint.model_name
+    files = {"roc": output.name("roc.png"), "scores": output.name("scores.parquet")}
+    paths = {"roc": plot_roc({f"{name} ({cfg.split})": (fpr.tolist(), tpr.tolist())}, out / files["roc"]),
+             "scores": write_scores(cols, out / files["scores"]), "metrics": out / METRICS}
     doc = {**metrics, "n_jets": len(logits), "n_quark": int(labels.sum()), "split": cfg.split, "model": name,
-           "checkpoint": str(ckpt_dir), "epoch": state.get("epoch"), "global_step": state.get("global_step")}
-    write_json(paths["metrics"], doc)
-    if not cfg.out and not is_local(run_dir):
-        upload(out, run_dir / "eval" / cfg.split)
+           "checkpoint": str(found), "epoch": checkpoint.epoch, "global_step": checkpoint.global_step,
+           "dataset_id": manifest.dataset_id or None, "seen_jets": seen, "files": files}
+    write_json(paths["metrics"], doc)   # the commit
+    output.finish(old)
+    if not cfg.out:
+        run.publish(out, run.eval_dir(cfg.split))
     if cfg.track:
-        track_results(cfg, scratch_dir(run_dir), state, metrics, paths)
+        track_results(cfg, run, checkpoint, metrics, paths)
     return {"metrics": metrics, "paths": {k: str(v) for k, v in paths.items()}, "n_jets": len(logits),
             "table": format_table(metrics, f"{name} on {cfg.split} ({len(logits)} jets)")}
 
 
-def track_results(cfg: EvalConfig, run_dir: Path, state: dict[str, Any], metrics: dict[str, float],
+def track_results(cfg: EvalConfig, run: Run, checkpoint: Checkpoint, metrics: dict[str, float],
                   paths: dict[str, Path]) -> str:
     """Add ``<split>/<metric>`` (at the checkpoint's global step) and the outputs to the run that trained it.
 
@@ -232,14 +211,15 @@ def track_results(cfg: EvalConfig, run_dir: Path, state: dict[str, Any], metrics
     from qgdist.core.tracking import resolve_tracking_uri
     from qgdist.track.tracker import Tracker
 
-    run_id = state.get("mlflow_run_id")
+    run_id = checkpoint.mlflow_run_id
     if not run_id:
-        raise ValueError(f"{cfg.checkpoint}: the checkpoint names no MLflow run (trained with tracking off?)")
-    tracker = Tracker(run_dir, resolve_tracking_uri(cfg.tracking_uri))
+        raise InputError(f"{cfg.checkpoint}: the checkpoint names no MLflow run (trained with tracking off?)",
+                         file=cfg.checkpoint, field="mlflow_run_id")
+    tracker = Tracker(run.scratch, resolve_tracking_uri(cfg.tracking_uri))
     tracker.start(f"evaluate {cfg.split}", run_id=run_id)
     with tracker:
         tracker.log_metrics({f"{cfg.split}/{k}": v for k, v in metrics.items() if math.isfinite(v)},
-                            step=int(state.get("global_step") or 0))
+                            step=checkpoint.global_step)
         for path in paths.values():
             tracker.log_artifact(path, artifact_path=f"eval/{cfg.split}")
     return run_id

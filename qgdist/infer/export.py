@@ -19,13 +19,14 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qgdist.core.atomic import atomic_path
 from qgdist.core.config import option
+from qgdist.core.errors import InputError
 
 if TYPE_CHECKING:   # torch is imported when exporting, so that the command line's parser stays light
     import torch
@@ -41,13 +42,14 @@ PREPROCESSING_KEY = "qgdist.preprocessing"
 class ExportConfig:
     """Which checkpoint to export where, and how closely onnxruntime must agree with PyTorch (``qgdist export``)."""
 
-    checkpoint: str = option(help="checkpoint directory, its state.pt, or a run directory")
+    checkpoint: str = option(help="checkpoint directory, its state.pt, a model.pt, or a run directory")
     onnx: str = option(help="output .onnx file")
     opset: int = option(17, "ONNX opset version (the TorchScript exporter's range)", min=9, max=20)
     atol: float = option(1e-4, "tolerated absolute difference of the logits", min=0)
     rtol: float = option(1e-3, "tolerated relative difference of the logits", min=0)
     image_size: int = option(125, "height = width of the example image when the model does not fix it",
                             min=1)
+    overwrite: bool = option(False, "replace an existing --onnx file (only once the new one passed its check)")
 
 
 def __getattr__(name: str) -> Any:
@@ -144,9 +146,14 @@ def example_inputs(model: torch.nn.Module, batch: int, particles: int = 40, imag
 
 
 def export_model(model: torch.nn.Module, path: str | os.PathLike[str], opset: int = 17,
-                 image_size: int = 125, metadata: dict[str, str] | None = None) -> Path:
-    """Write ``model`` as ONNX at ``path`` (atomically); dynamic batch (and particle) axes; ``metadata`` becomes
-    the model's ``metadata_props`` (string key/value pairs any ONNX runtime can read)."""
+                 image_size: int = 125, metadata: dict[str, str] | None = None,
+                 check: Callable[[Path], Any] | None = None) -> Any:
+    """Write ``model`` as ONNX at ``path``; dynamic batch (and particle) axes; ``metadata`` becomes the model's
+    ``metadata_props`` (string key/value pairs any ONNX runtime can read).
+
+    The file is written under a temporary name, ``check(temporary path)`` runs on it, and only when that returns
+    does the file take ``path``'s name (a file already there stays as it was until then); returns what ``check``
+    returned."""
     import torch
 
     path = Path(path)
@@ -160,11 +167,12 @@ def export_model(model: torch.nn.Module, path: str | os.PathLike[str], opset: in
             axes[n][1] = "particles"
     elif not hasattr(getattr(model, "config", None), "image_size"):   # fully convolutional: any H, W
         axes["image"].update({2: "height", 3: "width"})
-    with onnx_friendly(model), torch.no_grad(), atomic_path(path) as tmp:
-        # dynamo=False: the TorchScript exporter needs no onnxscript (not a dependency) and handles these models.
-        torch.onnx.export(wrapper, tuple(inputs[n] for n in names), str(tmp), input_names=names,
-                          output_names=["logits"], dynamic_axes={**axes, "logits": {0: "batch"}},
-                          opset_version=opset, dynamo=False)
+    with atomic_path(path) as tmp:
+        with onnx_friendly(model), torch.no_grad():
+            # dynamo=False: the TorchScript exporter needs no onnxscript (not a dependency) and handles these models.
+            torch.onnx.export(wrapper, tuple(inputs[n] for n in names), str(tmp), input_names=names,
+                              output_names=["logits"], dynamic_axes={**axes, "logits": {0: "batch"}},
+                              opset_version=opset, dynamo=False)
         if metadata:
             import onnx
 
@@ -172,7 +180,7 @@ def export_model(model: torch.nn.Module, path: str | os.PathLike[str], opset: in
             for key, value in metadata.items():
                 proto.metadata_props.add(key=key, value=value)
             onnx.save(proto, str(tmp))
-    return path
+        return check(tmp) if check is not None else None   # raising here leaves path as it was
 
 
 def onnx_preprocessing(path: str | os.PathLike[str]) -> Preprocessing:
@@ -222,24 +230,27 @@ def check_onnx(path: str | os.PathLike[str], model: torch.nn.Module, atol: float
 def export_checkpoint(cfg: ExportConfig) -> dict[str, Any]:
     """Rebuild the checkpoint's model, export it to ``cfg.onnx`` and check it with onnxruntime.
 
-    A ``*-pyg`` model is exported through its dense twin (same weights), and checked against the PyG model.
+    A ``*-pyg`` model is exported through its dense twin (same weights), and checked against the PyG model. The
+    ONNX metadata is the checkpoint's model card (model, model config, preprocessing under ``qgdist.preprocessing``)
+    plus the input and output names.
     """
-    from qgdist.models import get_model, model_config
-    from qgdist.infer.evaluate import model_from_checkpoint
+    from qgdist.infer.evaluate import load_model
+    from qgdist.models import get_model
 
-    model, state = model_from_checkpoint(cfg.checkpoint)
-    name = (state.get("fingerprint") or {}).get("model", "")
+    model, checkpoint, _ = load_model(cfg.checkpoint)
+    name = checkpoint.model_name
     exported = model
     if name.endswith("-pyg"):   # PyG's EdgeConv does not trace; the dense twin shares its state dict
-        exported = get_model(name.removesuffix("-pyg"), **model_config(model))
+        exported = get_model(name.removesuffix("-pyg"), **checkpoint.model_config)
         exported.load_state_dict(model.state_dict())
-    import json
-
-    from qgdist.infer.evaluate import checkpoint_preprocessing
-
-    metadata = {PREPROCESSING_KEY: json.dumps(checkpoint_preprocessing(state, cfg.checkpoint).to_dict()),
-                "qgdist.model": name, "qgdist.inputs": ",".join(INPUT_NAMES[model.kind]),
-                "qgdist.output": "logits: quark logit (sigmoid = quark probability)"}
-    path = export_model(exported, cfg.onnx, cfg.opset, cfg.image_size, metadata)
-    check = check_onnx(path, model, cfg.atol, cfg.rtol, cfg.image_size)   # against the checkpoint's own model
+    metadata = checkpoint.model_card() | {"qgdist.inputs": ",".join(INPUT_NAMES[model.kind]),
+                                          "qgdist.output": "logits: quark logit (sigmoid = quark probability)"}
+    assert metadata[PREPROCESSING_KEY]   # what onnx_preprocessing reads
+    path = Path(cfg.onnx)
+    if path.exists() and not cfg.overwrite:
+        raise InputError(f"onnx: {path} exists; give --overwrite to replace it (it stays as it is until the new "
+                         "file has passed its onnxruntime check)", file=str(path), field="onnx")
+    # checked against the checkpoint's own model before the file takes its name
+    check = export_model(exported, path, cfg.opset, cfg.image_size, metadata,
+                         check=lambda tmp: check_onnx(tmp, model, cfg.atol, cfg.rtol, cfg.image_size))
     return {"onnx": str(path), "bytes": path.stat().st_size, "model": name, **check}

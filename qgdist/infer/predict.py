@@ -16,6 +16,10 @@ Output directory::
     summary.json              jets, rows in / rejected, quarantine, parts, metrics (when labels exist), timing
     roc.png                   when labels exist
 
+``summary.json`` is written last and names the parts (and ``roc``) it covers: read those. Scores already in
+``--out`` are refused unless ``--overwrite``; then the new ones go into a generation folder beside them
+(``g-<id>/part-...``) and the old ones are deleted after the new summary is written (``qgdist.core.output``).
+
 Raw files carry labels in both formats (``y``), so metrics are computed whenever every jet has one.
 """
 
@@ -23,16 +27,23 @@ from __future__ import annotations
 
 import json
 import posixpath
+import re
 import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from qgdist.core.config import option
 from qgdist.core.errors import InputError
+from qgdist.core.output import Output
+
+if TYPE_CHECKING:
+    from qgdist.data.identity import TrainedOn
 
 PART = "part-{index:06d}.parquet"
+ROC = "roc.png"
+_OUR_FILES = re.compile(r"^\.?(?:part-\d{6}\.parquet|roc\.png)(?:\.tmp)?$")
 SUMMARY = "summary.json"
 Input = Literal["auto", "shards", "cms", "energyflow"]
 
@@ -41,10 +52,13 @@ Input = Literal["auto", "shards", "cms", "energyflow"]
 class PredictConfig:
     """``qgdist predict``: which model scores which jets, where the scores go and how the work spreads."""
 
-    checkpoint: str = option(help="checkpoint directory, its state.pt, or a run directory (best, else latest)")
+    checkpoint: str = option(help="checkpoint directory, its state.pt, a model.pt, or a run directory (best, else "
+                                  "latest)")
     data: list[str] = option(help="shard directories (holding manifest.json), or CMS parquet / EnergyFlow npz "
                                   "files, directories or globs; paths or fsspec URLs")
     out: str = option(help="output directory: part-*.parquet, summary.json, roc.png")
+    overwrite: bool = option(False, "replace scores already in --out (written beside them; the old ones stay whole "
+                                    "until the new summary.json is written)")
     input: Input = option("auto", "what --data holds (auto: shards when a manifest.json is there, else by "
                                   "file extension)")
     split: Literal["all", "train", "val", "test"] = option("all", "shards: which split to score")
@@ -62,6 +76,8 @@ class PredictConfig:
     num_cpus: int | None = option(None, "CPUs of a private local Ray (default: all)", min=1)
     executor: Literal["ray", "local"] = option("ray", "ray: actors on a cluster; local: this process, no Ray",
                                                aliases={"--no-ray": "local"})
+    score_seen: bool = option(False, "score jets the model trained or validated on too (refused otherwise; their "
+                                     "count goes into summary.json)", flag="--score-seen-jets")
     progress: bool = option(True, "progress bar (jets/s) and summary")
     verbose: bool = option(False, "show Ray's own log lines on the terminal")
 
@@ -92,29 +108,47 @@ def detect_input(paths: list[str]) -> str:
     return kinds.pop()
 
 
-def plan_units(cfg: PredictConfig, kind: str, pre: Any, cpus: int) -> tuple[list[dict[str, Any]], int, list]:
-    """The units to score (JSON-able dicts), the jets planned, and rows rejected while planning."""
+def plan_units(cfg: PredictConfig, kind: str, pre: Any, cpus: int,
+               trained: TrainedOn | None = None) -> tuple[list[dict[str, Any]], int, list, dict[str, int] | None]:
+    """The units to score (JSON-able dicts), the jets planned, rows rejected while planning, and per file the jets
+    among them that the model trained or validated on (``trained``; None when that cannot be known)."""
+    import collections
+
+    import numpy as np
+
     from qgdist.core.storage import join
+    from qgdist.data.identity import source_records
     from qgdist.data.shards.manifest import read_manifest
     from qgdist.data.sources.plan import expand_inputs, plan_inputs
 
     if kind == "shards":
         units, total = [], 0
+        seen: dict[str, int] | None = {} if trained is not None else None
+        splits = ("train", "val", "test") if cfg.split == "all" else (cfg.split,)
         for data in cfg.data:
             manifest = read_manifest(data)
             pre.check_fits(manifest, data)
-            splits = ("train", "val", "test") if cfg.split == "all" else (cfg.split,)
+            if seen is not None:   # a dataset converted before identities cannot be checked
+                seen = seen | trained.seen_in_dataset(manifest, splits) if manifest.sources else None
             for split in splits:
                 for shard in manifest.shards_of(split):
                     units.append({"type": "shard", "path": join(data, shard.name), "index": len(units)})
                     total += shard.samples
-        return units, total, []
+        return units, total, [], seen
     pre.check_source(kind, " ".join(cfg.data))
     inputs = expand_inputs(list(cfg.data), kind)
     planned, rows, rejected = plan_inputs(kind, inputs, cpus, cfg.rows_per_task, cfg.on_bad_row)
     units = [{"type": kind, "unit": {**u.__dict__, "row_groups": list(u.row_groups)}, "index": u.index}
              for u in planned]
-    return units, rows, rejected
+    if trained is None:
+        return units, rows, rejected, None
+    per_file = collections.Counter()
+    for u in planned:
+        per_file[u.path] += u.rows
+    # one streamed read of each input for its sha256: the files are identified by content, not by name
+    sources = source_records(sorted(per_file), dict(per_file))
+    seen = trained.seen_in_files((name, s["sha256"], np.arange(s["rows"])) for name, s in sources.items())
+    return units, rows, rejected, seen
 
 
 # -- scoring (actors) -----------------------------------------------------------------------------------------------
@@ -122,17 +156,17 @@ class Scorer:
     """Holds the model; scores whole units and writes one parquet part per unit (``map_batches`` actor class)."""
 
     def __init__(self, checkpoint: str, out: str, batch_size: int, on_bad_row: str,
-                 label_quark_value: int | None, device: str = "auto") -> None:
+                 label_quark_value: int | None, device: str = "auto", prefix: str = "") -> None:
         from qgdist.core.device import resolve_device
         from qgdist.data.loader import Collate
-        from qgdist.infer.evaluate import checkpoint_preprocessing, model_from_checkpoint
+        from qgdist.infer.evaluate import load_model
 
         self.device = resolve_device(device)
-        self.model, state = model_from_checkpoint(checkpoint)
+        self.model, loaded, _ = load_model(checkpoint)
         self.model.to(self.device)
-        self.pre = checkpoint_preprocessing(state, checkpoint)
+        self.pre = loaded.preprocessing
         self.collate = Collate(self.pre)
-        self.out, self.batch_size, self.on_bad_row = out, batch_size, on_bad_row
+        self.out, self.prefix, self.batch_size, self.on_bad_row = out, prefix, batch_size, on_bad_row
         self.label_quark_value = label_quark_value
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
@@ -174,7 +208,7 @@ class Scorer:
                           "is_quark": pa.array(label, pa.uint8()),
                           "score": pa.array(1.0 / (1.0 + np.exp(-logit.astype(np.float64))), pa.float32()),
                           "logit": pa.array(logit, pa.float32())})
-        name = PART.format(index=unit["index"])
+        name = self.prefix + PART.format(index=unit["index"])   # relative to out, as summary.json names it
         with atomic_path(join(self.out, name)) as tmp:
             pq.write_table(table, tmp)
         return {"index": unit["index"], "jets": len(rows), "rows_in": counts["rows_in"] or len(rows),
@@ -212,13 +246,16 @@ def predict(cfg: PredictConfig) -> dict[str, Any]:
     """
     from tqdm import tqdm
 
+    from qgdist.data.identity import TrainedOn
     from qgdist.data.sources.errors import BadRowError, Rejected
-    from qgdist.infer.evaluate import checkpoint_preprocessing, resolve_checkpoint
+    from qgdist.infer.seen import check_seen
+    from qgdist.train.checkpointer import find_checkpoint, load_checkpoint
 
     start = time.perf_counter()
-    kind = detect_input(list(cfg.data)) if cfg.input == "auto" else cfg.input
-    checkpoint = str(resolve_checkpoint(cfg.checkpoint))
-    pre = checkpoint_preprocessing(_load_state(checkpoint), checkpoint)
+    kind = detect_input(list(cfg.data)) if cfg.input == "auto" else cfg.input   # a missing --data, first
+    checkpoint = str(find_checkpoint(cfg.checkpoint))
+    loaded = load_checkpoint(checkpoint)
+    pre, trained = loaded.preprocessing, TrainedOn.from_dict(loaded.dataset)
     cpus, gpus, ray_seconds = 1, 0, 0.0
     if cfg.executor == "ray":
         import ray
@@ -229,10 +266,14 @@ def predict(cfg: PredictConfig) -> dict[str, Any]:
         resources = ray.cluster_resources()
         cpus, gpus = int(resources.get("CPU", 1)), int(resources.get("GPU", 0))
         ray_seconds = time.perf_counter() - start
-    units, total, quarantine = plan_units(cfg, kind, pre, cpus)
-    _clean(cfg.out)
-    records = _run_ray(cfg, checkpoint, units, cpus, gpus) if cfg.executor == "ray" else _run_local(
-        cfg, checkpoint, units)
+    units, total, quarantine, seen_counts = plan_units(cfg, kind, pre, cpus, trained)
+    seen = check_seen(trained, seen_counts, " ".join(cfg.data), cfg.score_seen)
+    # Everything is checked: only now is the output touched, beside an earlier one (qgdist.core.output).
+    output = Output(cfg.out, SUMMARY, "scores", cfg.overwrite, ours=_OUR_FILES)
+    old = _committed_files(cfg.out) if output.committed() else []
+    prefix = output.begin()
+    records = _run_ray(cfg, checkpoint, units, cpus, gpus, prefix) if cfg.executor == "ray" else _run_local(
+        cfg, checkpoint, units, prefix)
     quarantine = [r.to_dict() for r in quarantine]
     jets, rows_in, parts = 0, sum(1 for r in quarantine if r.get("row") is not None), []
     bar = tqdm(total=total, unit="jet", unit_scale=True, desc="predict", disable=not cfg.progress,
@@ -252,13 +293,14 @@ def predict(cfg: PredictConfig) -> dict[str, Any]:
     seconds = time.perf_counter() - start
     summary = {"checkpoint": checkpoint, "input": kind, "data": list(cfg.data), "jets": jets, "rows_in": rows_in,
                "rejected": rejected, "quarantine": quarantine[:1000], "parts": sorted(parts),
-               "seconds": round(seconds, 3), "ray_seconds": round(ray_seconds, 3),
+               "seen_jets": seen, "seconds": round(seconds, 3), "ray_seconds": round(ray_seconds, 3),
                "jets_per_s": round(jets / max(seconds - ray_seconds, 1e-9), 1)}
-    summary |= _metrics(cfg.out, sorted(parts), pre)
+    summary |= _metrics(output, sorted(parts), pre)
     from qgdist.core.atomic import write_json
     from qgdist.core.storage import join
 
-    write_json(join(cfg.out, SUMMARY), summary)
+    write_json(join(cfg.out, SUMMARY), summary)   # the commit
+    output.finish(old)
     if cfg.progress:
         line = f"scored {jets} jets ({rejected} rejected) in {seconds:.1f} s, {summary['jets_per_s']:.0f} jets/s"
         if "metrics" in summary:
@@ -268,43 +310,27 @@ def predict(cfg: PredictConfig) -> dict[str, Any]:
     return summary
 
 
-def _load_state(checkpoint: str) -> dict[str, Any]:
-    from qgdist.train.checkpoint import load_checkpoint
-
-    return load_checkpoint(checkpoint)
-
-
 def _local_dir(out: str) -> str | None:
     return None if "://" in out else out
 
 
-def _clean(out: str) -> None:
-    """Remove a previous run's summary first, then its parts (only names we write)."""
-    import re
+def _committed_files(out: str) -> list[str]:
+    """The files an earlier summary.json names (its parts and ROC plot)."""
+    from qgdist.core.storage import join, read_bytes
 
-    import fsspec
-
-    fs, root = fsspec.core.url_to_fs(out)
-    try:
-        fs.makedirs(root, exist_ok=True)
-    except (FileExistsError, NotImplementedError):
-        pass
-    if fs.exists(posixpath.join(root, SUMMARY)):
-        fs.rm(posixpath.join(root, SUMMARY))
-    if fs.exists(root):
-        for path in fs.ls(root, detail=False):
-            if re.fullmatch(r"\.?part-\d{6}\.parquet(\.tmp)?", posixpath.basename(path)):
-                fs.rm(path)
+    doc = json.loads(read_bytes(join(out, SUMMARY)))
+    return list(doc.get("parts", [])) + ([doc["roc"]] if doc.get("roc") else [])
 
 
-def _run_local(cfg: PredictConfig, checkpoint: str, units: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-    scorer = Scorer(checkpoint, cfg.out, cfg.batch_size, cfg.on_bad_row, cfg.label_quark_value)
+def _run_local(cfg: PredictConfig, checkpoint: str, units: list[dict[str, Any]],
+               prefix: str) -> Iterator[dict[str, Any]]:
+    scorer = Scorer(checkpoint, cfg.out, cfg.batch_size, cfg.on_bad_row, cfg.label_quark_value, prefix=prefix)
     for unit in units:
         yield scorer.score(unit)
 
 
 def _run_ray(cfg: PredictConfig, checkpoint: str, units: list[dict[str, Any]], cpus: int,
-             gpus: int) -> Iterator[dict[str, Any]]:
+             gpus: int, prefix: str) -> Iterator[dict[str, Any]]:
     """One block per unit through an actor pool; records stream back as units finish."""
     if not units:
         return
@@ -323,12 +349,13 @@ def _run_ray(cfg: PredictConfig, checkpoint: str, units: list[dict[str, Any]], c
     ds = ds.map_batches(
         Scorer, batch_size=1, concurrency=workers, num_cpus=0 if gpus_per_worker else 1, num_gpus=gpus_per_worker,
         fn_constructor_kwargs={"checkpoint": checkpoint, "out": cfg.out, "batch_size": cfg.batch_size,
-                               "on_bad_row": cfg.on_bad_row, "label_quark_value": cfg.label_quark_value})
+                               "on_bad_row": cfg.on_bad_row, "label_quark_value": cfg.label_quark_value,
+                               "prefix": prefix})
     for row in ds.iter_rows():
         yield json.loads(row["record"])
 
 
-def _metrics(out: str, parts: list[str], pre: Any) -> dict[str, Any]:
+def _metrics(output: Output, parts: list[str], pre: Any) -> dict[str, Any]:
     """Metrics and ROC over every part when every jet has a label (read back two columns per part)."""
     import pyarrow.parquet as pq
     import torch
@@ -338,22 +365,24 @@ def _metrics(out: str, parts: list[str], pre: Any) -> dict[str, Any]:
 
     logits, labels = [], []
     for name in parts:
-        with run_path(join(out, name)).open("rb") as f:
+        with run_path(join(output.root, name)).open("rb") as f:
             table = pq.read_table(f, columns=["logit", "is_quark"])
         if table.column("is_quark").null_count:
             return {}
-        logits.append(torch.from_numpy(table.column("logit").to_numpy()))
-        labels.append(torch.from_numpy(table.column("is_quark").to_numpy()))
+        # torch.tensor copies: Arrow's buffers are read-only, which torch.from_numpy warns about
+        logits.append(torch.tensor(table.column("logit").to_numpy()))
+        labels.append(torch.tensor(table.column("is_quark").to_numpy()))
     if not logits:
         return {}
     logit, label = torch.cat(logits), torch.cat(labels)
     if label.min() == label.max():   # one class only: no ROC
         return {}
-    metrics = compute_metrics(logit, label)
+    loss = torch.nn.functional.binary_cross_entropy_with_logits(logit.double(), label.double()).item()
+    metrics = compute_metrics(logit, label, loss=loss)
     from torchmetrics.functional.classification import binary_roc
 
     from qgdist.train.plots import plot_roc
 
     fpr, tpr, _ = binary_roc(torch.sigmoid(logit.double()), label.long(), thresholds=None)
-    plot_roc({f"predict ({len(logit)} jets)": (fpr.numpy(), tpr.numpy())}, join(out, "roc.png"))
-    return {"metrics": metrics, "label_convention": pre.label_convention}
+    plot_roc({f"predict ({len(logit)} jets)": (fpr.numpy(), tpr.numpy())}, output.path(ROC))
+    return {"metrics": metrics, "label_convention": pre.label_convention, "roc": output.name(ROC)}

@@ -13,7 +13,6 @@ the comparison shows the pipeline works end to end, not which model is better on
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from typing import Any
 
 from qgdist.core import atomic
 from qgdist.core.config import option
+from qgdist.core.run import Run
 
 #: Test accuracy of the seed notebooks on the real datasets (REFERENCE.md section 1 and 4).
 SEED_BASELINES = {"resnet15": ("seed Keras CNN, CMS images", 0.513),
@@ -76,17 +76,17 @@ def quickstart(cfg: QuickstartConfig) -> Path:
     rows, runs = [], out / "runs"
     for model, kind, batch in (("particlenet-lite", "cloud", cfg.cloud_batch), ("resnet15", "image", cfg.image_batch)):
         _stage(f"training {model} with {cfg.workers} Ray Train workers", t0)
-        shutil.rmtree(runs / model, ignore_errors=True)  # the quickstart always starts afresh
+        shutil.rmtree(Run.at(str(runs), model).location, ignore_errors=True)  # the quickstart always starts afresh
         train_cfg = TrainConfig.of(data=datasets[kind], model=model, model_kwargs=cfg.model_kwargs.get(model, {}),
                                    run_name=model, storage=str(runs), workers=cfg.workers, epochs=cfg.epochs,
                                    batch_size=batch, seed=cfg.seed, shuffle_buffer=1000, checkpoint_every=0,
                                    log_every=5, max_failures=0, verbose=cfg.verbose)
         result = fit(resolve(train_cfg))
         _stage(f"evaluating {model} on the test split", t0)
-        best = Path(result["run_dir"]) / "checkpoints" / "best.json"
-        ckpt = best.parent / json.loads(best.read_text())["name"] if best.exists() else result["checkpoint"]
-        ev = evaluate_checkpoint(EvalConfig(checkpoint=str(ckpt), data=datasets[kind], split="test", progress=False))
-        rows.append((model, kind, ev, Path(result["run_dir"])))
+        # The run directory names its best checkpoint (by validation AUC), else its latest.
+        ev = evaluate_checkpoint(EvalConfig(checkpoint=result.run_dir, data=datasets[kind], split="test",
+                                            progress=False))
+        rows.append((model, kind, ev, Run(result.run_dir)))
 
     report = _write_report(out, rows, cfg, time.perf_counter() - t0)
     _stage(f"report written to {report}", t0)
@@ -108,13 +108,13 @@ def _write_report(out: Path, rows: list, cfg: QuickstartConfig, seconds: float) 
               "so the table shows the pipeline end to end, not a physics comparison.", ""]
     figures = out / "figures"
     figures.mkdir(exist_ok=True)
-    for model, _, ev, run_dir in rows:
+    for model, _, ev, run in rows:
         for src, name in ((Path(ev["paths"]["roc"]), f"{model}-test-roc.png"),
-                          (run_dir / "artifacts" / "curves.png", f"{model}-curves.png")):
+                          (run.local_artifacts / "curves.png", f"{model}-curves.png")):
             if src.exists():
                 shutil.copyfile(src, figures / name)
                 lines.append(f"![{name}](figures/{name})")
-        lines.append(f"MLflow store: `qgdist tracker --store {run_dir / 'mlflow'}`; run directory `{run_dir}`.")
+        lines.append(f"MLflow store: `qgdist tracker --store {run.mlflow_store}`; run directory `{run}`.")
         lines.append("")
     report = out / "report.md"
     atomic.write_text(report, "\n".join(lines) + "\n")

@@ -35,17 +35,17 @@ from pathlib import Path
 from typing import Any
 
 from qgdist.core.atomic import write_json, write_text
+from qgdist.core.run import MLFLOW_DIR, RUN_IDS_FILE, UNSENT_FILE, local_store_artifacts
+from qgdist.core.run import local_store_uri as store_uri
 
-UNSENT_FILE = "mlflow_unsent.jsonl"
-RUN_IDS_FILE = "mlflow_run_ids.json"
 PENDING_PREFIX = "pending-"
 BATCH_MAX_METRICS = 1000  # MLflow's log_batch limit
 BATCH_MAX_PARAMS = 100
 
 
 def local_store_uri(run_dir: str | Path) -> str:
-    """The embedded sqlite store of a run directory (an absolute ``sqlite:////...`` URI)."""
-    return f"sqlite:///{Path(run_dir).resolve() / 'mlflow' / 'mlflow.db'}"
+    """The embedded sqlite store of a (local) run directory (an absolute ``sqlite:////...`` URI)."""
+    return store_uri(Path(run_dir) / MLFLOW_DIR)
 
 
 def new_pending_id() -> str:
@@ -130,7 +130,7 @@ def experiment_id(client: Any, name: str, tracking_uri: str, run_dir: str | Path
         return found.experiment_id
     location = None
     if tracking_uri.startswith("sqlite:"):   # otherwise mlflow would put artifacts in ./mlruns
-        location = (Path(run_dir) / "mlflow" / "artifacts").resolve().as_uri()
+        location = local_store_artifacts(Path(run_dir) / MLFLOW_DIR).resolve().as_uri()
     return client.create_experiment(name, artifact_location=location)
 
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from qgdist.core.config import option
+from qgdist.core.run import local_store_artifacts, local_store_uri
 
 
 def free_port() -> int:
@@ -64,8 +65,8 @@ class MlflowServer:
         store = self.config.store.resolve()
         mlflow = shutil.which("mlflow", path=str(Path(sys.executable).parent)) or "mlflow"
         return [mlflow, "server", "--workers", "1", "--host", self.config.host, "--port", str(self.config.port),
-                "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}",
-                "--artifacts-destination", str(store / "artifacts")]
+                "--backend-store-uri", local_store_uri(store),
+                "--artifacts-destination", str(local_store_artifacts(store))]
 
     def start(self, log_path: Path | None = None) -> "MlflowServer":
         """Start the server and wait until ``/health`` answers; raises with the server's log if it does not."""

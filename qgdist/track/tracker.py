@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from qgdist.core.errors import ConfigError
+from qgdist.core.run import MLFLOW_DIR
 from qgdist.core.secrets import redact
 from qgdist.track import delivery
 from qgdist.track.delivery import (PENDING_PREFIX, UNSENT_FILE, local_store_uri, replay_unsent,  # noqa: F401 (API)
@@ -137,7 +138,7 @@ class Tracker:
         if redact(self.tracking_uri) != self.tracking_uri:   # mlflow prints "View run at URI" with the password
             os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
         if self.tracking_uri.startswith("sqlite:"):
-            (self.run_dir / "mlflow").mkdir(parents=True, exist_ok=True)
+            (self.run_dir / MLFLOW_DIR).mkdir(parents=True, exist_ok=True)
         try:
             self._client = MlflowClient(tracking_uri=self.tracking_uri)
         except Exception as err:  # noqa: BLE001 -- mlflow raises several types for an unusable URI

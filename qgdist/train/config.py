@@ -27,7 +27,8 @@ from typing import Any, Literal
 
 from qgdist.core.config import build, option, to_dict, to_flat_dict
 from qgdist.core.device import resolve_precision
-from qgdist.core.storage import absolute, join
+from qgdist.core.run import Run
+from qgdist.core.storage import absolute
 from qgdist.core.tracking import resolve_tracking_uri
 from qgdist.data.config import DataConfig
 
@@ -131,6 +132,11 @@ class LaunchConfig:
             object.__setattr__(self, "min_workers", None)
 
     @property
+    def workers_spec(self) -> str:
+        """``"2"``, or ``"1-4"`` for an elastic run: the worker count as ``--workers`` takes it."""
+        return f"{self.min_workers}-{self.workers}" if self.elastic else str(max(1, self.workers))
+
+    @property
     def elastic(self) -> bool:
         """True when the worker group may shrink (to ``min_workers``) and grow back (to ``workers``)."""
         return self.min_workers is not None
@@ -159,9 +165,14 @@ class TrainConfig:
         return build(cls, flat, where="TrainConfig.of")
 
     @property
+    def run(self) -> Run:
+        """The run directory ``storage/run_name``: where checkpoints, artifacts and the local MLflow store go."""
+        return Run.at(self.checkpoint.storage, self.checkpoint.run_name)
+
+    @property
     def run_dir(self) -> str:
-        """Where checkpoints, artifacts and the local MLflow store go: ``storage/run_name``."""
-        return join(self.checkpoint.storage, self.checkpoint.run_name)
+        """``storage/run_name`` as text (``str(cfg.run)``)."""
+        return str(self.run)
 
     @property
     def world_size(self) -> int:

@@ -12,6 +12,7 @@ from typing import Any
 
 from qgdist.data.epoch_plan import Layout
 from qgdist.data.loader import ShardLoader
+from qgdist.train.checkpoint import Checkpoint
 
 
 def layouts_before(saved: dict[str, Any], step: int, world: int, workers: int) -> tuple[Layout, ...]:
@@ -39,20 +40,22 @@ def schedule_position(position: int, total: int, remaining: int) -> int:
     return round(position * remaining / (total - position))
 
 
-def continue_after_resize(state: dict[str, Any], loader: ShardLoader, steps: list[int],
+def continue_after_resize(checkpoint: Checkpoint, loader: ShardLoader, steps: list[int],
                           world: int) -> tuple[tuple[Layout, ...], int | None, int]:
-    """How the run in ``state`` goes on with ``world`` ranks; ``steps`` (per epoch, for this world) is updated.
+    """How the run in ``checkpoint`` goes on with ``world`` ranks; ``steps`` (per epoch, for this world) is updated.
 
     Returns the layouts that ran the resumed epoch's first steps (for ``loader.epoch``), the schedule position to
     continue from (None: the checkpoint's, the world is unchanged) and the schedule's length.
     """
-    epoch, step = state["epoch"], state["step"]
-    saved = state["loader"][0]
-    earlier = layouts_before(saved, step, world, loader.cfg.num_workers)
+    state = checkpoint.training
+    assert state is not None, "a checkpoint without training state (model.pt) cannot be resumed"
+    epoch, step = checkpoint.epoch, checkpoint.step
+    saved = state.loader[0]
+    earlier = layouts_before(saved, step, world, loader.data.loader_workers)
     if earlier and epoch < len(steps):
         steps[epoch] = loader.steps_in_epoch(epoch, earlier)
     if saved["world_size"] == world:
         return earlier, None, sum(steps)
     remaining = sum(steps[epoch:]) - step
-    at = schedule_position(state["scheduler"]["last_epoch"], state.get("schedule_steps") or sum(steps), remaining)
+    at = schedule_position(state.scheduler["last_epoch"], state.schedule_steps or sum(steps), remaining)
     return earlier, at, at + remaining

@@ -14,15 +14,53 @@ slowest. We turn that off (``broadcast_buffers=False``): each rank keeps running
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from qgdist.core.device import resolve_device
+
 
 def is_distributed() -> bool:
     """Whether a process group is running (Ray Train's workers, ``torchrun``)."""
     return dist.is_available() and dist.is_initialized()
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where this process trains: its rank among ``world`` processes, and its device."""
+
+    rank: int
+    world: int
+    device: torch.device
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1 or is_distributed()
+
+    @classmethod
+    def current(cls, device: torch.device | str | None, gpu: bool = False) -> Placement:
+        """This process: the process group's rank and size (0 of 1 without one); ``device`` as given (Ray Train's),
+        else CUDA when ``gpu``, else "auto"."""
+        rank, world = (dist.get_rank(), dist.get_world_size()) if is_distributed() else (0, 1)
+        return cls(rank, world, resolve_device(device if device is not None else ("cuda" if gpu else "auto")))
+
+
+def prepare(model: torch.nn.Module, place: Placement, buffers: list[dict[str, torch.Tensor]] | None,
+            compile: bool = False) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """``model`` ready to train here: in DDP under a process group (which broadcasts rank 0's parameters and
+    buffers), given back this rank's own BatchNorm statistics (``buffers``: every rank's, from a checkpoint of the
+    same world size), compiled if asked. Returns (the model to step, the bare model to evaluate and save)."""
+    raw = model
+    if is_distributed():
+        model = wrap(model, place.device)
+    if buffers and place.rank < len(buffers):
+        load_buffers(raw, buffers[place.rank])
+    if compile:
+        model = torch.compile(model)
+    return model, raw
 
 
 def gather(obj: Any) -> list[Any]:

@@ -22,11 +22,13 @@ fsspec URL such as ``s3://bucket/runs`` (see ``qgdist.core.storage``).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from qgdist.core.config import build
 from qgdist.train.config import TrainConfig
+from qgdist.train.state import TrainResult
 
 if TYPE_CHECKING:
     from upath import UPath
@@ -38,14 +40,13 @@ def worker_loop(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
-    from qgdist.train.checkpoint import Checkpointer
+    from qgdist.core.storage import is_local
     from qgdist.train.console import Console
     from qgdist.train.loop import train
-    from qgdist.core.storage import is_local
 
     cfg = build(TrainConfig, config["train"], where="the driver's config")
     ray_ckpt = ray.train.get_checkpoint()
-    if cfg.checkpoint.resume_from is None and Checkpointer(cfg.run_dir).latest() is None and ray_ckpt is not None:
+    if cfg.checkpoint.resume_from is None and ray_ckpt is not None and not _has_intact_checkpoint(cfg):
         cfg = cfg.replace(resume_from=ray_ckpt.to_directory())  # our pointer is gone but Ray kept one: use it
 
     def report(metrics: dict[str, float], path: UPath | None) -> None:
@@ -61,26 +62,38 @@ def worker_loop(config: dict[str, Any]) -> None:
     train(cfg, device=ray.train.torch.get_device(), report=report, console=console)
 
 
-def fit(cfg: TrainConfig, worker_fn: Callable[[dict[str, Any]], None] = worker_loop) -> dict[str, Any]:
-    """Train the resolved ``cfg`` with ``cfg.launch.workers`` Ray Train workers; returns the final metrics and the
-    run directory."""
+def _has_intact_checkpoint(cfg: TrainConfig) -> bool:
+    from qgdist.train.checkpointer import Checkpointer, DamagedCheckpoint
+
+    try:
+        return Checkpointer(cfg.run).resume_point().checkpoint is not None
+    except DamagedCheckpoint:
+        return False
+
+
+def fit(cfg: TrainConfig, worker_fn: Callable[[dict[str, Any]], None] = worker_loop) -> TrainResult:
+    """Train the resolved ``cfg`` with ``cfg.launch.workers`` Ray Train workers; returns where the run ended, as
+    the plain loop does."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from qgdist.core.ray import ensure_ray
-    from qgdist.train.checkpoint import STATE_FILE, Checkpointer, check_fingerprint, load_checkpoint
+    from qgdist.data.shards.manifest import read_manifest
+    from qgdist.train.checkpoint import check_dataset, check_fingerprint
+    from qgdist.train.checkpointer import Checkpointer, load_checkpoint
     from qgdist.train.console import Relay
-    from qgdist.core.storage import run_path, scratch_dir
 
     launch, c = cfg.launch, cfg.checkpoint
     if launch.workers < 1:
         raise ValueError("fit() runs Ray Train workers: launch.workers must be at least 1 (0 is the plain loop)")
     # Refuse an incompatible resume here, in the driver, with a clear message (not from inside a worker).
-    source = c.resume_from or Checkpointer(cfg.run_dir).latest()
-    if source is not None and (run_path(source) / STATE_FILE).exists():
-        check_fingerprint(load_checkpoint(source)["fingerprint"], cfg.fingerprint(), str(source),
-                          c.allow_config_change)
-    ensure_ray(launch.address, num_cpus=None, log_dir=scratch_dir(cfg.run_dir), verbose=cfg.tracking.verbose)
+    checkpointer = Checkpointer(cfg.run)
+    point = checkpointer.resume_point(c.resume_from)   # rank 0 says which damaged ones it skips
+    if point.checkpoint is not None:
+        check_fingerprint(point.checkpoint.fingerprint, cfg.fingerprint(), str(point.path), c.allow_config_change)
+        check_dataset(point.checkpoint, read_manifest(cfg.data.data), cfg.data.data, str(point.path),
+                      c.allow_config_change)
+    ensure_ray(launch.address, num_cpus=None, log_dir=cfg.run.log_dir, verbose=cfg.tracking.verbose)
     resources = {"CPU": launch.cpus_per_worker} | ({"GPU": 1} if launch.gpu else {}) | launch.worker_resources
     relay = Relay()
     trainer = TorchTrainer(
@@ -98,6 +111,9 @@ def fit(cfg: TrainConfig, worker_fn: Callable[[dict[str, Any]], None] = worker_l
     )
     with relay:
         result = trainer.fit()
-    latest = Checkpointer(cfg.run_dir).latest()
-    return {"metrics": dict(result.metrics or {}), "run_dir": cfg.run_dir,
-            "checkpoint": str(latest) if latest else None}
+    latest = checkpointer.latest()
+    if latest is None:
+        raise RuntimeError(f"{cfg.run}: Ray Train finished without a checkpoint")
+    started = (result.metrics or {}).get("started_unix")
+    return dataclasses.replace(TrainResult.of(str(cfg.run), str(latest), load_checkpoint(latest)),
+                               started_unix=started)

@@ -121,7 +121,7 @@ def test_convert_then_train_jobs_leave_shards_checkpoint_and_mlflow_run(head, cl
     latest = json.loads((run_dir / "checkpoints" / "latest.json").read_text())
     state = torch.load(run_dir / "checkpoints" / latest["name"] / "state.pt", weights_only=True)
     # A real checkpoint of the run the job trained, loadable without unpickling code.
-    assert state["global_step"] == latest["global_step"] > 0 and state["fingerprint"]["model"] == "particlenet-lite"
+    assert state["global_step"] == latest["global_step"] > 0 and state["model_name"] == "particlenet-lite"
     client = MlflowClient(tracking_uri)
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert [r.data.tags.get("mlflow.runName", r.info.run_name) for r in runs] == ["job-test"]

@@ -21,7 +21,7 @@ import pytest
 
 from qgdist.data.convert import ConvertConfig, convert
 from qgdist.pipelines.toy_data import toy_file
-from qgdist.train.checkpoint import Checkpointer, load_checkpoint
+from qgdist.train.checkpointer import Checkpointer, load_checkpoint
 from qgdist.train.config import TrainConfig, resolve
 from qgdist.train.ray_trainer import fit, worker_loop
 from tests.cluster.raykit import VENV_BIN, RayNode, wait_for_nodes
@@ -122,10 +122,10 @@ def test_a_lost_node_is_regained_and_training_finishes(cluster, tmp_path):
     killer.join(timeout=60)
     assert "killed" in events, "no mid-epoch checkpoint was seen: the node was never lost"
 
-    state = load_checkpoint(Checkpointer(out["run_dir"]).latest())
-    steps_per_epoch = state["global_step"] // 2
-    assert state["epoch"] == 2 and state["step"] == 0 and steps_per_epoch > 5
-    placements = [json.loads(p.read_text()) for p in sorted((Path(out["run_dir"]) / "placement").iterdir())]
+    state = load_checkpoint(Checkpointer(out.run_dir).latest())
+    steps_per_epoch = state.global_step // 2
+    assert state.epoch == 2 and state.step == 0 and steps_per_epoch > 5
+    placements = [json.loads(p.read_text()) for p in sorted((Path(out.run_dir) / "placement").iterdir())]
     first, after = placements[:2], [p for p in placements if p["time"] > events["killed"]]
     assert {p["rank"] for p in first} == {0, 1} and len({p["node"] for p in first}) == 2   # one worker per node
     assert {p["rank"] for p in after} >= {0, 1} and len({p["node"] for p in after[-2:]}) == 2
@@ -179,12 +179,12 @@ def test_an_elastic_run_goes_on_with_one_node_and_grows_back(cluster, tmp_path):
     killer.join(timeout=60)
     assert "restarted" in events, f"the run ended before the node could be lost and regained: {events}"
 
-    state = load_checkpoint(Checkpointer(out["run_dir"]).latest())
-    assert state["epoch"] == 3 and state["step"] == 0
+    state = load_checkpoint(Checkpointer(out.run_dir).latest())
+    assert state.epoch == 3 and state.step == 0
     records = sorted((json.loads(p.read_text()) for p in placement.iterdir()), key=lambda r: r["time"])
     worlds = [r["world"] for r in records if r["rank"] == 0]
     assert worlds[0] == 2 and 1 in worlds and worlds[-1] == 2, worlds     # 2 -> 1 -> 2
-    client = MlflowClient(tracking_uri=local_store_uri(out["run_dir"]))
+    client = MlflowClient(tracking_uri=local_store_uri(out.run_dir))
     runs = client.search_runs([client.get_experiment_by_name("qgdist").experiment_id])
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"            # one MLflow run, continued
     sizes = [m.value for m in sorted(client.get_metric_history(runs[0].info.run_id, "cluster/world_size"),

@@ -8,7 +8,6 @@ import inspect
 import pkgutil
 
 import numpy as np
-import pytest
 
 import qgdist
 from qgdist.cli import main

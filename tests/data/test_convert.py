@@ -9,7 +9,10 @@ import time
 
 import pytest
 
-from qgdist.data.convert import ConvertConfig, convert
+from qgdist.cli import main
+from qgdist.data.config import DataConfig
+from qgdist.data.convert import ConvertConfig, convert, verify_output
+from qgdist.data.loader import ShardLoader
 from qgdist.data.shards.manifest import read_manifest
 from qgdist.data.sources.errors import BadRowError
 from qgdist.generate.toy import ToyConfig, run
@@ -63,25 +66,43 @@ def _tars(d):
     return sorted(os.path.basename(p) for p in glob.glob(f"{d}/*.tar"))
 
 
-def test_interrupted_conversion_leaves_no_manifest_and_rerun_is_clean(tmp_path):
+def test_a_rerun_never_destroys_the_dataset_already_there(tmp_path, capsys):
+    """A typo in the inputs, a rerun without --overwrite, and a --overwrite rerun killed halfway all leave the
+    earlier dataset complete (inspect --verify passes); a finished --overwrite rerun replaces it entirely."""
     src, out = tmp_path / "big.npz", tmp_path / "out"
     run(ToyConfig("energyflow", 6000, str(src), seed=3, compress=False))
     convert(ConvertConfig("energyflow", [str(src)], str(out), rows_per_task=3000, executor="local", progress=False))
-    assert (out / "manifest.json").exists() and len(_tars(out)) == 6
-    # A second run with smaller tasks, killed once it has written some shards.
-    cmd = [sys.executable, "-m", "qgdist", "convert", "--source", "energyflow", "--out", str(out), "--no-ray",
-           "--quiet", "--rows-per-task", "40", str(src)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and not any(n.startswith("train-000003") for n in _tars(out)):
+    before = (out / "manifest.json").read_text()
+    assert len(_tars(out)) == 6
+
+    def unchanged() -> bool:
+        return (out / "manifest.json").read_text() == before and verify_output(str(out)) == [] and \
+            main(["inspect", str(out), "--verify"]) == 0
+
+    base = ["convert", "--source", "energyflow", "--out", str(out), "--no-ray", "--quiet"]
+    for overwrite in ([], ["--overwrite"]):
+        assert main(base + overwrite + [str(tmp_path / "typo.npz")]) == 2
+        assert "typo.npz: whole file, field '<file>': file not found" in capsys.readouterr().err and unchanged()
+    assert main(base + [str(src)]) == 2
+    assert "already holds a converted dataset" in capsys.readouterr().err and unchanged()
+
+    # A --overwrite rerun with smaller tasks, killed once it has written some shards of its own.
+    proc = subprocess.Popen([sys.executable, "-m", "qgdist", *base, "--overwrite", "--rows-per-task", "40",
+                             str(src)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and not glob.glob(f"{out}/g-*/train-000003-*.tar"):
         assert proc.poll() is None, "conversion finished before it could be interrupted"
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert not (out / "manifest.json").exists()  # the old manifest went first; no new one claims partial shards
-    assert "train-000001-000.tar" in _tars(out) and "train-000149-000.tar" not in _tars(out)
+    assert unchanged()
+
     m = convert(ConvertConfig("energyflow", [str(src)], str(out), rows_per_task=2000, executor="local",
-                              progress=False))
-    assert _tars(out) == [s.name for s in m.shards]  # nothing stale from either earlier run
-    assert not [p for p in os.listdir(out) if p.endswith(".tmp")]
-    assert m.rows == {"in": 6000, "written": 6000, "rejected": 0}
+                              progress=False, overwrite=True))
+    written = sorted(os.path.relpath(p, out) for p in glob.glob(f"{out}/**/*.tar", recursive=True))
+    assert written == sorted(s.name for s in m.shards)   # nothing left of the first dataset or the killed rerun
+    assert not glob.glob(f"{out}/**/*.tmp", recursive=True) and len(glob.glob(f"{out}/g-*")) == 1
+    assert m.rows == {"in": 6000, "written": 6000, "rejected": 0} and verify_output(str(out)) == []
+    # the new generation reads like any dataset
+    assert sum(len(b["row"]) for b in ShardLoader(DataConfig(str(out), batch_size=500), "test",
+                                                  training=False).collated(0)) == m.splits["test"]["samples"]

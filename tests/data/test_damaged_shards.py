@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from qgdist.core.errors import InputError
-from qgdist.data.loader import LoaderConfig, ShardLoader
+from qgdist.data.config import DataConfig
+from qgdist.data.loader import ShardLoader
 from qgdist.data.shards import read
 from qgdist.data.shards.manifest import read_manifest
 from tests.trainkit import write_dataset
@@ -38,10 +39,8 @@ def _shard(data: str, split: str, i: int = 0):
 
 
 def _batches(data: str, split: str, **kw) -> int:
-    training = split == "train"
-    cfg = LoaderConfig(str(data), split=split, batch_size=8, training=training,
-                       shuffle_buffer=8 if training else 0, **kw)
-    return sum(1 for _ in ShardLoader(cfg).collated(0))
+    cfg = DataConfig(str(data), batch_size=8, shuffle_buffer=8, **kw)
+    return sum(1 for _ in ShardLoader(cfg, split, training=split == "train").collated(0))
 
 
 def _truncate(path: Path, keep: int) -> None:
@@ -120,8 +119,7 @@ def test_verify_shards_finds_a_flipped_value_byte_no_parser_sees(data) -> None:
 
 
 def test_verify_shards_hashes_each_shard_once_per_process(data) -> None:
-    cfg = LoaderConfig(str(data), batch_size=8, shuffle_buffer=8, verify_shards=True)
-    loader = ShardLoader(cfg)
+    loader = ShardLoader(DataConfig(str(data), batch_size=8, shuffle_buffer=8, verify_shards=True))
     assert sum(1 for _ in loader.collated(0)) > 0
     train = {os.path.join(data, s.name) for s in read_manifest(data).shards if s.split == "train"}
     assert {p for p, _ in read._VERIFIED} == train

@@ -12,7 +12,8 @@ import itertools
 import pytest
 
 from qgdist.data.epoch_plan import Layout, remaining_jets
-from qgdist.data.loader import LoaderConfig, ShardLoader
+from qgdist.data.config import DataConfig
+from qgdist.data.loader import ShardLoader
 from qgdist.data.shards.schema import decode_chunk
 from tests.trainkit import write_dataset
 
@@ -26,8 +27,8 @@ def cloud_dir(tmp_path_factory):
 
 
 def _loaders(data: str, world: int, workers: int = 0) -> list[ShardLoader]:
-    return [ShardLoader(LoaderConfig(data, batch_size=BATCH, rank=r, world_size=world, num_workers=workers, seed=5,
-                                     shuffle_buffer=24)) for r in range(world)]
+    return [ShardLoader(DataConfig(data, batch_size=BATCH, loader_workers=workers, shuffle_buffer=24), rank=r,
+                        world_size=world, seed=5) for r in range(world)]
 
 
 def _run(data: str, world: int, start: int, stop: int | None, earlier: tuple[Layout, ...] = (),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import itertools
 
 import numpy as np
@@ -10,7 +12,8 @@ import torch
 import webdataset as wds
 
 from qgdist.data.epoch_plan import plan_epoch
-from qgdist.data.loader import LoaderConfig, ShardLoader
+from qgdist.data.config import DataConfig
+from qgdist.data.loader import ShardLoader
 from qgdist.data.shards.schema import decode_chunk
 from tests.trainkit import write_dataset
 
@@ -32,7 +35,7 @@ def _keys(loader: ShardLoader, epoch: int, start: int = 0) -> list[list[tuple[st
 
 
 def test_ranks_are_disjoint_balanced_and_run_equal_steps(cloud_dir):
-    loaders = [ShardLoader(LoaderConfig(cloud_dir, batch_size=8, rank=r, world_size=2, num_workers=2, seed=3))
+    loaders = [ShardLoader(DataConfig(cloud_dir, batch_size=8, loader_workers=2), rank=r, world_size=2, seed=3)
                for r in range(2)]
     per_rank = [_keys(ld, 0) for ld in loaders]
     assert len(per_rank[0]) == len(per_rank[1]) == loaders[0].steps_in_epoch(0) > 0
@@ -57,7 +60,7 @@ def test_loader_workers_are_not_forked_from_the_training_process(cloud_dir):
     import os
 
     before = set(_children(os.getpid()))
-    batches = ShardLoader(LoaderConfig(cloud_dir, batch_size=8, num_workers=2, seed=3)).collated(0)
+    batches = ShardLoader(DataConfig(cloud_dir, batch_size=8, loader_workers=2), seed=3).collated(0)
     next(batches)   # the workers are running now
     ours = [p for p in _children(os.getpid()) if p not in before]
 
@@ -73,21 +76,22 @@ def test_loader_workers_are_not_forked_from_the_training_process(cloud_dir):
 
 
 def test_shards_are_reassigned_each_epoch_reproducibly(cloud_dir):
-    cfg = LoaderConfig(cloud_dir, batch_size=8, world_size=2, num_workers=2, seed=3)
-    a, b = ShardLoader(cfg), ShardLoader(cfg)
+    data = DataConfig(cloud_dir, batch_size=8, loader_workers=2)
+    a, b = ShardLoader(data, world_size=2, seed=3), ShardLoader(data, world_size=2, seed=3)
     assert _keys(a, 0) == _keys(b, 0)
     assert _keys(a, 0) != _keys(a, 1)
-    other_seed = ShardLoader(LoaderConfig(cloud_dir, batch_size=8, world_size=2, num_workers=2, seed=4))
+    other_seed = ShardLoader(DataConfig(cloud_dir, batch_size=8, loader_workers=2), world_size=2, seed=4)
     assert _keys(a, 0) != _keys(other_seed, 0)
 
 
 @pytest.mark.parametrize("workers", [0, 2, 3])
 def test_resume_mid_epoch_is_exact(cloud_dir, workers):
-    cfg = LoaderConfig(cloud_dir, batch_size=6, rank=1, world_size=2, num_workers=workers, seed=1, shuffle_buffer=50)
-    full = _keys(ShardLoader(cfg), 2)
+    make = functools.partial(ShardLoader, DataConfig(cloud_dir, batch_size=6, loader_workers=workers, shuffle_buffer=50),
+                             rank=1, world_size=2, seed=1)
+    full = _keys(make(), 2)
     assert len(full) >= 4
     for start in (1, 3, len(full) - 1):
-        loader = ShardLoader(cfg)
+        loader = make()
         assert _keys(loader, 2, start) == full[start:]
         assert loader.state_dict()["step"] == len(full) and loader.state_dict()["epoch"] == 2
 
@@ -96,7 +100,7 @@ def test_shards_split_into_parts_when_fewer_than_slots(image_dir):
     # 3 train shards, 2 ranks x 2 workers = 4 slots: each shard is read as strided halves.
     keys = []
     for r in range(2):
-        loader = ShardLoader(LoaderConfig(image_dir, batch_size=4, rank=r, world_size=2, num_workers=2))
+        loader = ShardLoader(DataConfig(image_dir, batch_size=4, loader_workers=2), rank=r, world_size=2)
         keys.append(set(itertools.chain(*_keys(loader, 0))))
     assert keys[0] and keys[1] and not keys[0] & keys[1]
 
@@ -104,8 +108,8 @@ def test_shards_split_into_parts_when_fewer_than_slots(image_dir):
 def test_evaluation_reads_every_sample_once(cloud_dir):
     keys = []
     for r in range(2):
-        loader = ShardLoader(LoaderConfig(cloud_dir, split="val", batch_size=16, rank=r, world_size=2,
-                                          num_workers=2, training=False, shuffle_buffer=0))
+        loader = ShardLoader(DataConfig(cloud_dir, batch_size=16, loader_workers=2), "val", training=False, rank=r,
+                                                 world_size=2)
         keys += list(itertools.chain(*_keys(loader, 0)))
     assert sorted(keys) == sorted(k for i in range(2) for k in _keys_of_shard(f"{cloud_dir}/val-{i:06d}.tar"))
 
@@ -116,7 +120,7 @@ def _keys_of_shard(path: str) -> list[tuple[str, int]]:
 
 
 def test_cloud_batch_contract(cloud_dir):
-    loader = ShardLoader(LoaderConfig(cloud_dir, batch_size=16, max_particles=24, preset="kinpid"))
+    loader = ShardLoader(DataConfig(cloud_dir, batch_size=16, max_particles=24, preset="kinpid"))
     inputs, label = next(iter(loader.epoch(0)))
     assert set(inputs) == {"points", "features", "mask"}
     b, p, _ = inputs["points"].shape
@@ -130,10 +134,10 @@ def test_cloud_batch_contract(cloud_dir):
 
 
 def test_image_batch_is_densified_exactly(image_dir):
-    loader = ShardLoader(LoaderConfig(image_dir, split="val", batch_size=5, training=False, shuffle_buffer=0))
+    loader = ShardLoader(DataConfig(image_dir, batch_size=5), "val", training=False)
     batch = next(iter(loader.collated(0)))
     inputs, label = loader.epoch(0).__next__()
-    assert inputs["image"].shape == (5, 3, 16, 16) and inputs["jet"].shape == (5, 2)
+    assert inputs["image"].shape == (5, 3, 20, 20) and inputs["jet"].shape == (5, 2)
     stored = {}
     for shard in ("val-000000.tar", "val-000001.tar"):
         for s in wds.WebDataset(f"{image_dir}/{shard}", shardshuffle=False, nodesplitter=None, empty_check=False):
@@ -144,7 +148,7 @@ def test_image_batch_is_densified_exactly(image_dir):
 
 
 def test_too_small_split_is_a_clear_error(image_dir):
-    loader = ShardLoader(LoaderConfig(image_dir, batch_size=64, world_size=2, num_workers=2))
+    loader = ShardLoader(DataConfig(image_dir, batch_size=64, loader_workers=2), world_size=2)
     with pytest.raises(ValueError, match="too small"):
         loader.steps_in_epoch(0)
 
@@ -156,9 +160,9 @@ def test_shards_at_an_fsspec_url_read_like_local_ones(cloud_dir):
     fs = fsspec.filesystem("memory")
     for name in fsspec.filesystem("file").ls(cloud_dir, detail=False):
         fs.pipe(f"/loader-test/{name.rsplit('/', 1)[-1]}", open(name, "rb").read())
-    cfg = dict(batch_size=8, rank=0, world_size=2, num_workers=0, seed=3)
-    local = _keys(ShardLoader(LoaderConfig(cloud_dir, **cfg)), 1)
-    remote = _keys(ShardLoader(LoaderConfig("memory://loader-test", **cfg)), 1)
+    place = dict(rank=0, world_size=2, seed=3)
+    local = _keys(ShardLoader(DataConfig(cloud_dir, batch_size=8), **place), 1)
+    remote = _keys(ShardLoader(DataConfig("memory://loader-test", batch_size=8), **place), 1)
     assert remote == local and len(local) > 0
 
 
@@ -167,17 +171,17 @@ def test_training_batches_mix_shards_and_resume_reads_no_skipped_chunk(cloud_dir
     the draws from the manifest's jet counts and fetches only chunks that still have jets to deliver."""
     import qgdist.data.shards.read as loader_module
 
-    cfg = LoaderConfig(cloud_dir, batch_size=16, seed=5, shuffle_buffer=30)
-    loader = ShardLoader(cfg)
+    make = functools.partial(ShardLoader, DataConfig(cloud_dir, batch_size=16, shuffle_buffer=30), seed=5)
+    loader = make()
     first = next(iter(loader.collated(0)))
     bounds = np.cumsum([40, 37, 45, 30, 41])          # trainkit numbers rows shard after shard
     shards = {int(np.searchsorted(bounds, r, side="right")) for r in first["row"].tolist()}
     assert len(shards) >= 3, shards
-    full = _keys(ShardLoader(cfg), 0)
+    full = _keys(make(), 0)
     reads = []
     original = loader_module.ChunkRef.read
     monkeypatch.setattr(loader_module.ChunkRef, "read", lambda self: reads.append(self.start) or original(self))
-    assert _keys(ShardLoader(cfg), 0, len(full) - 1) == full[-1:]
+    assert _keys(make(), 0, len(full) - 1) == full[-1:]
     assert 0 < len(reads) < sum(s.chunks for s in loader.manifest.shards_of("train")) / 2
 
 
@@ -193,8 +197,25 @@ def test_the_loader_refuses_schema_1_and_shards_without_an_index(cloud_dir, tmp_
         shutil.copy(f"{cloud_dir}/{shard['name']}", tmp_path / shard["name"])
     (tmp_path / "manifest.json").write_text(json.dumps(doc))
     with pytest.raises(ValueError, match="no chunk index .* re-run `qgdist convert`"):
-        next(iter(ShardLoader(LoaderConfig(str(tmp_path), batch_size=8)).collated(0)))
+        next(iter(ShardLoader(DataConfig(str(tmp_path), batch_size=8)).collated(0)))
     doc["schema_version"] = 1
     (tmp_path / "manifest.json").write_text(json.dumps(doc))
     with pytest.raises(SchemaError, match="schema version 1 .* re-run `qgdist convert`"):
-        ShardLoader(LoaderConfig(str(tmp_path), batch_size=8))
+        ShardLoader(DataConfig(str(tmp_path), batch_size=8))
+
+
+def test_batches_mix_labels_as_a_random_draw_would_even_from_label_sorted_shards(tmp_path):
+    """The worst case for shuffling: the first half of the shards hold only quarks, the rest only gluons. Each
+    batch's quark fraction must spread as little as a random draw of ``batch`` jets would (binomial variance
+    p(1-p)/batch), within a factor of 3 -- the pool's own composition adds some (~1.7x expected here). Without the
+    in-pool permutation a batch is two consecutive 8-jet chunks, and the spread is ~8x the binomial."""
+    batch = 16
+    data = write_dataset(str(tmp_path / "sorted"), "cloud", {"train": [64] * 8}, seed=1, chunk_jets=8,
+                         sorted_labels=True)
+    loader = ShardLoader(DataConfig(data, batch_size=batch, shuffle_buffer=128), seed=7)
+    fractions = np.array([b["label"].float().mean().item() for e in range(4) for b in loader.collated(e)])
+    assert len(fractions) == 4 * 512 // batch
+    binomial = 0.25 / batch
+    ratio = fractions.var() / binomial
+    print(f"per-batch quark fraction: mean {fractions.mean():.3f}, variance {ratio:.2f} x binomial")
+    assert abs(fractions.mean() - 0.5) < 0.05 and ratio < 3.0, ratio

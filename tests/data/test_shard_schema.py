@@ -139,11 +139,12 @@ def test_missing_manifest_names_the_directory(tmp_path):
 
 
 def test_schema_1_is_refused_with_the_way_out(tmp_path):
-    from qgdist.data.loader import LoaderConfig, ShardLoader
+    from qgdist.data.config import DataConfig
+    from qgdist.data.loader import ShardLoader
 
     (tmp_path / "manifest.json").write_text(json.dumps({"schema_version": 1, "shards": []}))
     with pytest.raises(SchemaError, match=r"schema version 1 .* re-run `qgdist convert`"):
-        ShardLoader(LoaderConfig(str(tmp_path)))
+        ShardLoader(DataConfig(str(tmp_path)))
     # a schema-1 sample (one jet: meta.json, kin.npy, pid.npy) met in a shard is refused the same way
     old = {"__key__": "x_npz-r000000001", "meta.json": b'{"is_quark": 1}', "kin.npy": npy_bytes(np.zeros((2, 3))),
            "pid.npy": npy_bytes(np.zeros(2, np.int32))}

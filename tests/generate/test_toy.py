@@ -81,3 +81,14 @@ def test_generate_toy_cli(tmp_path, capsys):
     assert "wrote 50 toy energyflow jets" in capsys.readouterr().out
     with zipfile.ZipFile(out) as zf:
         assert all(i.compress_type == zipfile.ZIP_STORED for i in zf.infolist())
+
+
+def test_an_existing_file_is_replaced_only_when_asked(tmp_path, capsys):
+    from qgdist.cli import main
+
+    path = tmp_path / "mine.npz"
+    path.write_bytes(b"a file the user had")
+    args = ["generate", "toy", "--format", "energyflow", "--jets", "20", "--out", str(path)]
+    assert main(args) == 2 and "--overwrite" in capsys.readouterr().err
+    assert path.read_bytes() == b"a file the user had"
+    assert main(args + ["--overwrite"]) == 0 and len(np.load(path)["y"]) == 20

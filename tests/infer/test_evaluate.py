@@ -1,7 +1,8 @@
 """``qgdist evaluate`` and ``qgdist export`` on real checkpoints (written by the project's Checkpointer) and shards.
 
-Outputs are read back with stock libraries: pyarrow for the scores, onnxruntime for the ONNX file. The run
-artifacts that the tracker uploads (``log_run_artifacts``) are tested in test_track.py, against the real server.
+Outputs are read back with stock libraries: pyarrow for the scores, onnxruntime for the ONNX file. ``evaluate
+--track`` (metrics and outputs added to the training run) is tested against a real MLflow server in
+tests/track/test_tracker.py.
 """
 
 from __future__ import annotations
@@ -14,15 +15,17 @@ import onnxruntime as ort
 import pyarrow.parquet as pq
 import pytest
 import torch
-from tests.trainkit import write_dataset
+from tests.trainkit import strict_json, write_dataset
 
 from qgdist.cli import main
-from qgdist.data.loader import LoaderConfig, ShardLoader
-from qgdist.models import get_model
-from qgdist.train.checkpoint import Checkpointer
-from qgdist.train.config import TrainConfig, resolve
-from qgdist.infer.evaluate import model_from_checkpoint
+from qgdist.data.config import DataConfig
+from qgdist.data.loader import ShardLoader
+from qgdist.infer.evaluate import load_model
 from qgdist.infer.export import INPUT_NAMES, example_inputs, knn_onnx
+from qgdist.models import get_model, model_config
+from qgdist.train.checkpoint import Checkpoint
+from qgdist.train.checkpointer import Checkpointer
+from qgdist.train.config import TrainConfig, resolve
 from qgdist.train.metrics import compute_metrics
 
 MODELS = {"cloud": ("particlenet-lite", {}), "image": ("resnet15", {"fmaps": [8, 8], "nblocks": 1})}
@@ -47,14 +50,15 @@ def run(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
     from qgdist.data.shards.manifest import read_manifest
 
     pre = Preprocessing.from_manifest(read_manifest(data), data)   # what a training run records
-    Checkpointer(cfg.run_dir).save({"model": model.state_dict(), "fingerprint": cfg.fingerprint(), "epoch": 1,
-                                    "step": 0, "global_step": 3, "preprocessing": pre.to_dict()}, auc=0.5)
+    Checkpointer(cfg.run).save(Checkpoint(model_name=name, model_config=model_config(model), weights=model.state_dict(),
+                                          preprocessing=pre, config=cfg.to_dict(), fingerprint=cfg.fingerprint(),
+                                          epoch=1, global_step=3), auc=0.5)
     return {"kind": kind, "data": data, "run_dir": Path(cfg.run_dir), "model": model.eval()}
 
 
-def test_model_from_checkpoint_restores_weights(run: dict) -> None:
-    model, state = model_from_checkpoint(run["run_dir"])
-    assert state["global_step"] == 3 and not model.training
+def test_the_model_is_rebuilt_from_its_checkpoint_with_its_weights(run: dict) -> None:
+    model, checkpoint, _ = load_model(run["run_dir"])
+    assert checkpoint.global_step == 3 and not model.training
     for (name, want), got in zip(run["model"].state_dict().items(), model.state_dict().values()):
         assert torch.equal(want, got), name
 
@@ -71,18 +75,20 @@ def test_evaluate_writes_metrics_plot_and_scores(run: dict, tmp_path: Path, caps
     np.testing.assert_allclose(scores["score"], 1 / (1 + np.exp(-np.array(scores["logit"]))), rtol=1e-5)
 
     # The scores are the model's: recompute them from the shards with the same loader, in the same order.
-    loader = ShardLoader(LoaderConfig(run["data"], split="test", batch_size=64, training=False, shuffle_buffer=0))
+    loader = ShardLoader(DataConfig(run["data"], batch_size=64), "test", training=False)
     inputs, labels = next(loader.epoch(0))
     with torch.no_grad():
         logits = run["model"](**inputs)
     np.testing.assert_allclose(scores["logit"], logits.numpy(), rtol=1e-4, atol=1e-5)
     assert scores["is_quark"] == labels.to(torch.uint8).tolist()
 
-    doc = json.loads((out / "metrics.json").read_text())
+    doc = strict_json((out / "metrics.json").read_text())
     expected = compute_metrics(torch.tensor(scores["logit"]), torch.tensor(scores["is_quark"]))
     assert doc["n_jets"] == TEST_JETS and doc["split"] == "test" and doc["global_step"] == 3
     for key in ("auc", "acc", "rej30", "rej50"):
-        assert doc[key] == pytest.approx(expected[key], rel=1e-5), key
+        # JSON has no infinity: a rejection with no gluon left (1/0) is written as null
+        want = expected[key] if np.isfinite(expected[key]) else None
+        assert doc[key] == pytest.approx(want, rel=1e-5), key
     bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels).item()
     assert doc["loss"] == pytest.approx(bce, rel=1e-4)
     assert (out / "roc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -103,12 +109,34 @@ def test_export_round_trips_through_onnxruntime(run: dict, tmp_path: Path) -> No
     names = INPUT_NAMES[run["kind"]]
     assert [i.name for i in session.get_inputs()] == list(names)
     # Real jets from the shards this time, at a batch size the export never saw.
-    loader = ShardLoader(LoaderConfig(run["data"], split="test", batch_size=5, training=False, shuffle_buffer=0))
+    loader = ShardLoader(DataConfig(run["data"], batch_size=5), "test", training=False)
     for inputs, _ in list(loader.epoch(0))[:3]:
         got = session.run(["logits"], {n: inputs[n].numpy() for n in names})[0]
         with torch.no_grad():
             want = run["model"](**inputs).numpy()
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_export_never_replaces_a_file_with_an_unchecked_one(run: dict, tmp_path: Path, capsys) -> None:
+    """An existing ONNX file is refused without --overwrite, and with it is replaced only once the new file has
+    passed its check: a failing check leaves the old file byte for byte."""
+    from qgdist.infer.export import export_model
+
+    path = tmp_path / "model.onnx"
+    path.write_bytes(b"the user's earlier export")
+    assert main(["export", "--checkpoint", str(run["run_dir"]), "--onnx", str(path)]) == 2
+    assert "--overwrite" in capsys.readouterr().err and path.read_bytes() == b"the user's earlier export"
+
+    def failing(tmp: Path) -> None:
+        assert tmp != path and tmp.stat().st_size > 1000   # the new file exists, under another name
+        raise AssertionError("onnxruntime disagrees")
+
+    with pytest.raises(AssertionError, match="disagrees"):
+        export_model(run["model"], path, check=failing)
+    assert path.read_bytes() == b"the user's earlier export" and sorted(p.name for p in tmp_path.iterdir()) == [
+        "model.onnx"]
+    assert main(["export", "--checkpoint", str(run["run_dir"]), "--onnx", str(path), "--overwrite"]) == 0
+    ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
 
 class _KnnModule(torch.nn.Module):

@@ -14,14 +14,15 @@ import pyarrow.parquet as pq
 import pytest
 
 from qgdist.data.convert import ConvertConfig, convert
-from qgdist.data.loader import LoaderConfig, ShardLoader
+from qgdist.data.config import DataConfig
+from qgdist.data.loader import ShardLoader
 from qgdist.data.preprocessing import PreprocessingMismatch
 from qgdist.pipelines.toy_data import toy_file
 from qgdist.train.config import TrainConfig, resolve
 from qgdist.infer.evaluate import EvalConfig, evaluate_checkpoint
 from qgdist.train.loop import train
 from qgdist.infer.predict import PredictConfig, predict
-from tests.trainkit import write_dataset
+from tests.trainkit import strict_json, write_dataset
 
 TINY = {"conv_params": [[8, [16, 16]]], "fc_params": [[32, 0.1]]}
 
@@ -70,7 +71,7 @@ def test_unseen_data_scores_like_the_training_sets_own_test_split(scenario):
     assert abs(own["acc"] - other["acc"]) < 0.1 and other["acc"] > 0.6, (own, other)   # the bug gave 0.500
     # The other dataset has no statistics of its own: standardising with them is an error, never a default.
     with pytest.raises(ValueError, match="no train-split normalisation statistics"):
-        ShardLoader(LoaderConfig(scenario["shards_b"], split="test", training=False, shuffle_buffer=0))
+        ShardLoader(DataConfig(scenario["shards_b"]), "test", training=False)
 
 
 @pytest.mark.slow
@@ -96,6 +97,9 @@ def test_predict_on_raw_files_and_shards_equals_evaluate(scenario, tmp_path):
         diff = max(abs(scored[k] - reference[k]) for k in reference)
         assert diff < 1e-5, diff
         assert summary["metrics"]["auc"] == pytest.approx(scenario["other"]["metrics"]["auc"], abs=1e-6)
+        # summary.json is strict JSON (no NaN/Infinity tokens) and its loss is the BCE of the scores, as evaluate's
+        written = strict_json((out / "summary.json").read_text())
+        assert written["metrics"]["loss"] == pytest.approx(scenario["other"]["metrics"]["loss"], rel=1e-4)
     assert len(raw["parts"]) == 4          # 1000 rows in units of 250, spread over 2 actors
 
 
@@ -105,13 +109,13 @@ def test_onnx_model_carries_the_preprocessing_and_gives_the_same_scores(scenario
 
     from qgdist.data.loader import Collate, read_shard
     from qgdist.data.shards.manifest import read_manifest
-    from qgdist.infer.evaluate import checkpoint_preprocessing, model_from_checkpoint
+    from qgdist.infer.evaluate import load_model
     from qgdist.infer.export import ExportConfig, export_checkpoint, onnx_preprocessing
 
     path = export_checkpoint(ExportConfig(checkpoint=scenario["run"], onnx=str(tmp_path / "pn.onnx")))["onnx"]
-    _, state = model_from_checkpoint(scenario["run"])
+    _, checkpoint, _ = load_model(scenario["run"])
     pre = onnx_preprocessing(path)
-    assert pre == checkpoint_preprocessing(state, scenario["run"])
+    assert pre == checkpoint.preprocessing
     shard = read_manifest(scenario["shards_b"]).shards_of("test")[0].name
     batch = next(Collate(pre).batches(read_shard(f"{scenario['shards_b']}/{shard}"), 200))   # the first 200 jets
     pad = 16   # the exported graph pads by k masked particles itself; a few more keep topk well defined

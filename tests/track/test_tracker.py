@@ -349,8 +349,10 @@ def test_evaluate_track_adds_test_metrics_to_the_training_run(server: TrackerCom
     from tests.trainkit import write_dataset
 
     from qgdist.cli import main
-    from qgdist.models import get_model
-    from qgdist.train.checkpoint import Checkpointer
+    from qgdist.data.preprocessing import Preprocessing
+    from qgdist.models import get_model, model_config
+    from qgdist.train.checkpoint import Checkpoint
+    from qgdist.train.checkpointer import Checkpointer
     from qgdist.train.config import TrainConfig, resolve
 
     data = write_dataset(str(tmp_path / "data"), "cloud", {"train": [16], "test": [24]})
@@ -359,9 +361,11 @@ def test_evaluate_track_adds_test_metrics_to_the_training_run(server: TrackerCom
     run_id = tracker.start("trained", cfg)
     tracker.log_metrics({"val/auc": 0.5}, step=7)
     tracker.finish()
-    Checkpointer(cfg.run_dir).save({"model": get_model("particlenet-lite", in_features=7).state_dict(),
-                                    "fingerprint": cfg.fingerprint(), "epoch": 1, "step": 0, "global_step": 7,
-                                    "mlflow_run_id": run_id, "preprocessing": _preprocessing(data)})
+    model = get_model("particlenet-lite", in_features=7)
+    Checkpointer(cfg.run_dir).save(Checkpoint(
+        model_name="particlenet-lite", model_config=model_config(model), weights=model.state_dict(),
+        preprocessing=Preprocessing.from_dict(_preprocessing(data)), config=cfg.to_dict(),
+        fingerprint=cfg.fingerprint(), epoch=1, global_step=7, mlflow_run_id=run_id))
     assert main(["evaluate", "--checkpoint", cfg.run_dir, "--data", data, "--no-progress", "--track",
                  "--tracking-uri", server.url]) == 0
     client = MlflowClient(server.url)
@@ -407,7 +411,7 @@ def test_evaluate_track_finds_the_server_run_through_the_environment(server: Tra
     written = json.loads((tmp_path / "env-run" / "eval" / "test" / "metrics.json").read_text())
     scores = pq.read_table(tmp_path / "env-run" / "eval" / "test" / "scores.parquet").to_pydict()
     recomputed = compute_metrics(torch.tensor(scores["logit"]), torch.tensor(scores["is_quark"]))
-    assert written["n_jets"] == 24 and written["global_step"] == trained["global_step"] == 3
+    assert written["n_jets"] == 24 and written["global_step"] == trained.global_step == 3
     assert history(client, run_id, "test/auc") == [(3, pytest.approx(written["auc"]))]
     assert history(client, run_id, "test/auc")[0][1] == pytest.approx(recomputed["auc"], rel=1e-5)
     assert {f.path for f in client.list_artifacts(run_id, "eval/test")} == {
@@ -422,7 +426,7 @@ def test_credentials_in_uris_never_leave_the_process(server: TrackerCommand, tmp
     from tests.trainkit import write_dataset
 
     from qgdist.cli import main
-    from qgdist.train.checkpoint import Checkpointer, load_checkpoint
+    from qgdist.train.checkpointer import Checkpointer, load_checkpoint
 
     secret = "hunter2secret"
     data = write_dataset(str(tmp_path / "data"), "cloud", {"train": [16, 16], "val": [16]}, seed=3)
@@ -444,7 +448,7 @@ def test_credentials_in_uris_never_leave_the_process(server: TrackerCommand, tmp
     assert secret not in config.read_text()
     run_dir = tmp_path / "runs" / "secretive"
     assert secret not in (run_dir / "artifacts" / "config.json").read_text()
-    assert secret not in load_checkpoint(Checkpointer(run_dir).latest())["config"]
+    assert secret not in json.dumps(load_checkpoint(Checkpointer(str(run_dir)).latest()).config)
     for path in run_dir.rglob("*"):   # every file the run wrote, checkpoints included, byte for byte
         assert not path.is_file() or secret.encode() not in path.read_bytes(), path
 

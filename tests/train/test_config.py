@@ -3,12 +3,14 @@ explicit flags beating recipe defaults, YAML config files under command-line ove
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 from qgdist.cli import build_parser, main
 from qgdist.core.config import add_arguments, build, from_args, to_dict
-from qgdist.train.checkpoint import Checkpointer, load_checkpoint
+from qgdist.train.checkpointer import Checkpointer, load_checkpoint
 from qgdist.train.config import RECIPES, TrainConfig, resolve
 from tests.trainkit import write_dataset
 
@@ -76,7 +78,7 @@ def test_missing_required_setting_is_named():
 def test_config_round_trips_through_plain_data():
     cfg = resolve(_parse("--data", "d", "--model", "particlenet-lite", *TINY, "--recipe", "seed"))
     assert build(TrainConfig, to_dict(cfg)) == cfg
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.optim.lr = 1.0  # frozen: the config that runs is the config that was resolved
 
 
@@ -91,9 +93,9 @@ def test_explicit_lr_is_what_the_optimiser_uses(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "training config (resolved):" in printed and "lr: 0.0007" in printed and "optimizer: adamw" in printed
     state = load_checkpoint(Checkpointer(tmp_path / "runs" / "lr").latest())
-    group = state["optimizer"]["param_groups"][0]
+    group = state.training.optimizer["param_groups"][0]
     assert group["max_lr"] == pytest.approx(0.0007)
-    assert state["fingerprint"]["lr"] == pytest.approx(0.0007) and state["fingerprint"]["schedule"] == "onecycle"
+    assert state.fingerprint["lr"] == pytest.approx(0.0007) and state.fingerprint["schedule"] == "onecycle"
     assert isinstance(group["lr"], float) and torch.isfinite(torch.tensor(group["lr"]))
 
 

@@ -29,7 +29,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from qgdist.train.checkpoint import Checkpointer, load_checkpoint
+from qgdist.train.checkpointer import Checkpointer, load_checkpoint
 from qgdist.train.config import TrainConfig, resolve
 from qgdist.train.ray_trainer import fit
 from tests.trainkit import write_dataset
@@ -149,7 +149,7 @@ def single_process(cfg: TrainConfig, ranks: list[dict]) -> dict[str, torch.Tenso
     """Replay the ranks' global batches in this process: per step, the rank-averaged gradient, one optimiser step
     (the loop's own optimiser and scheduler construction)."""
     from qgdist.models import get_model
-    from qgdist.train.loop import build_optimizer
+    from qgdist.train.optim import Optimisation
 
     in_features = ranks[0]["batches"][0][0]["features"].shape[-1]
     torch.manual_seed(0)
@@ -158,7 +158,8 @@ def single_process(cfg: TrainConfig, ranks: list[dict]) -> dict[str, torch.Tenso
     assert not missing.unexpected_keys and all("running" in k or "num_batches" in k for k in missing.missing_keys)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer, scheduler = build_optimizer(cfg, model, STEPS, STEPS)
+    optim = Optimisation.build(cfg.optim, model, STEPS, STEPS, torch.device("cpu"))
+    optimizer, scheduler = optim.optimizer, optim.scheduler
     for step_batches in zip(*(r["batches"] for r in ranks)):
         grads = []
         for inputs, label in step_batches:   # each rank's batch on its own, as each replica runs it
@@ -196,7 +197,7 @@ def test_two_ranks_match_one_process_on_the_same_global_batches(runs):
     print(f"DDP vs single process: max |diff| {off:.2e}; weights moved up to {moved:.2e}")
     assert mismatches(run) == []
     # The checkpoint fit() wrote holds exactly these weights.
-    assert all(torch.equal(run["checkpoint"]["model"][k], v) for k, v in r0["final"].items())
+    assert all(torch.equal(run["checkpoint"].weights[k], v) for k, v in r0["final"].items())
 
 
 def test_the_comparison_fails_without_ddp(runs):

@@ -12,7 +12,7 @@ import os
 
 import pytest
 
-from qgdist.train.checkpoint import Checkpointer, load_checkpoint
+from qgdist.train.checkpointer import Checkpointer, load_checkpoint
 from qgdist.train.config import TrainConfig, resolve
 from qgdist.train.ray_trainer import fit
 from tests.trainkit import write_dataset
@@ -45,7 +45,7 @@ def test_a_run_shrinks_to_the_workers_there_is_room_for(tmp_path):
         _ray(2)
         fit(cfg)                                          # 2 workers, 6 steps, stops mid-epoch 0
         first = load_checkpoint(Checkpointer(cfg.run_dir).latest())
-        assert first["loader"][0]["world_size"] == 2 and (first["epoch"], first["step"]) == (0, 6)
+        assert first.training.loader[0]["world_size"] == 2 and (first.epoch, first.step) == (0, 6)
 
         _ray(1)
         fit(cfg.replace(max_steps=None))                 # room for 1 worker: the run goes on with 1
@@ -55,13 +55,13 @@ def test_a_run_shrinks_to_the_workers_there_is_room_for(tmp_path):
         ray.shutdown()
 
     state = load_checkpoint(Checkpointer(cfg.run_dir).latest())
-    assert state["epoch"] == 2 and state["loader"][0]["world_size"] == 1
+    assert state.epoch == 2 and state.training.loader[0]["world_size"] == 1
     # Epoch 0 after the resize: 240 jets, 2 x 6 x 8 = 96 drawn by 2 ranks, 144 left for 1 rank: 18 more steps.
-    val_steps = [s for s, _ in state["history"]["val/auc"]]
+    val_steps = [s for s, _ in state.history["val/auc"]]
     assert val_steps[0] == 6 + 144 // 8, val_steps        # epoch 0 ended after exactly the jets left
     assert val_steps[1] == val_steps[0] + 240 // 8         # epoch 1 planned for 1 rank from the start
-    assert state["schedule_steps"] == state["scheduler"]["total_steps"]
-    assert state["scheduler"]["last_epoch"] == state["schedule_steps"]   # the schedule ran out exactly at the end
+    assert state.training.schedule_steps == state.training.scheduler["total_steps"]
+    assert state.training.scheduler["last_epoch"] == state.training.schedule_steps   # the schedule ran out exactly at the end
 
     client = MlflowClient(tracking_uri=local_store_uri(cfg.run_dir))
     runs = client.search_runs([client.get_experiment_by_name("qgdist").experiment_id])

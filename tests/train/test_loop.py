@@ -7,7 +7,8 @@ import json
 import pytest
 import torch
 
-from qgdist.train.checkpoint import Checkpointer, IncompatibleCheckpoint, load_checkpoint
+from qgdist.core.errors import IncompatibleCheckpoint
+from qgdist.train.checkpointer import Checkpointer, load_checkpoint
 from qgdist.core.storage import run_path
 from qgdist.train.config import TrainConfig, resolve
 from qgdist.train.loop import train
@@ -38,23 +39,23 @@ def _cfg(data: str, model: str, run_dir, **kw) -> TrainConfig:
 
 
 def _weights(run_dir) -> dict[str, torch.Tensor]:
-    return load_checkpoint(Checkpointer(run_dir).latest())["model"]
+    return load_checkpoint(Checkpointer(run_dir).latest()).weights
 
 
 @pytest.mark.parametrize("model", ["particlenet-lite", "resnet15"])
 def test_plain_loop_trains_both_families(model, cloud_dir, image_dir, tmp_path):
     data = cloud_dir if model == "particlenet-lite" else image_dir
     out = train(_cfg(data, model, tmp_path, checkpoint_every=5))
-    assert out["epoch"] == 2 and out["global_step"] > 0
-    assert set(out["val"]) >= {"loss", "acc", "auc", "rej30", "rej50"}
+    assert out.epoch == 2 and out.global_step > 0
+    assert set(out.val) >= {"loss", "acc", "auc", "rej30", "rej50"}
     history = json.loads((tmp_path / "artifacts" / "metrics.json").read_text())["history"]
-    assert history["val/auc"][-1][1] == pytest.approx(out["val"]["auc"])   # the artifact holds the measured value
-    assert [s for s, _ in history["val/auc"]] == [out["global_step"] // 2, out["global_step"]]
+    assert history["val/auc"][-1][1] == pytest.approx(out.val["auc"])   # the artifact holds the measured value
+    assert [s for s, _ in history["val/auc"]] == [out.global_step // 2, out.global_step]
     for name in ("curves.png", "roc.png", "model.pt", "config.json"):
         assert (tmp_path / "artifacts" / name).stat().st_size > 0
     ckpt = Checkpointer(tmp_path)
     latest = ckpt.pointer()
-    assert latest["global_step"] == out["global_step"] and latest["epoch"] == 2 and latest["step"] == 0
+    assert latest["global_step"] == out.global_step and latest["epoch"] == 2 and latest["step"] == 0
     assert ckpt.best() is not None and ckpt.best().exists()
     # keep_last=2 plus the best one; the state loads with weights_only=True.
     assert len(list((tmp_path / "checkpoints").glob("step-*"))) <= 3
@@ -66,29 +67,29 @@ def test_interrupted_and_resumed_run_is_bit_identical(cloud_dir, tmp_path, capsy
     """Stop mid-epoch (max_steps), re-run the same config: same weights, bit for bit, as never stopping."""
     kw = dict(epochs=2, batch_size=16, loader_workers=2, checkpoint_every=3, track=True)
     whole = train(_cfg(cloud_dir, "particlenet-lite", tmp_path / "whole", **kw))
-    steps_per_epoch = whole["global_step"] // 2
+    steps_per_epoch = whole.global_step // 2
     stop = steps_per_epoch // 2 + 1
     first = train(_cfg(cloud_dir, "particlenet-lite", tmp_path / "cut", max_steps=stop, **kw))
-    assert first["global_step"] == stop and first["epoch"] == 0
+    assert first.global_step == stop and first.epoch == 0
     capsys.readouterr()
     resumed = train(_cfg(cloud_dir, "particlenet-lite", tmp_path / "cut", **kw))
     printed = capsys.readouterr().out.splitlines()
     assert printed[0].startswith("resumed from") and f"epoch 0 step {stop} (global step {stop})" in printed[0]
-    assert resumed["global_step"] == whole["global_step"]
+    assert resumed.global_step == whole.global_step
     a, b = _weights(tmp_path / "whole"), _weights(tmp_path / "cut")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert resumed["val"] == whole["val"]
+    assert resumed.val == whole.val
     # One MLflow run, continued, each train/loss step logged once.
     from mlflow.tracking import MlflowClient
 
     from qgdist.track.tracker import local_store_uri
 
     client = MlflowClient(local_store_uri(tmp_path / "cut"))
-    assert resumed["mlflow_run_id"] == first["mlflow_run_id"]
-    run = client.get_run(resumed["mlflow_run_id"])
+    assert resumed.mlflow_run_id == first.mlflow_run_id
+    run = client.get_run(resumed.mlflow_run_id)
     assert run.info.status == "FINISHED" and run.data.params["model"] == "particlenet-lite"
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
-    assert steps == sorted(set(steps)) and steps[-1] == whole["global_step"]
+    assert steps == sorted(set(steps)) and steps[-1] == whole.global_step
     artifacts = {f.path for f in client.list_artifacts(run.info.run_id)}
     assert {"roc.png", "curves.png", "metrics.json", "model.pt"} <= artifacts
 
@@ -103,10 +104,10 @@ def test_resume_from_path_and_config_refusal(cloud_dir, tmp_path, capsys):
     capsys.readouterr()
     out = train(_cfg(cloud_dir, "particlenet-lite", tmp_path / "b", epochs=1, resume_from=str(first_epoch)))
     assert capsys.readouterr().out.startswith(f"resumed from {first_epoch} at epoch 1 step 0")
-    assert out["epoch"] == 1
+    assert out.epoch == 1
     more = train(_cfg(cloud_dir, "particlenet-lite", tmp_path / "c", epochs=2, resume_from=str(first_epoch),
                       allow_config_change=True))
-    assert more["epoch"] == 2 and more["global_step"] > out["global_step"]
+    assert more.epoch == 2 and more.global_step > out.global_step
 
 
 @pytest.mark.parametrize("scheme", ["file", "memory"])
@@ -131,13 +132,13 @@ def test_run_directory_may_be_a_url(scheme, cloud_dir, tmp_path, capsys, monkeyp
 
     fs, root = fsspec.core.url_to_fs(url)
     latest = json.loads(fs.cat(f"{root}/checkpoints/latest.json"))
-    assert latest["global_step"] == resumed["global_step"] and latest["epoch"] == 1
-    assert fs.cat(f"{root}/mlflow_run_id").decode() == first["mlflow_run_id"] == resumed["mlflow_run_id"]
+    assert latest["global_step"] == resumed.global_step and latest["epoch"] == 1
+    assert fs.cat(f"{root}/mlflow_run_id").decode() == first.mlflow_run_id == resumed.mlflow_run_id
     names = {p.rsplit("/", 1)[-1] for p in fs.find(root)}
     assert {"model.pt", "metrics.json", "roc.png", "curves.png", "config.json", "state.pt"} <= names
     assert not [n for n in names if n.endswith(".tmp")]   # every temporary name was moved into place
     with fs.open(f"{root}/checkpoints/{latest['name']}/state.pt", "rb") as f:
-        remote = torch.load(f, weights_only=True)["model"]
+        remote = torch.load(f, weights_only=True)["weights"]
     train(_cfg(cloud_dir, "particlenet-lite", tmp_path / "local", **kw))
     local = _weights(tmp_path / "local")
     assert all(torch.equal(remote[k], local[k]) for k in local)
@@ -147,3 +148,21 @@ def test_run_directory_may_be_a_url(scheme, cloud_dir, tmp_path, capsys, monkeyp
     assert out["n_jets"] == 16
     assert json.loads(fs.cat(f"{root}/eval/val/metrics.json"))["auc"] == pytest.approx(out["metrics"]["auc"])
     assert fs.exists(f"{root}/eval/val/scores.parquet")
+
+
+def test_a_damaged_latest_checkpoint_costs_only_the_steps_since_the_previous_one(cloud_dir, tmp_path, capsys):
+    """A truncated latest state.pt (a disk filling up, a node dying mid-copy): the re-run says so in one line,
+    resumes from the previous checkpoint and ends bit-identical to a run that was never interrupted."""
+    kw = dict(epochs=1, checkpoint_every=2, keep_last=3)
+    whole = train(_cfg(cloud_dir, "particlenet-lite", tmp_path / "whole", **kw))
+    train(_cfg(cloud_dir, "particlenet-lite", tmp_path / "cut", max_steps=5, **kw))   # checkpoints at 2, 4, 5
+    state = Checkpointer(tmp_path / "cut").latest() / "state.pt"
+    state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
+    capsys.readouterr()
+    resumed = train(_cfg(cloud_dir, "particlenet-lite", tmp_path / "cut", **kw))
+    printed = capsys.readouterr().out.splitlines()
+    assert "step-000000005/state.pt" in printed[0] and printed[0].endswith("skipped"), printed[:2]
+    assert printed[1].startswith("resumed from") and "(global step 4)" in printed[1], printed[:2]
+    assert resumed.global_step == whole.global_step
+    a, b = _weights(tmp_path / "whole"), _weights(tmp_path / "cut")
+    assert all(torch.equal(a[k], b[k]) for k in a)

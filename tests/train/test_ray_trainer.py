@@ -7,14 +7,16 @@ image family's 2-worker DDP run is in tests/pipelines/test_quickstart.py (quicks
 from __future__ import annotations
 
 import os
+import re
 import signal
+import time
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from qgdist.train.checkpoint import Checkpointer, load_checkpoint
+from qgdist.train.checkpointer import Checkpointer, load_checkpoint
 from qgdist.train.config import TrainConfig, resolve
 from qgdist.train.ray_trainer import fit, worker_loop
 from tests.trainkit import write_dataset
@@ -52,7 +54,7 @@ def ray_cfg(data_dir: str, model: str, storage, **kw) -> TrainConfig:
 
 
 def final_weights(run_dir: str | Path) -> dict[str, torch.Tensor]:
-    return load_checkpoint(Checkpointer(run_dir).latest())["model"]
+    return load_checkpoint(Checkpointer(run_dir).latest()).weights
 
 
 @pytest.fixture(scope="module")
@@ -64,47 +66,84 @@ def reference(ray_local, data, tmp_path_factory):
 
 
 def test_ddp_trains_cloud_model(reference):
-    latest = Checkpointer(reference["run_dir"]).pointer()
+    latest = Checkpointer(reference.run_dir).pointer()
     assert latest["epoch"] == 2 and latest["step"] == 0
     # It learned: the synthetic jets separate easily (quarks narrower, fewer particles); chance is 0.5 and the
     # 32 validation jets put a statistical error of about 0.1 on the AUC, so 0.75 is a clear margin.
-    assert reference["metrics"]["epoch"] == 2 and reference["metrics"]["auc"] > 0.75
-    state = load_checkpoint(reference["checkpoint"])
-    assert state["fingerprint"]["world_size"] == 2
-    assert [p["rank"] for p in state["loader"]] == [0, 1]       # every rank's loader position is kept
-    assert len(state["rng"]) == 2
+    assert reference.epoch == 2 and reference.val["auc"] > 0.75
+    state = load_checkpoint(reference.checkpoint)
+    assert state.fingerprint["world_size"] == 2
+    assert [p["rank"] for p in state.training.loader] == [0, 1]       # every rank's loader position is kept
+    assert len(state.training.rng) == 2
     # 128 train jets, 2 ranks x batch 8: 8 steps per epoch on each rank.
     assert latest["global_step"] == 16
 
 
-def _dying_worker(config: dict) -> None:
-    """Rank 1 kills its own process (SIGKILL) in the middle of epoch 0, once; then the normal worker loop."""
-    import ray.train
+def _dying_worker(at_step: int, wipe_checkpoints: bool = False):
+    """A worker loop in which rank 1 kills its own process (SIGKILL) during global step ``at_step``, once --
+    after rank 0 deleted the run's own checkpoints, with ``wipe_checkpoints`` (a lost volume: only Ray's copies
+    of the epoch-end checkpoints are left)."""
+    def worker(config: dict) -> None:
+        import shutil
 
-    import qgdist.train.loop as loop
+        import ray.train
 
-    run = config["train"]["checkpoint"]
-    marker = Path(run["storage"]) / run["run_name"] / "killed-once"
-    if ray.train.get_context().get_world_rank() == 1 and not marker.exists():
-        real_step, calls = loop.train_step, [0]
+        import qgdist.train.loop as loop
 
-        def step(*args, **kwargs):
-            calls[0] += 1
-            if calls[0] == 6:  # after the checkpoint at global step 4, before step 6 finishes
-                marker.touch()
-                os.kill(os.getpid(), signal.SIGKILL)
-            return real_step(*args, **kwargs)
+        run = Path(config["train"]["checkpoint"]["storage"]) / config["train"]["checkpoint"]["run_name"]
+        marker, rank = run / "killed-once", ray.train.get_context().get_world_rank()
+        if not marker.exists():
+            real_step, calls = loop.train_step, [0]
 
-        loop.train_step = step
-    worker_loop(config)
+            def step(*args, **kwargs):
+                calls[0] += 1
+                if calls[0] == at_step:
+                    if rank == 0 and wipe_checkpoints:
+                        shutil.rmtree(run / "checkpoints")
+                        marker.touch()
+                    elif rank == 1:
+                        while wipe_checkpoints and not marker.exists():   # rank 0 wipes first
+                            time.sleep(0.01)
+                        marker.touch()
+                        os.kill(os.getpid(), signal.SIGKILL)
+                return real_step(*args, **kwargs)
+
+            loop.train_step = step
+        worker_loop(config)
+
+    return worker
 
 
-def test_worker_killed_mid_epoch_recovers_bit_identically(reference, data, tmp_path):
+def _resumed_at(printed: str) -> tuple[str, int]:
+    """The checkpoint and global step of the one "resumed from" line a run printed."""
+    lines = [line for line in printed.splitlines() if line.startswith("resumed from")]
+    assert len(lines) == 1, printed[-3000:]
+    found = re.fullmatch(r"resumed from (\S+) at epoch \d+ step \d+ \(global step (\d+)\)", lines[0])
+    assert found, lines[0]
+    return found[1], int(found[2])
+
+
+def test_worker_killed_mid_epoch_resumes_from_its_last_checkpoint_bit_identically(reference, data, tmp_path,
+                                                                                 capsys):
     cfg = ray_cfg(data["cloud"], "particlenet-lite", tmp_path, run_name="killed", max_failures=1)
-    out = fit(cfg, worker_fn=_dying_worker)
-    assert (Path(out["run_dir"]) / "killed-once").exists()
-    assert Checkpointer(out["run_dir"]).pointer()["global_step"] == 16
-    a, b = final_weights(reference["run_dir"]), final_weights(out["run_dir"])
+    out = fit(cfg, worker_fn=_dying_worker(6))
+    assert (Path(out.run_dir) / "killed-once").exists()
+    # Resumed, not restarted from scratch: from the checkpoint at step 4 (every 2 steps), one step redone.
+    where, step = _resumed_at(capsys.readouterr().out)
+    assert step == 4 and where.endswith("checkpoints/step-000000004") and 6 - 1 - step <= cfg.checkpoint.checkpoint_every
+    assert Checkpointer(out.run_dir).pointer()["global_step"] == 16
+    a, b = final_weights(reference.run_dir), final_weights(out.run_dir)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_with_its_checkpoints_lost_a_run_resumes_from_rays_copy(reference, data, tmp_path, capsys):
+    """Our checkpoints directory is gone (a lost volume) when a worker dies in epoch 1: the restarted workers
+    find Ray's copy of the epoch-0 checkpoint (ray.train.get_checkpoint) and still end bit-identical."""
+    cfg = ray_cfg(data["cloud"], "particlenet-lite", tmp_path, run_name="wiped", max_failures=1)
+    out = fit(cfg, worker_fn=_dying_worker(11, wipe_checkpoints=True))
+    where, step = _resumed_at(capsys.readouterr().out)
+    assert step == 8 and "/checkpoints/" not in where   # Ray's copy, at the end of epoch 0
+    a, b = final_weights(reference.run_dir), final_weights(out.run_dir)
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -114,29 +153,28 @@ def test_seed_recipe_run_resumes_under_ray(data, ray_local, tmp_path, capfd):
     cfg = ray_cfg(data["cloud"], "particlenet-lite", tmp_path, run_name="seed", recipe="seed", epochs=1)
     assert (cfg.optim.optimizer, cfg.optim.lr, cfg.optim.schedule) == ("adam", 1e-3, "step")
     first = fit(cfg.replace(max_steps=3))
-    assert Checkpointer(first["run_dir"]).pointer()["global_step"] == 3
+    assert Checkpointer(first.run_dir).pointer()["global_step"] == 3
     capfd.readouterr()
     fit(cfg)
     relayed = capfd.readouterr().out
     assert "resumed from" in relayed and "at epoch 0 step 3" in relayed   # rank 0's line reached the driver
     assert "epoch 0: " in relayed and "auc=" in relayed
-    state = load_checkpoint(Checkpointer(first["run_dir"]).latest())
-    assert state["global_step"] == 8 and state["fingerprint"]["optimizer"] == "adam"
-    assert state["optimizer"]["param_groups"][0]["initial_lr"] == pytest.approx(1e-3)
+    state = load_checkpoint(Checkpointer(first.run_dir).latest())
+    assert state.global_step == 8 and state.fingerprint["optimizer"] == "adam"
+    assert state.training.optimizer["param_groups"][0]["initial_lr"] == pytest.approx(1e-3)
 
 
 def test_a_tracker_outage_costs_no_worker_group_restart(ray_local, data, tmp_path):
     """The MLflow server is unreachable from the start and no worker-group restart is allowed: the run trains to
     its end anyway, and every metric waits in the run's spill file for `qgdist tracker --replay`."""
-    from qgdist.core.storage import scratch_dir
     from qgdist.track.delivery import read
     from qgdist.track.server import free_port
 
     cfg = ray_cfg(data["cloud"], "particlenet-lite", tmp_path, run_name="outage", epochs=1, track=True, log_every=1,
                   tracking_uri=f"http://127.0.0.1:{free_port()}", max_failures=0)
     out = fit(cfg)
-    assert load_checkpoint(out["checkpoint"])["mlflow_run_id"].startswith("pending-")
-    records, skipped = read(scratch_dir(cfg.run_dir))
+    assert load_checkpoint(out.checkpoint).mlflow_run_id.startswith("pending-")
+    records, skipped = read(cfg.run.scratch)
     assert skipped == 0 and "create" in records[0]
     assert sorted(r["step"] for r in records if r.get("key") == "train/loss") == list(range(1, 9))  # from step 1
     assert any(r.get("key") == "val/auc" for r in records) and records[-1].get("status") == "FINISHED"

@@ -24,7 +24,6 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -32,7 +31,7 @@ import torch
 pytest.importorskip("s3fs", reason="the s3 extra (pip install 'qgdist[s3]') is not installed")
 pytest.importorskip("moto.server", reason="moto[server] (the test extra) is not installed")
 
-from qgdist.train.checkpoint import Checkpointer, load_checkpoint  # noqa: E402
+from qgdist.train.checkpointer import Checkpointer, load_checkpoint  # noqa: E402
 from qgdist.train.config import TrainConfig, resolve  # noqa: E402
 from qgdist.train.loop import train  # noqa: E402
 
@@ -104,9 +103,13 @@ def shards(s3, tmp_path_factory):
     return url
 
 
-def test_convert_writes_a_new_prefix_and_reruns_clean(s3, shards, tmp_path):
-    from qgdist.data.convert import ConvertConfig, clean_output, convert, verify_output
+def test_convert_writes_a_new_prefix_and_never_destroys_a_dataset_on_rerun(s3, shards, tmp_path):
+    import numpy as np
+
+    from qgdist.core.errors import InputError
+    from qgdist.data.convert import ConvertConfig, convert, verify_output
     from qgdist.data.shards.manifest import read_manifest
+    from qgdist.data.sources.errors import BadRowError
 
     manifest = read_manifest(shards)
     assert manifest.rows == {"in": 3000, "written": 3000, "rejected": 0}
@@ -115,20 +118,31 @@ def test_convert_writes_a_new_prefix_and_reruns_clean(s3, shards, tmp_path):
     assert names == {"manifest.json"} | {s.name for s in manifest.shards}
     assert len({s.name.split("-")[1] for s in manifest.shards}) == 3   # three Ray tasks wrote their own shards
 
-    # Re-converting into a used prefix with another task size leaves only the new run's shards; cleaning a
-    # prefix that was never written is a no-op (the case that raised FileNotFoundError from fs.ls).
+    # Re-converting into a used prefix: refused without --overwrite; with it, a rerun that fails on a bad row
+    # halfway leaves the earlier dataset complete, and one that succeeds leaves only its own shards.
     copy = f"s3://{BUCKET}/shards/copy"
     s3.cp(shards.removeprefix("s3://"), copy.removeprefix("s3://"), recursive=True)
-    npz = tmp_path / "few.npz"
     from qgdist.generate.toy import ToyConfig, run
+    npz, bad = tmp_path / "few.npz", tmp_path / "bad.npz"
     run(ToyConfig("energyflow", 300, str(npz), seed=4))
+    with np.load(npz) as f:
+        X, y = f["X"].copy(), f["y"]
+    X[250, 0, 0] = np.nan   # a bad row in the second of two tasks: the first has written its shards by then
+    np.savez(bad, X=X, y=y)
+    with pytest.raises(InputError, match="already holds a converted dataset"):
+        convert(ConvertConfig("energyflow", [str(npz)], copy, executor="local", progress=False))
+    with pytest.raises(BadRowError, match="row 250"):
+        convert(ConvertConfig("energyflow", [str(bad)], copy, rows_per_task=150, executor="local", progress=False,
+                              overwrite=True))
+    assert read_manifest(copy).rows == manifest.rows and verify_output(copy) == []
     again = convert(ConvertConfig("energyflow", [str(npz)], copy, rows_per_task=300, executor="local",
-                                  progress=False))
-    left = {p.rsplit("/", 1)[-1] for p in s3.ls(copy.removeprefix("s3://"), refresh=True)}
-    assert left == {"manifest.json"} | {s.name for s in again.shards}
-    assert verify_output(copy) == []
-    clean_output(f"s3://{BUCKET}/never/written")
-    assert not s3.exists(f"{BUCKET}/never")
+                                  progress=False, overwrite=True))
+    left = {p.removeprefix(copy.removeprefix("s3://") + "/") for p in s3.find(copy.removeprefix("s3://"))}
+    assert left == {"manifest.json"} | {s.name for s in again.shards}   # the old shards and the failed try: gone
+    assert verify_output(copy) == [] and again.rows["in"] == 300
+    # converting into a prefix never written before works (no directory to make on S3)
+    convert(ConvertConfig("energyflow", [str(npz)], f"s3://{BUCKET}/never/written", executor="local",
+                          progress=False))
 
 
 def _cfg(data: str, storage: str, run_name: str, **kw) -> TrainConfig:
@@ -151,17 +165,20 @@ def test_plain_loop_checkpoints_by_pointer_and_resumes_bit_identically(s3, shard
 
     monkeypatch.setattr(type(s3), "mv", no_rename)
     first = train(_cfg(shards, storage_url, "plain", max_steps=6))
-    assert first["global_step"] == 6 and first["epoch"] == 0
+    assert first.global_step == 6 and first.epoch == 0
     ckpt = Checkpointer(run_dir)
     assert ckpt.pointer() | {"val_auc": None} == {"name": "step-000000006", "epoch": 0, "step": 6,
                                                    "global_step": 6, "val_auc": None}
     keys = {p.removeprefix(f"{BUCKET}/runs/plain/") for p in s3.find(f"{BUCKET}/runs/plain")}
     # keep_last=1: step 4 was pruned once step 6 was committed; nothing under a temporary name.
-    assert keys == {"checkpoints/latest.json", "checkpoints/step-000000006/state.pt"}
+    assert keys == {"checkpoints/latest.json", "checkpoints/step-000000006/state.pt",
+                    "checkpoints/step-000000006/checkpoint.json"}
 
     # A save that dies after writing its state object but before the pointer: the pointer still names step 6,
     # and the orphan is neither resumed from nor kept.
-    import qgdist.train.checkpoint as checkpoint
+    import dataclasses
+
+    import qgdist.train.checkpointer as checkpoint
 
     def dies(path, text):
         raise KeyboardInterrupt("killed before the pointer was written")
@@ -170,7 +187,7 @@ def test_plain_loop_checkpoints_by_pointer_and_resumes_bit_identically(s3, shard
     with monkeypatch.context() as mp:
         mp.setattr(checkpoint, "write_text", dies)
         with pytest.raises(KeyboardInterrupt):
-            ckpt.save(state | {"global_step": 7, "step": 7})
+            ckpt.save(dataclasses.replace(state, global_step=7, step=7))
     assert s3.exists(f"{BUCKET}/runs/plain/checkpoints/step-000000007/state.pt")
     assert ckpt.pointer()["name"] == "step-000000006" and ckpt.latest().name == "step-000000006"
     # Pruning counts the last K up to the pointer only: the uncommitted step 7 goes, the committed step 6 stays.
@@ -179,21 +196,21 @@ def test_plain_loop_checkpoints_by_pointer_and_resumes_bit_identically(s3, shard
     with monkeypatch.context() as mp:   # and once more, for the resume below to meet an orphan
         mp.setattr(checkpoint, "write_text", dies)
         with pytest.raises(KeyboardInterrupt):
-            ckpt.save(state | {"global_step": 7, "step": 7})
+            ckpt.save(dataclasses.replace(state, global_step=7, step=7))
 
     resumed = train(_cfg(shards, storage_url, "plain"))
-    assert resumed["epoch"] == 1 and resumed["global_step"] > 6
+    assert resumed.epoch == 1 and resumed.global_step > 6
     latest = Checkpointer(run_dir).pointer()
     assert latest["epoch"] == 1 and latest["step"] == 0 and latest["val_auc"] is not None
     dirs = storage.list_dirs(f"{run_dir}/checkpoints")
     assert "step-000000007" not in dirs and latest["name"] in dirs and len(dirs) <= 2   # keep_last 1 + best
     assert not [k for k in s3.find(f"{BUCKET}/runs/plain") if k.endswith(".tmp")]
     with s3.open(f"{BUCKET}/runs/plain/checkpoints/{latest['name']}/state.pt", "rb") as f:
-        remote = torch.load(f, weights_only=True)["model"]
+        remote = torch.load(f, weights_only=True)["weights"]
 
     whole = train(_cfg(shards, str(tmp_path), "whole"))
-    assert whole["global_step"] == resumed["global_step"]
-    local = load_checkpoint(Checkpointer(tmp_path / "whole").latest())["model"]
+    assert whole.global_step == resumed.global_step
+    local = load_checkpoint(Checkpointer(tmp_path / "whole").latest()).weights
     assert remote.keys() == local.keys() and all(torch.equal(remote[k], local[k]) for k in local)
     # The local run took the rename path: its checkpoint directories exist, no temporary one is left.
     assert not list((tmp_path / "whole" / "checkpoints").glob(".*"))
@@ -261,7 +278,7 @@ def test_ray_train_killed_mid_epoch_resumes_and_evaluates_on_s3(s3, shards, tmp_
     latest = _latest(s3, run_dir)
     assert latest["epoch"] == 2 and latest["step"] == 0 and latest["global_step"] > killed_at["global_step"]
     state = load_checkpoint(Checkpointer(run_dir).latest())
-    assert state["fingerprint"]["world_size"] == 2 and [p["rank"] for p in state["loader"]] == [0, 1]
+    assert state.fingerprint["world_size"] == 2 and [p["rank"] for p in state.training.loader] == [0, 1]
     keys = [k for k in s3.find(f"{BUCKET}/runs/ray") if "/checkpoints/" in k]
     assert not [k for k in keys if ".tmp" in k]
     assert {k.rsplit("/", 1)[-1] for k in s3.find(f"{BUCKET}/runs/ray/artifacts")} >= {"model.pt", "metrics.json"}

@@ -17,7 +17,9 @@ nothing downstream ever reads a half-written dataset. Layout (``schema_version``
       "splits": {"train": {"shards": 9, "samples": 8012, "bytes": ...}, "val": {...}, "test": {...}},
       "rows": {"in": 10000, "written": 9990, "rejected": 10},
       "quarantine": [{"file": "a.parquet", "row": 17, "field": "X_jets", "reason": "NaN"}],
-      "stats": {...}   # normalisation statistics from the train split only, see below
+      "stats": {...},  # normalisation statistics from the train split only, see below
+      "sources": {"a.parquet": {"sha256": "...", "bytes": 123456, "rows": 10000}},
+      "dataset_id": "3f2a9c0e5b7d1a48"   # sources + conversion settings + shard hashes (qgdist.data.identity)
     }
 
 A shard's ``samples`` counts **jets** and ``chunks`` its tar samples (chunks of jets). ``index`` is the byte range
@@ -76,6 +78,10 @@ class Manifest:
     stats: dict[str, Any] = field(default_factory=dict)
     chunk_jets: int = CHUNK_JETS
     schema_version: int = SCHEMA_VERSION
+    #: input file name -> {"sha256", "bytes", "rows"}: what the dataset was made from (qgdist.data.identity)
+    sources: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: a hash of the sources, the conversion settings and the shards' sha256 ("" before datasets had ids)
+    dataset_id: str = ""
 
     @property
     def splits(self) -> dict[str, dict[str, int]]:
