@@ -58,6 +58,8 @@ class PhysicsBenchConfig:
     models: tuple[str, ...] = option(("particlenet-lite", "particlenet", "resnet15"), "models to train and test")
     epochs: int = option(20, "training epochs per model", min=1)
     batch_size: int = option(256, "jets per training step", min=1)
+    lr: float | None = option(None, "peak learning rate (default: the recipe's, 3e-3; the ParT paper trained ParT "
+                                    "with 1e-3)", gt=0)
     preset: Literal["kin", "kinpid"] = option("kinpid", "particle features of the cloud models (the paper's "
                                                         "headline numbers use particle ID: kinpid)")
     max_steps: int | None = option(None, "cap on training steps per model (smoke runs)", min=1)
@@ -137,7 +139,7 @@ def train_and_test(cfg: PhysicsBenchConfig, model: str, data: str, test_data: st
     device = resolve_device(cfg.device)
     tcfg = resolve(TrainConfig.of(data=data, model=model, storage=os.path.join(cfg.out, "runs"),
                                   run_name=run_name or model, epochs=cfg.epochs, batch_size=cfg.batch_size, preset=cfg.preset,
-                                  max_steps=cfg.max_steps, track=False, workers=0, seed=0),
+                                  max_steps=cfg.max_steps, track=False, workers=0, seed=0, lr=cfg.lr),
                    cuda_available=device.type == "cuda")
     shutil.rmtree(tcfg.run_dir, ignore_errors=True)  # a fresh run: the loop would otherwise resume the last one
     start = time.perf_counter()
@@ -185,8 +187,8 @@ def run_learning_curve(cfg: PhysicsBenchConfig) -> dict:
         data = os.path.join(cfg.out, f"shards-train-{n}")
         splits = convert_files("energyflow", pool[:k], data, cfg.executor, split=(0.9, 0.1, 0.0)).splits
         for model in models:
-            same = [r for r in kept if (r["model"], r["requested"], r["epochs"], r["batch_size"]) ==
-                    (model, n, cfg.epochs, cfg.batch_size)]
+            same = [r for r in kept if (r["model"], r["requested"], r["epochs"], r["batch_size"], r.get("lr")) ==
+                    (model, n, cfg.epochs, cfg.batch_size, cfg.lr)]
             if same:
                 row = same[0]
             else:
@@ -194,7 +196,7 @@ def run_learning_curve(cfg: PhysicsBenchConfig) -> dict:
                 row.pop("roc")
                 row.update(train_jets=splits["train"]["samples"], test_jets=test_manifest.rows["written"],
                            source="energyflow", files=k, test_files=n_test, requested=n, epochs=cfg.epochs,
-                           batch_size=cfg.batch_size)
+                           batch_size=cfg.batch_size, lr=cfg.lr)
             rows.append(row)
             print(f"{model} on {row['train_jets']} jets: test " + " ".join(
                 f"{k}={v:.4f}" for k, v in row["test"].items()), flush=True)

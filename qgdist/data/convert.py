@@ -1,4 +1,4 @@
-"""Conversion of CMS parquet / EnergyFlow npz files into WebDataset shards, as a Ray Data pipeline.
+"""Conversion of CMS parquet / EnergyFlow npz / columnar (ROOT, jagged parquet, HDF5) files into WebDataset shards, as a Ray Data pipeline.
 
 The driver reads only file footers and headers to plan **units** (row ranges of one file; for CMS whole row
 groups), so one large file spreads over every CPU of every node. ``ray.data.from_items(units).map(convert_unit)``
@@ -38,6 +38,7 @@ from qgdist.data.labels import LabelConvention
 from qgdist.data.shards.manifest import MANIFEST_NAME, Manifest, ShardInfo, read_manifest, write_manifest
 from qgdist.data.shards.schema import CHUNK_JETS
 from qgdist.data.shards.writer import ChunkWriter, ShardWriter
+from qgdist.data.sources import columnar
 from qgdist.data.sources.base import Unit, file_name
 from qgdist.data.sources.errors import BadRowError, Rejected
 from qgdist.data.sources.plan import KINDS, READERS, Source, expand_inputs, plan_inputs
@@ -61,7 +62,8 @@ def parse_size(text: str) -> int:
 class ConvertConfig:
     """``qgdist convert`` settings."""
 
-    source: Source = option(help="source format: CMS End-to-End parquet or EnergyFlow npz")
+    source: Source = option(help="source format: CMS End-to-End parquet, EnergyFlow npz, or columnar (ROOT "
+                                 "TTrees, jagged parquet, HDF5 in the weaver/ParT layout)")
     inputs: list[str] = option(help="files, directories or globs (paths or fsspec URLs)",
                                positional=True, metavar="INPUT")
     out: str = option(help="output directory (path or fsspec URL)")
@@ -77,7 +79,11 @@ class ConvertConfig:
     dtype: Literal["float32", "float16"] = option(
         "float32", "storage precision of image values / particle kinematics")
     label_quark_value: Literal[0, 1] | None = option(
-        None, "raw y that means quark (default: the source's convention, cms 0, energyflow 1)")
+        None, "raw y that means quark (default: the source's convention, cms 0, energyflow 1, columnar 1)")
+    branches: dict[str, str] = option(
+        {}, "columnar: branch names that differ from the weaver/ParT layout (qgdist.data.sources.columnar.Branches:"
+        " tree, label, pid, px, py, pz, energy, pt, rapidity, eta, phi, counts), e.g. pid= for no PDG ids",
+        flag="--branch", metavar="KEY=BRANCH")
     address: str | None = option(None, "Ray cluster to join (default: start a private local Ray)")
     num_cpus: int | None = option(None, "CPUs of the private local Ray (default: all)", min=1)
     rows_per_task: int | None = option(None, "rows per read task (default: cms 1024, energyflow 16384)", min=1)
@@ -96,6 +102,13 @@ class ConvertConfig:
             object.__setattr__(self, "split", parse_fractions(self.split))
         elif not isinstance(self.split, tuple):
             object.__setattr__(self, "split", tuple(self.split))
+        if self.branches and self.source != "columnar":
+            raise ValueError(f"branch: --branch applies to --source columnar, not {self.source}")
+        columnar.Branches.of(self.branches)   # an unknown key or an incomplete choice is a bad option
+
+    def reader_options(self) -> dict[str, Any]:
+        """Keyword arguments of the source reader's ``plan`` and ``read`` beyond the common ones."""
+        return {"branches": columnar.Branches.of(self.branches)} if self.source == "columnar" else {}
 
     def labels(self) -> LabelConvention:
         if self.label_quark_value is None:
@@ -126,7 +139,7 @@ def convert_unit(unit: dict[str, Any], cfg: dict[str, Any], prefix: str = "") ->
                                           c.shard_size),
                               c.chunk_jets, c.compress) for s in SPLIT_NAMES}
     stats, rejected, rows_in, written = StatSums(), [], 0, 0
-    for chunk in READERS[c.source].read(u, c.labels(), c.dtype):
+    for chunk in READERS[c.source].read(u, c.labels(), c.dtype, **c.reader_options()):
         rows_in += len(chunk) + len(chunk.rejected)
         rejected += [r.to_dict() for r in chunk.rejected]
         if rejected and c.on_bad_row == "error":
@@ -223,7 +236,8 @@ def convert(cfg: ConvertConfig) -> Manifest:
     # Every input is found and planned (footers, headers) before the output is touched: a typo never costs the
     # user the dataset already there.
     inputs = expand_inputs(cfg.inputs, cfg.source)
-    units, rows_total, quarantine = plan_inputs(cfg.source, inputs, cpus, cfg.rows_per_task, cfg.on_bad_row)
+    units, rows_total, quarantine = plan_inputs(cfg.source, inputs, cpus, cfg.rows_per_task, cfg.on_bad_row,
+                                                cfg.reader_options())
     output = Output(cfg.out, MANIFEST_NAME, "a converted dataset", cfg.overwrite, ours=_OUR_FILES)
     old = [s.name for s in read_manifest(cfg.out).shards] if output.committed() else []
     prefix = output.begin()

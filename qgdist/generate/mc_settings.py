@@ -21,7 +21,7 @@ PROCESS = {"quark": "WeakBosonAndParton:qg2gmZq = on", "gluon": "WeakBosonAndPar
 #: Pythia's ``Random:seed`` must lie in [0, 900000000]; 0 would mean "seed from the clock".
 _PYTHIA_SEED_MAX = 900_000_000
 
-Format = Literal["energyflow", "cms", "both"]
+Format = Literal["energyflow", "cms", "both", "root", "parquet-jagged", "h5"]
 FORMATS: tuple[str, ...] = typing.get_args(Format)
 
 
@@ -31,7 +31,8 @@ class PythiaConfig:
 
     out: str = option(help="output directory (energyflow/, cms/, tasks/, summary.json)")
     jets: int = option(1000, "total jets, even: half quark, half gluon", min=2)
-    format: Format = option("both", "files to write: EnergyFlow npz, CMS parquet or both")
+    format: Format = option("both", "files to write: EnergyFlow npz, CMS parquet, both, or the clouds in the "
+                                    "weaver/ParT columnar layout (root, parquet-jagged, h5)")
     workers: int = option(1, "tasks running at once (CPUs of a private local Ray)", min=1)
     seed: int = option(0, "run seed; task i derives its own seeds from (seed, i)", min=0)
     # Below ~450 GeV the [500, 550] window fills with low-pTHat events (REFERENCE 3).

@@ -27,6 +27,8 @@ import numpy as np
 from qgdist.core.config import option
 from qgdist.core.errors import InputError
 from qgdist.data.features import mass_and_charge
+from qgdist.generate.columnar import FORMATS as COLUMNAR_FORMATS
+from qgdist.generate.columnar import write_clouds
 from qgdist.generate.formats import CMSParquetWriter, pad_clouds, write_energyflow_npz
 
 C_F, C_A = 4.0 / 3.0, 3.0
@@ -45,7 +47,9 @@ _CHARGED = {211, 321, 2212, 11, 13}
 class ToyConfig:
     """``qgdist generate toy`` settings."""
 
-    format: Literal["cms", "energyflow"] = option(help="source format to write")
+    format: Literal["cms", "energyflow", "root", "parquet-jagged", "h5"] = option(
+        help="source format to write: CMS parquet, EnergyFlow npz, or the weaver/ParT columnar layout (the same "
+             "jets as energyflow for the same seed)")
     jets: int = option(help="number of jets (half quark, half gluon)", min=1)
     out: str = option(help="output file (local path or fsspec URL)")
     seed: int = option(0, "random seed (the same seed writes the same jets)", min=0)
@@ -156,13 +160,19 @@ def cms_images(jets: ToyJets, rng: np.random.Generator, size: int = IMAGE, pixel
     return out
 
 
-def write_energyflow(cfg: ToyConfig) -> None:
-    """EnergyFlow npz: 500-550 GeV jets, |y| < 1.7, exactly balanced, shuffled, y = 1 quark, file's own M."""
+def cloud_jets(cfg: ToyConfig) -> tuple[list[np.ndarray], np.ndarray]:
+    """500-550 GeV jets, |y| < 1.7, exactly balanced, shuffled: (pt, rapidity, phi, pdgid) clouds and is_quark."""
     rng = np.random.default_rng(cfg.seed)
     is_quark = balanced_labels(cfg.jets, rng)
     jets = generate(is_quark, rng.uniform(500, 550, cfg.jets), rng.uniform(-1.7, 1.7, cfg.jets),
                     rng.uniform(0, 2 * np.pi, cfg.jets), rng)
-    write_energyflow_npz(cfg.out, pad_clouds(energyflow_clouds(jets)), is_quark.astype(np.float64), cfg.compress)
+    return energyflow_clouds(jets), is_quark
+
+
+def write_energyflow(cfg: ToyConfig) -> None:
+    """EnergyFlow npz of ``cloud_jets``: y = 1 quark, zero-padded to the file's own M."""
+    clouds, is_quark = cloud_jets(cfg)
+    write_energyflow_npz(cfg.out, pad_clouds(clouds), is_quark.astype(np.float64), cfg.compress)
 
 
 def write_cms(cfg: ToyConfig, chunk: int = 64) -> None:
@@ -188,5 +198,7 @@ def run(cfg: ToyConfig) -> None:
         write_cms(cfg)
     elif cfg.format == "energyflow":
         write_energyflow(cfg)
+    elif cfg.format in COLUMNAR_FORMATS:   # the ParT layout: label = 1 quark, as the EnergyFlow y
+        write_clouds(cfg.out, cfg.format, *cloud_jets(cfg))
     else:
-        raise ValueError(f"unknown toy format {cfg.format!r}; choose cms or energyflow")
+        raise ValueError(f"unknown toy format {cfg.format!r}; choose cms, energyflow, root, parquet-jagged or h5")

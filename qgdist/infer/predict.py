@@ -1,7 +1,7 @@
 """``qgdist predict``: score any dataset with a trained model, distributed with Ray Data, streaming.
 
-Inputs are qgdist shard directories or the raw source files themselves (CMS parquet, EnergyFlow npz), read by
-the same readers as ``qgdist convert``, so nothing needs converting first. The driver plans **units** (a shard
+Inputs are qgdist shard directories or the raw source files themselves (CMS parquet, EnergyFlow npz, columnar ROOT
+/ jagged parquet / HDF5), read by the same readers as ``qgdist convert``, so nothing needs converting first. The driver plans **units** (a shard
 file, or a row range of a source file, as ``convert`` plans them) and never reads jets itself;
 ``ray.data.from_items(units).map_batches(Scorer, concurrency=N)`` hands each unit to one of N scoring actors.
 An actor holds the model (on its GPU when the cluster has GPUs), reads its unit's jets, turns them into inputs
@@ -45,7 +45,7 @@ PART = "part-{index:06d}.parquet"
 ROC = "roc.png"
 _OUR_FILES = re.compile(r"^\.?(?:part-\d{6}\.parquet|roc\.png)(?:\.tmp)?$")
 SUMMARY = "summary.json"
-Input = Literal["auto", "shards", "cms", "energyflow"]
+Input = Literal["auto", "shards", "cms", "energyflow", "columnar"]
 
 
 @dataclass(frozen=True)
@@ -54,8 +54,8 @@ class PredictConfig:
 
     checkpoint: str = option(help="checkpoint directory, its state.pt, a model.pt, or a run directory (best, else "
                                   "latest)")
-    data: list[str] = option(help="shard directories (holding manifest.json), or CMS parquet / EnergyFlow npz "
-                                  "files, directories or globs; paths or fsspec URLs")
+    data: list[str] = option(help="shard directories (holding manifest.json), or CMS parquet / EnergyFlow npz / "
+                                  "ROOT / jagged parquet / HDF5 files, directories or globs; paths or fsspec URLs")
     out: str = option(help="output directory: part-*.parquet, summary.json, roc.png")
     overwrite: bool = option(False, "replace scores already in --out (written beside them; the old ones stay whole "
                                     "until the new summary.json is written)")
@@ -71,6 +71,8 @@ class PredictConfig:
         "error", "raw files: error stops at the first bad row (exit 2); quarantine skips, counts and lists them")
     label_quark_value: Literal[0, 1] | None = option(
         None, "raw files: the raw y that means quark (default: the source's, cms 0, energyflow 1)")
+    branches: dict[str, str] = option({}, "columnar files: branch names that differ from the weaver/ParT layout "
+                                          "(as qgdist convert --branch)", flag="--branch", metavar="KEY=BRANCH")
     rows_per_task: int | None = option(None, "raw files: rows per unit (default: as qgdist convert)", min=1)
     address: str | None = option(None, "Ray cluster to join (default: $RAY_ADDRESS or a private local Ray)")
     num_cpus: int | None = option(None, "CPUs of a private local Ray (default: all)", min=1)
@@ -84,7 +86,7 @@ class PredictConfig:
 
 # -- planning (driver) ----------------------------------------------------------------------------------------------
 def detect_input(paths: list[str]) -> str:
-    """``shards``, ``cms`` or ``energyflow`` from what the paths hold; mixed inputs are refused."""
+    """``shards``, ``cms``, ``energyflow`` or ``columnar`` from what the paths hold; mixed inputs are refused."""
     import fsspec
 
     from qgdist.data.shards.manifest import MANIFEST_NAME
@@ -96,16 +98,28 @@ def detect_input(paths: list[str]) -> str:
             raise InputError(f"{path}: no such file or directory", file=path)
         if fs.isdir(p) and fs.exists(posixpath.join(p, MANIFEST_NAME)):
             kinds.add("shards")
+        elif p.endswith((".root", ".h5", ".hdf5")) or (fs.isdir(p) and any(
+                fs.glob(posixpath.join(p, f"*{ext}")) for ext in (".root", ".h5", ".hdf5"))):
+            kinds.add("columnar")
         elif p.endswith(".parquet") or (fs.isdir(p) and fs.glob(posixpath.join(p, "*.parquet"))):
-            kinds.add("cms")
+            kinds.add(_parquet_kind(fs, p))
         elif p.endswith(".npz") or (fs.isdir(p) and fs.glob(posixpath.join(p, "*.npz"))):
             kinds.add("energyflow")
         else:
-            raise InputError(f"{path}: neither a shard directory (no {MANIFEST_NAME}) nor .parquet / .npz files; "
-                             "give --input", file=path)
+            raise InputError(f"{path}: neither a shard directory (no {MANIFEST_NAME}) nor .parquet / .npz / .root / "
+                             ".h5 files; give --input", file=path)
     if len(kinds) != 1:
         raise InputError(f"--data mixes {sorted(kinds)}: score one kind of input per call", field="data")
     return kinds.pop()
+
+
+def _parquet_kind(fs: Any, path: str) -> str:
+    """``cms`` for CMS End-to-End image files (an ``X_jets`` column), else ``columnar`` (jagged particle columns)."""
+    import pyarrow.parquet as pq
+
+    first = path if not fs.isdir(path) else sorted(fs.glob(posixpath.join(path, "*.parquet")))[0]
+    with fs.open(first, "rb") as f:
+        return "cms" if "X_jets" in pq.ParquetFile(f).schema_arrow.names else "columnar"
 
 
 def plan_units(cfg: PredictConfig, kind: str, pre: Any, cpus: int,
@@ -119,6 +133,7 @@ def plan_units(cfg: PredictConfig, kind: str, pre: Any, cpus: int,
     from qgdist.core.storage import join
     from qgdist.data.identity import source_records
     from qgdist.data.shards.manifest import read_manifest
+    from qgdist.data.sources import columnar
     from qgdist.data.sources.plan import expand_inputs, plan_inputs
 
     if kind == "shards":
@@ -136,10 +151,12 @@ def plan_units(cfg: PredictConfig, kind: str, pre: Any, cpus: int,
                     total += shard.samples
         return units, total, [], seen
     pre.check_source(kind, " ".join(cfg.data))
+    branches = dict(cfg.branches) if kind == "columnar" else {}
+    options = {"branches": columnar.Branches.of(branches)} if kind == "columnar" else {}
     inputs = expand_inputs(list(cfg.data), kind)
-    planned, rows, rejected = plan_inputs(kind, inputs, cpus, cfg.rows_per_task, cfg.on_bad_row)
-    units = [{"type": kind, "unit": {**u.__dict__, "row_groups": list(u.row_groups)}, "index": u.index}
-             for u in planned]
+    planned, rows, rejected = plan_inputs(kind, inputs, cpus, cfg.rows_per_task, cfg.on_bad_row, options)
+    units = [{"type": kind, "unit": {**u.__dict__, "row_groups": list(u.row_groups)}, "index": u.index,
+              "branches": branches} for u in planned]
     if trained is None:
         return units, rows, rejected, None
     per_file = collections.Counter()
@@ -224,13 +241,15 @@ class Scorer:
             return
         from qgdist.data.sources.plan import READERS
         from qgdist.data.labels import LabelConvention
+        from qgdist.data.sources import columnar
         from qgdist.data.sources.base import Unit
 
         source = unit["type"]
         u = Unit(**{**unit["unit"], "row_groups": tuple(unit["unit"]["row_groups"])})
         labels = (LabelConvention.default(source) if self.label_quark_value is None
                   else LabelConvention(source, self.label_quark_value))
-        for chunk in READERS[source].read(u, labels, "float32"):
+        options = {"branches": columnar.Branches.of(unit["branches"])} if source == "columnar" else {}
+        for chunk in READERS[source].read(u, labels, "float32", **options):
             counts["rows_in"] += len(chunk) + len(chunk.rejected)
             rejected += [r.to_dict() for r in chunk.rejected]
             if len(chunk):

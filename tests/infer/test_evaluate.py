@@ -7,7 +7,6 @@ tests/track/test_tracker.py.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
