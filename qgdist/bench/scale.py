@@ -39,16 +39,16 @@ T0 = time.perf_counter()   # child entry points count their work from after thei
 class BenchScaleConfig:
     """``qgdist bench scale`` settings."""
 
-    jets: int = option(1_000_000, "toy clouds (EnergyFlow format) at full scale")
-    images: int = option(100_000, "toy images (CMS format) at full scale")
-    small: float = option(0.1, "the small run's fraction of the full scale")
-    jets_per_file: int = option(100_000, "clouds per npz file (the public files hold 100k)")
-    images_per_file: int = option(10_000, "images per parquet file")
+    jets: int = option(1_000_000, "toy clouds (EnergyFlow format) at full scale", min=1)
+    images: int = option(100_000, "toy images (CMS format) at full scale", min=1)
+    small: float = option(0.1, "the small run's fraction of the full scale", gt=0, lt=1)
+    jets_per_file: int = option(100_000, "clouds per npz file (the public files hold 100k)", min=1)
+    images_per_file: int = option(10_000, "images per parquet file", min=1)
     model: str = option("particlenet-lite", "cloud model trained and scored")
     train_steps: int = option(120, "training steps (a slice of the small scale's first epoch), killed and "
-                                   "resumed past half way")
-    batch_size: int = option(256, "jets per worker and step")
-    workers: int = option(2, "Ray CPUs for conversion, training workers and scoring actors")
+                                   "resumed past half way", min=2)
+    batch_size: int = option(256, "jets per worker and step", min=1)
+    workers: int = option(2, "Ray CPUs for conversion, training workers and scoring actors", min=1)
     score_images: bool = option(True, "also score the images (ResNet-15; slow on CPUs)")
     workdir: str = option("runs/bench_scale", "data, runs, scores and bench_scale.json")
 

@@ -46,14 +46,15 @@ class StepBenchConfig:
     device: str = option("cpu", "cpu | cuda | cuda:N | auto (CUDA when visible)")
     dtype: Literal["fp32", "bf16", "fp16"] = option("fp32", "autocast precision")
     compile: bool = option(False, "torch.compile our models (dynamic shapes: one graph for every B and P)")
-    batch_size: int | None = option(None, "jets per step (default 1024 on CUDA, 64 on CPU)")
-    max_particles: int = option(128, "particles per jet at most (trimmed to the batch's longest jet)")
-    in_features: int = option(7, "particle features of cloud models: 7 = kin preset, 13 = kinpid")
-    image_size: int = option(125, "image side in pixels (image models)")
-    steps: int = option(10, "timed steps per model (interleaved across models; the median is quoted)")
-    warmup: int = option(3, "untimed steps per model before timing")
-    seed: int = option(0, "seed of the weights and the synthetic batches")
-    threads: int | None = option(None, "intra-op CPU threads (torch.set_num_threads); default: torch's choice")
+    batch_size: int | None = option(None, "jets per step (default 1024 on CUDA, 64 on CPU)", min=1)
+    max_particles: int = option(128, "particles per jet at most (trimmed to the batch's longest jet)", min=1)
+    in_features: int = option(7, "particle features of cloud models: 7 = kin preset, 13 = kinpid", min=1)
+    image_size: int = option(125, "image side in pixels (image models)", min=1)
+    steps: int = option(10, "timed steps per model (interleaved across models; the median is quoted)", min=1)
+    warmup: int = option(3, "untimed steps per model before timing", min=0)
+    seed: int = option(0, "seed of the weights and the synthetic batches", min=0)
+    threads: int | None = option(None, "intra-op CPU threads (torch.set_num_threads); default: torch's choice",
+                                       min=1)
     layout: Literal["auto", "padded", "packed"] = option(
         "auto", "dense ParticleNet layout (ParticleNetConfig.layout): auto = packed on CPU, padded on GPU")
     reference: Literal["weaver-core"] | None = option(

@@ -44,7 +44,7 @@ from qgdist.data.sources import columnar
 from qgdist.data.sources.base import Unit, file_name
 from qgdist.data.sources.errors import BadRowError, Rejected
 from qgdist.data.sources.plan import KINDS, READERS, Source, expand_inputs, plan_inputs
-from qgdist.data.split import DEFAULT_FRACTIONS, SPLIT_NAMES, assign_splits, parse_fractions
+from qgdist.data.split import DEFAULT_FRACTIONS, SPLIT_NAMES, assign_splits, fractions_problem, parse_fractions
 from qgdist.data.stats import StatSums
 
 _OUR_FILES = re.compile(r"^(?:\.)?(?:train|val|test)-\d{6}-\d{3}\.tar(?:\.tmp)?$")
@@ -70,11 +70,11 @@ class ConvertConfig:
                                positional=True, metavar="INPUT")
     out: str = option(help="output directory (path or fsspec URL)")
     shard_size: int = option(64 << 20, "target bytes per shard, e.g. 64MiB, 512KB, 1e6 (a task's shards never "
-                             "span tasks)", parse=parse_size, metavar="SIZE")
+                             "span tasks)", parse=parse_size, metavar="SIZE", min=1)
     split: tuple[float, float, float] = option(
         DEFAULT_FRACTIONS, "train,val,test fractions (hash of file name and row)", parse=parse_fractions,
-        metavar="TRAIN,VAL,TEST")
-    chunk_jets: int = option(CHUNK_JETS, "jets per chunk, i.e. per tar sample (stored as columns)")
+        metavar="TRAIN,VAL,TEST", min=0, max=1, check=fractions_problem)
+    chunk_jets: int = option(CHUNK_JETS, "jets per chunk, i.e. per tar sample (stored as columns)", min=1)
     compress: bool = option(True, "gzip the members that compress well (image pixels and values)")
     on_bad_row: Literal["error", "quarantine"] = option(
         "error", "error: stop at the first bad row (exit 2); quarantine: skip, count and list them")
@@ -87,8 +87,8 @@ class ConvertConfig:
         " tree, label, pid, px, py, pz, energy, pt, rapidity, eta, phi, counts), e.g. pid= for no PDG ids",
         flag="--branch", metavar="KEY=BRANCH")
     address: str | None = option(None, "Ray cluster to join (default: start a private local Ray)")
-    num_cpus: int | None = option(None, "CPUs of the private local Ray (default: all)")
-    rows_per_task: int | None = option(None, "rows per read task (default: cms 1024, energyflow 16384)")
+    num_cpus: int | None = option(None, "CPUs of the private local Ray (default: all)", min=1)
+    rows_per_task: int | None = option(None, "rows per read task (default: cms 1024, energyflow 16384)", min=1)
     executor: Literal["ray", "local"] = option(
         "ray", "ray: Ray Data tasks; local: the same task code in this process, without Ray",
         aliases={"--no-ray": "local"})
@@ -126,7 +126,7 @@ class InspectConfig:
 
     dir: str = option(help="output directory of qgdist convert (path or fsspec URL)", positional=True)
     verify: bool = option(False, "re-hash every shard; exit 1 on any mismatch")
-    show: int = option(10, "quarantine entries to print")
+    show: int = option(10, "quarantine entries to print", min=0)
 
 
 def convert_unit(unit: dict[str, Any], cfg: dict[str, Any], prefix: str = "") -> dict[str, Any]:

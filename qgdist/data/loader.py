@@ -37,6 +37,7 @@ training there); clouds are trimmed to ``max_particles`` and padded to the longe
 from __future__ import annotations
 
 import multiprocessing
+import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict
 from typing import Any
@@ -50,7 +51,7 @@ from qgdist.data.preprocessing import Preprocessing
 from qgdist.data.epoch_plan import (JET_BITS, Layout, Pool, Unit, deal, delivered, plan_epoch, remaining_jets,
                                     shuffled_chunks, slot_jets, slot_rng)
 from qgdist.data.shards.manifest import read_manifest
-from qgdist.data.shards.read import read_parts, read_shard
+from qgdist.data.shards.read import read_parts, read_shard, verify_shard
 from qgdist.data.shards.schema import ImageChunk, JetChunk, decode_chunk
 
 #: Batches each DataLoader worker prepares ahead of the training step.
@@ -347,6 +348,11 @@ class ShardLoader:
         plan = self._plan(epoch, earlier)
         per_worker = self._batches_per_worker(plan)
         w = self.workers
+        if self.data.verify_shards:   # here, in the rank's own process: each shard is hashed once per run
+            sha = {os.path.join(self.data.data, s.name): s.sha256 for s in self.manifest.shards}
+            mine = plan[self.rank * w:(self.rank + 1) * w]
+            for path in dict.fromkeys(u.path for slot in mine for u in slot):
+                verify_shard(path, sha[path])
         local = start_step - sum(layout.steps for layout in earlier)   # steps already run under this layout
         if local < 0:
             raise ValueError(f"step {start_step} lies before the last layout change of epoch {epoch}")

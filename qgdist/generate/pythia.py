@@ -21,6 +21,7 @@ from collections.abc import Callable
 import numpy as np
 
 from qgdist.core.atomic import write_json
+from qgdist.core.secrets import redact_config
 from qgdist.data.labels import DEFAULT_QUARK_VALUE
 from qgdist.generate.columnar import FORMATS as COLUMNAR_FORMATS
 from qgdist.generate.columnar import write_clouds
@@ -171,7 +172,8 @@ def _summarise(cfg: PythiaConfig, records: list[dict], seconds: float, generated
 
     events = {k: sum(r["events"][k] for r in records) for k in ("quark", "gluon")}
     return {
-        "config": dataclasses.asdict(cfg), "tasks": len(records), "tasks_generated_now": generated_tasks,
+        "config": redact_config(dataclasses.asdict(cfg)), "tasks": len(records),
+        "tasks_generated_now": generated_tasks,
         "jets": total("jets"), "quark_jets": total("quark_jets"), "gluon_jets": total("gluon_jets"),
         "events": events, "acceptance": {k: total(f"{k}_jets") / max(events[k], 1) for k in events},
         "mean_multiplicity": {k: mean_mult(k) for k in ("quark", "gluon")},

@@ -50,9 +50,9 @@ class ToyConfig:
     format: Literal["cms", "energyflow", "root", "parquet-jagged", "h5"] = option(
         help="source format to write: CMS parquet, EnergyFlow npz, or the weaver/ParT columnar layout (the same "
              "jets as energyflow for the same seed)")
-    jets: int = option(help="number of jets (half quark, half gluon)")
+    jets: int = option(help="number of jets (half quark, half gluon)", min=1)
     out: str = option(help="output file (local path or fsspec URL)")
-    seed: int = option(0, "random seed (the same seed writes the same jets)")
+    seed: int = option(0, "random seed (the same seed writes the same jets)", min=0)
     item_name: Literal["item", "element"] = option("item", "CMS nested list item name: legacy item or modern element")
     compress: bool = option(True, "EnergyFlow: deflate the npz members, as the public files are",
                             aliases={"--stored": False})

@@ -44,10 +44,11 @@ class ExportConfig:
 
     checkpoint: str = option(help="checkpoint directory, its state.pt, a model.pt, or a run directory")
     onnx: str = option(help="output .onnx file")
-    opset: int = option(17, "ONNX opset version")
-    atol: float = option(1e-4, "tolerated absolute difference of the logits")
-    rtol: float = option(1e-3, "tolerated relative difference of the logits")
-    image_size: int = option(125, "height = width of the example image when the model does not fix it")
+    opset: int = option(17, "ONNX opset version (the TorchScript exporter's range)", min=9, max=20)
+    atol: float = option(1e-4, "tolerated absolute difference of the logits", min=0)
+    rtol: float = option(1e-3, "tolerated relative difference of the logits", min=0)
+    image_size: int = option(125, "height = width of the example image when the model does not fix it",
+                            min=1)
     overwrite: bool = option(False, "replace an existing --onnx file (only once the new one passed its check)")
 
 

@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from qgdist.core.config import option
+from qgdist.core.errors import InputError
 from qgdist.core.output import Output
 
 if TYPE_CHECKING:
@@ -67,18 +68,20 @@ class PredictConfig:
     input: Input = option("auto", "what --data holds (auto: shards when a manifest.json is there, else by "
                                   "file extension)")
     split: Literal["all", "train", "val", "test"] = option("all", "shards: which split to score")
-    batch_size: int = option(512, "jets per forward pass")
+    batch_size: int = option(512, "jets per forward pass", min=1)
     workers: int | None = option(None, "scoring actors (default: one per GPU when the cluster has GPUs, else "
-                                       "one per CPU)")
-    gpus_per_worker: float | None = option(None, "GPUs per actor (default: 1 when the cluster has GPUs, else 0)")
+                                       "one per CPU)", min=1)
+    gpus_per_worker: float | None = option(None, "GPUs per actor (default: 1 when the cluster has GPUs, else 0)",
+                                           min=0)
     on_bad_row: Literal["error", "quarantine"] = option(
         "error", "raw files: error stops at the first bad row (exit 2); quarantine skips, counts and lists them")
-    label_quark_value: int | None = option(None, "raw files: the y that means quark (default: the source's)")
+    label_quark_value: Literal[0, 1] | None = option(
+        None, "raw files: the raw y that means quark (default: the source's, cms 0, energyflow 1)")
     branches: dict[str, str] = option({}, "columnar files: branch names that differ from the weaver/ParT layout "
                                           "(as qgdist convert --branch)", flag="--branch", metavar="KEY=BRANCH")
-    rows_per_task: int | None = option(None, "raw files: rows per unit (default: as qgdist convert)")
+    rows_per_task: int | None = option(None, "raw files: rows per unit (default: as qgdist convert)", min=1)
     address: str | None = option(None, "Ray cluster to join (default: $RAY_ADDRESS or a private local Ray)")
-    num_cpus: int | None = option(None, "CPUs of a private local Ray (default: all)")
+    num_cpus: int | None = option(None, "CPUs of a private local Ray (default: all)", min=1)
     executor: Literal["ray", "local"] = option("ray", "ray: actors on a cluster; local: this process, no Ray",
                                                aliases={"--no-ray": "local"})
     score_seen: bool = option(False, "score jets the model trained or validated on too (refused otherwise; their "
@@ -97,6 +100,8 @@ def detect_input(paths: list[str]) -> str:
     kinds = set()
     for path in paths:
         fs, p = fsspec.core.url_to_fs(path)
+        if not any(ch in p for ch in "*?[") and not fs.exists(p):
+            raise InputError(f"{path}: no such file or directory", file=path)
         if fs.isdir(p) and fs.exists(posixpath.join(p, MANIFEST_NAME)):
             kinds.add("shards")
         elif p.endswith((".root", ".h5", ".hdf5")) or (fs.isdir(p) and any(
@@ -107,11 +112,10 @@ def detect_input(paths: list[str]) -> str:
         elif p.endswith(".npz") or (fs.isdir(p) and fs.glob(posixpath.join(p, "*.npz"))):
             kinds.add("energyflow")
         else:
-            raise ValueError(f"{path}: neither a shard directory (no {MANIFEST_NAME}) nor .parquet / .npz / .root / "
-                             ".h5 files; "
-                             "give --input")
+            raise InputError(f"{path}: neither a shard directory (no {MANIFEST_NAME}) nor .parquet / .npz / .root / "
+                             ".h5 files; give --input", file=path)
     if len(kinds) != 1:
-        raise ValueError(f"--data mixes {sorted(kinds)}: score one kind of input per call")
+        raise InputError(f"--data mixes {sorted(kinds)}: score one kind of input per call", field="data")
     return kinds.pop()
 
 
@@ -291,10 +295,10 @@ def predict(cfg: PredictConfig) -> dict[str, Any]:
     from qgdist.train.checkpointer import find_checkpoint, load_checkpoint
 
     start = time.perf_counter()
+    kind = detect_input(list(cfg.data)) if cfg.input == "auto" else cfg.input   # a missing --data, first
     checkpoint = str(find_checkpoint(cfg.checkpoint))
     loaded = load_checkpoint(checkpoint)
     pre, trained = loaded.preprocessing, TrainedOn.from_dict(loaded.dataset)
-    kind = detect_input(list(cfg.data)) if cfg.input == "auto" else cfg.input
     cpus, gpus, ray_seconds = 1, 0, 0.0
     if cfg.executor == "ray":
         import ray

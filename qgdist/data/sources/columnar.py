@@ -30,7 +30,8 @@ from qgdist.data.sources.base import Chunk, Plan, Unit, file_name, row_units
 from qgdist.data.sources.columnar_files import (Column, HDF5Source, ParquetSource, RootSource, Source, Unreadable,
                                                 file_format)
 from qgdist.data.sources.columnar_files import EXTENSIONS, FORMATS  # noqa: F401 -- this source's files, for convert
-from qgdist.data.sources.energyflow import MAX_RAPIDITY, decode_rows, known_pids
+from qgdist.data.features import known_pdg_ids
+from qgdist.data.sources.energyflow import MAX_RAPIDITY, decode_rows
 from qgdist.data.sources.errors import BadRowError, Rejected
 
 
@@ -292,8 +293,8 @@ def decode_block(cols: dict[str, Column], rows: np.ndarray, name: str, b: Branch
         values[branch] = np.where(np.isfinite(v), v, 0.0)
     pid = values[b.pid] if b.pid else np.zeros(len(jet))
     if b.pid:
-        problems.add(_per_row(jet, ~known_pids(pid), k), b.pid, "not a known PDG particle id")
-        pid = np.where(known_pids(pid), pid, 0.0)
+        problems.add(_per_row(jet, ~known_pdg_ids(pid), k), b.pid, "not a known PDG particle id")
+        pid = np.where(known_pdg_ids(pid), pid, 0.0)
     pt, rap, phi = _kinematics(b, values, pid, jet, k, problems)
     with np.errstate(invalid="ignore"):
         problems.add(_per_row(jet, ~(np.abs(rap) <= MAX_RAPIDITY), k), b.momenta[1],
