@@ -173,7 +173,7 @@ def test_bad_config_names_the_field():
     with pytest.raises(ValueError, match="jets"):
         PythiaConfig(out="x", jets=7).validate()
     with pytest.raises(ValueError, match="format"):
-        PythiaConfig(out="x", format="root").validate()
+        PythiaConfig(out="x", format="tar").validate()
 
 
 def test_cli_maps_flags():
