@@ -180,7 +180,7 @@ def evaluate_checkpoint(cfg: EvalConfig) -> dict[str, Any]:
     scored = score_split(model, checkpoint.preprocessing, cfg, device)
     cols = scored["columns"]
     logits, labels = torch.tensor(cols["logit"]), torch.tensor(cols["is_quark"])
-    metrics = compute_metrics(logits, labels, loss=scored["loss"])
+    metrics = compute_metrics(logits, labels, loss=scored["loss"], logits=True)
     fpr, tpr, _ = binary_roc(torch.sigmoid(logits.double()), labels.long(), thresholds=None)
     name = checkpoint.model_name
     files = {"roc": output.name("roc.png"), "scores": output.name("scores.parquet")}

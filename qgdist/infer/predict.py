@@ -437,7 +437,7 @@ def _metrics(output: Output, parts: list[str], pre: Any) -> dict[str, Any]:
     if label.min() == label.max():   # one class only: no ROC
         return {}
     loss = torch.nn.functional.binary_cross_entropy_with_logits(logit.double(), label.double()).item()
-    metrics = compute_metrics(logit, label, loss=loss)
+    metrics = compute_metrics(logit, label, loss=loss, logits=True)
     from torchmetrics.functional.classification import binary_roc
 
     from qgdist.train.plots import plot_roc

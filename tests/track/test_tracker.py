@@ -410,7 +410,7 @@ def test_evaluate_track_finds_the_server_run_through_the_environment(server: Tra
     # that evaluate wrote, the same again.
     written = json.loads((tmp_path / "env-run" / "eval" / "test" / "metrics.json").read_text())
     scores = pq.read_table(tmp_path / "env-run" / "eval" / "test" / "scores.parquet").to_pydict()
-    recomputed = compute_metrics(torch.tensor(scores["logit"]), torch.tensor(scores["is_quark"]))
+    recomputed = compute_metrics(torch.tensor(scores["logit"]), torch.tensor(scores["is_quark"]), logits=True)
     assert written["n_jets"] == 24 and written["global_step"] == trained.global_step == 3
     assert history(client, run_id, "test/auc") == [(3, pytest.approx(written["auc"]))]
     assert history(client, run_id, "test/auc")[0][1] == pytest.approx(recomputed["auc"], rel=1e-5)
