@@ -74,6 +74,13 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, *, log_d
         quiet_ray_loggers(log_dir)
 
 
+class _PlainFormatter(logging.Formatter):
+    """A log file holds text, not terminal colour codes (Ray colours even its "Started a local Ray" line)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return _COLOUR.sub("", super().format(record))
+
+
 def quiet_ray_loggers(log_dir: str | os.PathLike[str] | None) -> logging.Handler:
     """Send the driver's ``ray`` log records to ``log_dir/ray.log`` (or drop them when no directory); returns the
     handler."""
@@ -90,7 +97,7 @@ def quiet_ray_loggers(log_dir: str | os.PathLike[str] | None) -> logging.Handler
         path = Path(log_dir) / LOG_NAME
         path.parent.mkdir(parents=True, exist_ok=True)
         handler = logging.FileHandler(path)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(_PlainFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     for old in [h for h in logger.handlers if getattr(h, "qgdist", False)]:   # a second call replaces the first
         logger.removeHandler(old)
         old.close()

@@ -12,7 +12,8 @@ The lines, as a user sees them (an elastic ``--workers 1-2`` run losing one of i
 
     node 127.0.0.1:40123 lost at epoch 0 step 25 (1 of 2 workers ran there)
     waiting for workers: 1 of 2 fit, minimum 1 (restart 1 of 3)
-    resumed from global step 20 (epoch 0 step 20) with 1 of 2 workers
+    restarted with 1 of 2 workers
+    resumed from s3://runs/a/checkpoints/step-000000020 at epoch 0 step 20 (global step 20)   <- rank 0's
 
 Each line is also kept (``events``) and recorded in the run's MLflow run as a tag ``qgdist.event.NNN`` at the
 end (``record_events``); the world sizes themselves are rank 0's ``cluster/world_size`` series.
@@ -77,11 +78,10 @@ class Narrator:
             self._flush_failure()
             self.group, self.groups_started = nodes, self.groups_started + 1
             self._alive()   # remember the group's nodes by address while they are there to be asked
-            if self.groups_started > 1:   # the first start is rank 0's to tell ("starting ..." / "resumed ...")
-                at = self.checkpoint()
-                where = (f"global step {at['global_step']} (epoch {at['epoch']} step {at['step']})" if at
-                         else "the start (no checkpoint yet)")
-                self._say(f"resumed from {where} with {self._workers(len(nodes))}")
+            # The first start is rank 0's to tell ("starting ..." / "resumed ..."). Which checkpoint a restart
+            # resumes from is rank 0's to tell too: only it knows (Ray's own copy when ours is lost).
+            if self.groups_started > 1:
+                self._say(f"restarted with {self._workers(len(nodes))}")
 
     def on_state(self, state: str, detail: Mapping[str, Any]) -> None:
         """Ray Train's controller entered ``state`` (RESTARTING, SCHEDULING, RESCHEDULING, RESIZING, ...)."""

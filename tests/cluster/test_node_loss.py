@@ -32,7 +32,7 @@ NODE = {"qgdist_node": 1}
 FAST_NODE_DEATH = {"health_check_period_ms": "1000", "health_check_timeout_ms": "1000",
                    "health_check_failure_threshold": "3", "TRAIN_WORKER_GROUP_START_TIMEOUT_S": "15"}
 HANG_S = 900   # only catches a hang: every wait below is on an event
-EVENT = re.compile(r"(node \S+ (lost|joined)|waiting for workers|could not place|resumed from global step|room for"
+EVENT = re.compile(r"(node \S+ (lost|joined)|waiting for workers|could not place|restarted with|room for"
                    r"|worker failed)")
 
 
@@ -198,8 +198,12 @@ def test_lost_relay_process_and_lost_node_are_told_in_plain_lines(cluster, tmp_p
     assert events[1] == "waiting for workers: 1 of 2 fit, minimum 1 (restart 1 of 3)", events
     assert all(e.startswith("could not place 2 workers; waiting for workers: 1 of 2 fit, minimum 1")
                for e in events[2:-1]), events
-    resumed = re.fullmatch(r"resumed from global step (\d+) \(epoch \d step \d+\) with 1 of 2 workers", events[-1])
-    assert resumed and int(resumed[1]) >= at_kill["global_step"], events
+    assert events[-1] == "restarted with 1 of 2 workers", events
+    # Rank 0 says where it resumed: a checkpoint at or after the one written before the kill.
+    resumed = [re.fullmatch(r"resumed from \S+ at epoch \d step \d+ \(global step (\d+)\)", line)
+               for line in lines[lines.index(events[-1]):]]
+    resumed = [m for m in resumed if m]
+    assert len(resumed) == 1 and int(resumed[0][1]) >= at_kill["global_step"], events
     # Rank 0's lines after the relay's restart and after the loss: epoch lines and the final result.
     assert re.search(r"^epoch 0: loss=", text[killed_relay_at:], re.M), text[killed_relay_at:][-3000:]
     after = lines[lines.index(events[-1]):]

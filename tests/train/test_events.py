@@ -59,7 +59,7 @@ def test_a_lost_node_is_one_line_then_the_wait_then_the_resume():
         "node 10.0.0.2:40002 lost at epoch 0 step 7 (1 of 2 workers ran there)",
         "waiting for workers: 1 of 2 fit, minimum 1 (restart 1 of 3)",
         "could not place 2 workers; waiting for workers: 1 of 2 fit, minimum 1",
-        "resumed from global step 5 (epoch 0 step 5) with 1 of 2 workers",
+        "restarted with 1 of 2 workers",
     ]
     assert narrator.events == [(1.0, line) for line in world.lines]
     assert world.stops == 1                                    # the stale bar closed once, at the restart
@@ -82,7 +82,7 @@ def test_a_failed_worker_on_a_live_node_is_named_with_its_error_and_a_fixed_run_
     narrator.on_group([A.id, B.id])
     assert world.lines == ["worker failed at epoch 1 step 3: rank 1 RuntimeError (boom)",
                            "waiting for workers: 2 of 2 fit, minimum 2 (restart 1 of 2)",
-                           "resumed from the start (no checkpoint yet) with 2 workers"]
+                           "restarted with 2 workers"]
 
 
 def test_a_vanished_worker_waits_for_its_node_to_be_declared_lost():
@@ -109,7 +109,7 @@ def test_a_vanished_worker_whose_node_stays_is_a_failed_worker_once_the_restart_
     narrator.on_group([A.id, B.id])
     assert world.lines == ["worker failed at the start: rank 1 ActorDiedError (killed)",
                            "waiting for workers: 2 of 2 fit, minimum 1 (restart 1 of 3)",
-                           "resumed from the start (no checkpoint yet) with 2 of 2 workers"]
+                           "restarted with 2 of 2 workers"]
 
 
 def test_where_is_the_later_of_the_bar_and_the_checkpoint():
@@ -227,12 +227,11 @@ def test_events_become_numbered_tags_of_the_mlflow_run(tmp_path):
     client = MlflowClient(tracking_uri=uri)
     run_id = client.create_run(client.create_experiment("qgdist")).info.run_id
     assert record_events([(0.0, "node 10.0.0.2:40002 lost at epoch 0 step 7 (1 of 2 workers ran there)"),
-                          (60.0, "resumed from global step 5 (epoch 0 step 5) with 1 of 2 workers")], run_id, uri) is None
+                          (60.0, "restarted with 1 of 2 workers")], run_id, uri) is None
     assert record_events([(120.0, "node 10.0.0.2:40002 joined: 2 of 2 workers fit")], run_id, uri) is None  # a re-run
     tags = {k: v for k, v in client.get_run(run_id).data.tags.items() if k.startswith("qgdist.event.")}
     assert tags == {"qgdist.event.001": "1970-01-01T00:00:00Z node 10.0.0.2:40002 lost at epoch 0 step 7 (1 of 2 "
                                         "workers ran there)",
-                    "qgdist.event.002": "1970-01-01T00:01:00Z resumed from global step 5 (epoch 0 step 5) with 1 "
-                                        "of 2 workers",
+                    "qgdist.event.002": "1970-01-01T00:01:00Z restarted with 1 of 2 workers",
                     "qgdist.event.003": "1970-01-01T00:02:00Z node 10.0.0.2:40002 joined: 2 of 2 workers fit"}
     assert record_events([(0.0, "x")], "no-such-run", uri).startswith("MlflowException")
