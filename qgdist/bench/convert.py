@@ -44,14 +44,14 @@ class BenchConvertConfig:
     """``qgdist bench convert`` settings."""
 
     formats: tuple[str, ...] = option(("cms", "energyflow"), "formats to bench (comma list)", parse=comma_names)
-    jets: int = option(600, "CMS jets in the 1x input")
-    ef_jets: int = option(30000, "EnergyFlow jets in the 1x input")
-    scale: int = option(10, "the large inputs are this many times bigger")
-    repeat: int = option(3, "runs of every method (interleaved); medians are quoted")
+    jets: int = option(600, "CMS jets in the 1x input", min=1)
+    ef_jets: int = option(30000, "EnergyFlow jets in the 1x input", min=1)
+    scale: int = option(10, "the large inputs are this many times bigger", min=1)
+    repeat: int = option(3, "runs of every method (interleaved); medians are quoted", min=1)
     workdir: str = option("runs/bench_convert", "inputs, outputs and bench_convert.json")
-    num_cpus: int | None = option(None, "CPUs of the conversion's local Ray (default: all)")
+    num_cpus: int | None = option(None, "CPUs of the conversion's local Ray (default: all)", min=1)
     pythia_dir: str | None = option(None, "take the jets from a `qgdist generate pythia --format both` directory")
-    seed: int = option(0, "seed of generated toy inputs")
+    seed: int = option(0, "seed of generated toy inputs", min=0)
 
 
 # -- inputs ----------------------------------------------------------------------------------------------------

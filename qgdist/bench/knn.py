@@ -35,13 +35,13 @@ class KnnBenchConfig:
 
     device: str = option("cpu", "cpu | cuda | cuda:N | auto (CUDA when visible)")
     dtype: Literal["fp32", "bf16", "fp16"] = option("fp32", "autocast precision")
-    batch_size: int | None = option(None, "jets per batch (default 1024 on CUDA, 256 on CPU)")
-    max_particles: int = option(128, "particles per jet at most (the batch is padded to its longest jet)")
+    batch_size: int | None = option(None, "jets per batch (default 1024 on CUDA, 256 on CPU)", min=1)
+    max_particles: int = option(128, "particles per jet at most (the batch is padded to its longest jet)", min=1)
     dims: tuple[int, ...] = option((2, 32, 128), "coordinate widths, comma-separated (e.g. 2,32,128)",
-                                   parse=comma_ints, metavar="D,D,...")
+                                   parse=comma_ints, metavar="D,D,...", min=1)
     ks: tuple[int, ...] = option((7, 16), "neighbour counts, comma-separated (e.g. 7,16)", flag="--k",
-                                 parse=comma_ints, metavar="K,K,...")
-    repeats: int = option(5, "timed calls per method (after one untimed call); the median is quoted")
+                                 parse=comma_ints, metavar="K,K,...", min=1)
+    repeats: int = option(5, "timed calls per method (after one untimed call); the median is quoted", min=1)
 
     def __post_init__(self) -> None:
         for name in ("dims", "ks"):  # "2,32" (or one int) from a --config file; flags are split by their parser

@@ -17,6 +17,9 @@ For each format (clouds, images) it measures, on the same converted jets:
   Measured on the dataset as it is, on a copy whose shards hold their jets sorted by label (class-ordered source
   files), and on a copy sorted by label across the shards of each split (source files of one class each).
 * optionally (``--model-steps``) what the format's model consumes per core (``train_step``, one thread).
+* the cost of ``--verify-shards``: the schema-2 row again with each shard's sha256 checked against the manifest
+  (once per shard and process, as in training: over ``--epochs`` epochs every train shard is hashed once, page
+  cache warm), as jets per CPU-second and the extra CPU time against the plain row.
 
 Data: ``--cloud-data`` / ``--image-data`` (converted datasets, e.g. of Pythia jets), else toy data generated in
 several files (12 of clouds, 3 of images) and converted into ``--workdir``.
@@ -31,7 +34,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from qgdist.bench import load_average
 from qgdist.bench.loader_v1 import v1_batches, write_schema1, write_sorted
@@ -44,17 +47,17 @@ class LoaderBenchConfig:
 
     cloud_data: str | None = option(None, "converted cloud dataset (default: toy clouds)")
     image_data: str | None = option(None, "converted image dataset (default: toy images)")
-    jets: int = option(24000, "toy clouds when no data is given (12 files)")
-    image_jets: int = option(2000, "toy images when no data is given (3 files)")
-    batch: int = option(512, "jets per batch")
-    preset: str = option("kin", "cloud feature preset")
-    shuffle_buffer: int = option(8192, "jets in the shuffle buffer (both loaders; training's default)")
-    epochs: int = option(4, "passes over the train split per measurement")
-    repeat: int = option(3, "measurements per row, interleaved; medians are quoted")
+    jets: int = option(24000, "toy clouds when no data is given (12 files)", min=12)
+    image_jets: int = option(2000, "toy images when no data is given (3 files)", min=3)
+    batch: int = option(512, "jets per batch", min=1)
+    preset: Literal["kin", "kinpid"] = option("kin", "cloud feature preset")
+    shuffle_buffer: int = option(8192, "jets in the shuffle buffer (both loaders; training's default)", min=0)
+    epochs: int = option(4, "passes over the train split per measurement", min=1)
+    repeat: int = option(3, "measurements per row, interleaved; medians are quoted", min=1)
     workdir: str = option("runs/bench_loader", "toy data, schema-1 copies, bench_loader.json")
     cloud_model: str = option("particlenet-lite", "model that consumes the clouds (--model-steps)")
     image_model: str = option("resnet15", "model that consumes the images (--model-steps)")
-    model_steps: int = option(0, "timed model steps per format at batch 64 (0: skip)")
+    model_steps: int = option(0, "timed model steps per format at batch 64 (0: skip)", min=0)
 
 
 # -- measurements (each in its own process) -------------------------------------------------------------------------
@@ -73,10 +76,11 @@ def _measure(layout: str, data: str, v1_dir: str, batch: int, buffer: int, epoch
 
     manifest = read_manifest(data)
     pre = Preprocessing.from_manifest(manifest, data, preset)
-    loader = ShardLoader(DataConfig(data, batch_size=batch, shuffle_buffer=buffer, preset=preset))
+    loader = ShardLoader(DataConfig(data, batch_size=batch, shuffle_buffer=buffer, preset=preset,
+                                    verify_shards=layout == "v2+verify"))
 
     def epoch(e: int) -> Any:
-        if layout == "v2":
+        if layout.startswith("v2"):
             for inputs, _ in loader.epoch(e):
                 yield inputs
         else:
@@ -89,6 +93,10 @@ def _measure(layout: str, data: str, v1_dir: str, batch: int, buffer: int, epoch
         pass
     warm.close()
     del warm
+    if layout == "v2+verify":   # the warm-up hashed the shards already: the timed epochs must do it themselves
+        from qgdist.data.shards import read
+
+        read._VERIFIED.clear()
     rss_before = _rss_mb()
     jets, wall, cpu = 0, time.perf_counter(), time.process_time()
     for e in range(epochs):
@@ -249,9 +257,9 @@ def run(cfg: LoaderBenchConfig) -> dict:
         sorted_v1 = write_schema1(sorted_v2, os.path.join(cfg.workdir, f"sorted_v1_{kind}"), sort_by_label=True)
         pure_v2 = write_sorted(data, os.path.join(cfg.workdir, f"pure_{kind}"), across=True)
         pure_v1 = write_schema1(pure_v2, os.path.join(cfg.workdir, f"pure_v1_{kind}"), sort_by_label=True)
-        rows: dict[str, list[dict]] = {"v2": [], "v1": []}
+        rows: dict[str, list[dict]] = {"v2": [], "v1": [], "v2+verify": []}
         for _ in range(cfg.repeat):
-            for layout in ("v2", "v1"):
+            for layout in ("v2", "v1", "v2+verify"):
                 rows[layout].append(_run_measure(layout, data, v1_dir, cfg.batch, cfg.shuffle_buffer, cfg.epochs,
                                                  cfg.preset))
         summary = {}
@@ -269,8 +277,11 @@ def run(cfg: LoaderBenchConfig) -> dict:
             q = {layout: shuffle_quality(layout, d2, d1, cfg.batch, cfg.shuffle_buffer) for layout in ("v2", "v1")}
             q["ideal"] = ideal_quality(d2, cfg.batch, max(q["v2"]["batches"], 1))
             quality[name] = q
+        from qgdist.data.shards.manifest import read_manifest
+
+        train_mb = sum(s.bytes for s in read_manifest(data).shards_of("train")) / 1e6
         entry = {"data": data, "throughput": summary, "bytes_per_jet": _bytes_per_jet(data, v1_dir),
-                 "shuffle": quality}
+                 "shuffle": quality, "train_mb": train_mb}
         if cfg.model_steps:
             model = cfg.cloud_model if kind == "cloud" else cfg.image_model
             entry["model"] = {"name": model, "jets_per_s": model_speed(model, data, cfg.model_steps, cfg.preset)}
@@ -294,6 +305,14 @@ def table(res: dict) -> str:
                          f"{t['peak_rss_mb']:12.0f} {t['rss_before_mb']:11.0f} {e['bytes_per_jet'][layout]:10.0f}"
                          + (f"  >= {target} ({'met' if t['jets_per_cpu_s'] >= target else 'NOT met'})"
                             if layout == "v2" else ""))
+        if "v2+verify" in e["throughput"]:
+            plain, checked = e["throughput"]["v2"], e["throughput"]["v2+verify"]
+            extra = checked["jets"] / checked["jets_per_cpu_s"] - plain["jets"] / plain["jets_per_cpu_s"]
+            lines.append(f"{kind:6} verify {checked['jets_per_cpu_s']:11.0f} {checked['jets_per_wall_s']:12.0f} "
+                         f"{checked['peak_rss_mb']:12.0f} {checked['rss_before_mb']:11.0f} {'':>10}  "
+                         f"--verify-shards: +{extra:.2f} CPU-s over {res['config']['epochs']} epochs "
+                         f"({extra / (plain['jets'] / plain['jets_per_cpu_s']):+.1%}), every train shard hashed once "
+                         f"({e['train_mb']:.1f} MB, {e['train_mb'] / max(extra, 1e-9):.0f} MB per extra CPU-s)")
         b = e["bytes_per_jet"]
         lines.append(f"{kind:6} source {'':>11} {'':>12} {'':>12} {'':>11} {b['source']:10.0f}  "
                      f"v2 <= source: {'met' if b['v2'] <= b['source'] else 'NOT met'} ({', '.join(b['source_files'])})")

@@ -97,11 +97,11 @@ def _v1_mass_and_charge(pid: Any) -> tuple[Any, Any]:
     """The previous ``features.mass_and_charge``: one lookup per distinct id, found with np.unique."""
     import numpy as np
 
-    from qgdist.data.features import _mass_charge
+    from qgdist.data.features import pdg_lookup
 
     pid = np.asarray(pid).astype(np.int64)
     ids, inverse = np.unique(pid, return_inverse=True)
-    table = np.array([_mass_charge(int(i)) for i in ids], dtype=np.float64).reshape(-1, 2)
+    table = np.array([pdg_lookup(int(i)) or (0.0, 0.0) for i in ids], dtype=np.float64).reshape(-1, 2)
     return table[inverse, 0].reshape(pid.shape), table[inverse, 1].reshape(pid.shape)
 
 

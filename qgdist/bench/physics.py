@@ -50,22 +50,25 @@ IMAGE_MODELS = ("resnet15", "seed-cnn")
 class PhysicsBenchConfig:
     """One ``qgdist bench physics`` run."""
 
-    jets: int = option(4000, "jets to use (whole generated files, half quark)")
+    jets: int = option(4000, "jets to use (whole generated files, half quark)", min=2)
     out: str = option("runs/bench_physics", "shards, training runs, physics.json and physics_roc.png")
     pythia_dir: str | None = option(None, "reuse the finished tasks of a `qgdist generate pythia` dir")
-    seed: int = option(2026, "generator seed when generating")
-    workers: int = option(1, "generator tasks at once (Ray when > 1)")
+    seed: int = option(2026, "generator seed when generating", min=0)
+    workers: int = option(1, "generator tasks at once (Ray when > 1)", min=1)
     models: tuple[str, ...] = option(("particlenet-lite", "particlenet", "resnet15"), "models to train and test")
-    epochs: int = option(20, "training epochs per model")
-    batch_size: int = option(256, "jets per training step")
+    epochs: int = option(20, "training epochs per model", min=1)
+    batch_size: int = option(256, "jets per training step", min=1)
+    lr: float | None = option(None, "peak learning rate (default: the recipe's, 3e-3; the ParT paper trained ParT "
+                                    "with 1e-3)", gt=0)
     preset: Literal["kin", "kinpid"] = option("kinpid", "particle features of the cloud models (the paper's "
                                                         "headline numbers use particle ID: kinpid)")
-    max_steps: int | None = option(None, "cap on training steps per model (smoke runs)")
+    max_steps: int | None = option(None, "cap on training steps per model (smoke runs)", min=1)
     executor: Literal["local", "ray"] = option("local", "conversion executor (local: in this process, no Ray)")
     device: Device = option("auto", "where training and testing run (auto: CUDA when visible)")
     train_jets: tuple[int, ...] = option((), "learning curve: training-set sizes, e.g. 5000,20000,50000 (cloud "
-                                             "models; uses every finished generated file)", parse=comma_ints)
-    test_jets: int = option(5000, "learning curve: jets of the held-out test files (the first generated ones)")
+                                             "models; uses every finished generated file)", parse=comma_ints, min=1)
+    test_jets: int = option(5000, "learning curve: jets of the held-out test files (the first generated ones)",
+                         min=1)
 
     def __post_init__(self) -> None:
         if isinstance(self.models, str):  # "a,b" from a --config file
@@ -108,13 +111,14 @@ def convert_files(source: str, files: list[str], out: str, executor: str,
                   split: tuple[float, float, float] | None = None):
     """Shards of ``files`` under ``out`` (reused when the manifest there lists exactly these inputs)."""
     from qgdist.data.convert import ConvertConfig, convert
+    from qgdist.core.errors import InputError
     from qgdist.data.shards.manifest import read_manifest
 
     try:
         manifest = read_manifest(out)
         if sorted(os.path.basename(p) for p in manifest.inputs) == sorted(os.path.basename(p) for p in files):
             return manifest
-    except FileNotFoundError:
+    except InputError:   # not converted yet
         pass
     extra = {"split": split} if split is not None else {}
     return convert(ConvertConfig(source=source, inputs=files, out=out, executor=executor, **extra))
@@ -135,7 +139,7 @@ def train_and_test(cfg: PhysicsBenchConfig, model: str, data: str, test_data: st
     device = resolve_device(cfg.device)
     tcfg = resolve(TrainConfig.of(data=data, model=model, storage=os.path.join(cfg.out, "runs"),
                                   run_name=run_name or model, epochs=cfg.epochs, batch_size=cfg.batch_size, preset=cfg.preset,
-                                  max_steps=cfg.max_steps, track=False, workers=0, seed=0),
+                                  max_steps=cfg.max_steps, track=False, workers=0, seed=0, lr=cfg.lr),
                    cuda_available=device.type == "cuda")
     shutil.rmtree(tcfg.run_dir, ignore_errors=True)  # a fresh run: the loop would otherwise resume the last one
     start = time.perf_counter()
@@ -183,8 +187,8 @@ def run_learning_curve(cfg: PhysicsBenchConfig) -> dict:
         data = os.path.join(cfg.out, f"shards-train-{n}")
         splits = convert_files("energyflow", pool[:k], data, cfg.executor, split=(0.9, 0.1, 0.0)).splits
         for model in models:
-            same = [r for r in kept if (r["model"], r["requested"], r["epochs"], r["batch_size"]) ==
-                    (model, n, cfg.epochs, cfg.batch_size)]
+            same = [r for r in kept if (r["model"], r["requested"], r["epochs"], r["batch_size"], r.get("lr")) ==
+                    (model, n, cfg.epochs, cfg.batch_size, cfg.lr)]
             if same:
                 row = same[0]
             else:
@@ -192,7 +196,7 @@ def run_learning_curve(cfg: PhysicsBenchConfig) -> dict:
                 row.pop("roc")
                 row.update(train_jets=splits["train"]["samples"], test_jets=test_manifest.rows["written"],
                            source="energyflow", files=k, test_files=n_test, requested=n, epochs=cfg.epochs,
-                           batch_size=cfg.batch_size)
+                           batch_size=cfg.batch_size, lr=cfg.lr)
             rows.append(row)
             print(f"{model} on {row['train_jets']} jets: test " + " ".join(
                 f"{k}={v:.4f}" for k, v in row["test"].items()), flush=True)

@@ -29,10 +29,10 @@ class BenchPredictConfig:
     """``qgdist bench predict`` settings."""
 
     models: tuple[str, ...] = option(tuple(MODELS), "comma-separated models", flag="--model", parse=comma_names)
-    jets: int = option(2000, "clouds in the 1x input (images: a fifth of that)")
-    scale: int = option(10, "the large input is this many times bigger")
-    workers: int = option(2, "scoring actors")
-    batch_size: int = option(256, "jets per forward pass")
+    jets: int = option(2000, "clouds in the 1x input (images: a fifth of that)", min=5)
+    scale: int = option(10, "the large input is this many times bigger", min=1)
+    workers: int = option(2, "scoring actors", min=1)
+    batch_size: int = option(256, "jets per forward pass", min=1)
     workdir: str = option("runs/bench_predict", "inputs, checkpoints, outputs and bench_predict.json")
 
     def __post_init__(self) -> None:

@@ -38,6 +38,7 @@ from typing import Any, Literal
 
 from qgdist.bench import comma_ints, load_average
 from qgdist.core.config import option
+from qgdist.core.errors import QgdistError
 
 T0 = time.perf_counter()   # child entry points count their work from after their imports
 STAGES = ("generate", "convert", "train", "evaluate", "predict")
@@ -48,23 +49,23 @@ class BenchScaleConfig:
     """``qgdist bench scale`` settings."""
 
     jets: tuple[int, ...] = option((100_000, 1_000_000), "toy clouds (EnergyFlow format) per scale, comma-separated "
-                                   "(0 or empty: none)", parse=comma_ints, metavar="N,N,...")
+                                   "(0 or empty: none)", parse=comma_ints, metavar="N,N,...", min=0)
     images: tuple[int, ...] = option((10_000, 100_000), "toy images (CMS format) per scale", parse=comma_ints,
-                                     metavar="N,N,...")
+                                     metavar="N,N,...", min=0)
     mem_cap: float | None = option(None, "run every stage inside this many GB (cgroup v1 or v2 where writable, "
-                                         "else a PSS watchdog); an out-of-memory kill fails the stage")
-    jets_per_file: int = option(100_000, "clouds per npz file (the public files hold 100k)")
-    images_per_file: int = option(10_000, "images per parquet file")
+                                         "else a PSS watchdog); an out-of-memory kill fails the stage", gt=0)
+    jets_per_file: int = option(100_000, "clouds per npz file (the public files hold 100k)", min=1)
+    images_per_file: int = option(10_000, "images per parquet file", min=1)
     model: str = option("particlenet-lite", "cloud model trained, evaluated and used to predict")
-    train_steps: int = option(0, "cloud training steps (0: one whole epoch)")
+    train_steps: int = option(0, "cloud training steps (0: one whole epoch)", min=0)
     kill: bool = option(True, "SIGKILL the cloud training past half way and resume it")
     image_model: str = option("resnet15", "image model trained on a slice of an epoch")
-    image_train_steps: int = option(40, "image training steps (a slice of an epoch; 0: skip)")
-    image_batch_size: int = option(64, "images per worker and step")
+    image_train_steps: int = option(40, "image training steps (a slice of an epoch; 0: skip)", min=0)
+    image_batch_size: int = option(64, "images per worker and step", min=1)
     until: Literal["generate", "convert", "train", "evaluate", "predict"] = option(
         "predict", "last stage to run at each scale (the stages run in order, each needs the ones before)")
-    batch_size: int = option(256, "jets per worker and step")
-    workers: int = option(2, "Ray CPUs for conversion, training workers and scoring actors")
+    batch_size: int = option(256, "jets per worker and step", min=1)
+    workers: int = option(2, "Ray CPUs for conversion, training workers and scoring actors", min=1)
     workdir: str = option("runs/bench_scale", "data, runs, scores and bench_scale.json")
 
 
@@ -107,7 +108,7 @@ CHILDREN = {"_generate": _generate, "_convert": _convert}
 
 
 # -- stages -----------------------------------------------------------------------------------------------------------
-class StageFailed(RuntimeError):
+class StageFailed(QgdistError, RuntimeError):
     """A stage exited non-zero or was killed for want of memory; its figures are in ``result``."""
 
     def __init__(self, message: str, result: dict[str, Any]) -> None:

@@ -16,7 +16,8 @@ logits must agree (float32, ``rtol=1e-4, atol=1e-5``) on every jet with more tha
 with an error. Jets of <= k particles are left out of the check on purpose: weaver pairs them with padded slots
 (edge feature ``(x_i, -x_i)``), ours with self-loops (``(x_i, 0)``), a documented difference. Then both train on
 the same batches, with the same threads, dtype and optimizer, interleaved; weaver gets channel-first copies of
-the batches, made before timing. ``--compile`` compiles ours only.
+the batches, made before timing. ``--compile`` compiles ours only. For ``particle-transformer`` the reference is
+weaver's ``ParticleTransformer`` (``qgdist.bench.weaver_part``), checked on every jet.
 """
 
 from __future__ import annotations
@@ -45,18 +46,20 @@ class StepBenchConfig:
     device: str = option("cpu", "cpu | cuda | cuda:N | auto (CUDA when visible)")
     dtype: Literal["fp32", "bf16", "fp16"] = option("fp32", "autocast precision")
     compile: bool = option(False, "torch.compile our models (dynamic shapes: one graph for every B and P)")
-    batch_size: int | None = option(None, "jets per step (default 1024 on CUDA, 64 on CPU)")
-    max_particles: int = option(128, "particles per jet at most (trimmed to the batch's longest jet)")
-    in_features: int = option(7, "particle features of cloud models: 7 = kin preset, 13 = kinpid")
-    image_size: int = option(125, "image side in pixels (image models)")
-    steps: int = option(10, "timed steps per model (interleaved across models; the median is quoted)")
-    warmup: int = option(3, "untimed steps per model before timing")
-    seed: int = option(0, "seed of the weights and the synthetic batches")
-    threads: int | None = option(None, "intra-op CPU threads (torch.set_num_threads); default: torch's choice")
+    batch_size: int | None = option(None, "jets per step (default 1024 on CUDA, 64 on CPU)", min=1)
+    max_particles: int = option(128, "particles per jet at most (trimmed to the batch's longest jet)", min=1)
+    in_features: int = option(7, "particle features of cloud models: 7 = kin preset, 13 = kinpid", min=1)
+    image_size: int = option(125, "image side in pixels (image models)", min=1)
+    steps: int = option(10, "timed steps per model (interleaved across models; the median is quoted)", min=1)
+    warmup: int = option(3, "untimed steps per model before timing", min=0)
+    seed: int = option(0, "seed of the weights and the synthetic batches", min=0)
+    threads: int | None = option(None, "intra-op CPU threads (torch.set_num_threads); default: torch's choice",
+                                       min=1)
     layout: Literal["auto", "padded", "packed"] = option(
         "auto", "dense ParticleNet layout (ParticleNetConfig.layout): auto = packed on CPU, padded on GPU")
     reference: Literal["weaver-core"] | None = option(
-        None, "also build weaver-core's ParticleNet per ParticleNet model, check it agrees with ours, time both")
+        None, "also build weaver-core's ParticleNet (ParticleTransformer) per ParticleNet model (particle-transformer), "
+              "check it agrees with ours, time both")
 
     def __post_init__(self) -> None:
         if isinstance(self.models, str):  # "a,b" from a --config file (flags are split by their parser)
@@ -64,9 +67,10 @@ class StepBenchConfig:
         if not self.models:
             raise ValueError("--model: name at least one model")
         if self.reference is not None:
-            bad = [m for m in self.models if "particlenet" not in m]
+            bad = [m for m in self.models if "particlenet" not in m and m != "particle-transformer"]
             if bad:
-                raise ValueError(f"--reference {self.reference} compares ParticleNet models only, not {bad}")
+                raise ValueError(f"--reference {self.reference} compares ParticleNet models and "
+                                 f"particle-transformer only, not {bad}")
 
 
 @dataclass
@@ -80,6 +84,7 @@ class Runner:
     shape: tuple[int, ...]
     run: Callable[[int], Any]
     times: list[float] = field(default_factory=list)
+    cpu_times: list[float] = field(default_factory=list)   # process CPU time (all threads) per timed step
     note: str = ""
     warmup_s: float = 0.0
 
@@ -91,15 +96,16 @@ def _sync(device: Any) -> None:
         torch.cuda.synchronize(device)  # timing only: the step itself never syncs
 
 
-def _batches(kind: str, cfg: StepBenchConfig, batch_size: int, device: Any) -> list[tuple[dict, Any]]:
+def _batches(kind: str, cfg: StepBenchConfig, batch_size: int, device: Any,
+             vectors: bool = False) -> list[tuple[dict, Any]]:
     import torch
 
     from qgdist.models.synthetic import cloud_batch, image_batch
 
     g = torch.Generator().manual_seed(cfg.seed)
     if kind == "cloud":
-        return [cloud_batch(batch_size, cfg.in_features, cfg.max_particles, generator=g, device=device)
-                for _ in range(2)]
+        return [cloud_batch(batch_size, cfg.in_features, cfg.max_particles, generator=g, device=device,
+                            vectors=vectors) for _ in range(2)]
     return [image_batch(batch_size, cfg.image_size, generator=g, device=device) for _ in range(2)]
 
 
@@ -124,7 +130,7 @@ def build_runner(name: str, cfg: StepBenchConfig, device: Any, batch_size: int, 
     ``compile_model``, default ``cfg.compile``)."""
     import torch
 
-    from qgdist.models import count_parameters, get_model, model_kind
+    from qgdist.models import count_parameters, extra_inputs, get_model, model_kind
 
     torch.manual_seed(cfg.seed)
     kind = model_kind(name)
@@ -134,7 +140,7 @@ def build_runner(name: str, cfg: StepBenchConfig, device: Any, batch_size: int, 
     elif name == "seed-cnn":
         kwargs["image_size"] = cfg.image_size
     model = get_model(name, **kwargs).to(device).train()
-    batches = _batches(kind, cfg, batch_size, device)
+    batches = _batches(kind, cfg, batch_size, device, vectors="vectors" in extra_inputs(name))
     compiled = cfg.compile if compile_model is None else compile_model
     # dynamic=True: B, P (and the packed row count) symbolic from the first call: no recompile per batch.
     step_model = torch.compile(model, dynamic=True) if compiled else model
@@ -201,7 +207,12 @@ def run(cfg: StepBenchConfig) -> int:
             runners.append(eager)
             baselines[name] = eager
         if cfg.reference == "weaver-core":
-            runners.append(build_weaver_runner(ours, cfg, device, batch_size))
+            if name == "particle-transformer":
+                from qgdist.bench.weaver_part import build_weaver_part_runner
+
+                runners.append(build_weaver_part_runner(ours, cfg, device, batch_size))
+            else:
+                runners.append(build_weaver_runner(ours, cfg, device, batch_size))
             if cfg.compile:
                 eager.model.load_state_dict(ours.model.state_dict())
             baselines[name] = runners[-1]
@@ -213,24 +224,31 @@ def run(cfg: StepBenchConfig) -> int:
         r.warmup_s = time.perf_counter() - start
     for i in range(cfg.steps):
         for r in runners:
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             loss = r.run(i)
             _sync(device)
             r.times.append(time.perf_counter() - start)
+            r.cpu_times.append(time.process_time() - cpu)
     if cfg.steps:
         float(loss)  # the last loss is read, so nothing is left in flight
-    print(f"{'model':<24}{'impl':<20}{'params':>9}  {'batch shape':<18}{'ms/step':>10}{'jets/s':>10}{'ratio':>9}")
+    print(f"{'model':<24}{'impl':<20}{'params':>9}  {'batch shape':<18}{'ms/step':>10}{'jets/s':>10}{'ratio':>9}"
+          f"{'cpu ms/step':>13}{'cpu ratio':>10}")
     def jets_per_s(r: Runner) -> float:
         return batch_size / statistics.median(r.times) if r.times else float("nan")
 
     for r in runners:
         seconds = statistics.median(r.times) if r.times else float("nan")
         jets = jets_per_s(r)
-        ref = jets_per_s(baselines.get(r.name, runners[0]))
+        base = baselines.get(r.name, runners[0])
+        ref = jets_per_s(base)
+        cpu = statistics.median(r.cpu_times) if r.cpu_times else float("nan")
+        cpu_ref = statistics.median(base.cpu_times) if base.cpu_times else float("nan")
         print(f"{r.name:<24}{r.impl:<20}{r.params:>9}  {r.shape!s:<18}{1e3 * seconds:>10.1f}{jets:>10.0f}"
-              f"{jets / ref:>8.2f}x")
+              f"{jets / ref:>8.2f}x{1e3 * cpu:>13.1f}{cpu_ref / cpu:>9.2f}x")
         if r.note:
             print(f"  reference check: {r.note}")
+    print("cpu ms/step: process CPU time of the step, all threads (on a shared machine it moves less with the "
+          "load than wall time); cpu ratio: the baseline's over this row's")
     if cfg.reference:
         print("ratio: jets/s over weaver-core's on the same batches (weaver-core rows: 1.00x)")
     elif cfg.compile:

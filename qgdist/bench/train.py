@@ -46,21 +46,16 @@ class TrainBenchConfig:
 
     data: str | None = option(None, "converted dataset (default: toy clouds)")
     model: str = option("particlenet-lite", "model to train (qgdist.models)")
-    jets: int = option(16000, "toy clouds when no --data is given (at 4000, 2 workers ran 8 steady steps)")
-    workers: int = option(2, "workers of the scaled configuration, compared with 1 worker")
-    batch_size: int = option(128, "per worker, in both configurations")
-    threads: int = option(1, "torch threads (and Ray CPUs) per worker, in both configurations")
-    repeats: int = option(3, "runs of each configuration, interleaved")
-    epochs: int = option(1, "epochs of each run (validation runs after every epoch)")
+    jets: int = option(16000, "toy clouds when no --data is given (at 4000, 2 workers ran 8 steady steps)",
+                       min=1)
+    workers: int = option(2, "workers of the scaled configuration, compared with 1 worker", min=2)
+    batch_size: int = option(128, "per worker, in both configurations", min=1)
+    threads: int = option(1, "torch threads (and Ray CPUs) per worker, in both configurations", min=1)
+    repeats: int = option(3, "runs of each configuration, interleaved", min=1)
+    epochs: int = option(1, "epochs of each run (validation runs after every epoch)", min=1)
     ceiling: bool = option(True, "also measure the machine's ceiling: N plain-loop processes at once vs one alone")
     model_kwargs: dict[str, Any] = option({}, "extra model setting (e.g. a tiny model for a smoke run)",
                                           flag="--model-arg")
-
-    def __post_init__(self) -> None:
-        if self.workers < 2:
-            raise ValueError("--workers: the scaled configuration needs at least 2 workers (it is compared with 1)")
-        if self.threads < 1 or self.repeats < 1:
-            raise ValueError("--threads and --repeats must be at least 1")
 
 
 def _worker_with_threads(threads: int) -> Callable[[dict[str, Any]], None]:

@@ -1,4 +1,5 @@
-"""``qgdist convert``: CMS parquet / EnergyFlow npz -> WebDataset shards + manifest.json; ``qgdist inspect``.
+"""``qgdist convert``: CMS parquet / EnergyFlow npz / columnar files -> WebDataset shards + manifest.json;
+``qgdist inspect``.
 
 Both parsers are generated from the stage's configs (``ConvertConfig``, ``InspectConfig`` in
 ``qgdist.data.convert``); the old spellings ``--no-ray`` and ``--quiet`` are aliases of ``--executor local`` and
@@ -14,7 +15,8 @@ from qgdist.data.convert import ConvertConfig, InspectConfig
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("convert", help="convert CMS parquet / EnergyFlow npz files into WebDataset shards",
+    p = subparsers.add_parser("convert", help="convert CMS parquet / EnergyFlow npz / ROOT, jagged parquet, HDF5 "
+                                              "files into WebDataset shards",
                               description="Stream source files into compact tar shards (Ray Data tasks over row "
                                           "ranges) and write manifest.json last.")
     add_arguments(p, ConvertConfig)

@@ -40,11 +40,13 @@ def run_tracker(args: argparse.Namespace) -> int:
 
 
 def replay(run_dir: Path, tracking_uri: str | None) -> int:
-    from qgdist.track.tracker import UNSENT_FILE, replay_unsent
+    from qgdist.track.delivery import UNSENT_FILE, replay_unsent
 
     if not (run_dir / UNSENT_FILE).exists():
         print(f"nothing to replay: {run_dir / UNSENT_FILE} does not exist")
         return 0
     sent = replay_unsent(run_dir, tracking_uri)
-    print(f"replayed {sent} records from {run_dir / UNSENT_FILE} to {tracking_uri or 'the local store'}")
+    from qgdist.core.secrets import redact
+
+    print(f"replayed {sent} records from {run_dir / UNSENT_FILE} to {redact(tracking_uri or 'the local store')}")
     return 0

@@ -20,11 +20,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run_train(args: argparse.Namespace) -> int:
     from qgdist.train.config import resolve
 
+    from qgdist.data.shards.manifest import read_manifest
+
     cfg = from_args(TrainConfig, args)
     try:
         cfg = resolve(cfg)
     except ValueError as err:   # e.g. an unknown model name
         raise ConfigError(str(err)) from err
+    read_manifest(cfg.data.data)   # a missing or unconverted --data is refused here, before Ray or a run directory
     print(f"training config (resolved):\n{describe(cfg)}", flush=True)
     if cfg.launch.workers == 0:
         from qgdist.train.loop import train as run

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, TextIO
 
 from qgdist.core.config import option
 from qgdist.core.errors import ClusterError
+from qgdist.core.secrets import redact
 
 if TYPE_CHECKING:  # ray is imported lazily so that `qgdist --help` stays fast
     from ray.job_submission import JobSubmissionClient
@@ -79,13 +80,13 @@ def connect(config: ClientConfig) -> JobSubmissionClient:
         return JobSubmissionClient(address, headers=headers)
     except AuthenticationError as err:
         raise ClusterError(
-            f"the Ray cluster at {address} refused us ({'wrong' if token else 'no'} token): set RAY_AUTH_TOKEN, "
-            "RAY_AUTH_TOKEN_PATH or --auth-token-file to the cluster's token (`ray get-auth-token` on the head "
-            "prints it), or start a private test cluster with RAY_AUTH_MODE=disabled") from err
+            f"the Ray cluster at {redact(address)} refused us ({'wrong' if token else 'no'} token): set "
+            "RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or --auth-token-file to the cluster's token (`ray get-auth-token` on "
+            "the head prints it), or start a private test cluster with RAY_AUTH_MODE=disabled") from err
     except ConnectionError as err:
         raise ClusterError(
-            f"no Ray job server at {address}: start one with `ray start --head --dashboard-host 127.0.0.1` "
-            f"(needs ray[default]) or pass --address http://HOST:8265 ({err})") from err
+            f"no Ray job server at {redact(address)}: start one with `ray start --head --dashboard-host 127.0.0.1` "
+            f"(needs ray[default]) or pass --address http://HOST:8265 ({redact(str(err))})") from err
 
 
 def job_status(client: JobSubmissionClient, job_id: str) -> str:
@@ -149,7 +150,7 @@ class LogsConfig:
 
     job_id: str = option(help="submission id of the job", positional=True)
     follow: bool = option(False, "keep printing until the job ends", aliases={"-f": True})
-    tail: int | None = option(None, "only the last LINES lines", metavar="LINES")
+    tail: int | None = option(None, "only the last LINES lines", metavar="LINES", min=1)
     client: ClientConfig = ClientConfig()
 
 

@@ -21,6 +21,7 @@ from typing import Any, TextIO
 from qgdist.cluster import jobs_client
 from qgdist.cluster.jobs_client import ClientConfig, ClusterError
 from qgdist.core.config import CONFIG_FLAG, from_args, option
+from qgdist.core.secrets import redact
 
 _ENV_REF = re.compile(r"\$(?:\{([A-Za-z_][A-Za-z0-9_]*)\}|([A-Za-z_][A-Za-z0-9_]*))")
 
@@ -47,8 +48,8 @@ class SubmitConfig:
     #: The parsers ``check`` uses (the CLI's subparsers, by command name); None: no check.
     check_with: Mapping[str, argparse.ArgumentParser] | None = option(None, "parsers to check ARGS with", cli=False)
     timeout_s: float | None = option(None, "with --wait, give up waiting after this long (the job keeps running)",
-                                     flag="--timeout", metavar="SECONDS")
-    tail_lines: int = option(40, "log lines shown when a job fails", flag="--tail", metavar="LINES")
+                                     flag="--timeout", metavar="SECONDS", gt=0)
+    tail_lines: int = option(40, "log lines shown when a job fails", flag="--tail", metavar="LINES", min=0)
 
 
 def shell_word(arg: str) -> str:
@@ -145,15 +146,15 @@ def submit(config: SubmitConfig, out: TextIO | None = None, err: TextIO | None =
     job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env or None,
                                submission_id=config.submission_id, metadata={"qgdist_command": config.command})
     address = config.client.resolved_address()
-    print(f"submitted {job_id} to {address}: {entrypoint}", file=err, flush=True)
+    print(f"submitted {job_id} to {redact(address)}: {entrypoint}", file=err, flush=True)
     if not config.wait:
         print(job_id, file=out)
         return 0
     try:
         status = jobs_client.wait(client, job_id, follow=config.follow, out=out, timeout_s=config.timeout_s)
     except KeyboardInterrupt:
-        print(f"\nstopped waiting; job {job_id} keeps running (`qgdist jobs stop {job_id} --address {address}`)",
-              file=err)
+        print(f"\nstopped waiting; job {job_id} keeps running "
+              f"(`qgdist jobs stop {job_id} --address {redact(address)}`)", file=err)
         return 130
     return report_end(client, job_id, status, config.tail_lines, err)
 

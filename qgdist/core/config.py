@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import types
 import typing
 from collections.abc import Callable, Iterator, Mapping
@@ -38,16 +39,25 @@ CONFIG_FLAG = "config"
 
 def option(default: Any = dataclasses.MISSING, help: str = "", *, flag: str | None = None,  # noqa: A002
            positional: bool = False, metavar: str | None = None, parse: Callable[[str], Any] | None = None,
-           aliases: Mapping[str, Any] | None = None, cli: bool = True) -> Any:
-    """A dataclass field with command-line metadata.
+           aliases: Mapping[str, Any] | None = None, cli: bool = True, min: float | None = None,  # noqa: A002
+           max: float | None = None, gt: float | None = None, lt: float | None = None,  # noqa: A002
+           check: Callable[[Any], str | None] | None = None) -> Any:
+    """A dataclass field with command-line metadata and its valid range.
 
     ``flag`` renames the option (default ``--field-name``); ``positional`` makes it a positional argument;
     ``parse`` converts the flag's text (e.g. ``"64MiB"`` -> bytes); ``aliases`` adds flags that store a fixed
     value (``{"--quiet": False}`` on ``progress``); ``cli=False`` keeps the field out of the command line.
     Mutable defaults (lists, dicts) are copied per instance.
+
+    The range is declared here once and checked whenever a config is built (``build``, ``from_args``: flags and
+    YAML files alike): ``min``/``max`` are inclusive bounds, ``gt``/``lt`` exclusive ones (for a tuple or list
+    field, each item's); ``check(value)`` returns the reason a value is refused, or None. Choices come from a
+    ``Literal`` type. ``None`` (an unset optional field) is always allowed. A refusal is a ``ConfigError`` whose
+    message starts with the field's name: ``batch_size: must be >= 1, got 0``.
     """
+    bounds = {k: v for k, v in (("min", min), ("max", max), ("gt", gt), ("lt", lt)) if v is not None}
     meta = {"help": help, "flag": flag, "positional": positional, "metavar": metavar, "parse": parse,
-            "aliases": dict(aliases or {}), "cli": cli}
+            "aliases": dict(aliases or {}), "cli": cli, "bounds": bounds, "check": check}
     if isinstance(default, (list, dict, set)):
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -170,10 +180,12 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, config_file: bool 
 
 
 def _default_text(f: dataclasses.Field) -> str:
+    bounds = f.metadata.get("bounds")
+    allowed = f"; {range_text(bounds)}" if bounds else ""
     if f.default is dataclasses.MISSING or f.default is None:
-        return ""
+        return f" ({range_text(bounds)})" if bounds else ""
     value = ",".join(map(str, f.default)) if isinstance(f.default, (tuple, list)) else f.default
-    return f" (default: {value})"
+    return f" (default: {value}{allowed})"
 
 
 def _add_leaf(group: Any, leaf: Leaf) -> None:
@@ -224,15 +236,11 @@ def _add_leaf(group: Any, leaf: Leaf) -> None:
 def from_args(cls: type[T], args: argparse.Namespace, **overrides: Any) -> T:
     """Build ``cls`` from defaults < ``--config`` file < flags given on the command line < ``overrides``.
 
-    A config may define ``validate()`` for checks across fields; it is called here. Any ``ValueError`` (or an
-    unreadable config file) comes out as ``ConfigError``.
+    Every field's declared range and every config's ``validate()`` are checked (see ``build``); a bad value, an
+    unreadable config file or any other ``ValueError`` comes out as ``ConfigError``.
     """
     try:
-        cfg = _from_args(cls, args, overrides)
-        validate = getattr(cfg, "validate", None)
-        if callable(validate):
-            validate()
-        return cfg
+        return _from_args(cls, args, overrides)
     except ConfigError:
         raise
     except (ValueError, OSError) as err:
@@ -279,14 +287,24 @@ def flatten(cls: type, doc: Mapping[str, Any], where: str = "config") -> dict[st
         elif key in names:
             out[key] = value
         else:
-            raise ValueError(f"{where}: unknown setting {key!r}; known: {', '.join(sorted(names))}")
+            raise ConfigError(f"{where}: unknown setting {key!r}; known: {', '.join(sorted(names))}", field=key)
     return out
 
 
 def build(cls: type[T], values: Mapping[str, Any], where: str = "config") -> T:
-    """Construct ``cls`` (and its sections) from flat or nested values; missing required ones name their flag."""
+    """Construct ``cls`` (and its sections) from flat or nested values, checked.
+
+    Each value must have its field's type and lie in its declared range (``option(min=..., ...)``), and each
+    config's ``validate()`` (checks across fields) must pass; otherwise ``ConfigError`` names the field. A
+    missing required field names its flag.
+    """
     flat = flatten(cls, values, where)
-    return _construct(cls, flat, where)
+    try:
+        return _construct(cls, flat, where)
+    except ConfigError:
+        raise
+    except ValueError as err:   # a __post_init__ or validate() refusing a combination of values
+        raise ConfigError(str(err)) from err
 
 
 def _construct(cls: type[T], flat: Mapping[str, Any], where: str) -> T:
@@ -301,29 +319,120 @@ def _construct(cls: type[T], flat: Mapping[str, Any], where: str) -> T:
         elif f.name in flat:
             value = flat[f.name]
             if f.metadata.get("parse") and isinstance(value, str):   # e.g. "64MiB" from a YAML file
-                value = f.metadata["parse"](value)
-            kwargs[f.name] = _coerce(tp, value)
+                try:
+                    value = f.metadata["parse"](value)
+                except ValueError as err:
+                    raise ConfigError(f"{f.name}: {err}", field=f.name, got=value) from None
+                kwargs[f.name] = value
+            elif f.metadata.get("parse") and isinstance(value, tuple):
+                kwargs[f.name] = value   # what the parser made of a flag (e.g. --workers 2-8 -> (2, 8))
+            else:
+                kwargs[f.name] = _coerce(tp, value, f.name)
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
-            raise ValueError(f"{where}: {flag if not f.metadata.get('positional') else f.name.upper()} is required")
-    return cls(**kwargs)
+            raise ConfigError(f"{where}: {flag if not f.metadata.get('positional') else f.name.upper()} is required",
+                              field=f.name)
+    cfg = cls(**kwargs)
+    for f in dataclasses.fields(cls):
+        if f.init and not is_section(hints[f.name]):
+            check_field(f, hints[f.name], getattr(cfg, f.name))
+    validate = getattr(cfg, "validate", None)
+    if callable(validate):
+        validate()
+    return cfg
 
 
-def _coerce(tp: Any, value: Any) -> Any:
-    """YAML/JSON values into the field's type (lists -> tuples for tuple fields, str paths -> Path)."""
+def _refuse(name: str, reason: str, value: Any, expected: Any = None) -> ConfigError:
+    return ConfigError(f"{name}: {reason}, got {value!r}", field=name.split()[0], expected=expected, got=value)
+
+
+def _coerce(tp: Any, value: Any, name: str = "value") -> Any:
+    """A YAML/JSON/flag value as the field's type (lists -> tuples for tuple fields, str paths -> Path, ints ->
+    floats for float fields); a value of another type is a ``ConfigError`` naming the field."""
     tp, optional = _strip_optional(tp)
     if value is None:
         return None
     origin = typing.get_origin(tp)
-    if origin is tuple and isinstance(value, (list, tuple)):
-        return tuple(value)
-    if origin is list and isinstance(value, (list, tuple)):
-        return list(value)
-    if tp is Path and isinstance(value, str):
-        return Path(value)
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise _refuse(name, "must be a list", value)
+        items = typing.get_args(tp)
+        item = items[0] if items and (origin is list or len(items) == 2 and items[1] is Ellipsis
+                                      or len(set(items)) == 1) else Any
+        values = [_coerce(item, v, name) for v in value]
+        return tuple(values) if origin is tuple else values
+    if origin in (dict, Mapping):
+        if not isinstance(value, Mapping):
+            raise _refuse(name, "must be a mapping of KEY=VALUE settings", value)
+        item = (typing.get_args(tp) or (str, Any))[1]
+        return {k: _coerce(item, v, f"{name}[{k}]") for k, v in value.items()} if origin is dict else value
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if isinstance(value, bool) or value not in choices:
+            raise _refuse(name, f"must be one of {', '.join(map(str, choices))}", value, expected=choices)
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise _refuse(name, "must be true or false", value, expected=bool)
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _refuse(name, "must be an integer", value, expected=int)
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise _refuse(name, "must be a number", value, expected=float)
         return float(value)
+    if tp is str:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)    # a YAML run name such as 2024
+        if not isinstance(value, str):
+            raise _refuse(name, "must be text", value, expected=str)
+        return value
+    if tp is Path:
+        if not isinstance(value, (str, Path)):
+            raise _refuse(name, "must be a path", value, expected=Path)
+        return Path(value)
     return value
+
+
+def range_text(bounds: Mapping[str, float]) -> str:
+    """``{"min": 1}`` -> ``">= 1"``; ``{"gt": 0, "max": 1}`` -> ``"> 0 and <= 1"``."""
+    signs = {"min": ">=", "gt": ">", "max": "<=", "lt": "<"}
+    return " and ".join(f"{signs[k]} {bounds[k]:g}" for k in ("min", "gt", "max", "lt") if k in bounds)
+
+
+def _out_of_range(value: Any, bounds: Mapping[str, float]) -> bool:
+    # Written so that NaN is out of every range.
+    return not (("min" not in bounds or value >= bounds["min"]) and ("max" not in bounds or value <= bounds["max"])
+                and ("gt" not in bounds or value > bounds["gt"]) and ("lt" not in bounds or value < bounds["lt"]))
+
+
+def _label(f: dataclasses.Field) -> str:
+    """The field's name, with its flag where the flag is not simply ``--field-name`` (``tail_lines (--tail)``)."""
+    flag = f.metadata.get("flag")
+    return f"{f.name} ({flag})" if flag and flag != "--" + f.name.replace("_", "-") else f.name
+
+
+def check_field(f: dataclasses.Field, tp: Any, value: Any) -> None:
+    """Raise ``ConfigError`` if ``value`` lies outside field ``f``'s declared range or fails its ``check``."""
+    if value is None:
+        return
+    meta = f.metadata
+    bounds = meta.get("bounds") or {}
+    numbers = value if isinstance(value, (tuple, list)) else list(value.values()) if isinstance(value, Mapping) \
+        else [value]
+    for number in numbers:
+        if isinstance(number, float) and not math.isfinite(number):
+            raise _refuse(_label(f), "must be a finite number", number)
+        if bounds and isinstance(number, (int, float)) and not isinstance(number, bool) \
+                and _out_of_range(number, bounds):
+            each = "each value " if isinstance(value, (tuple, list, Mapping)) else ""
+            raise _refuse(_label(f), f"{each}must be {range_text(bounds)}", number, expected=range_text(bounds))
+    check = meta.get("check")
+    reason = check(value) if check is not None else None
+    if reason:
+        raise _refuse(_label(f), reason, value)
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -344,7 +453,9 @@ def to_flat_dict(cfg: Any) -> dict[str, Any]:
 
 
 def describe(cfg: Any) -> str:
-    """The resolved config as indented YAML, printed at the start of a run."""
+    """The resolved config as indented YAML, printed at the start of a run (credentials in URIs masked)."""
     import yaml
 
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=None, width=110).rstrip()
+    from qgdist.core.secrets import redact_config
+
+    return yaml.safe_dump(redact_config(to_dict(cfg)), sort_keys=False, default_flow_style=None, width=110).rstrip()

@@ -3,52 +3,91 @@
 Unless ``verbose``, Ray's own lines stay off the terminal: workers' output is not forwarded to the driver
 (``log_to_driver=False``; Ray still writes it to its session logs, ``<session>/logs/worker-*.out``), the
 driver's ``ray`` loggers write to ``ray.log`` in the given log directory, and Ray Data's to its own
-``ray-data.log`` in the session logs only. What a user should see from inside the
-workers (progress, per-epoch metrics) reaches the driver through ``qgdist.train.console`` instead.
+``ray-data.log`` in the session logs only. Errors the cluster publishes to every driver (a node marked dead, with
+its raylet's log tail, printed as ``(raylet) ...`` in colour whatever ``log_to_driver`` says) go to the same
+``ray.log``. What a user should see from inside the workers (progress, per-epoch metrics) reaches the driver
+through ``qgdist.train.console`` instead, and lost nodes are told in plain lines (``qgdist.core.nodes``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import re
+import secrets
+import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 LOG_NAME = "ray.log"
+AUTH_MODE_ENV = "RAY_AUTH_MODE"
+TOKEN_ENVS = ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
+_COLOUR = re.compile(r"\x1b\[[0-9;]*m")
+_REPEAT_S = 10.0   # the same published error again within this many seconds is logged once
 
 
 def ensure_ray(address: str | None = None, num_cpus: int | None = None, *, log_dir: str | os.PathLike[str] | None = None,
                verbose: bool = False) -> None:
     """Join the Ray cluster at ``address``, or start a private local instance.
 
-    A private instance (``address`` None) runs with token authentication disabled unless ``RAY_AUTH_MODE`` is
-    already set (Ray 2.60 would otherwise warn at every start). It keeps its dashboard, on 127.0.0.1: Ray Train
-    V2 polls the State API that the dashboard serves, and without it floods the log with "State API may be
-    temporarily unavailable". Ray itself resolves a loopback
-    node address to the machine's own IP and listens on all interfaces; on shared hosts, join a cluster started
-    with ``ray start --head --node-ip-address ...`` and token authentication instead. ``address="auto"`` joins a
-    cluster started with ``ray start --head`` on this machine; inside ``ray job submit`` Ray sets ``RAY_ADDRESS``.
-    The first call in a process decides ``verbose``; later calls reuse the running instance.
+    A private instance (``address`` None) cannot be bound to loopback: Ray 2.60 turns a loopback node address into
+    the machine's own IP (``ray._private.services.resolve_ip_for_localhost``) and its GCS, raylet and dashboard
+    agent listen on every interface (measured with ``ss -ltnp``; only the dashboard itself is on 127.0.0.1). So it
+    is never left open: unless ``RAY_AUTH_MODE`` is set, it runs with Ray's token authentication (its default for
+    a new local instance) and a random token made for this process (``RAY_AUTH_TOKEN``, inherited by Ray's own
+    processes; no ``~/.ray/auth_token`` is written), so another user or host reaching those ports is refused.
+    ``RAY_AUTH_MODE=disabled`` opts out, as with plain Ray. It keeps its dashboard, on 127.0.0.1: Ray Train V2
+    polls the State API that the dashboard serves, and without it floods the log with "State API may be
+    temporarily unavailable". ``address="auto"`` joins a cluster started with ``ray start --head`` on this
+    machine; inside ``ray job submit`` Ray sets ``RAY_ADDRESS``. The first call in a process decides ``verbose``;
+    later calls reuse the running instance.
     """
     import ray
 
     if ray.is_initialized():
         return
+    handler = None if verbose else quiet_ray_loggers(log_dir)
+    if not verbose:
+        log_cluster_errors()
+    address = address or os.environ.get("RAY_ADDRESS")
+    if not address and AUTH_MODE_ENV not in os.environ and not any(os.environ.get(v) for v in TOKEN_ENVS):
+        # Ray switches this process to token mode itself (and refreshes its cached config); we give the token.
+        os.environ["RAY_AUTH_TOKEN"] = secrets.token_urlsafe(32)
+    # ray.init(configure_logging=False) clears the "ray" logger's handlers before it logs its start-up warnings
+    # (e.g. "Token authentication is enabled"), which Python's last-resort handler would print on stderr: while
+    # Ray starts they go where its other lines go; afterwards our handler is attached again.
+    last_resort = logging.lastResort
+    if handler is not None:
+        logging.lastResort = handler
+    try:
+        if address:
+            ray.init(address=address, log_to_driver=verbose)
+        else:
+            from qgdist.core.memory import object_store_bytes
+
+            # Ray sizes its object store from the host's memory even inside a smaller cgroup limit
+            # (qgdist.core.memory).
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+                     log_to_driver=verbose, configure_logging=False, object_store_memory=object_store_bytes())
+    finally:
+        logging.lastResort = last_resort
     if not verbose:
         quiet_ray_loggers(log_dir)
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=verbose)
-        return
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    from qgdist.core.memory import object_store_bytes
-
-    # Ray sizes its object store from the host's memory even inside a smaller cgroup limit (qgdist.core.memory)
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
-             log_to_driver=verbose, configure_logging=False, object_store_memory=object_store_bytes())
 
 
-def quiet_ray_loggers(log_dir: str | os.PathLike[str] | None) -> Path | None:
-    """Send the driver's ``ray`` log records to ``log_dir/ray.log`` (or drop below WARNING when no directory)."""
+class _PlainFormatter(logging.Formatter):
+    """A log file holds text, not terminal colour codes (Ray colours even its "Started a local Ray" line)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return _COLOUR.sub("", super().format(record))
+
+
+def quiet_ray_loggers(log_dir: str | os.PathLike[str] | None) -> logging.Handler:
+    """Send the driver's ``ray`` log records to ``log_dir/ray.log`` (or drop them when no directory); returns the
+    handler."""
     import ray.data  # noqa: F401 -- configures the "ray.data" logger (its own file in Ray's session logs + console)
 
     logger = logging.getLogger("ray")
@@ -57,11 +96,74 @@ def quiet_ray_loggers(log_dir: str | os.PathLike[str] | None) -> Path | None:
             if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
                 logging.getLogger(name).removeHandler(handler)
     if log_dir is None or "://" in str(log_dir):
-        logger.addHandler(logging.NullHandler())
-        return None
+        handler: logging.Handler = logging.NullHandler()
+    else:
+        path = Path(log_dir) / LOG_NAME
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(path)
+        handler.setFormatter(_PlainFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    for old in [h for h in logger.handlers if getattr(h, "qgdist", False)]:   # a second call replaces the first
+        logger.removeHandler(old)
+        old.close()
+    handler.qgdist = True  # type: ignore[attr-defined]
+    logger.addHandler(handler)
+    return handler
+
+
+def log_cluster_errors(logger: logging.Logger | None = None) -> None:
+    """Send the errors Ray publishes to the driver (``(raylet) ...`` lines) to ``logger`` (the ``ray`` logger:
+    ``ray.log``), colour codes removed, instead of the terminal. Call before ``ray.init``.
+
+    Ray 2.60's driver prints them from a thread it starts in ``ray.init`` (``listen_error_messages``), through
+    the module function ``ray._private.worker.print_to_stdstream``, whatever ``log_to_driver`` says; no setting
+    turns that off. The function is looked up at each call, so replacing it reroutes those lines; worker
+    output (only forwarded with ``log_to_driver=True``, i.e. ``--verbose``) is bound at connect and unaffected.
+    A Ray without that function keeps printing them: tests/core/test_ray_logs.py notices.
+    """
+    import ray._private.worker as ray_worker
+
+    if not hasattr(ray_worker, "print_to_stdstream"):
+        return
+    target = logger or logging.getLogger("ray")
+    recent: dict[str, float] = {}   # Ray delivers some errors twice (and dedups them before printing): once here
+
+    def to_log(data: dict[str, Any], ignore_prefix: bool = False) -> None:
+        who, now = data.get("pid") or "ray", time.monotonic()
+        for line in data.get("lines") or []:
+            text = f"({who}) {_COLOUR.sub('', str(line))}"
+            if now - recent.get(text, -_REPEAT_S) >= _REPEAT_S:
+                target.warning("%s", text)
+            recent[text] = now
+        if len(recent) > 1000:
+            recent.clear()
+
+    ray_worker.print_to_stdstream = to_log
+
+
+@contextlib.contextmanager
+def native_stderr_to_log(log_dir: str | os.PathLike[str] | None, verbose: bool = False) -> Iterator[None]:
+    """For the duration, what Ray's C++ core writes straight to this process's stderr (file descriptor 2, e.g.
+    core_worker.cc's warning about actor constructor arguments in the object store, ray-project/ray#57733) goes
+    to ``log_dir/ray.log``, while Python's ``sys.stderr`` -- progress bars, our messages, tracebacks -- keeps
+    writing to the terminal. Nothing changes with ``verbose`` or without a local ``log_dir``."""
+    if verbose or log_dir is None or "://" in str(log_dir):
+        yield
+        return
     path = Path(log_dir) / LOG_NAME
     path.parent.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(path)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logger.addHandler(handler)
-    return path
+    sys.stderr.flush()
+    saved = os.dup(2)
+    log = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    terminal = os.fdopen(os.dup(saved), "w", buffering=1)
+    python_stderr = sys.stderr
+    try:
+        os.dup2(log, 2)
+        sys.stderr = terminal
+        yield
+    finally:
+        terminal.flush()
+        os.dup2(saved, 2)
+        sys.stderr = python_stderr
+        for fd in (log, saved):
+            os.close(fd)
+        terminal.close()

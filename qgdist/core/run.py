@@ -16,6 +16,7 @@ otherwise, because neither can live on object storage)::
 
     mlflow/mlflow.db, mlflow/artifacts/   the embedded MLflow store (when no tracking server is given)
     mlflow_unsent.jsonl                   what a tracker outage kept from the server, replayed later
+    mlflow_run_ids.json                   provisional MLflow run ids (tracker away at start) -> the runs made later
     ray.log                               Ray's own log lines, off the terminal unless --verbose
 
 ``Run`` is the only code that spells these names; everyone else asks it. Paths come back as ``UPath`` (a plain
@@ -47,6 +48,7 @@ MLFLOW_DIR = "mlflow"
 MLFLOW_DB = "mlflow.db"
 MLFLOW_ARTIFACTS = "artifacts"
 UNSENT_FILE = "mlflow_unsent.jsonl"
+RUN_IDS_FILE = "mlflow_run_ids.json"
 LOG_FILE = "ray.log"
 
 

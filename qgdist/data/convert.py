@@ -1,4 +1,4 @@
-"""Conversion of CMS parquet / EnergyFlow npz files into WebDataset shards, as a Ray Data pipeline.
+"""Conversion of CMS parquet / EnergyFlow npz / columnar (ROOT, jagged parquet, HDF5) files into WebDataset shards, as a Ray Data pipeline.
 
 The driver reads only file footers and headers to plan **units** (row ranges of one file; for CMS whole row
 groups), so one large file spreads over every CPU of every node. ``ray.data.from_items(units).map(convert_unit)``
@@ -24,6 +24,7 @@ import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -32,6 +33,7 @@ import numpy as np
 
 from qgdist.core.config import option
 from qgdist.core.memory import release_free_memory
+from qgdist.core.nodes import NodeWatch
 from qgdist.core.output import Output
 from qgdist.core.storage import join, list_names
 from qgdist.data.identity import dataset_id, source_records
@@ -39,12 +41,13 @@ from qgdist.data.labels import LabelConvention
 from qgdist.data.shards.manifest import MANIFEST_NAME, Manifest, ShardInfo, read_manifest, write_manifest
 from qgdist.data.shards.schema import CHUNK_JETS
 from qgdist.data.shards.writer import ChunkWriter, ShardWriter
+from qgdist.data.sources import columnar
 from qgdist.data.sources.base import Unit, file_name
 from qgdist.data.sources.errors import BadRowError, Rejected
 from qgdist.data.sources.plan import KINDS, READERS, Source, expand_inputs, plan_inputs
 from qgdist.data.sources.ray_units import rows_of, unit_dataset
 from qgdist.data.sources.stream import Rows, with_rows
-from qgdist.data.split import DEFAULT_FRACTIONS, SPLIT_NAMES, assign_splits, parse_fractions
+from qgdist.data.split import DEFAULT_FRACTIONS, SPLIT_NAMES, assign_splits, fractions_problem, parse_fractions
 from qgdist.data.stats import StatSums
 
 _OUR_FILES = re.compile(r"^(?:\.)?(?:train|val|test)-\d{6}-\d{3}\.tar(?:\.tmp)?$")
@@ -64,32 +67,39 @@ def parse_size(text: str) -> int:
 class ConvertConfig:
     """``qgdist convert`` settings."""
 
-    source: Source = option(help="source format: CMS End-to-End parquet or EnergyFlow npz")
+    source: Source = option(help="source format: CMS End-to-End parquet, EnergyFlow npz, or columnar (ROOT "
+                                 "TTrees, jagged parquet, HDF5 in the weaver/ParT layout)")
     inputs: list[str] = option(help="files, directories or globs (paths or fsspec URLs)",
                                positional=True, metavar="INPUT")
     out: str = option(help="output directory (path or fsspec URL)")
     shard_size: int = option(64 << 20, "target bytes per shard, e.g. 64MiB, 512KB, 1e6 (a task's shards never "
-                             "span tasks)", parse=parse_size, metavar="SIZE")
+                             "span tasks)", parse=parse_size, metavar="SIZE", min=1)
     split: tuple[float, float, float] = option(
         DEFAULT_FRACTIONS, "train,val,test fractions (hash of file name and row)", parse=parse_fractions,
-        metavar="TRAIN,VAL,TEST")
-    chunk_jets: int = option(CHUNK_JETS, "jets per chunk, i.e. per tar sample (stored as columns)")
+        metavar="TRAIN,VAL,TEST", min=0, max=1, check=fractions_problem)
+    chunk_jets: int = option(CHUNK_JETS, "jets per chunk, i.e. per tar sample (stored as columns)", min=1)
     compress: bool = option(True, "gzip the members that compress well (image pixels and values)")
     on_bad_row: Literal["error", "quarantine"] = option(
         "error", "error: stop at the first bad row (exit 2); quarantine: skip, count and list them")
     dtype: Literal["float32", "float16"] = option(
         "float32", "storage precision of image values / particle kinematics")
     label_quark_value: Literal[0, 1] | None = option(
-        None, "raw y that means quark (default: the source's convention, cms 0, energyflow 1)")
+        None, "raw y that means quark (default: the source's convention, cms 0, energyflow 1, columnar 1)")
+    branches: dict[str, str] = option(
+        {}, "columnar: branch names that differ from the weaver/ParT layout (qgdist.data.sources.columnar.Branches:"
+        " tree, label, pid, px, py, pz, energy, pt, rapidity, eta, phi, counts), e.g. pid= for no PDG ids",
+        flag="--branch", metavar="KEY=BRANCH")
     address: str | None = option(None, "Ray cluster to join (default: start a private local Ray)")
-    num_cpus: int | None = option(None, "CPUs of the private local Ray (default: all)")
-    rows_per_task: int | None = option(None, "rows per read task (default: cms 1024, energyflow 16384)")
+    num_cpus: int | None = option(None, "CPUs of the private local Ray (default: all)", min=1)
+    rows_per_task: int | None = option(None, "rows per read task (default: cms 1024, energyflow 16384)", min=1)
     executor: Literal["ray", "local"] = option(
         "ray", "ray: Ray Data tasks; local: the same task code in this process, without Ray",
         aliases={"--no-ray": "local"})
     progress: bool = option(True, "progress bar and closing summary on stderr", aliases={"--quiet": False})
     overwrite: bool = option(False, "replace a dataset already in --out (written beside it; the old one stays whole "
                                     "until the new manifest is written)")
+    verbose: bool = option(False, "show Ray's own log lines on the terminal (else they go to OUT/ray.log when "
+                                  "OUT is a local directory)")
 
     def __post_init__(self) -> None:
         # A --config YAML file may give these as text ("64MiB", "0.8,0.1,0.1"): keep the parsed values.
@@ -99,6 +109,13 @@ class ConvertConfig:
             object.__setattr__(self, "split", parse_fractions(self.split))
         elif not isinstance(self.split, tuple):
             object.__setattr__(self, "split", tuple(self.split))
+        if self.branches and self.source != "columnar":
+            raise ValueError(f"branch: --branch applies to --source columnar, not {self.source}")
+        columnar.Branches.of(self.branches)   # an unknown key or an incomplete choice is a bad option
+
+    def reader_options(self) -> dict[str, Any]:
+        """Keyword arguments of the source reader's ``plan`` and ``read`` beyond the common ones."""
+        return {"branches": columnar.Branches.of(self.branches)} if self.source == "columnar" else {}
 
     def labels(self) -> LabelConvention:
         if self.label_quark_value is None:
@@ -112,7 +129,7 @@ class InspectConfig:
 
     dir: str = option(help="output directory of qgdist convert (path or fsspec URL)", positional=True)
     verify: bool = option(False, "re-hash every shard; exit 1 on any mismatch")
-    show: int = option(10, "quarantine entries to print")
+    show: int = option(10, "quarantine entries to print", min=0)
 
 
 def convert_unit(unit: dict[str, Any], cfg: dict[str, Any], prefix: str = "", rows: Rows | None = None) -> dict[str, Any]:
@@ -129,8 +146,9 @@ def convert_unit(unit: dict[str, Any], cfg: dict[str, Any], prefix: str = "", ro
                                           c.shard_size),
                               c.chunk_jets, c.compress) for s in SPLIT_NAMES}
     stats, rejected, rows_in, written = StatSums(), [], 0, 0
-    read = READERS[c.source].read
-    for chunk in read(u, c.labels(), c.dtype, rows=rows) if rows is not None else read(u, c.labels(), c.dtype):
+    read, options = READERS[c.source].read, c.reader_options()
+    for chunk in read(u, c.labels(), c.dtype, rows=rows, **options) if rows is not None else \
+            read(u, c.labels(), c.dtype, **options):
         rows_in += len(chunk) + len(chunk.rejected)
         rejected += [r.to_dict() for r in chunk.rejected]
         if rejected and c.on_bad_row == "error":
@@ -217,20 +235,22 @@ def convert(cfg: ConvertConfig) -> Manifest:
             cfg.dtype not in ("float32", "float16") or cfg.chunk_jets < 1:
         raise ValueError(f"bad config: source={cfg.source!r} on_bad_row={cfg.on_bad_row!r} dtype={cfg.dtype!r} "
                          f"chunk_jets={cfg.chunk_jets!r}")
-    ray_seconds, cpus = time.perf_counter(), 1
+    ray_seconds, cpus, own_ray_log = time.perf_counter(), 1, False
     if cfg.executor == "ray":
         import ray
 
         from qgdist.core.ray import ensure_ray
 
-        ensure_ray(cfg.address, cfg.num_cpus)
+        own_ray_log = not ray.is_initialized() and not cfg.verbose and "://" not in cfg.out
+        ensure_ray(cfg.address, cfg.num_cpus, verbose=cfg.verbose)
         cpus = int(ray.cluster_resources().get("CPU", 1))
     start = time.perf_counter()
     ray_seconds = start - ray_seconds
     # Every input is found and planned (footers, headers) before the output is touched: a typo never costs the
     # user the dataset already there.
     inputs = expand_inputs(cfg.inputs, cfg.source)
-    units, rows_total, quarantine = plan_inputs(cfg.source, inputs, cpus, cfg.rows_per_task, cfg.on_bad_row)
+    units, rows_total, quarantine = plan_inputs(cfg.source, inputs, cpus, cfg.rows_per_task, cfg.on_bad_row,
+                                                cfg.reader_options())
     output = Output(cfg.out, MANIFEST_NAME, "a converted dataset", cfg.overwrite, ours=_OUR_FILES)
     old = [s.name for s in read_manifest(cfg.out).shards] if output.committed() else []
     prefix = output.begin()
@@ -239,6 +259,10 @@ def convert(cfg: ConvertConfig) -> Manifest:
     for u in units:
         rows_by_path[u.path] += u.rows
     hashing = ThreadPoolExecutor(1).submit(source_records, sorted(rows_by_path), dict(rows_by_path))
+    if own_ray_log:   # Ray started or joined here: its lines into OUT/ray.log, once the inputs are planned
+        from qgdist.core.ray import quiet_ray_loggers
+
+        quiet_ray_loggers(cfg.out)
     settings = dataclasses.asdict(cfg)
     run_units = _ray_results if cfg.executor == "ray" and units else _local_results
     results = run_units(units, settings, prefix)
@@ -247,7 +271,11 @@ def convert(cfg: ConvertConfig) -> Manifest:
     rows_in, written = sum(1 for r in quarantine if r.row is not None), 0
     bar = tqdm(total=rows_total, unit="rows", desc=f"convert {cfg.source}", disable=not cfg.progress,
                file=sys.stderr, smoothing=0.1)
-    with bar:
+    # A node lost under the tasks: one line; Ray runs its tasks again elsewhere (a unit's shards are rewritten).
+    watch = NodeWatch(on_lost=lambda node: bar.write(
+        f"node {node.address} lost: Ray runs its conversion tasks again on the other nodes", file=sys.stderr)
+    ) if run_units is _ray_results else nullcontext()
+    with bar, watch:
         bar.update(rows_in)
         for record in results:
             if "error" in record:
@@ -278,6 +306,9 @@ def convert(cfg: ConvertConfig) -> Manifest:
     output.finish(old)
     if cfg.progress:
         print(summary(manifest, time.perf_counter() - start), file=sys.stderr)
+        if lost := [node.address for node in getattr(watch, "lost", [])]:
+            print(f"{len(lost)} node(s) lost ({', '.join(lost)}); their tasks ran again on the other nodes",
+                  file=sys.stderr)
         if cfg.executor == "ray":
             print(f"(plus {ray_seconds:.1f} s to start or join Ray)", file=sys.stderr)
     return manifest

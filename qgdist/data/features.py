@@ -27,43 +27,68 @@ _NEUTRAL_HADRONS = {130, 2112, 310, 3122}
 
 
 @lru_cache(maxsize=None)
-def _mass_charge(pid: int) -> tuple[float, float]:
-    """(mass in GeV, charge in e) of a PDG id; 0/0 for padding and ids the PDG table does not know."""
+def pdg_lookup(pid: int) -> tuple[float, float] | None:
+    """(mass in GeV, charge in e) of a PDG id; None when the PDG table knows no such particle; (0, 0) for 0
+    (padding).
+
+    Only the ``particle`` package's own answers "no such particle" -- ``ParticleNotFound`` (a valid id the table
+    lacks, e.g. 12345) and ``InvalidParticle`` (a number that is no PDG id at all) -- mean unknown. Any other
+    failure (the package missing or broken, its tables unreadable) is raised: it says nothing about the id, and
+    treating it as "unknown" would reject every particle of every jet.
+    """
     if pid == 0:
         return 0.0, 0.0
     from particle import Particle  # imported lazily: building its tables costs ~0.3 s
-    from particle.particle import ParticleNotFound
+    from particle.particle import InvalidParticle, ParticleNotFound
 
     try:
         p = Particle.from_pdgid(pid)
-    except ParticleNotFound:
-        return 0.0, 0.0
+    except (ParticleNotFound, InvalidParticle):
+        return None
     return (p.mass or 0.0) / 1000.0, float(p.charge or 0.0)
 
 
-#: Dense (mass, charge) table for PDG ids in (-_LIMIT, _LIMIT), filled lazily (NaN = not looked up yet).
+#: Dense (mass, charge, known) table for PDG ids in (-_LIMIT, _LIMIT), filled lazily (NaN = not looked up yet).
 _LIMIT = 1 << 13
-_TABLE = np.full((2, 2 * _LIMIT), np.nan)
+_TABLE = np.full((3, 2 * _LIMIT), np.nan)
 
 
-def mass_and_charge(pid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Element-wise mass (GeV) and charge for an array of PDG ids: one table gather (ids below 8192 in magnitude,
-    i.e. every hadron, lepton and photon of a jet), else one lookup per distinct id."""
+def _fill(ids: np.ndarray) -> None:
+    for i in ids.tolist():
+        found = pdg_lookup(int(i))
+        _TABLE[:, i + _LIMIT] = (*found, 1.0) if found is not None else (0.0, 0.0, 0.0)
+
+
+def _lookup(pid: np.ndarray) -> np.ndarray:
+    """(3, *pid.shape): mass, charge and known (1/0) of integral PDG ids."""
     pid = np.asarray(pid)
     pid = pid if pid.dtype == np.int64 else pid.astype(np.int64)
     if pid.size and np.abs(pid).max() < _LIMIT:
         idx = pid + _LIMIT
-        mass = _TABLE[0][idx]
-        missing = np.isnan(mass)
-        if missing.any():
-            for i in np.unique(pid[missing]).tolist():
-                m, c = _mass_charge(int(i))
-                _TABLE[:, i + _LIMIT] = (m, c)
-            mass = _TABLE[0][idx]
-        return mass, _TABLE[1][idx]
+        if np.isnan(_TABLE[0][idx]).any():
+            _fill(np.unique(pid[np.isnan(_TABLE[0][idx])]))
+        return _TABLE[:, idx]
     ids, inverse = np.unique(pid, return_inverse=True)
-    table = np.array([_mass_charge(int(i)) for i in ids], dtype=np.float64).reshape(-1, 2)
-    return table[inverse, 0].reshape(pid.shape), table[inverse, 1].reshape(pid.shape)
+    found = [pdg_lookup(int(i)) for i in ids]
+    table = np.array([(*f, 1.0) if f is not None else (0.0, 0.0, 0.0) for f in found], np.float64).reshape(-1, 3)
+    return table[inverse].T.reshape((3, *pid.shape))
+
+
+def mass_and_charge(pid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Element-wise mass (GeV) and charge for an array of PDG ids: one table gather (ids below 8192 in magnitude,
+    i.e. every hadron, lepton and photon of a jet), else one lookup per distinct id. An unknown id gives 0 and 0:
+    ingest rejects such particles (``known_pdg_ids``), so shards never hold one."""
+    table = _lookup(pid)
+    return table[0], table[1]
+
+
+def known_pdg_ids(pid: np.ndarray) -> np.ndarray:
+    """Element-wise: is this value an integral PDG id of a particle the PDG table knows (0, padding, counts)?"""
+    pid = np.asarray(pid, dtype=np.float64)
+    integral = np.isfinite(pid) & (pid == np.round(pid)) & (np.abs(pid) < 2**31)
+    out = np.zeros(pid.shape, dtype=bool)
+    out[integral] = _lookup(pid[integral].astype(np.int64))[2] > 0
+    return out
 
 
 def four_momenta(kin: np.ndarray, pid: np.ndarray) -> np.ndarray:

@@ -1,6 +1,8 @@
-"""Label conventions of the two source formats, harmonised to one field: ``is_quark``.
+"""Label conventions of the source formats, harmonised to one field: ``is_quark``.
 
 * EnergyFlow / ParticleNet npz (Komiske, Metodiev, Thaler; zenodo 3164691): ``y = 1`` means **quark**.
+* columnar files in the weaver / ParT layout: ``label = 1`` means **quark** (the ParT converter copies the
+  EnergyFlow ``y``).
 * CMS End-to-End parquet (Andrews et al., arXiv:1902.08276): ``y = 1`` means **gluon** -- the seed notebook prints
   ``"Quark" if label == 0.0 else "Gluon"``. Third-party READMEs agree; the original CMS code mentions a
   ``jetIsQuark`` flag, so the value is a per-source setting (``--label-quark-value``).
@@ -16,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 #: The ``y`` value that means "quark" in each source, by default.
-DEFAULT_QUARK_VALUE: dict[str, int] = {"energyflow": 1, "cms": 0}
+DEFAULT_QUARK_VALUE: dict[str, int] = {"energyflow": 1, "cms": 0, "columnar": 1}
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,7 @@ training there); clouds are trimmed to ``max_particles`` and padded to the longe
 from __future__ import annotations
 
 import multiprocessing
+import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict
 from typing import Any
@@ -45,12 +46,12 @@ import numpy as np
 import torch
 
 from qgdist.data.config import DataConfig
-from qgdist.data.features import flat_features
+from qgdist.data.features import flat_features, four_momenta
 from qgdist.data.preprocessing import Preprocessing
 from qgdist.data.epoch_plan import (JET_BITS, Layout, Pool, Unit, deal, delivered, plan_epoch, remaining_jets,
                                     shuffled_chunks, slot_jets, slot_rng)
 from qgdist.data.shards.manifest import read_manifest
-from qgdist.data.shards.read import read_parts, read_shard
+from qgdist.data.shards.read import read_parts, read_shard, verify_shard
 from qgdist.data.shards.schema import ImageChunk, JetChunk, decode_chunk
 
 #: Batches each DataLoader worker prepares ahead of the training step.
@@ -73,6 +74,7 @@ class Collate:
 
     def __init__(self, pre: Preprocessing):
         self.kind, self.preset, self.max_particles = pre.kind, pre.preset, pre.max_particles
+        self.vectors = pre.vectors
         self.jet_mean = np.array(pre.jet_mean, np.float32)
         self.jet_std = np.array(pre.jet_std, np.float32)
         self.feat_mean = np.array(pre.feature_mean, np.float32)
@@ -130,8 +132,14 @@ class Collate:
         features = np.zeros((b, width, feats_real.shape[1]), np.float32)
         points = np.zeros((b, width, 2), np.float32)
         features[mask], points[mask] = feats_real, points_real
-        return {"points": torch.from_numpy(points), "features": torch.from_numpy(features),
-                "mask": torch.from_numpy(mask)}
+        out = {"points": torch.from_numpy(points), "features": torch.from_numpy(features),
+               "mask": torch.from_numpy(mask)}
+        if self.vectors:  # (px, py, pz, E) in GeV, unstandardised: ParT's pair features take logs of them.
+            # float64: ln m^2 of a nearly collinear pair is E^2 - p^2 of ~10^5 GeV^2, noise after float32 rounding
+            vectors = np.zeros((b, width, 4), np.float64)
+            vectors[mask] = four_momenta(sel.kin, sel.pid)[:, [1, 2, 3, 0]]  # type: ignore[attr-defined]
+            out["vectors"] = torch.from_numpy(vectors)
+        return out
 
 
 class _EpochDataset(torch.utils.data.IterableDataset):
@@ -249,7 +257,8 @@ def to_device(batch: dict[str, Any], device: torch.device | str,
             flat = torch.from_numpy(np.zeros(size, np.float32))
             flat[pix] = val
         return {"image": flat.view(len(label), *shape), "jet": jet}, label
-    inputs = {k: batch[k].to(device, non_blocking=non_blocking) for k in ("points", "features", "mask")}
+    inputs = {k: batch[k].to(device, non_blocking=non_blocking) for k in ("points", "features", "mask", "vectors")
+              if k in batch}
     return inputs, label
 
 
@@ -262,7 +271,8 @@ class ShardLoader:
     shuffled (with ``data.shuffle_buffer``) and every rank gets the same number of full batches; otherwise
     (evaluation) every jet comes once, in order, the last batch partial. ``preprocessing`` is the model's (a
     checkpoint's); None builds it from this dataset's train-split statistics with ``data.preset`` and
-    ``data.max_particles`` (a fresh training run). Given, it replaces both and must fit the dataset.
+    ``data.max_particles`` (a fresh training run), and ``vectors`` (each particle's four-momentum as an input, for
+    models that ask for it: ``qgdist.models.extra_inputs``). Given, it replaces all three and must fit the dataset.
 
     >>> loader = ShardLoader(DataConfig("data/toy-cloud", batch_size=128))
     >>> for inputs, label in loader.epoch(0):
@@ -271,14 +281,14 @@ class ShardLoader:
 
     def __init__(self, data: DataConfig, split: str = "train", *, training: bool = True, rank: int = 0,
                  world_size: int = 1, seed: int = 0, device: str = "cpu",
-                 preprocessing: Preprocessing | None = None):
+                 preprocessing: Preprocessing | None = None, vectors: bool = False):
         self.data, self.split, self.training = data, split, training
         self.rank, self.world_size, self.seed, self.device = rank, world_size, seed, device
         self.shuffle = data.shuffle_buffer if training else 0
         self.manifest = read_manifest(data.data)
         self.kind = self.manifest.kind
         self.preprocessing = preprocessing or Preprocessing.from_manifest(
-            self.manifest, data.data, data.preset, data.max_particles)
+            self.manifest, data.data, data.preset, data.max_particles, vectors)
         self.preprocessing.check_fits(self.manifest, data.data)
         self.collate = Collate(self.preprocessing)
         self.workers = max(1, data.loader_workers)
@@ -338,6 +348,11 @@ class ShardLoader:
         plan = self._plan(epoch, earlier)
         per_worker = self._batches_per_worker(plan)
         w = self.workers
+        if self.data.verify_shards:   # here, in the rank's own process: each shard is hashed once per run
+            sha = {os.path.join(self.data.data, s.name): s.sha256 for s in self.manifest.shards}
+            mine = plan[self.rank * w:(self.rank + 1) * w]
+            for path in dict.fromkeys(u.path for slot in mine for u in slot):
+                verify_shard(path, sha[path])
         local = start_step - sum(layout.steps for layout in earlier)   # steps already run under this layout
         if local < 0:
             raise ValueError(f"step {start_step} lies before the last layout change of epoch {epoch}")

@@ -32,6 +32,15 @@ def _content(version: int) -> int:
     return _SAME_CONTENT.get(version, version)
 
 
+#: Sources whose shards hold the same content: columnar files (ROOT, jagged parquet, HDF5) become the same
+#: (pt, rapidity, phi, pid) clouds as EnergyFlow npz files, so a model trained on either scores the other.
+_SAME_SOURCE = {"columnar": "energyflow"}
+
+
+def _source_content(source: str) -> str:
+    return _SAME_SOURCE.get(source, source)
+
+
 class PreprocessingMismatch(InputError):
     """A dataset that a model's preprocessing cannot be applied to (other kind, source or schema)."""
 
@@ -52,10 +61,11 @@ class Preprocessing:
     feature_std: tuple[float, ...]
     label_convention: str              # how the training data's raw labels became is_quark
     trained_on: str = ""               # the training dataset (for messages)
+    vectors: bool = False              # clouds: also each particle's four-momentum (px, py, pz, E), for ParT
 
     @classmethod
     def from_manifest(cls, manifest: Manifest, where: str, preset: str = "kin",
-                      max_particles: int = 128) -> Preprocessing:
+                      max_particles: int = 128, vectors: bool = False) -> Preprocessing:
         """The preprocessing of a training run on ``manifest``'s dataset; its train-split statistics must exist."""
         if preset not in PRESETS:
             raise ValueError(f"unknown feature preset {preset!r}; choose from {sorted(PRESETS)}")
@@ -83,12 +93,13 @@ class Preprocessing:
                    jet_std=tuple(float(jet[k]["std"]) or 1.0 for k in JET_FEATURES),
                    feature_names=tuple(names), feature_mean=tuple(mean),
                    feature_std=tuple(s or 1.0 for s in std), label_convention=manifest.label_convention,
-                   trained_on=where)
+                   trained_on=where, vectors=vectors and manifest.kind == "cloud")
 
     def check_fits(self, manifest: Manifest, where: str) -> None:
         """Refuse a dataset this preprocessing does not apply to, naming both sides."""
         problems = [f"{name}: model {mine!r}, data {theirs!r}" for name, mine, theirs in (
-            ("kind", self.kind, manifest.kind), ("source", self.source, manifest.source),
+            ("kind", self.kind, manifest.kind),
+            ("source", _source_content(self.source), _source_content(manifest.source)),
             ("schema_version", self.schema_version, manifest.schema_version))
             if (_content(mine) != _content(theirs) if name == "schema_version" else mine != theirs)]
         if problems:
@@ -98,7 +109,7 @@ class Preprocessing:
 
     def check_source(self, source: str, where: str) -> None:
         """Refuse raw input files of another source format than the model was trained on."""
-        if source != self.source:
+        if _source_content(source) != _source_content(self.source):
             raise PreprocessingMismatch(f"{where}: {source} files, but the model was trained on {self.source} "
                                         f"({self.kind}s from {self.trained_on or 'another dataset'})")
 

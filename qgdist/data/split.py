@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import posixpath
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -16,12 +17,23 @@ SPLIT_NAMES = ("train", "val", "test")
 DEFAULT_FRACTIONS = (0.8, 0.1, 0.1)
 
 
-def parse_fractions(text: str) -> tuple[float, float, float]:
-    """``"0.8,0.1,0.1"`` -> (0.8, 0.1, 0.1); the three must be >= 0 and sum to 1."""
-    parts = [float(p) for p in text.split(",")]
-    if len(parts) != 3 or min(parts) < 0 or abs(sum(parts) - 1.0) > 1e-6:
-        raise ValueError(f"--split wants three fractions train,val,test that sum to 1, got {text!r}")
-    return parts[0], parts[1], parts[2]
+def fractions_problem(parts: Sequence[float]) -> str | None:
+    """Why ``parts`` are not train/val/test fractions (three, each in [0, 1], summing to 1), or None."""
+    if len(parts) != 3:
+        return "wants three fractions train,val,test"
+    if not all(isinstance(p, (int, float)) and 0.0 <= p <= 1.0 for p in parts):
+        return "each fraction must lie in [0, 1]"
+    if abs(sum(parts) - 1.0) > 1e-6:
+        return f"the three fractions must sum to 1 (they sum to {sum(parts):g})"
+    return None
+
+
+def parse_fractions(text: str) -> tuple[float, ...]:
+    """``"0.8,0.1,0.1"`` -> (0.8, 0.1, 0.1): numbers only; ``fractions_problem`` says whether they make a split."""
+    try:
+        return tuple(float(p) for p in text.split(","))
+    except ValueError:
+        raise ValueError(f"wants three fractions train,val,test such as 0.8,0.1,0.1, got {text!r}") from None
 
 
 def _mix64(x: np.ndarray) -> np.ndarray:

@@ -21,7 +21,7 @@ PROCESS = {"quark": "WeakBosonAndParton:qg2gmZq = on", "gluon": "WeakBosonAndPar
 #: Pythia's ``Random:seed`` must lie in [0, 900000000]; 0 would mean "seed from the clock".
 _PYTHIA_SEED_MAX = 900_000_000
 
-Format = Literal["energyflow", "cms", "both"]
+Format = Literal["energyflow", "cms", "both", "root", "parquet-jagged", "h5"]
 FORMATS: tuple[str, ...] = typing.get_args(Format)
 
 
@@ -30,20 +30,21 @@ class PythiaConfig:
     """One ``qgdist generate pythia`` run: N balanced quark/gluon jets split into fixed-size Ray tasks."""
 
     out: str = option(help="output directory (energyflow/, cms/, tasks/, summary.json)")
-    jets: int = option(1000, "total jets, even: half quark, half gluon")
-    format: Format = option("both", "files to write: EnergyFlow npz, CMS parquet or both")
-    workers: int = option(1, "tasks running at once (CPUs of a private local Ray)")
-    seed: int = option(0, "run seed; task i derives its own seeds from (seed, i)")
+    jets: int = option(1000, "total jets, even: half quark, half gluon", min=2)
+    format: Format = option("both", "files to write: EnergyFlow npz, CMS parquet, both, or the clouds in the "
+                                    "weaver/ParT columnar layout (root, parquet-jagged, h5)")
+    workers: int = option(1, "tasks running at once (CPUs of a private local Ray)", min=1)
+    seed: int = option(0, "run seed; task i derives its own seeds from (seed, i)", min=0)
     # Below ~450 GeV the [500, 550] window fills with low-pTHat events (REFERENCE 3).
-    pthat_min: float = option(450.0, "Pythia PhaseSpace:pTHatMin in GeV")
+    pthat_min: float = option(450.0, "Pythia PhaseSpace:pTHatMin in GeV", min=0)
     # Fixed, so the same seed gives the same files whatever --workers is.
-    jets_per_task: int = option(500, "jets per task and per output file (even)")
-    ecm: float = option(14000.0, "centre-of-mass energy in GeV (Beams:eCM)")
-    jet_r: float = option(0.4, "anti-kT jet radius R")
-    pt_min: float = option(500.0, "lowest leading-jet pT kept, GeV")
-    pt_max: float = option(550.0, "highest leading-jet pT kept, GeV")
-    max_abs_y: float = option(1.7, "largest leading-jet |rapidity| kept")
-    batch_events: int = option(100, "events per Pythia nextBatch call (also the progress granularity)")
+    jets_per_task: int = option(500, "jets per task and per output file (even)", min=2)
+    ecm: float = option(14000.0, "centre-of-mass energy in GeV (Beams:eCM)", gt=0)
+    jet_r: float = option(0.4, "anti-kT jet radius R", gt=0)
+    pt_min: float = option(500.0, "lowest leading-jet pT kept, GeV", min=0)
+    pt_max: float = option(550.0, "highest leading-jet pT kept, GeV", gt=0)
+    max_abs_y: float = option(1.7, "largest leading-jet |rapidity| kept", gt=0)
+    batch_events: int = option(100, "events per Pythia nextBatch call (also the progress granularity)", min=1)
     compress: bool = option(True, "deflate the npz members (np.savez_compressed), like the public files")
     use_ray: bool = option(True, "run the tasks as Ray tasks (--no-ray: one after another in this process)",
                            flag="--ray")

@@ -3,8 +3,9 @@
 The run is split into tasks of a fixed number of jets (``jets_per_task``). Task ``i`` derives its seeds from
 ``(seed, i)`` (``mc_settings.task_seeds``), generates half quark and half gluon jets with two Pythia instances,
 shuffles them and writes its own files: ``energyflow/pythia_s{seed}_t{i:05d}.npz`` (EnergyFlow npz, y = 1 quark)
-and/or ``cms/pythia_s{seed}_t{i:05d}.parquet`` (CMS End-to-End parquet, y = 1 gluon), then a small
-``tasks/...json`` record with its statistics. Tasks run as Ray tasks (``--workers`` at a time) or, with
+and/or ``cms/pythia_s{seed}_t{i:05d}.parquet`` (CMS End-to-End parquet, y = 1 gluon), or with ``--format root``,
+``parquet-jagged`` or ``h5`` ``columnar/pythia_s{seed}_t{i:05d}.{root,parquet,h5}`` (the ParT layout, label 1 =
+quark, the same constituents as the npz), then a small ``tasks/...json`` record with its statistics. Tasks run as Ray tasks (``--workers`` at a time) or, with
 ``--no-ray``, one after another in this process. A task whose record already exists with the same settings is
 reused, so an interrupted run continues where it stopped. Same seed -> bit-identical arrays in every file.
 """
@@ -20,7 +21,10 @@ from collections.abc import Callable
 import numpy as np
 
 from qgdist.core.atomic import write_json
+from qgdist.core.secrets import redact_config
 from qgdist.data.labels import DEFAULT_QUARK_VALUE
+from qgdist.generate.columnar import FORMATS as COLUMNAR_FORMATS
+from qgdist.generate.columnar import write_clouds
 from qgdist.generate.mc_settings import PythiaConfig, pythia_settings, task_seeds
 from qgdist.generate.pythia_ray import run_tasks_on_ray
 
@@ -42,6 +46,8 @@ def task_paths(cfg: PythiaConfig, task_index: int) -> dict[str, str]:
         paths["energyflow"] = os.path.join(cfg.out, "energyflow", stem + ".npz")
     if cfg.format in ("cms", "both"):
         paths["cms"] = os.path.join(cfg.out, "cms", stem + ".parquet")
+    if cfg.format in COLUMNAR_FORMATS:
+        paths["columnar"] = os.path.join(cfg.out, "columnar", stem + COLUMNAR_FORMATS[cfg.format])
     return paths
 
 
@@ -86,6 +92,9 @@ def generate_task(cfg: PythiaConfig, task_index: int, n_jets: int,
         qv = DEFAULT_QUARK_VALUE["energyflow"]
         write_energyflow_npz(paths["energyflow"], pad_clouds([j.constituents for j in jets]),
                              np.where(is_quark == 1, qv, 1 - qv), compress=cfg.compress)
+    if "columnar" in paths:
+        qv = DEFAULT_QUARK_VALUE["columnar"]
+        write_clouds(paths["columnar"], cfg.format, [j.constituents for j in jets], np.where(is_quark == 1, qv, 1 - qv))
     if "cms" in paths:
         qv = DEFAULT_QUARK_VALUE["cms"]
         with CMSParquetWriter(paths["cms"]) as writer:
@@ -128,8 +137,8 @@ def run_pythia(cfg: PythiaConfig) -> dict:
     from tqdm import tqdm
 
     cfg.validate()
-    for sub in ("tasks", "energyflow", "cms"):
-        if sub == "tasks" or cfg.format in (sub, "both"):
+    for sub in ("tasks", "energyflow", "cms", "columnar"):
+        if sub == "tasks" or cfg.format in (sub, "both") or (sub == "columnar" and cfg.format in COLUMNAR_FORMATS):
             os.makedirs(os.path.join(cfg.out, sub), exist_ok=True)
     sizes = cfg.task_sizes()
     records: dict[int, dict] = {}
@@ -163,7 +172,8 @@ def _summarise(cfg: PythiaConfig, records: list[dict], seconds: float, generated
 
     events = {k: sum(r["events"][k] for r in records) for k in ("quark", "gluon")}
     return {
-        "config": dataclasses.asdict(cfg), "tasks": len(records), "tasks_generated_now": generated_tasks,
+        "config": redact_config(dataclasses.asdict(cfg)), "tasks": len(records),
+        "tasks_generated_now": generated_tasks,
         "jets": total("jets"), "quark_jets": total("quark_jets"), "gluon_jets": total("gluon_jets"),
         "events": events, "acceptance": {k: total(f"{k}_jets") / max(events[k], 1) for k in events},
         "mean_multiplicity": {k: mean_mult(k) for k in ("quark", "gluon")},

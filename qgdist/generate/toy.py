@@ -27,6 +27,8 @@ import numpy as np
 from qgdist.core.config import option
 from qgdist.core.errors import InputError
 from qgdist.data.features import mass_and_charge
+from qgdist.generate.columnar import FORMATS as COLUMNAR_FORMATS
+from qgdist.generate.columnar import write_clouds
 from qgdist.generate.formats import CMSParquetWriter, pad_clouds, write_energyflow_npz
 
 C_F, C_A = 4.0 / 3.0, 3.0
@@ -45,10 +47,12 @@ _CHARGED = {211, 321, 2212, 11, 13}
 class ToyConfig:
     """``qgdist generate toy`` settings."""
 
-    format: Literal["cms", "energyflow"] = option(help="source format to write")
-    jets: int = option(help="number of jets (half quark, half gluon)")
+    format: Literal["cms", "energyflow", "root", "parquet-jagged", "h5"] = option(
+        help="source format to write: CMS parquet, EnergyFlow npz, or the weaver/ParT columnar layout (the same "
+             "jets as energyflow for the same seed)")
+    jets: int = option(help="number of jets (half quark, half gluon)", min=1)
     out: str = option(help="output file (local path or fsspec URL)")
-    seed: int = option(0, "random seed (the same seed writes the same jets)")
+    seed: int = option(0, "random seed (the same seed writes the same jets)", min=0)
     item_name: Literal["item", "element"] = option("item", "CMS nested list item name: legacy item or modern element")
     compress: bool = option(True, "EnergyFlow: deflate the npz members, as the public files are",
                             aliases={"--stored": False})
@@ -122,11 +126,14 @@ def energyflow_clouds(jets: ToyJets) -> list[np.ndarray]:
     return np.split(rows, np.cumsum(np.bincount(jets.jet, minlength=len(jets.is_quark)))[:-1])
 
 
-def cms_images(jets: ToyJets, rng: np.random.Generator) -> np.ndarray:
-    """(N, 3, 125, 125) float64 images: track pT, ECAL energy, HCAL energy in 5x5 towers."""
+def cms_images(jets: ToyJets, rng: np.random.Generator, size: int = IMAGE, pixel: float = PIXEL) -> np.ndarray:
+    """(N, 3, size, size) float64 images: track pT, ECAL energy, HCAL energy in 5x5 towers (size: a multiple of
+    5; the CMS images are 125 pixels of one ECAL crystal, smaller ones for tests use coarser ``pixel``)."""
+    if size % TOWER:
+        raise ValueError(f"image size {size} is not a multiple of the {TOWER}-pixel HCAL tower")
     n_jets = len(jets.is_quark)
-    ieta = np.floor(jets.deta / PIXEL + IMAGE / 2).astype(np.int64)
-    iphi = np.floor(jets.dphi / PIXEL + IMAGE / 2).astype(np.int64)
+    ieta = np.floor(jets.deta / pixel + size / 2).astype(np.int64)
+    iphi = np.floor(jets.dphi / pixel + size / 2).astype(np.int64)
     energy = jets.pt * np.cosh(jets.jet_y[jets.jet] + jets.deta)
     apid = np.abs(jets.pid)
     charged = np.isin(apid, list(_CHARGED))
@@ -137,29 +144,35 @@ def cms_images(jets: ToyJets, rng: np.random.Generator) -> np.ndarray:
     ecal = ecal + np.where(apid == 13, 0.3, 0.0)
     hcal = energy * (1 - ecal_frac) * hadron * np.clip(1 + 0.15 * rng.standard_normal(len(apid)), 0.2, None)
 
-    out = np.zeros((n_jets, 3, IMAGE, IMAGE))
-    inside = (ieta >= 0) & (ieta < IMAGE) & (iphi >= 0) & (iphi < IMAGE)
+    out = np.zeros((n_jets, 3, size, size))
+    inside = (ieta >= 0) & (ieta < size) & (iphi >= 0) & (iphi < size)
     sel = inside & charged
     np.add.at(out, (jets.jet[sel], 0, ieta[sel], iphi[sel]), jets.pt[sel])
     for de, dp, w in [(0, 0, 0.70)] + [(a, b, 0.06) for a, b in ((0, 1), (0, -1), (1, 0), (-1, 0))] \
             + [(a, b, 0.015) for a in (-1, 1) for b in (-1, 1)]:
         e_i, p_i = ieta + de, iphi + dp
-        sel = (e_i >= 0) & (e_i < IMAGE) & (p_i >= 0) & (p_i < IMAGE) & (ecal > 0)
+        sel = (e_i >= 0) & (e_i < size) & (p_i >= 0) & (p_i < size) & (ecal > 0)
         np.add.at(out, (jets.jet[sel], 1, e_i[sel], p_i[sel]), w * ecal[sel])
-    towers = np.zeros((n_jets, IMAGE // TOWER, IMAGE // TOWER))
+    towers = np.zeros((n_jets, size // TOWER, size // TOWER))
     sel = inside & (hcal > 0)
     np.add.at(towers, (jets.jet[sel], ieta[sel] // TOWER, iphi[sel] // TOWER), hcal[sel])
     out[:, 2] = np.repeat(np.repeat(towers, TOWER, axis=1), TOWER, axis=2) / TOWER**2
     return out
 
 
-def write_energyflow(cfg: ToyConfig) -> None:
-    """EnergyFlow npz: 500-550 GeV jets, |y| < 1.7, exactly balanced, shuffled, y = 1 quark, file's own M."""
+def cloud_jets(cfg: ToyConfig) -> tuple[list[np.ndarray], np.ndarray]:
+    """500-550 GeV jets, |y| < 1.7, exactly balanced, shuffled: (pt, rapidity, phi, pdgid) clouds and is_quark."""
     rng = np.random.default_rng(cfg.seed)
     is_quark = balanced_labels(cfg.jets, rng)
     jets = generate(is_quark, rng.uniform(500, 550, cfg.jets), rng.uniform(-1.7, 1.7, cfg.jets),
                     rng.uniform(0, 2 * np.pi, cfg.jets), rng)
-    write_energyflow_npz(cfg.out, pad_clouds(energyflow_clouds(jets)), is_quark.astype(np.float64), cfg.compress)
+    return energyflow_clouds(jets), is_quark
+
+
+def write_energyflow(cfg: ToyConfig) -> None:
+    """EnergyFlow npz of ``cloud_jets``: y = 1 quark, zero-padded to the file's own M."""
+    clouds, is_quark = cloud_jets(cfg)
+    write_energyflow_npz(cfg.out, pad_clouds(clouds), is_quark.astype(np.float64), cfg.compress)
 
 
 def write_cms(cfg: ToyConfig, chunk: int = 64) -> None:
@@ -185,5 +198,7 @@ def run(cfg: ToyConfig) -> None:
         write_cms(cfg)
     elif cfg.format == "energyflow":
         write_energyflow(cfg)
+    elif cfg.format in COLUMNAR_FORMATS:   # the ParT layout: label = 1 quark, as the EnergyFlow y
+        write_clouds(cfg.out, cfg.format, *cloud_jets(cfg))
     else:
-        raise ValueError(f"unknown toy format {cfg.format!r}; choose cms or energyflow")
+        raise ValueError(f"unknown toy format {cfg.format!r}; choose cms, energyflow, root, parquet-jagged or h5")

@@ -53,7 +53,7 @@ class EvalConfig:
     split: Literal["train", "val", "test"] = option("test", "split to score")
     out: str | None = option(None, "output directory (default RUN_DIR/eval/SPLIT; written locally, copied up when "
                                    "the run directory is a URL)")
-    batch_size: int = option(512, "jets per batch")
+    batch_size: int = option(512, "jets per batch", min=1)
     device: Device = option("auto", "where the model runs; auto: CUDA when visible")
     progress: bool = option(True, "progress bar")
     track: bool = option(False, "also log SPLIT/* metrics and the outputs into the MLflow run that trained the "
@@ -164,9 +164,9 @@ def evaluate_checkpoint(cfg: EvalConfig) -> dict[str, Any]:
     from qgdist.train.plots import plot_roc
 
     device = resolve_device(cfg.device)
+    manifest = read_manifest(cfg.data)   # a missing --data is named before the checkpoint is loaded
     model, checkpoint, found = load_model(cfg.checkpoint)
     trained = TrainedOn.from_dict(checkpoint.dataset)
-    manifest = read_manifest(cfg.data)
     seen = check_seen(trained, trained.seen_in_dataset(manifest, [cfg.split]) if trained and manifest.sources
                       else None, f"{cfg.data} ({cfg.split} split)", cfg.score_seen)
     model.to(device)
@@ -180,7 +180,7 @@ def evaluate_checkpoint(cfg: EvalConfig) -> dict[str, Any]:
     scored = score_split(model, checkpoint.preprocessing, cfg, device)
     cols = scored["columns"]
     logits, labels = torch.tensor(cols["logit"]), torch.tensor(cols["is_quark"])
-    metrics = compute_metrics(logits, labels, loss=scored["loss"])
+    metrics = compute_metrics(logits, labels, loss=scored["loss"], logits=True)
     fpr, tpr, _ = binary_roc(torch.sigmoid(logits.double()), labels.long(), thresholds=None)
     name = checkpoint.model_name
     files = {"roc": output.name("roc.png"), "scores": output.name("scores.parquet")}

@@ -1,7 +1,7 @@
 """``qgdist predict``: score any dataset with a trained model, distributed with Ray Data, streaming.
 
-Inputs are qgdist shard directories or the raw source files themselves (CMS parquet, EnergyFlow npz), read by
-the same readers as ``qgdist convert``, so nothing needs converting first. The driver plans **units** (a shard
+Inputs are qgdist shard directories or the raw source files themselves (CMS parquet, EnergyFlow npz, columnar ROOT
+/ jagged parquet / HDF5), read by the same readers as ``qgdist convert``, so nothing needs converting first. The driver plans **units** (a shard
 file, or a row range of a source file, as ``convert`` plans them) and never reads jets itself;
 ``ray.data.from_items(units).map_batches(Scorer, concurrency=N)`` hands each unit to one of N scoring actors.
 An actor holds the model (on its GPU when the cluster has GPUs), reads its unit's jets, turns them into inputs
@@ -21,6 +21,10 @@ Output directory::
 (``g-<id>/part-...``) and the old ones are deleted after the new summary is written (``qgdist.core.output``).
 
 Raw files carry labels in both formats (``y``), so metrics are computed whenever every jet has one.
+
+On a cluster, a node lost under the scoring actors is one plain line on the terminal (``qgdist.core.nodes``;
+Ray's own dump goes to ``ray.log``): Ray Data restarts the actors elsewhere and sends their units again, each
+unit's part is rewritten whole, and the summary counts the nodes lost and the actors restarted.
 """
 
 from __future__ import annotations
@@ -31,20 +35,23 @@ import re
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from qgdist.core.config import option
+from qgdist.core.errors import InputError
 from qgdist.core.output import Output
 
 if TYPE_CHECKING:
     from qgdist.data.identity import TrainedOn
+from qgdist.core.nodes import NodeWatch
 
 PART = "part-{index:06d}.parquet"
 ROC = "roc.png"
 _OUR_FILES = re.compile(r"^\.?(?:part-\d{6}\.parquet|roc\.png)(?:\.tmp)?$")
 SUMMARY = "summary.json"
-Input = Literal["auto", "shards", "cms", "energyflow"]
+Input = Literal["auto", "shards", "cms", "energyflow", "columnar"]
 
 
 @dataclass(frozen=True)
@@ -53,24 +60,28 @@ class PredictConfig:
 
     checkpoint: str = option(help="checkpoint directory, its state.pt, a model.pt, or a run directory (best, else "
                                   "latest)")
-    data: list[str] = option(help="shard directories (holding manifest.json), or CMS parquet / EnergyFlow npz "
-                                  "files, directories or globs; paths or fsspec URLs")
+    data: list[str] = option(help="shard directories (holding manifest.json), or CMS parquet / EnergyFlow npz / "
+                                  "ROOT / jagged parquet / HDF5 files, directories or globs; paths or fsspec URLs")
     out: str = option(help="output directory: part-*.parquet, summary.json, roc.png")
     overwrite: bool = option(False, "replace scores already in --out (written beside them; the old ones stay whole "
                                     "until the new summary.json is written)")
     input: Input = option("auto", "what --data holds (auto: shards when a manifest.json is there, else by "
                                   "file extension)")
     split: Literal["all", "train", "val", "test"] = option("all", "shards: which split to score")
-    batch_size: int = option(512, "jets per forward pass")
+    batch_size: int = option(512, "jets per forward pass", min=1)
     workers: int | None = option(None, "scoring actors (default: one per GPU when the cluster has GPUs, else "
-                                       "one per CPU)")
-    gpus_per_worker: float | None = option(None, "GPUs per actor (default: 1 when the cluster has GPUs, else 0)")
+                                       "one per CPU)", min=1)
+    gpus_per_worker: float | None = option(None, "GPUs per actor (default: 1 when the cluster has GPUs, else 0)",
+                                           min=0)
     on_bad_row: Literal["error", "quarantine"] = option(
         "error", "raw files: error stops at the first bad row (exit 2); quarantine skips, counts and lists them")
-    label_quark_value: int | None = option(None, "raw files: the y that means quark (default: the source's)")
-    rows_per_task: int | None = option(None, "raw files: rows per unit (default: as qgdist convert)")
+    label_quark_value: Literal[0, 1] | None = option(
+        None, "raw files: the raw y that means quark (default: the source's, cms 0, energyflow 1)")
+    branches: dict[str, str] = option({}, "columnar files: branch names that differ from the weaver/ParT layout "
+                                          "(as qgdist convert --branch)", flag="--branch", metavar="KEY=BRANCH")
+    rows_per_task: int | None = option(None, "raw files: rows per unit (default: as qgdist convert)", min=1)
     address: str | None = option(None, "Ray cluster to join (default: $RAY_ADDRESS or a private local Ray)")
-    num_cpus: int | None = option(None, "CPUs of a private local Ray (default: all)")
+    num_cpus: int | None = option(None, "CPUs of a private local Ray (default: all)", min=1)
     executor: Literal["ray", "local"] = option("ray", "ray: actors on a cluster; local: this process, no Ray",
                                                aliases={"--no-ray": "local"})
     score_seen: bool = option(False, "score jets the model trained or validated on too (refused otherwise; their "
@@ -81,7 +92,7 @@ class PredictConfig:
 
 # -- planning (driver) ----------------------------------------------------------------------------------------------
 def detect_input(paths: list[str]) -> str:
-    """``shards``, ``cms`` or ``energyflow`` from what the paths hold; mixed inputs are refused."""
+    """``shards``, ``cms``, ``energyflow`` or ``columnar`` from what the paths hold; mixed inputs are refused."""
     import fsspec
 
     from qgdist.data.shards.manifest import MANIFEST_NAME
@@ -89,18 +100,32 @@ def detect_input(paths: list[str]) -> str:
     kinds = set()
     for path in paths:
         fs, p = fsspec.core.url_to_fs(path)
+        if not any(ch in p for ch in "*?[") and not fs.exists(p):
+            raise InputError(f"{path}: no such file or directory", file=path)
         if fs.isdir(p) and fs.exists(posixpath.join(p, MANIFEST_NAME)):
             kinds.add("shards")
+        elif p.endswith((".root", ".h5", ".hdf5")) or (fs.isdir(p) and any(
+                fs.glob(posixpath.join(p, f"*{ext}")) for ext in (".root", ".h5", ".hdf5"))):
+            kinds.add("columnar")
         elif p.endswith(".parquet") or (fs.isdir(p) and fs.glob(posixpath.join(p, "*.parquet"))):
-            kinds.add("cms")
+            kinds.add(_parquet_kind(fs, p))
         elif p.endswith(".npz") or (fs.isdir(p) and fs.glob(posixpath.join(p, "*.npz"))):
             kinds.add("energyflow")
         else:
-            raise ValueError(f"{path}: neither a shard directory (no {MANIFEST_NAME}) nor .parquet / .npz files; "
-                             "give --input")
+            raise InputError(f"{path}: neither a shard directory (no {MANIFEST_NAME}) nor .parquet / .npz / .root / "
+                             ".h5 files; give --input", file=path)
     if len(kinds) != 1:
-        raise ValueError(f"--data mixes {sorted(kinds)}: score one kind of input per call")
+        raise InputError(f"--data mixes {sorted(kinds)}: score one kind of input per call", field="data")
     return kinds.pop()
+
+
+def _parquet_kind(fs: Any, path: str) -> str:
+    """``cms`` for CMS End-to-End image files (an ``X_jets`` column), else ``columnar`` (jagged particle columns)."""
+    import pyarrow.parquet as pq
+
+    first = path if not fs.isdir(path) else sorted(fs.glob(posixpath.join(path, "*.parquet")))[0]
+    with fs.open(first, "rb") as f:
+        return "cms" if "X_jets" in pq.ParquetFile(f).schema_arrow.names else "columnar"
 
 
 def plan_units(cfg: PredictConfig, kind: str, pre: Any, cpus: int,
@@ -114,6 +139,7 @@ def plan_units(cfg: PredictConfig, kind: str, pre: Any, cpus: int,
     from qgdist.core.storage import join
     from qgdist.data.identity import source_records
     from qgdist.data.shards.manifest import read_manifest
+    from qgdist.data.sources import columnar
     from qgdist.data.sources.plan import expand_inputs, plan_inputs
 
     if kind == "shards":
@@ -131,10 +157,12 @@ def plan_units(cfg: PredictConfig, kind: str, pre: Any, cpus: int,
                     total += shard.samples
         return units, total, [], seen
     pre.check_source(kind, " ".join(cfg.data))
+    branches = dict(cfg.branches) if kind == "columnar" else {}
+    options = {"branches": columnar.Branches.of(branches)} if kind == "columnar" else {}
     inputs = expand_inputs(list(cfg.data), kind)
-    planned, rows, rejected = plan_inputs(kind, inputs, cpus, cfg.rows_per_task, cfg.on_bad_row)
-    units = [{"type": kind, "unit": {**u.__dict__, "row_groups": list(u.row_groups)}, "index": u.index}
-             for u in planned]
+    planned, rows, rejected = plan_inputs(kind, inputs, cpus, cfg.rows_per_task, cfg.on_bad_row, options)
+    units = [{"type": kind, "unit": {**u.__dict__, "row_groups": list(u.row_groups)}, "index": u.index,
+              "branches": branches} for u in planned]
     if trained is None:
         return units, rows, rejected, None
     per_file = collections.Counter()
@@ -163,13 +191,19 @@ class Scorer:
         self.collate = Collate(self.pre)
         self.out, self.prefix, self.batch_size, self.on_bad_row = out, prefix, batch_size, on_bad_row
         self.label_quark_value = label_quark_value
+        self.restarted = _restarted_actor()   # told once, in this actor's first record
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         import numpy as np
 
         from qgdist.data.sources.ray_units import rows_of
 
-        records = [json.dumps(self.score(item, raw)) for item, raw in rows_of(batch)]
+        records = []
+        for item, raw in rows_of(batch):
+            record = self.score(item, raw)
+            if self.restarted:
+                record["restarted"], self.restarted = True, False
+            records.append(json.dumps(record))
         return {"record": np.array(records, dtype=object)}
 
     def score(self, unit: dict[str, Any], raw: Any = None) -> dict[str, Any]:
@@ -224,18 +258,32 @@ class Scorer:
             return
         from qgdist.data.sources.plan import READERS
         from qgdist.data.labels import LabelConvention
+        from qgdist.data.sources import columnar
         from qgdist.data.sources.base import Unit
 
         source = unit["type"]
         u = Unit(**{**unit["unit"], "row_groups": tuple(unit["unit"]["row_groups"])})
         labels = (LabelConvention.default(source) if self.label_quark_value is None
                   else LabelConvention(source, self.label_quark_value))
+        options = {"branches": columnar.Branches.of(unit["branches"])} if source == "columnar" else {}
         read = READERS[source].read
-        for chunk in read(u, labels, "float32", rows=raw) if raw is not None else read(u, labels, "float32"):
+        for chunk in read(u, labels, "float32", rows=raw, **options) if raw is not None else \
+                read(u, labels, "float32", **options):
             counts["rows_in"] += len(chunk) + len(chunk.rejected)
             rejected += [r.to_dict() for r in chunk.rejected]
             if len(chunk):
                 yield chunk.block
+
+
+def _restarted_actor() -> bool:
+    """Whether this process is a Ray actor that Ray restarted (after its process or node was lost)."""
+    try:
+        import ray
+
+        context = ray.get_runtime_context() if ray.is_initialized() else None
+        return bool(context and context.get_actor_id() and context.was_current_actor_reconstructed)
+    except Exception:  # noqa: BLE001 -- not an actor, or the GCS did not answer: nothing to tell
+        return False
 
 
 # -- the driver -----------------------------------------------------------------------------------------------------
@@ -249,14 +297,15 @@ def predict(cfg: PredictConfig) -> dict[str, Any]:
 
     from qgdist.data.identity import TrainedOn
     from qgdist.data.sources.errors import BadRowError, Rejected
+    from qgdist.core.ray import native_stderr_to_log
     from qgdist.infer.seen import check_seen
     from qgdist.train.checkpointer import find_checkpoint, load_checkpoint
 
     start = time.perf_counter()
+    kind = detect_input(list(cfg.data)) if cfg.input == "auto" else cfg.input   # a missing --data, first
     checkpoint = str(find_checkpoint(cfg.checkpoint))
     loaded = load_checkpoint(checkpoint)
     pre, trained = loaded.preprocessing, TrainedOn.from_dict(loaded.dataset)
-    kind = detect_input(list(cfg.data)) if cfg.input == "auto" else cfg.input
     cpus, gpus, ray_seconds = 1, 0, 0.0
     if cfg.executor == "ray":
         import ray
@@ -276,18 +325,30 @@ def predict(cfg: PredictConfig) -> dict[str, Any]:
     records = _run_ray(cfg, checkpoint, units, cpus, gpus, prefix) if cfg.executor == "ray" else _run_local(
         cfg, checkpoint, units, prefix)
     quarantine = [r.to_dict() for r in quarantine]
-    jets, rows_in, parts = 0, sum(1 for r in quarantine if r.get("row") is not None), []
-    bar = tqdm(total=total, unit="jet", unit_scale=True, desc="predict", disable=not cfg.progress,
-               file=sys.stderr, smoothing=0.1)
-    with bar:
-        for record in records:
-            if "error" in record:
-                raise BadRowError.from_record(Rejected(**record["error"]))
-            jets += record["jets"]
-            rows_in += record["rows_in"]
-            quarantine += record["rejected"]
-            parts.append(record["part"])
-            bar.update(record["rows_in"])
+    jets, rows_in, parts, restarted = 0, sum(1 for r in quarantine if r.get("row") is not None), [], 0
+    # Ray's C++ lines (the actor pool's start) go to ray.log; our bar and lines stay on the terminal.
+    quiet = native_stderr_to_log(_local_dir(cfg.out), cfg.verbose) if cfg.executor == "ray" else nullcontext()
+    with quiet:
+        bar = tqdm(total=total, unit="jet", unit_scale=True, desc="predict", disable=not cfg.progress,
+                   file=sys.stderr, smoothing=0.1)
+        # A node lost under the scoring actors: one line; Ray restarts them elsewhere and scores their units again.
+        watch = NodeWatch(on_lost=lambda node: bar.write(
+            f"node {node.address} lost: Ray restarts its scoring actors on the other nodes and scores their units "
+            "again", file=sys.stderr)) if cfg.executor == "ray" else nullcontext()
+        with bar, watch:
+            for record in records:
+                if "error" in record:
+                    raise BadRowError.from_record(Rejected(**record["error"]))
+                jets += record["jets"]
+                rows_in += record["rows_in"]
+                quarantine += record["rejected"]
+                parts.append(record["part"])
+                if record.get("restarted"):
+                    restarted += 1
+                    bar.write("a scoring actor was lost and restarted by Ray; the units it held are scored again",
+                              file=sys.stderr)
+                bar.update(record["rows_in"])
+    lost = [node.address for node in getattr(watch, "lost", [])]
     rejected = sum(1 for r in quarantine if r.get("row") is not None)
     if kind != "shards" and jets + rejected != rows_in:   # a bug, never bad input
         raise RuntimeError(f"row accounting broken: in {rows_in}, scored {jets} + rejected {rejected}")
@@ -295,7 +356,8 @@ def predict(cfg: PredictConfig) -> dict[str, Any]:
     summary = {"checkpoint": checkpoint, "input": kind, "data": list(cfg.data), "jets": jets, "rows_in": rows_in,
                "rejected": rejected, "quarantine": quarantine[:1000], "parts": sorted(parts),
                "seen_jets": seen, "seconds": round(seconds, 3), "ray_seconds": round(ray_seconds, 3),
-               "jets_per_s": round(jets / max(seconds - ray_seconds, 1e-9), 1)}
+               "jets_per_s": round(jets / max(seconds - ray_seconds, 1e-9), 1),
+               "nodes_lost": lost, "actors_restarted": restarted}
     summary |= _metrics(output, sorted(parts), pre)
     from qgdist.core.atomic import write_json
     from qgdist.core.storage import join
@@ -307,6 +369,9 @@ def predict(cfg: PredictConfig) -> dict[str, Any]:
         if "metrics" in summary:
             m = summary["metrics"]
             line += f"; auc {m['auc']:.4f} acc {m['acc']:.4f} 1/eps_B@50% {m['rej50']:.1f}"
+        if lost or restarted:
+            line += (f"\n{len(lost)} node(s) lost ({', '.join(lost) or 'none'}), {restarted} scoring actor(s) "
+                     "restarted; every unit is in the output once")
         print(line + f"\n{join(cfg.out, SUMMARY)}", file=sys.stderr)
     return summary
 
@@ -398,7 +463,7 @@ def _metrics(output: Output, parts: list[str], pre: Any) -> dict[str, Any]:
     if label.min() == label.max():   # one class only: no ROC
         return {}
     loss = torch.nn.functional.binary_cross_entropy_with_logits(logit.double(), label.double()).item()
-    metrics = compute_metrics(logit, label, loss=loss)
+    metrics = compute_metrics(logit, label, loss=loss, logits=True)
     from torchmetrics.functional.classification import binary_roc
 
     from qgdist.train.plots import plot_roc

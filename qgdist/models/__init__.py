@@ -1,4 +1,4 @@
-"""Models: the CNN family (jet images) and the EdgeConv GNN family (particle clouds).
+"""Models: the CNN family (jet images), the EdgeConv GNN family and the Particle Transformer (particle clouds).
 
 ``get_model(name, **cfg)`` builds a model by registry name; ``cfg`` are the fields of the family's config
 dataclass (e.g. ``in_features=13`` for a cloud model on the ``kinpid`` preset). Every model follows the batch
@@ -43,7 +43,18 @@ _REGISTRY: dict[str, Entry] = {
                                   "ParticleNet-Lite through torch_geometric.nn.EdgeConv"),
     "particlenet-pyg": Entry(_PYG, "particlenet_pyg", "ParticleNetConfig",
                              "ParticleNet through torch_geometric.nn.EdgeConv"),
+    "particle-transformer": Entry("qgdist.models.part", "particle_transformer", "ParTConfig",
+                                  "Particle Transformer (ParT), pair features; needs the batch's four-momenta"),
 }
+
+
+#: Inputs a model takes beyond the batch contract's (the loader adds them when the model's preprocessing asks).
+_EXTRA_INPUTS: dict[str, tuple[str, ...]] = {"particle-transformer": ("vectors",)}
+
+
+def extra_inputs(name: str) -> tuple[str, ...]:
+    """Inputs model ``name`` needs beyond ``points``/``features``/``mask`` (clouds) or ``image``/``jet``."""
+    return _EXTRA_INPUTS.get(name, ())
 
 
 def list_models() -> dict[str, str]:

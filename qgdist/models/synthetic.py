@@ -20,9 +20,10 @@ def _labels(batch_size: int, generator: torch.Generator) -> torch.Tensor:
 
 
 def cloud_batch(batch_size: int, in_features: int = 7, max_particles: int = 128, *,
-                generator: torch.Generator | None = None,
-                device: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """``({"points", "features", "mask"}, label)`` for ``batch_size`` synthetic jets."""
+                generator: torch.Generator | None = None, device: str | torch.device = "cpu",
+                vectors: bool = False) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """``({"points", "features", "mask"}, label)`` for ``batch_size`` synthetic jets; with ``vectors`` also their
+    massless four-momenta (B, P, 4) = (px, py, pz, E): ~500 GeV jets at rapidity 0 sharing pt unevenly."""
     g = generator or torch.Generator().manual_seed(0)
     label = _labels(batch_size, g)
     mean = torch.where(label > 0, QUARK_MULTIPLICITY, GLUON_MULTIPLICITY)
@@ -35,6 +36,12 @@ def cloud_batch(batch_size: int, in_features: int = 7, max_particles: int = 128,
     features[..., :2] = points / 0.07  # the first two features are (deta, dphi), standardised
     m = mask.unsqueeze(-1).float()
     inputs = {"points": points * m, "features": features * m, "mask": mask}
+    if vectors:
+        share = torch.rand(batch_size, p, generator=g).pow(3) * mask + 1e-6 * mask
+        pt = 500.0 * share / share.sum(1, keepdim=True)
+        y, phi = points[..., 0], points[..., 1]
+        inputs["vectors"] = torch.stack([pt * torch.cos(phi), pt * torch.sin(phi), pt * torch.sinh(y),
+                                         pt * torch.cosh(y)], dim=-1) * m
     return {k: v.to(device) for k, v in inputs.items()}, label.to(device)
 
 

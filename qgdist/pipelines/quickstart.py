@@ -33,12 +33,13 @@ class QuickstartConfig:
     """Sizes of the quickstart run (the defaults finish in under 10 minutes on 2 cores)."""
 
     out: str = option("quickstart", "directory for data, runs and the report")
-    jets: int = option(6000, "toy clouds; images are a third of that (each costs ~20x more to train on)")
-    epochs: int = option(3, "training epochs of each model")
-    workers: int = option(2, "Ray Train workers")
-    cloud_batch: int = option(128, "batch size per worker of particlenet-lite")
-    image_batch: int = option(32, "batch size per worker of resnet15")
-    seed: int = option(0, "seed of the toy data and the training runs")
+    jets: int = option(6000, "toy clouds; images are a third of that (each costs ~20x more to train on)",
+                       min=1)
+    epochs: int = option(3, "training epochs of each model", min=1)
+    workers: int = option(2, "Ray Train workers", min=1)
+    cloud_batch: int = option(128, "batch size per worker of particlenet-lite", min=1)
+    image_batch: int = option(32, "batch size per worker of resnet15", min=1)
+    seed: int = option(0, "seed of the toy data and the training runs", min=0)
     verbose: bool = option(False, "show Ray's own log lines on the terminal")
     model_kwargs: dict[str, dict[str, Any]] = option({}, "model settings by model name (tiny test runs)", cli=False)
 

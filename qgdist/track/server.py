@@ -32,10 +32,10 @@ class ServerConfig:
     """Where the server keeps its data and where it listens."""
 
     store: Path = option(Path("mlflow-store"), "directory for mlflow.db (runs, params, metrics) and artifacts/")
-    port: int = option(5000, "port on 127.0.0.1")
+    port: int = option(5000, "port on 127.0.0.1", min=1, max=65535)
     # Not flags: the server binds to loopback only (reach it through an SSH tunnel or kubectl port-forward).
     host: str = option("127.0.0.1", "interface to bind", cli=False)
-    ready_timeout_s: float = option(120.0, "seconds to wait for /health", cli=False)
+    ready_timeout_s: float = option(120.0, "seconds to wait for /health", cli=False, gt=0)
 
 
 @dataclass(frozen=True)

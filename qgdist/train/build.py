@@ -45,9 +45,12 @@ class TrainingData:
         """The loaders of ``cfg.data`` for this rank. The preprocessing (normalisation statistics, preset) comes
         from the training data's manifest on a fresh start and from the checkpoint on a resume: the model keeps
         the inputs it was trained on."""
+        from qgdist.models import extra_inputs  # noqa: PLC0415 -- the registry imports torch-geometric
+
         def loader(split: str, training: bool, pre: Preprocessing | None) -> ShardLoader:
             return ShardLoader(cfg.data, split, training=training, rank=place.rank, world_size=place.world,
-                               seed=cfg.optim.seed, device=str(place.device), preprocessing=pre)
+                               seed=cfg.optim.seed, device=str(place.device), preprocessing=pre,
+                               vectors="vectors" in extra_inputs(cfg.model.model))
 
         train = loader("train", True, resumed.preprocessing if resumed is not None else None)
         val = loader("val", False, train.preprocessing)

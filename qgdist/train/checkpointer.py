@@ -224,5 +224,10 @@ def find_checkpoint(path: str | os.PathLike[str]) -> UPath:
     found = ckpt.best() or ckpt.latest()
     if found is not None:
         return found
+    if not path.exists():
+        raise InputError(f"{path}: no such checkpoint or run directory", file=str(path), field="checkpoint",
+                         hint="--checkpoint takes a run directory (STORAGE/RUN_NAME: its best checkpoint, else its "
+                              "latest), a checkpoint directory (RUN_DIR/checkpoints/step-N), its state.pt or a "
+                              "model.pt")
     raise InputError(f"{path}: neither a checkpoint (no {STATE_FILE}) nor a run directory with checkpoints",
                      file=str(path), field="checkpoint")

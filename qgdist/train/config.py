@@ -57,19 +57,19 @@ class ModelConfig:
 class OptimConfig:
     """How long and how the weights move; unset optimiser fields come from the recipe."""
 
-    epochs: int = option(20, "passes over the training split")
-    max_steps: int | None = option(None, "stop after this many global steps (tests, benchmarks)")
+    epochs: int = option(20, "passes over the training split", min=1)
+    max_steps: int | None = option(None, "stop after this many global steps (tests, benchmarks)", min=1)
     recipe: Recipe = option("paper", "paper: AdamW + one-cycle; seed: the seed notebooks' optimiser")
     optimizer: Optimizer | None = option(None, "optimiser (default: the recipe's)")
-    lr: float | None = option(None, "(peak) learning rate (default: the recipe's)")
-    weight_decay: float | None = option(None, "weight decay (default: the recipe's)")
-    momentum: float | None = option(None, "SGD momentum (default: the recipe's)")
+    lr: float | None = option(None, "(peak) learning rate (default: the recipe's)", gt=0)
+    weight_decay: float | None = option(None, "weight decay (default: the recipe's)", min=0)
+    momentum: float | None = option(None, "SGD momentum (default: the recipe's)", min=0, max=1)
     schedule: Schedule | None = option(None, "learning-rate schedule (default: the recipe's)")
-    grad_clip: float = option(1.0, "max gradient norm (0: off)")
+    grad_clip: float = option(1.0, "max gradient norm (0: off)", min=0)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = option(
         "auto", "autocast precision; auto: bf16 on GPU workers, fp32 on CPU")
     compile: bool = option(False, "torch.compile the model")
-    seed: int = option(0, "seed of weights, shuffling and dropout")
+    seed: int = option(0, "seed of weights, shuffling and dropout", min=0)
 
 
 @dataclass(frozen=True)
@@ -78,8 +78,8 @@ class CheckpointConfig:
 
     run_name: str = option("qgdist", "run name: the run directory is STORAGE/RUN_NAME; re-running it resumes")
     storage: str = option("runs", "directory or fsspec URL (s3://...) holding run directories; every worker must see it")
-    checkpoint_every: int = option(200, "steps between mid-epoch checkpoints (0: epoch ends only)")
-    keep_last: int = option(2, "checkpoints kept besides the best one")
+    checkpoint_every: int = option(200, "steps between mid-epoch checkpoints (0: epoch ends only)", min=0)
+    keep_last: int = option(2, "checkpoints kept besides the best one", min=1)
     resume_from: str | None = option(None, "checkpoint directory to start from instead of the run's latest")
     allow_config_change: bool = option(False, "resume although the checkpoint was written with another config")
 
@@ -90,16 +90,16 @@ class TrackingConfig:
 
     track: bool = option(True, "track the run with MLflow")
     tracking_uri: str | None = option(None, "MLflow server (default: $MLFLOW_TRACKING_URI, else the run's local store)")
-    log_every: int = option(20, "steps between train-loss logs")
+    log_every: int = option(20, "steps between train-loss logs", min=1)
     progress: bool = option(True, "progress bar")
     verbose: bool = option(False, "show Ray's own log lines on the terminal (they always go to the run's log file)")
 
 
 def parse_workers(text: str) -> int | tuple[int, int]:
     """``"2"`` -> 2; ``"1-4"`` -> (1, 4): an elastic range."""
-    low, sep, high = text.partition("-")
+    low, sep, high = text.strip().partition("-")
     try:
-        return (int(low), int(high)) if sep else int(text)
+        return (int(low), int(high)) if sep and low else int(text)   # "-3": a number, refused by its range
     except ValueError:
         raise ValueError(f"want a number of workers N or a range MIN-MAX, got {text!r}") from None
 
@@ -110,15 +110,15 @@ class LaunchConfig:
 
     workers: int = option(2, "Ray Train workers (0: the plain loop in this process, no Ray); MIN-MAX: elastic, "
                              "the run goes on with as few as MIN when workers are lost and grows back to MAX",
-                          parse=parse_workers, metavar="N|MIN-MAX")
+                          parse=parse_workers, metavar="N|MIN-MAX", min=0)
     min_workers: int | None = option(None, "elastic runs: the fewest workers (set by --workers MIN-MAX)", cli=False)
-    resize_check_s: float = option(60.0, "elastic runs: seconds between Ray's checks for room to grow")
+    resize_check_s: float = option(60.0, "elastic runs: seconds between Ray's checks for room to grow", gt=0)
     gpu: bool = option(False, "one GPU per worker (nccl)")
-    cpus_per_worker: float = option(1.0, "CPUs Ray reserves per worker")
-    max_failures: int = option(2, "worker-group restarts Ray may do")
+    cpus_per_worker: float = option(1.0, "CPUs Ray reserves per worker", gt=0)
+    max_failures: int = option(2, "worker-group restarts Ray may do (-1: no limit)", min=-1)
     worker_resources: dict[str, float] = option(
         {}, "extra Ray resource each worker needs, e.g. a node-type label (one worker per node)",
-        flag="--worker-resource", metavar="NAME=AMOUNT")
+        flag="--worker-resource", metavar="NAME=AMOUNT", min=0)
     address: str | None = option(None, "Ray cluster address (default: $RAY_ADDRESS or a private local Ray)")
 
     def __post_init__(self) -> None:

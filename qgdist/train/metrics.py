@@ -9,7 +9,8 @@ Two forms:
 * ``JetMetrics`` accumulates batches (``update(logits, labels, loss)``), and ``compute()`` gathers every rank's
   scores when a ``torch.distributed`` group is initialised, so each rank gets the metrics of the whole dataset
   (ranks with unequal numbers of jets, or none, included).
-* ``compute_metrics(scores, labels, loss=None)`` is the same on tensors already in hand (evaluate, tests).
+* ``compute_metrics(scores, labels, loss=None, logits=True)`` is the same on tensors already in hand (evaluate,
+  predict, tests).
 """
 
 from __future__ import annotations
@@ -88,7 +89,7 @@ class JetMetrics:
         probs, labels, loss = self._gathered()
         if probs.numel() == 0:
             raise ValueError("no jets to compute metrics on (empty validation split?)")
-        return compute_metrics(probs, labels, loss=loss)
+        return compute_metrics(probs, labels, loss=loss, logits=False)
 
     def roc_curve(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(fpr, tpr) over all ranks, for plots."""
@@ -126,16 +127,18 @@ def _gather_cat(t: torch.Tensor) -> torch.Tensor:
     return torch.cat([part[:n] for part, n in zip(parts, counts)])
 
 
-def compute_metrics(scores: torch.Tensor, labels: torch.Tensor, loss: float | None = None) -> dict[str, float]:
-    """The metrics of ``JetMetrics`` for scores (logits or any monotone score; probabilities) already in hand.
+def compute_metrics(scores: torch.Tensor, labels: torch.Tensor, loss: float | None = None, *,
+                    logits: bool) -> dict[str, float]:
+    """The metrics of ``JetMetrics`` for scores already in hand: ``logits`` (True) or quark probabilities (False).
 
-    ``scores`` are taken as logits when any lies outside [0, 1]; accuracy cuts at 0.5 probability either way.
+    Accuracy cuts at 0.5 probability. Which of the two the scores are is said, never guessed from their range: a
+    barely trained model's logits all lie in [0, 1], and read as probabilities they would flip its accuracy.
     """
     from torchmetrics.functional.classification import binary_accuracy, binary_roc
 
     scores = scores.detach().double().reshape(-1).cpu()
     labels = labels.detach().reshape(-1).long().cpu()
-    probs = torch.sigmoid(scores) if bool(((scores < 0) | (scores > 1)).any()) else scores
+    probs = torch.sigmoid(scores) if logits else scores
     fpr, tpr, _ = binary_roc(probs, labels, thresholds=None)
     out = {"loss": float("nan") if loss is None else float(loss), "acc": float(binary_accuracy(probs, labels))}
     out.update(summarise_roc(fpr, tpr))

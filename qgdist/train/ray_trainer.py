@@ -16,6 +16,11 @@ lost Ray restarts the group with as many as the cluster has room for (at least M
 ``--resize-check-s`` it checks whether there is room to grow back to MAX; either way the workers start again from
 the latest checkpoint, and ``train`` continues the epoch with the new world size (``qgdist.train.elastic``).
 
+What the user sees: rank 0's lines and bar, relayed to the driver (``qgdist.train.console``), and one plain line
+for each node lost or joined and each restart, wait or resize of the worker group (``qgdist.train.events``, fed by
+a callback in Ray Train's controller and by a watch on the node table); those lines are also added to the MLflow
+run as tags ``qgdist.event.NNN`` when the run ends.
+
 ``storage`` must be a filesystem every worker sees: local disk on one machine, NFS / a PVC on a cluster, or an
 fsspec URL such as ``s3://bucket/runs`` (see ``qgdist.core.storage``).
 """
@@ -58,8 +63,18 @@ def worker_loop(config: dict[str, Any]) -> None:
         ray.train.report({k: float(v) for k, v in metrics.items()}, checkpoint=checkpoint,
                          checkpoint_dir_name=path.name if checkpoint else None)
 
-    console = Console(enabled=ray.train.get_context().get_world_rank() == 0, queue=config.get("console"))
+    console = Console(enabled=ray.train.get_context().get_world_rank() == 0, mailbox=config.get("console"))
     train(cfg, device=ray.train.torch.get_device(), report=report, console=console)
+
+
+def _pointer(checkpointer: Any) -> dict | None:
+    """The latest pointer's summary, None when there is none or it is unreadable (the events only say less)."""
+    from qgdist.train.checkpointer import DamagedCheckpoint
+
+    try:
+        return checkpointer.pointer()
+    except DamagedCheckpoint:
+        return None
 
 
 def _has_intact_checkpoint(cfg: TrainConfig) -> bool:
@@ -78,10 +93,13 @@ def fit(cfg: TrainConfig, worker_fn: Callable[[dict[str, Any]], None] = worker_l
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from qgdist.core.ray import ensure_ray
+    from qgdist.core.nodes import NodeWatch
     from qgdist.data.shards.manifest import read_manifest
     from qgdist.train.checkpoint import check_dataset, check_fingerprint
     from qgdist.train.checkpointer import Checkpointer, load_checkpoint
     from qgdist.train.console import Relay
+    from qgdist.train.controller_events import ControllerEvents
+    from qgdist.train.events import Narrator
 
     launch, c = cfg.launch, cfg.checkpoint
     if launch.workers < 1:
@@ -96,9 +114,15 @@ def fit(cfg: TrainConfig, worker_fn: Callable[[dict[str, Any]], None] = worker_l
     ensure_ray(launch.address, num_cpus=None, log_dir=cfg.run.log_dir, verbose=cfg.tracking.verbose)
     resources = {"CPU": launch.cpus_per_worker} | ({"GPU": 1} if launch.gpu else {}) | launch.worker_resources
     relay = Relay()
+    # Node losses and restarts, one plain line each on this terminal (qgdist.train.events).
+    narrator = Narrator(min_workers=launch.min_workers or launch.workers, max_workers=launch.workers,
+                        per_worker=resources, max_failures=launch.max_failures, batch_size=cfg.data.batch_size,
+                        say=relay.say, position=relay.position, stopped=relay.close_bar,
+                        checkpoint=lambda: _pointer(checkpointer))
+    relay.on_other = narrator.on_message
     trainer = TorchTrainer(
         worker_fn,
-        train_loop_config={"train": cfg.to_dict(), "console": relay.queue},
+        train_loop_config={"train": cfg.to_dict(), "console": relay.mailbox},
         torch_config=TorchConfig(backend="nccl" if launch.gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
             num_workers=(launch.min_workers, launch.workers) if launch.elastic else launch.workers,
@@ -107,13 +131,33 @@ def fit(cfg: TrainConfig, worker_fn: Callable[[dict[str, Any]], None] = worker_l
         run_config=ray.train.RunConfig(
             name=c.run_name, storage_path=c.storage,
             failure_config=ray.train.FailureConfig(max_failures=launch.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=max(1, c.keep_last))),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=max(1, c.keep_last)),
+            callbacks=[ControllerEvents(relay.mailbox)]),
     )
-    with relay:
-        result = trainer.fit()
+    with relay, NodeWatch(on_lost=narrator.on_node_lost, on_joined=narrator.on_node_joined):
+        try:
+            result = trainer.fit()
+        finally:
+            _record(cfg, narrator, relay)
     latest = checkpointer.latest()
     if latest is None:
         raise RuntimeError(f"{cfg.run}: Ray Train finished without a checkpoint")
     started = (result.metrics or {}).get("started_unix")
     return dataclasses.replace(TrainResult.of(str(cfg.run), str(latest), load_checkpoint(latest)),
                                started_unix=started)
+
+
+def _record(cfg: TrainConfig, narrator: Any, relay: Any) -> None:
+    """The run's cluster events into its MLflow run (tags), where rank 0's tracker wrote it."""
+    from qgdist.core.run import local_store_uri
+    from qgdist.train.events import record_events
+
+    t, run = cfg.tracking, cfg.run
+    if not (t.track and narrator.events):
+        return
+    run_id = run.read_run_id()   # written by rank 0 when it starts tracking
+    # Without a tracking server the store is rank 0's local one: the driver sees it only on a local run dir.
+    uri = t.tracking_uri or (local_store_uri(run.mlflow_store) if run.is_local else None)
+    problem = record_events(narrator.events, run_id, uri)
+    if problem:
+        relay.say(f"note: the run's {len(narrator.events)} cluster events could not be added to MLflow ({problem})")

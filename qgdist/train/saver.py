@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from upath import UPath
 
+from qgdist.core.secrets import redact_config
 from qgdist.data.identity import TrainedOn
 from qgdist.models import model_config
 from qgdist.track.tracker import Tracker
@@ -56,7 +57,8 @@ class Saver:
         s = self.state
         return Checkpoint(
             model_name=self.cfg.model.model, model_config=model_config(self.model),
-            weights=self.model.state_dict(), preprocessing=self.data.preprocessing, config=self.cfg.to_dict(),
+            weights=self.model.state_dict(), preprocessing=self.data.preprocessing,
+            config=redact_config(self.cfg.to_dict()),   # the run uses the real URIs; what is kept masks them
             fingerprint=self.cfg.fingerprint(), epoch=s.epoch, step=s.step, global_step=s.global_step,
             metrics=dict(s.val), history=s.history, mlflow_run_id=s.mlflow_run_id or "", training=training,
             dataset=self.trained_on.to_dict() if self.trained_on else None)
@@ -69,6 +71,10 @@ class Saver:
         path = None
         if self.place.rank == 0:
             self.tracker.sync(TRACKER_SYNC_S)
+            if self.tracker.run_id and self.tracker.run_id != self.state.mlflow_run_id:
+                # the MLflow run was created late (the tracker was away at start): checkpoints name it from now on
+                self.state.mlflow_run_id = self.tracker.run_id
+                self.cfg.run.write_run_id(self.tracker.run_id)
             o = self.optim.state_dict()
             training = TrainingState(optimizer=o["optimizer"], scheduler=o["scheduler"], scaler=o["scaler"],
                                      schedule_steps=o["schedule_steps"], rng=rngs, loader=positions, buffers=buffers)

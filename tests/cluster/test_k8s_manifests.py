@@ -158,6 +158,28 @@ def test_secrets_are_only_referenced(name, rendered):
 
 
 @pytest.mark.parametrize("name", RENDERINGS)
+def test_secret_values_never_reach_a_command_line(name, rendered):
+    """A Secret-backed variable is read from the environment by the program, never expanded by Kubernetes into
+    ``command``/``args`` (``$(VAR)``), where ``ps`` on the node and the pod spec would show it."""
+    for obj in rendered[name]:
+        for where, spec in m.pod_specs(obj):
+            for container in spec["containers"] + spec.get("initContainers", []):
+                secret_vars = {e["name"] for e in container.get("env", []) if "secretKeyRef" in e.get("valueFrom", {})}
+                words = " ".join(map(str, container.get("command", []) + container.get("args", [])))
+                expanded = {v for v in secret_vars if f"$({v})" in words}
+                assert not expanded, f"{where}: {sorted(expanded)} expanded into the command line"
+
+
+def test_the_postgres_backend_reaches_mlflow_by_environment_only(rendered):
+    mlflow = next(o for o in rendered["overlays/gpu"] if o["kind"] == "Deployment"
+                  and o["metadata"]["name"] == "qgdist-mlflow")
+    container = mlflow["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["MLFLOW_BACKEND_STORE_URI"]["valueFrom"]["secretKeyRef"]["name"] == "qgdist-mlflow-postgres"
+    assert "--backend-store-uri" not in container["command"] + container.get("args", [])
+
+
+@pytest.mark.parametrize("name", RENDERINGS)
 def test_ray_clusters_autoscale_share_storage_and_have_shm(name, rendered):
     claims = {o["metadata"]["name"] for o in rendered[name] if o["kind"] == "PersistentVolumeClaim"}
     for obj in rendered[name]:
@@ -199,3 +221,99 @@ def test_training_job_resumes_by_run_name_on_shared_storage(name, rendered):
     else:
         assert not any("nvidia.com/gpu" in m.yaml.safe_dump(g) for g in groups), "CPU job asks for GPUs"
     assert (name == "overlays/cpu-small") != cfg.launch.gpu
+
+
+# -- hardening (issue 19) ------------------------------------------------------------------------------------------
+def _quantity(text: str) -> float:
+    """A memory/storage quantity in bytes (the suffixes these manifests use)."""
+    units = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "k": 1e3, "M": 1e6, "G": 1e9}
+    m = re.fullmatch(r"([0-9.]+)([A-Za-z]*)", str(text))
+    return float(m.group(1)) * units.get(m.group(2), 1)
+
+
+def _is_ray_pod(where: str) -> bool:
+    return where.startswith(("RayJob/", "RayCluster/")) and not where.endswith("/submitter")
+
+
+def _needs_api_token(obj: dict, where: str) -> bool:
+    """Only a Ray head with in-tree autoscaling talks to the API server (KubeRay's autoscaler sidecar)."""
+    cluster = m.ray_cluster_spec(obj) or {}
+    return where.endswith("/head") and cluster.get("enableInTreeAutoscaling", False)
+
+
+@pytest.mark.parametrize("name", RENDERINGS)
+def test_pods_are_hardened(name, rendered):
+    """Read-only root filesystems with emptyDirs for /tmp (and Ray's temp dir /tmp/ray), RuntimeDefault seccomp,
+    no service-account token where nothing uses it, ephemeral-storage requests and limits that hold the pod's
+    disk-backed emptyDirs."""
+    for obj in rendered[name]:
+        for where, spec in m.pod_specs(obj):
+            assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}, where
+            assert spec.get("automountServiceAccountToken") is _needs_api_token(obj, where), where
+            volumes = {v["name"]: v for v in spec.get("volumes", [])}
+            disk = sum(_quantity(v["emptyDir"]["sizeLimit"]) for v in volumes.values()
+                       if "emptyDir" in v and v["emptyDir"].get("medium") != "Memory")
+            limits = 0.0
+            for container in spec["containers"]:
+                assert container["securityContext"]["readOnlyRootFilesystem"] is True, f"{where}: root fs writable"
+                mounts = {v["mountPath"]: v["name"] for v in container.get("volumeMounts", [])}
+                writable = ["/tmp", "/tmp/ray"] if _is_ray_pod(where) else ["/tmp"]
+                for path in writable:
+                    assert path in mounts and "emptyDir" in volumes[mounts[path]], f"{where}: {path} not an emptyDir"
+                for bound in ("requests", "limits"):
+                    assert "ephemeral-storage" in container["resources"][bound], f"{where}: {bound} lack it"
+                limits += _quantity(container["resources"]["limits"]["ephemeral-storage"])
+            assert disk <= limits, f"{where}: emptyDirs of {disk / 2**30:.0f} GiB beyond the pod's limits"
+            if where.endswith("/head"):   # KubeRay mounts this volume in its autoscaler sidecar too
+                assert {v["mountPath"]: v["name"] for v in spec["containers"][0]["volumeMounts"]}["/tmp/ray"] \
+                    == "ray-logs", where
+        cluster = m.ray_cluster_spec(obj)
+        if cluster and cluster.get("enableInTreeAutoscaling"):   # the sidecar KubeRay adds to the head
+            options = cluster["autoscalerOptions"]
+            assert options["securityContext"]["readOnlyRootFilesystem"] is True
+            assert options["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+            assert {v["mountPath"] for v in options["volumeMounts"]} == {"/tmp"}
+            assert all("ephemeral-storage" in options["resources"][b] for b in ("requests", "limits"))
+
+
+def _selects(selector: dict, labels: dict) -> bool:
+    ok = all(labels.get(k) == v for k, v in selector.get("matchLabels", {}).items())
+    for e in selector.get("matchExpressions", []):
+        ok &= (e["key"] in labels) if e["operator"] == "Exists" else labels.get(e["key"]) in e.get("values", [])
+    return ok
+
+
+@pytest.mark.parametrize("name", RENDERINGS)
+def test_network_policies_admit_only_the_projects_own_pods(name, rendered):
+    """The MLflow server and the Ray pods accept connections only from pods labelled part of qgdist (plus the
+    KubeRay operator, on the dashboard port), and every pod that must reach them carries that label."""
+    policies = {o["metadata"]["name"]: o for o in rendered[name] if o["kind"] == "NetworkPolicy"}
+    assert set(policies) == {"qgdist-mlflow", "qgdist-ray"}
+    ours = {"app.kubernetes.io/part-of": "qgdist"}
+    mlflow = next(o for o in rendered[name] if o["kind"] == "Deployment")
+    mlflow_labels = mlflow["spec"]["template"]["metadata"]["labels"]
+    head = {**ours, "ray.io/node-type": "head", "ray.io/cluster": "x"}
+    outsider = {"app": "something-else", "ray.io/node-type": "head"}
+    for policy, target in ((policies["qgdist-mlflow"], mlflow_labels), (policies["qgdist-ray"], head)):
+        spec = policy["spec"]
+        assert spec["policyTypes"] == ["Ingress"] and _selects(spec["podSelector"], target)
+        assert not _selects(spec["podSelector"], outsider) or policy is policies["qgdist-mlflow"]
+        for rule in spec["ingress"]:
+            for peer in rule["from"]:
+                assert "ipBlock" not in peer, "no address ranges: only pods"
+                if "namespaceSelector" in peer:   # only the operator may come from elsewhere, to the dashboard
+                    assert peer["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "kuberay-operator"}
+                    assert [p["port"] for p in rule["ports"]] == [8265]
+                else:
+                    assert peer["podSelector"] == {"matchLabels": ours}
+    assert [p["port"] for p in policies["qgdist-mlflow"]["spec"]["ingress"][0]["ports"]] == [5000]
+    for obj in rendered[name]:   # every pod we run carries the label the policies admit
+        if obj["kind"] in ("Deployment", "Job"):
+            assert obj["spec"]["template"]["metadata"]["labels"].items() >= ours.items(), obj["metadata"]["name"]
+        cluster = m.ray_cluster_spec(obj)
+        if cluster:
+            templates = [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]
+            if obj["kind"] == "RayJob":
+                templates.append(obj["spec"]["submitterPodTemplate"])
+            for template in templates:
+                assert template["metadata"]["labels"].items() >= ours.items(), obj["metadata"]["name"]

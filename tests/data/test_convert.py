@@ -34,7 +34,8 @@ def ray_local():
 def test_ray_pipeline_matches_in_process_run_byte_for_byte(ray_local, tmp_path):
     run(ToyConfig("energyflow", 600, str(tmp_path / "a.npz"), seed=1))
     run(ToyConfig("cms", 20, str(tmp_path / "b.parquet"), seed=2))
-    for source, name, per_task in (("energyflow", "a.npz", 200), ("cms", "b.parquet", 8)):
+    run(ToyConfig("root", 300, str(tmp_path / "c.root"), seed=3))     # ROOT read by entry range in Ray tasks
+    for source, name, per_task in (("energyflow", "a.npz", 200), ("cms", "b.parquet", 8), ("columnar", "c.root", 100)):
         cfg = dict(source=source, inputs=[f"file://{tmp_path}/{name}"], rows_per_task=per_task, progress=False)
         by_ray = convert(ConvertConfig(out=f"file://{tmp_path}/ray_{source}", executor="ray", **cfg))
         local = convert(ConvertConfig(out=str(tmp_path / f"local_{source}"), executor="local", **cfg))

@@ -137,7 +137,7 @@ def test_image_batch_is_densified_exactly(image_dir):
     loader = ShardLoader(DataConfig(image_dir, batch_size=5), "val", training=False)
     batch = next(iter(loader.collated(0)))
     inputs, label = loader.epoch(0).__next__()
-    assert inputs["image"].shape == (5, 3, 16, 16) and inputs["jet"].shape == (5, 2)
+    assert inputs["image"].shape == (5, 3, 20, 20) and inputs["jet"].shape == (5, 2)
     stored = {}
     for shard in ("val-000000.tar", "val-000001.tar"):
         for s in wds.WebDataset(f"{image_dir}/{shard}", shardshuffle=False, nodesplitter=None, empty_check=False):

@@ -130,8 +130,12 @@ def test_manifest_round_trip_and_split_totals(tmp_path):
 
 
 def test_missing_manifest_names_the_directory(tmp_path):
-    with pytest.raises(FileNotFoundError, match=str(tmp_path)):
+    from qgdist.core.errors import InputError
+
+    with pytest.raises(InputError, match=f"{tmp_path}: no manifest.json"):
         read_manifest(str(tmp_path))
+    with pytest.raises(InputError, match=f"{tmp_path / 'typo'}: no such dataset directory"):
+        read_manifest(str(tmp_path / "typo"))
 
 
 def test_schema_1_is_refused_with_the_way_out(tmp_path):

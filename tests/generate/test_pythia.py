@@ -118,6 +118,27 @@ def test_cms_parquet_matches_energyflow(local_run):
     assert np.allclose(towers, towers[:, :, :1, :, :1])
 
 
+def test_columnar_root_file_holds_the_npz_constituents(local_run, tmp_path):
+    pytest.importorskip("uproot")
+    import uproot
+
+    cfg, _ = local_run
+    root = PythiaConfig(out=str(tmp_path), jets=PER_TASK, jets_per_task=PER_TASK, seed=cfg.seed, use_ray=False,
+                        format="root")
+    run_pythia(root)                       # task 0 of the same seed: the same events as local_run's task 0
+    X, y = _npz(cfg, 0)
+    with uproot.open(os.path.join(root.out, "columnar", f"pythia_s{cfg.seed}_t00000.root")) as f:
+        t = f["tree"].arrays(["label", "jet_nparticles", "part_px", "part_energy", "part_pid"], library="np")
+    n = (X[..., 0] > 0).sum(1)
+    np.testing.assert_array_equal(t["label"], y)                             # label 1 = quark, as the npz y
+    np.testing.assert_array_equal(t["jet_nparticles"], n)
+    for i in (0, PER_TASK - 1):
+        pt, rap, phi, pid = X[i, : n[i]].T
+        np.testing.assert_array_equal(t["part_pid"][i], pid)                 # pt-sorted already in the npz
+        np.testing.assert_allclose(t["part_px"][i], pt * np.cos(phi), rtol=1e-5, atol=1e-4)   # float32
+        np.testing.assert_allclose(t["part_energy"][i], pt * np.cosh(rap), rtol=1e-5)           # massless
+
+
 def test_ray_tasks_reproduce_in_process_run_bit_identically(tmp_path):
     """Two Ray tasks on a real private 2-CPU Ray give the same files as the same tasks run in-process."""
     small = dict(jets=20, jets_per_task=10, seed=5)
@@ -152,7 +173,7 @@ def test_bad_config_names_the_field():
     with pytest.raises(ValueError, match="jets"):
         PythiaConfig(out="x", jets=7).validate()
     with pytest.raises(ValueError, match="format"):
-        PythiaConfig(out="x", format="root").validate()
+        PythiaConfig(out="x", format="tar").validate()
 
 
 def test_cli_maps_flags():

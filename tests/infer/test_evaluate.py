@@ -7,7 +7,6 @@ tests/track/test_tracker.py.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -83,7 +82,7 @@ def test_evaluate_writes_metrics_plot_and_scores(run: dict, tmp_path: Path, caps
     assert scores["is_quark"] == labels.to(torch.uint8).tolist()
 
     doc = strict_json((out / "metrics.json").read_text())
-    expected = compute_metrics(torch.tensor(scores["logit"]), torch.tensor(scores["is_quark"]))
+    expected = compute_metrics(torch.tensor(scores["logit"]), torch.tensor(scores["is_quark"]), logits=True)
     assert doc["n_jets"] == TEST_JETS and doc["split"] == "test" and doc["global_step"] == 3
     for key in ("auc", "acc", "rej30", "rej50"):
         # JSON has no infinity: a rejection with no gluon left (1/0) is written as null

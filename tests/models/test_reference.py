@@ -91,5 +91,5 @@ def test_bench_step_reference_runs_and_reports_the_check(capsys: pytest.CaptureF
 def test_bench_step_reference_refuses_image_models() -> None:
     from qgdist.bench.step import StepBenchConfig
 
-    with pytest.raises(ValueError, match="ParticleNet models only"):
+    with pytest.raises(ValueError, match="ParticleNet models and particle-transformer only"):
         StepBenchConfig(models=("resnet15",), reference="weaver-core")

@@ -7,6 +7,7 @@ restarted on the same port and store for the outage test). Everything is read ba
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -23,6 +24,7 @@ from qgdist.track.server import free_port
 from qgdist.track.tracker import UNSENT_FILE, Tracker, flatten_config
 
 pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[2]
 
 
 @dataclass
@@ -147,7 +149,8 @@ def test_resume_continues_same_run_without_duplicated_steps(server: TrackerComma
 
 
 def test_outage_buffers_then_delivers_without_duplicates(server: TrackerCommand, tmp_path: Path) -> None:
-    tracker = Tracker(tmp_path / "a", tracking_uri=server.url, flush_s=0.1, retry_s=0.2)
+    # retry_s: while the server is away the sender waits for a wake-up (flush, sync), never for its timer
+    tracker = Tracker(tmp_path / "a", tracking_uri=server.url, flush_s=0.1, retry_s=3600)
     run_id = tracker.start("outage", {"a": 1})
     # A second run whose job ends while the server is down: what it cannot send is spilled to a file.
     ending = Tracker(tmp_path / "b", tracking_uri=server.url, finish_timeout_s=1)
@@ -159,23 +162,24 @@ def test_outage_buffers_then_delivers_without_duplicates(server: TrackerCommand,
     server.stop()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        started = time.monotonic()
-        for step in range(2, 6):   # training goes on: no exception, no waiting on the network
-            tracker.log_metrics({"train/loss": float(step)}, step=step)
-        assert time.monotonic() - started < 0.5
+        tracker.log_metrics({"train/loss": 2.0}, step=2)   # training goes on: no exception
         ending.log_metrics({"loss": 0.5}, step=3)
-        assert not tracker.flush(timeout_s=1) and tracker.pending == 4
-        deadline = time.monotonic() + 60
-        while tracker.outages == 0 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        started = time.monotonic()   # a checkpoint's sync does not wait on a tracker known to be away
-        assert not tracker.sync(timeout_s=30) and time.monotonic() - started < 1
+        # flush returns once the sender has tried and found the server away (an event, not its 30 s timeout)
+        assert not tracker.flush(timeout_s=30) and tracker.outages == 1
+        for step in range(3, 6):
+            tracker.log_metrics({"train/loss": float(step)}, step=step)
+        assert tracker.pending == 3
+        # A checkpoint's sync while the server is away writes the queue to disk at once: nothing only in memory.
+        assert tracker.sync(timeout_s=30) and tracker.pending == 0
+        spilled = [json.loads(line) for line in (tmp_path / "a" / UNSENT_FILE).read_text().splitlines()]
+        assert [(r["run_id"], r["step"]) for r in spilled] == [(run_id, s) for s in range(2, 6)]
         ending.finish()
         dying.log_metrics({"loss": 0.7}, step=2)
         dying.finish("FAILED")
         server.start()   # same port, same sqlite backend
         tracker.log_metrics({"train/loss": 6.0}, step=6)
-        assert tracker.flush(timeout_s=30) and tracker.pending == 0
+        assert tracker.flush(timeout_s=60) and tracker.pending == 0
+        assert not (tmp_path / "a" / UNSENT_FILE).exists()   # the spilled steps went first, then the file went
     messages = [str(w.message) for w in caught if "tracker:" in str(w.message)]
     assert tracker.outages == 1   # warned once, not once per step or per retry
     assert sum("reachable again" in m for m in messages) == 1
@@ -210,9 +214,76 @@ def test_outage_buffers_then_delivers_without_duplicates(server: TrackerCommand,
     assert client.get_run(dying_id).info.status == "FINISHED"
 
 
-def test_unreachable_tracker_at_start_fails_loudly(tmp_path: Path) -> None:
-    with pytest.raises(Exception, match="127.0.0.1"):
-        Tracker(tmp_path, tracking_uri=f"http://127.0.0.1:{free_port()}").start("nowhere", {})
+KILLED_AT_START = """
+import os, sys
+from qgdist.track.tracker import Tracker
+tracker = Tracker(sys.argv[1], tracking_uri=sys.argv[2], retry_s=3600)
+print(tracker.start("killed", {"lr": 0.1}), flush=True)
+for step in range(3):
+    tracker.log_metrics({"train/loss": 1.0 + step}, step=step)
+assert tracker.sync(timeout_s=60)   # a checkpoint commits: the steps are on disk
+os._exit(9)                          # the node is lost: no finish, no flush
+"""
+
+
+def test_a_server_away_at_start_costs_no_metric(tmp_path: Path) -> None:
+    """The server is unreachable when runs start: they train on, spill from step 0, and all of it arrives -- by
+    the tracker itself once the server is back, by `qgdist tracker --replay` for a run killed meanwhile, and a
+    resume from a checkpoint that holds the provisional run id continues the run that was created for it."""
+    late = TrackerCommand(tmp_path / "store", free_port())
+    live_dir, killed_dir = tmp_path / "live", tmp_path / "killed"
+    killed = subprocess.run([sys.executable, "-c", KILLED_AT_START, str(killed_dir), late.url], capture_output=True,
+                            text=True, timeout=300, env=os.environ | {"PYTHONPATH": str(REPO)})
+    assert killed.returncode == 9, killed.stderr
+    assert killed.stdout.startswith("pending-") and "unreachable at start" in killed.stderr
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tracker = Tracker(live_dir, tracking_uri=late.url, flush_s=0.1, retry_s=0.2)
+        pending = tracker.start("late", Config())
+        assert pending.startswith("pending-") and tracker.outages == 1
+        for step in range(5):
+            tracker.log_metrics({"train/loss": 1.0 / (step + 1)}, step=step)
+        assert tracker.sync(timeout_s=30) and not tracker.flush(timeout_s=30)
+        late.start()
+        try:
+            assert tracker.flush(timeout_s=120)   # the tracker created the run and replayed the spill itself
+            tracker.log_metrics({"train/loss": 0.1}, step=5)
+            tracker.finish()
+            client = MlflowClient(late.url)
+            real = tracker.run_id
+            assert real != pending and json.loads((live_dir / "mlflow_run_ids.json").read_text()) == {pending: real}
+            run = client.get_run(real)
+            assert run.info.run_name == "late" and run.info.status == "FINISHED"
+            assert run.data.params == flatten_config(Config())
+            assert [s for s, _ in history(client, real, "train/loss")] == list(range(6))   # from step 0 on
+            assert not (live_dir / UNSENT_FILE).exists()
+            assert any("unreachable at start" in str(w.message) for w in caught)
+
+            # A checkpoint written during the outage holds the provisional id: resuming it continues the same run.
+            resumed = Tracker(live_dir, tracking_uri=late.url)
+            assert resumed.start("late", Config(), run_id=pending) == real
+            resumed.finish()
+            experiment = client.get_experiment_by_name("qgdist").experiment_id
+            assert len(client.search_runs([experiment], "attributes.run_name = 'late'")) == 1
+
+            # The run killed during the outage: its create record and three steps wait in its run directory.
+            replay = [sys.executable, "-m", "qgdist", "tracker", "--replay", str(killed_dir), "--tracking-uri", late.url]
+            done = subprocess.run(replay, capture_output=True, text=True, timeout=120)
+            assert done.returncode == 0 and "replayed 4 records" in done.stdout, done.stdout + done.stderr
+            created = json.loads((killed_dir / "mlflow_run_ids.json").read_text())[killed.stdout.strip()]
+            assert [s for s, _ in history(client, created, "train/loss")] == [0, 1, 2]
+            assert client.get_run(created).data.params == {"lr": "0.1"}
+        finally:
+            late.stop()
+
+
+def test_a_tracker_that_answers_no_at_start_fails_loudly(server: TrackerCommand, tmp_path: Path) -> None:
+    """Unreachable is an outage; a server that answers with a refusal (here: no such run to resume) is an error."""
+    from mlflow.exceptions import RestException
+
+    with pytest.raises(RestException, match="f" * 32):
+        Tracker(tmp_path, tracking_uri=server.url).start("nope", run_id="f" * 32)
+    assert not (tmp_path / UNSENT_FILE).exists()
 
 
 def test_local_store_default_needs_no_server(tmp_path: Path) -> None:
@@ -339,7 +410,7 @@ def test_evaluate_track_finds_the_server_run_through_the_environment(server: Tra
     # that evaluate wrote, the same again.
     written = json.loads((tmp_path / "env-run" / "eval" / "test" / "metrics.json").read_text())
     scores = pq.read_table(tmp_path / "env-run" / "eval" / "test" / "scores.parquet").to_pydict()
-    recomputed = compute_metrics(torch.tensor(scores["logit"]), torch.tensor(scores["is_quark"]))
+    recomputed = compute_metrics(torch.tensor(scores["logit"]), torch.tensor(scores["is_quark"]), logits=True)
     assert written["n_jets"] == 24 and written["global_step"] == trained.global_step == 3
     assert history(client, run_id, "test/auc") == [(3, pytest.approx(written["auc"]))]
     assert history(client, run_id, "test/auc")[0][1] == pytest.approx(recomputed["auc"], rel=1e-5)
@@ -348,15 +419,76 @@ def test_evaluate_track_finds_the_server_run_through_the_environment(server: Tra
     assert not (tmp_path / "env-run" / "mlflow").exists()   # neither command fell back to the local store
 
 
-def test_replay_names_the_file_and_line_of_a_corrupt_spill(tmp_path: Path) -> None:
-    from qgdist.track.tracker import replay_unsent
+def test_credentials_in_uris_never_leave_the_process(server: TrackerCommand, tmp_path: Path, capsys) -> None:
+    """A tracking URI (and a Ray address) with a password: the run uses it -- its metrics reach the server -- but
+    the password is in nothing printed, tracked or saved: not stdout, the MLflow params or artifacts, the
+    checkpoints or artifacts/config.json."""
+    from tests.trainkit import write_dataset
 
-    spill = tmp_path / UNSENT_FILE
-    spill.write_text(json.dumps({"run_id": "r", "key": "loss", "value": 1.0, "timestamp": 1, "step": 1})
-                     + "\n{truncated\n")
-    with pytest.raises(ValueError, match=rf"{UNSENT_FILE}: line 2 is not JSON"):
-        replay_unsent(tmp_path)
-    assert spill.exists()   # nothing was sent and nothing is lost: the file stays for the user to fix
+    from qgdist.cli import main
+    from qgdist.train.checkpointer import Checkpointer, load_checkpoint
+
+    secret = "hunter2secret"
+    data = write_dataset(str(tmp_path / "data"), "cloud", {"train": [16, 16], "val": [16]}, seed=3)
+    uri = server.url.replace("http://", f"http://qguser:{secret}@")
+    assert main(["train", "--data", data, "--model", "particlenet-lite", "--model-arg", "conv_params=[[4,[8,8]]]",
+                 "--model-arg", "fc_params=[[16,0.1]]", "--workers", "0", "--epochs", "1", "--batch-size", "8",
+                 "--shuffle-buffer", "16", "--log-every", "1", "--no-progress", "--storage", str(tmp_path / "runs"),
+                 "--run-name", "secretive", "--tracking-uri", uri,
+                 "--address", f"ray://admin:{secret}@head:10001"]) == 0
+    printed = capsys.readouterr()
+    assert secret not in printed.out + printed.err and "qguser:***@" in printed.out
+    client = MlflowClient(server.url)
+    experiment = client.get_experiment_by_name("qgdist").experiment_id
+    run = client.search_runs([experiment], "attributes.run_name = 'secretive'")[0]
+    assert history(client, run.info.run_id, "train/loss")                      # the real URI was used
+    assert run.data.params["tracking_uri"] == uri.replace(secret, "***")
+    assert secret not in json.dumps(run.data.params) + json.dumps(run.data.tags)
+    config = Path(client.download_artifacts(run.info.run_id, "config.json", str(tmp_path / "down")))
+    assert secret not in config.read_text()
+    run_dir = tmp_path / "runs" / "secretive"
+    assert secret not in (run_dir / "artifacts" / "config.json").read_text()
+    assert secret not in json.dumps(load_checkpoint(Checkpointer(str(run_dir)).latest()).config)
+    for path in run_dir.rglob("*"):   # every file the run wrote, checkpoints included, byte for byte
+        assert not path.is_file() or secret.encode() not in path.read_bytes(), path
+
+
+def test_a_torn_last_line_is_skipped_and_counted_never_blocking_a_resume(tmp_path: Path) -> None:
+    from qgdist.track import delivery
+
+    first = Tracker(tmp_path)
+    run_id = first.start("torn", {})
+    first.finish()
+    good = {"run_id": run_id, "attempt": "x", "key": "loss", "value": 0.5, "timestamp": 1, "step": 1}
+    delivery.append(tmp_path, [good])
+    with open(tmp_path / UNSENT_FILE, "a") as spill:   # a process killed in the middle of its write
+        spill.write(json.dumps({**good, "step": 2})[:25])
+    later = {**good, "step": 3, "value": 0.25}
+    delivery.append(tmp_path, [later])   # a later append starts a line of its own: the torn one stays alone
+    assert delivery.read(tmp_path) == ([good, later], 1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        resumed = Tracker(tmp_path)
+        assert resumed.start("torn", {}, run_id=run_id) == run_id   # the resume goes on
+    assert any("skipped 1 unreadable line" in str(w.message) for w in caught)
+    assert resumed.history["loss"] == ([1, 3], [0.5, 0.25])   # the readable records were delivered
+    resumed.finish()
+    assert not (tmp_path / UNSENT_FILE).exists()
+
+
+def test_spill_appends_one_write_per_record_then_fsync(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each record is one write() of a whole line (so a crash cuts at most the last line), fsync-ed before the
+    caller goes on. The real calls run; the test only counts them."""
+    from qgdist.track import delivery
+
+    calls: list[str] = []
+    real_write, real_fsync = os.write, os.fsync
+    monkeypatch.setattr(delivery.os, "write", lambda fd, data: calls.append("write") or real_write(fd, data))
+    monkeypatch.setattr(delivery.os, "fsync", lambda fd: calls.append("fsync") or real_fsync(fd))
+    records = [{"run_id": "r", "key": "loss", "value": v, "timestamp": 1, "step": i} for i, v in enumerate([1, 2, 3])]
+    assert delivery.append(tmp_path, records) == 3
+    assert calls == ["write", "write", "write", "fsync"]
+    assert delivery.read(tmp_path) == (records, 0)
 
 
 def _preprocessing(data: str) -> dict:

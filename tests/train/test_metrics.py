@@ -52,7 +52,7 @@ def test_metrics_match_brute_force(ties: bool) -> None:
         sl = slice(start, start + 64)
         metrics.update(logits[sl], labels[sl], loss=torch.tensor(float(start)))
     got = metrics.compute()
-    functional = compute_metrics(logits, labels)
+    functional = compute_metrics(logits, labels, logits=True)
     for key, value in expected.items():
         assert got[key] == pytest.approx(value, rel=1e-5), key
         assert functional[key] == pytest.approx(value, rel=1e-6), key
@@ -63,13 +63,13 @@ def test_metrics_match_brute_force(ties: bool) -> None:
 
 def test_perfect_separation_and_rejection_grows_with_separation() -> None:
     labels = torch.tensor([0, 0, 0, 1, 1, 1])
-    perfect = compute_metrics(torch.tensor([-3.0, -2, -1, 1, 2, 3]), labels)
+    perfect = compute_metrics(torch.tensor([-3.0, -2, -1, 1, 2, 3]), labels, logits=True)
     assert perfect["auc"] == 1.0 and perfect["acc"] == 1.0 and math.isinf(perfect["rej50"])
     logits, labels = toy(2000, seed=2)
-    weak = compute_metrics(logits, labels)
-    scaled = compute_metrics(logits * 3, labels)   # a monotone transform changes no ROC metric
+    weak = compute_metrics(logits, labels, logits=True)
+    scaled = compute_metrics(logits * 3, labels, logits=True)   # a monotone transform changes no ROC metric
     assert scaled["auc"] == pytest.approx(weak["auc"]) and scaled["rej50"] == pytest.approx(weak["rej50"])
-    strong = compute_metrics(logits + 2 * labels, labels)
+    strong = compute_metrics(logits + 2 * labels, labels, logits=True)
     assert strong["auc"] > weak["auc"] and strong["rej30"] > strong["rej50"] > weak["rej50"]
 
 
@@ -104,7 +104,7 @@ def test_ddp_sync_two_gloo_ranks_equals_whole_dataset(empty_rank: int | None) ->
         p.join(60)
         assert p.exitcode == 0
     logits, labels = toy(301, seed=3)
-    whole = compute_metrics(logits, labels)
+    whole = compute_metrics(logits, labels, logits=True)
     for rank in (0, 1):
         for key in ("auc", "acc", "rej30", "rej50"):
             assert results[rank][key] == pytest.approx(whole[key], rel=1e-5), (rank, key)
@@ -130,3 +130,11 @@ def test_a_million_point_roc_is_thinned_for_plotting_without_changing_its_shape(
     for eff in (0.3, 0.5):                                                 # and the same rejection at working points
         assert abs(np.interp(eff, t, f) - np.interp(eff, tpr, fpr)) < 2e-3 * np.interp(eff, tpr, fpr) + 1e-6
     assert plot_roc({"big": (fpr, tpr)}, tmp_path / "roc.png").stat().st_size > 0
+
+
+def test_logits_that_look_like_probabilities_are_read_as_logits() -> None:
+    """A barely trained model's logits can all lie in [0, 1] (bench physics' 2-step smoke run did): they are still
+    logits, all above 0 -- every jet is called a quark. Read as probabilities they gave the opposite accuracy."""
+    scores, labels = torch.tensor([0.1, 0.3, 0.6, 0.9]), torch.tensor([1, 1, 1, 0])
+    assert compute_metrics(scores, labels, logits=True)["acc"] == 0.75
+    assert compute_metrics(scores, labels, logits=False)["acc"] == 0.25

@@ -162,3 +162,19 @@ def test_seed_recipe_run_resumes_under_ray(data, ray_local, tmp_path, capfd):
     state = load_checkpoint(Checkpointer(first.run_dir).latest())
     assert state.global_step == 8 and state.fingerprint["optimizer"] == "adam"
     assert state.training.optimizer["param_groups"][0]["initial_lr"] == pytest.approx(1e-3)
+
+
+def test_a_tracker_outage_costs_no_worker_group_restart(ray_local, data, tmp_path):
+    """The MLflow server is unreachable from the start and no worker-group restart is allowed: the run trains to
+    its end anyway, and every metric waits in the run's spill file for `qgdist tracker --replay`."""
+    from qgdist.track.delivery import read
+    from qgdist.track.server import free_port
+
+    cfg = ray_cfg(data["cloud"], "particlenet-lite", tmp_path, run_name="outage", epochs=1, track=True, log_every=1,
+                  tracking_uri=f"http://127.0.0.1:{free_port()}", max_failures=0)
+    out = fit(cfg)
+    assert load_checkpoint(out.checkpoint).mlflow_run_id.startswith("pending-")
+    records, skipped = read(cfg.run.scratch)
+    assert skipped == 0 and "create" in records[0]
+    assert sorted(r["step"] for r in records if r.get("key") == "train/loss") == list(range(1, 9))  # from step 1
+    assert any(r.get("key") == "val/auc" for r in records) and records[-1].get("status") == "FINISHED"

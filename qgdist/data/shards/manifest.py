@@ -45,6 +45,7 @@ from typing import Any
 import fsspec
 
 from qgdist.core.atomic import write_text
+from qgdist.core.errors import InputError
 from qgdist.core.storage import join
 from qgdist.data.shards.schema import CHUNK_JETS, SCHEMA_VERSION, SchemaError
 
@@ -129,6 +130,10 @@ def read_manifest(directory: str) -> Manifest:
     fs, root = fsspec.core.url_to_fs(directory)
     path = posixpath.join(root, MANIFEST_NAME)
     if not fs.exists(path):
-        raise FileNotFoundError(f"{directory}: no {MANIFEST_NAME} (not a converted dataset, or conversion unfinished)")
+        if not fs.isdir(root):
+            raise InputError(f"{directory}: no such dataset directory", file=directory,
+                             hint="--data takes the --out directory of `qgdist convert`")
+        raise InputError(f"{directory}: no {MANIFEST_NAME} (not a converted dataset, or conversion unfinished)",
+                         file=directory)
     with fs.open(path, "r") as f:
         return Manifest.from_json(f.read(), where=path)

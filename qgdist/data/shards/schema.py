@@ -383,12 +383,21 @@ def decode_chunk(members: dict[str, Any] | JetChunk) -> JetChunk:
     """A chunk from its WebDataset dict, raw (bytes) or already decoded by webdataset's default decoder."""
     if isinstance(members, JetChunk):
         return members
-    meta = _check(members)
-    cls = CHUNK_TYPES[meta["kind"]]
-    parts = {name: _member(members, name) for name in cls.PARTS}
-    extra = {"image_shape": tuple(int(s) for s in meta["image_shape"])} if cls is ImageChunk else {}
-    return cls(file=meta["file"], source=meta["source"], jets=load_npy(members["jets.npy"]),
-               dtype=meta.get("dtype", "float32"), **parts, **extra)
+    try:
+        meta = _check(members)
+        cls = CHUNK_TYPES[meta["kind"]]
+        parts = {name: _member(members, name) for name in cls.PARTS}
+        extra = {"image_shape": tuple(int(s) for s in meta["image_shape"])} if cls is ImageChunk else {}
+        return cls(file=meta["file"], source=meta["source"], jets=load_npy(members["jets.npy"]),
+                   dtype=meta.get("dtype", "float32"), **parts, **extra)
+    except SchemaError:
+        raise
+    except (ValueError, KeyError, TypeError, IndexError, EOFError, zlib.error) as err:   # damaged member bytes
+        url = members.get("__url__", "?")
+        raise InputError(f"{url}: chunk {members.get('__key__', '?')}: cannot be decoded ({type(err).__name__}: "
+                         f"{err})", file=url,
+                         hint="re-run `qgdist convert` to rewrite the dataset (`qgdist inspect DIR --verify` lists "
+                              "every shard whose sha256 no longer matches the manifest)") from err
 
 
 def sort_particles(kin: np.ndarray, pid: np.ndarray, n: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

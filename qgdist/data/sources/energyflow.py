@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from qgdist.data.features import four_momenta, mass_and_charge
+from qgdist.core.errors import InputError
+from qgdist.data.features import four_momenta, known_pdg_ids, mass_and_charge
 from qgdist.data.labels import LabelConvention
 from qgdist.data.shards.schema import CLOUD_JET, CloudChunk, sort_particles
 from qgdist.data.sources.base import Chunk, Plan, Unit, file_name, open_input, row_units
@@ -31,6 +32,9 @@ if TYPE_CHECKING:
 
 #: Rapidities beyond this are corrupt data, not particles (cosh would overflow on the way to energies).
 MAX_RAPIDITY = 10.0
+#: Particle azimuths must lie in [-pi, 3 pi]: the format puts the jet axis in [0, 2 pi) and every constituent within
+#: pi of it (files centred on [-pi, pi] fit too). Anything else is a corrupt value, not an angle of this format.
+PHI_RANGE = (-np.pi, 3 * np.pi)
 
 
 def _npy_header(f: Any) -> tuple[tuple[int, ...], bool, np.dtype]:
@@ -120,43 +124,6 @@ def _stored_data_offset(f: Any, info: zipfile.ZipInfo) -> int:
     return info.header_offset + 30 + name_len + extra_len
 
 
-def _known_pids(pid: np.ndarray) -> np.ndarray:
-    """Element-wise: is this an integral PDG id the particle table knows (0 = padding counts as known)?"""
-    ids = np.unique(pid)
-    known = np.zeros(len(ids), dtype=bool)
-    for i, v in enumerate(ids.tolist()):
-        if v == int(v) and abs(v) < 10**8:
-            try:
-                mass_and_charge(np.array([int(v)]))
-                known[i] = True
-            except Exception:  # the particle package raises its own errors for ids that cannot exist
-                pass
-    return known[np.searchsorted(ids, pid)]
-
-
-#: ``_known_pids`` of the integral ids in (-_LIMIT, _LIMIT), looked up once per id: 0 not yet, 1 known, -1 not.
-_LIMIT = 1 << 13
-_KNOWN = np.zeros(2 * _LIMIT, np.int8)
-
-
-def known_pids(pid: np.ndarray) -> np.ndarray:
-    """``_known_pids`` for many particles: one table gather, the PDG table asked once per new id."""
-    ip = pid.astype(np.int64)
-    simple = (ip == pid) & (np.abs(ip) < _LIMIT)
-    if not simple.all():
-        out = np.empty(len(pid), dtype=bool)
-        out[~simple] = _known_pids(pid[~simple])
-        out[simple] = known_pids(pid[simple])
-        return out
-    idx = ip + _LIMIT
-    flags = _KNOWN[idx]
-    if not flags.all():
-        new = np.unique(ip[flags == 0])
-        _KNOWN[new + _LIMIT] = np.where(_known_pids(new.astype(np.float64)), 1, -1)
-        flags = _KNOWN[idx]
-    return flags > 0
-
-
 def jet_axes(kin: np.ndarray, pid: np.ndarray) -> dict[str, np.ndarray]:
     """Per-jet pt, mass, rapidity, phi of padded clouds (B, P, 3) (same formulas as ``features.jet_kinematics``)."""
     e, px, py, pz = np.moveaxis(four_momenta(kin, pid).sum(axis=1), -1, 0)
@@ -201,11 +168,12 @@ def decode_rows(x: np.ndarray, y: np.ndarray, rows: np.ndarray, name: str, label
     n = mask.sum(axis=1)
     particles = x.reshape(-1, 4)[np.flatnonzero(mask)]          # (N, 4), jet by jet, in source order
     jet = np.repeat(np.arange(k, dtype=np.int64), n)
-    bad_pt, bad_y, bad_pid = (np.zeros(k, bool) for _ in range(3))
+    bad_pt, bad_y, bad_phi, bad_pid = (np.zeros(k, bool) for _ in range(4))
     bad_pt[jet[particles[:, 0] <= 0]] = True
     bad_y[jet[np.abs(particles[:, 1]) > MAX_RAPIDITY]] = True
-    bad_pid[jet[~known_pids(particles[:, 3])]] = True
-    ok = finite & ~bad_pt & ~bad_y & ~bad_pid & (n > 0) & ((y == 0.0) | (y == 1.0))
+    bad_phi[jet[(particles[:, 2] < PHI_RANGE[0]) | (particles[:, 2] > PHI_RANGE[1])]] = True
+    bad_pid[jet[~known_pdg_ids(particles[:, 3])]] = True
+    ok = finite & ~bad_pt & ~bad_y & ~bad_phi & ~bad_pid & (n > 0) & ((y == 0.0) | (y == 1.0))
     rejected = []
     for i in np.flatnonzero(~ok).tolist():
         if not finite[i]:
@@ -214,8 +182,11 @@ def decode_rows(x: np.ndarray, y: np.ndarray, rows: np.ndarray, name: str, label
             problem = ("X", "particle with pt <= 0 that is not all-zero padding")
         elif bad_y[i]:
             problem = ("X", f"particle rapidity beyond +-{MAX_RAPIDITY}")
+        elif bad_phi[i]:
+            problem = ("X", "particle phi outside [-pi, 3 pi] (jet axis in [0, 2 pi), particles within pi of it)")
         elif bad_pid[i]:
-            problem = ("X", "pdgid is not a known PDG particle id")
+            unknown = particles[jet == i, 3][~known_pdg_ids(particles[jet == i, 3])]
+            problem = ("X", f"pdgid {unknown[0]:g} is not a known PDG particle id")
         elif n[i] == 0:
             problem = ("X", "jet has no particles")
         else:
@@ -243,7 +214,7 @@ class _Unreadable(Exception):
     """A block of ``X`` could not be read (corrupt or truncated stream)."""
 
 
-class InflateError(Exception):
+class InflateError(InputError):
     """A block that the file's streaming reader could not inflate; its text is the original error's
     ``"Type: message"``, so the rows it loses are reported as a unit's own read would report them."""
 

@@ -8,20 +8,20 @@ command reads it, and neither inference nor training reaches into the conversion
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+from typing import Any, Literal
 
 import fsspec
 
-from qgdist.data.sources import cms, energyflow
+from qgdist.data.sources import cms, columnar, energyflow
 from qgdist.data.sources.base import Plan, Unit, file_name
 from qgdist.data.sources.errors import BadRowError, Rejected
 
-Source = Literal["cms", "energyflow"]
-READERS = {"cms": cms, "energyflow": energyflow}
-KINDS = {"cms": "image", "energyflow": "cloud"}
-EXTENSIONS = {"cms": ".parquet", "energyflow": ".npz"}
+Source = Literal["cms", "energyflow", "columnar"]
+READERS = {"cms": cms, "energyflow": energyflow, "columnar": columnar}
+KINDS = {"cms": "image", "energyflow": "cloud", "columnar": "cloud"}
+EXTENSIONS = {"cms": ".parquet", "energyflow": ".npz", "columnar": columnar.EXTENSIONS}
 #: Rows per task: a CMS unit of 1024 jets is ~5 MB of shards and ~1-2 s of work; clouds are ~10x cheaper.
-ROWS_PER_TASK = {"cms": 1024, "energyflow": 16384}
+ROWS_PER_TASK = {"cms": 1024, "energyflow": 16384, "columnar": 16384}
 
 
 def expand_inputs(inputs: list[str], source: str) -> list[str]:
@@ -44,28 +44,30 @@ def expand_inputs(inputs: list[str], source: str) -> list[str]:
 
 
 def plan_inputs(source: str, inputs: list[str], cpus: int = 1, rows_per_task: int | None = None,
-                on_bad_row: str = "error") -> tuple[list[Unit], int, list[Rejected]]:
+                on_bad_row: str = "error", options: dict[str, Any] | None = None,
+                ) -> tuple[list[Unit], int, list[Rejected]]:
     """Units of every input (numbered), total rows, and rows/files rejected while planning.
 
     Without an explicit ``rows_per_task``, units shrink until there are at least ``cpus`` of them, so a small
     input still keeps every CPU busy (planning reads footers only, so planning twice is cheap). A deflated
     EnergyFlow file is cut like any other: its units are ``stream`` units, inflated once by one streaming reader
     (``qgdist.data.sources.stream``). Under ``on_bad_row="error"`` the first bad file or row raises
-    ``BadRowError``.
+    ``BadRowError``. ``options``: the reader's own keyword arguments (a columnar file's branch names).
     """
     per_task = rows_per_task or ROWS_PER_TASK[source]
-    units, rows, rejected = _plan(source, inputs, per_task, True, on_bad_row)
+    options = options or {}
+    units, rows, rejected = _plan(source, inputs, per_task, True, on_bad_row, options)
     if rows_per_task is None and 0 < len(units) < cpus and rows > len(units):
-        units, rows, rejected = _plan(source, inputs, max(1, -(-rows // cpus)), True, on_bad_row)
+        units, rows, rejected = _plan(source, inputs, max(1, -(-rows // cpus)), True, on_bad_row, options)
     return [dataclasses.replace(u, index=i) for i, u in enumerate(units)], rows, rejected
 
 
-def _plan(source: str, inputs: list[str], per_task: int, split_deflated: bool,
-          on_bad_row: str) -> tuple[list[Unit], int, list[Rejected]]:
+def _plan(source: str, inputs: list[str], per_task: int, split_deflated: bool, on_bad_row: str,
+          options: dict[str, Any]) -> tuple[list[Unit], int, list[Rejected]]:
     units, rows, rejected = [], 0, []
     for path in inputs:
         try:
-            plan: Plan = READERS[source].plan(path, per_task, split_deflated=split_deflated)
+            plan: Plan = READERS[source].plan(path, per_task, split_deflated=split_deflated, **options)
         except BadRowError as err:
             if on_bad_row == "error":
                 raise

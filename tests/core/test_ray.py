@@ -1,0 +1,72 @@
+"""What a private Ray started by a qgdist command listens on, and who may talk to it.
+
+Ray 2.60 cannot bind a local instance to loopback (a loopback node address becomes the machine's IP and the GCS,
+raylet and dashboard agent listen on every interface), so ``ensure_ray`` runs it with token authentication and a
+token of its own: the test lists the instance's listening sockets with ``ss``, then tries to join its GCS from
+another process without the token (refused) and with it (joins), and calls its dashboard without the token (401).
+The instance runs in a fresh interpreter so that its authentication mode stays out of this pytest process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[2]
+
+PROBE = textwrap.dedent("""
+    import json, os, subprocess, sys, urllib.error, urllib.request
+    from qgdist.core.ray import ensure_ray
+    import ray
+
+    ensure_ray(num_cpus=1, log_dir=sys.argv[1])
+    gcs = ray.get_runtime_context().gcs_address
+    ours = set(subprocess.run(["pgrep", "-g", str(os.getpgrp())], capture_output=True, text=True).stdout.split())
+    listening = [line.split()[3] for line in subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True)
+                 .stdout.splitlines() if any(f"pid={p}," in line for p in ours)]
+    join = "import ray; ray.init(address=%r); print('JOINED')" % gcs
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+    joins = {}
+    for name, env in (("no token", clean | {"RAY_AUTH_MODE": "disabled"}),
+                      ("wrong token", clean | {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "wrong"}),
+                      ("the token", clean | {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": os.environ.get("RAY_AUTH_TOKEN", "")})):
+        done = subprocess.run([sys.executable, "-c", join], env=env | {"HOME": sys.argv[1]}, capture_output=True,
+                              text=True, timeout=120)
+        joins[name] = "JOINED" in done.stdout
+    try:
+        url = ray._private.worker._global_node.address_info["webui_url"]
+        assert url.startswith("127.0.0.1:"), url
+        urllib.request.urlopen(f"http://{url}/api/jobs/", timeout=10)
+        dashboard = 200
+    except urllib.error.HTTPError as err:
+        dashboard = err.code
+    print(json.dumps({"listening": listening, "joins": joins, "dashboard": dashboard}))
+    ray.shutdown()
+""")
+
+
+@pytest.mark.skipif(shutil.which("ss") is None, reason="needs ss (iproute2) to list listening sockets")
+def test_private_ray_listens_widely_but_only_with_its_token(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")} | {
+        "PYTHONPATH": str(REPO), "HOME": str(tmp_path), "RAY_USAGE_STATS_ENABLED": "0"}
+    done = subprocess.run([sys.executable, "-c", PROBE, str(tmp_path)], env=env, capture_output=True, text=True,
+                          timeout=600, start_new_session=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    # What the docs say: not only loopback (so a token is what protects it) ...
+    assert any(not addr.startswith("127.0.0.1:") for addr in seen["listening"]), seen
+    # ... and only the token opens it.
+    assert seen["joins"] == {"no token": False, "wrong token": False, "the token": True}, seen
+    assert seen["dashboard"] == 401, seen
+    assert not (tmp_path / ".ray" / "auth_token").exists()   # the token was never written to the user's home
+    assert "Token authentication" not in done.stderr   # Ray's start-up warning stays in ray.log, off the terminal
+    assert "Token authentication is enabled" in (tmp_path / "ray.log").read_text()
