@@ -72,7 +72,7 @@ def test_two_ranks_with_unequal_or_no_jets_get_the_whole_datasets_metrics() -> N
         other.join(60)
     assert other.exitcode == 0
     logits, labels = _toy()
-    whole = compute_metrics(logits, labels)
+    whole = compute_metrics(logits, labels, logits=True)
     for result in (mine[0], theirs[0]):
         assert result["gathered"] == [0.0, 1.0, 2.0, 10.0]   # every rank's values once, in rank order
         for round_ in ("split", "one_rank_empty"):
