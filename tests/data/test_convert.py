@@ -31,6 +31,7 @@ def ray_local():
     ray.shutdown()
 
 
+@pytest.mark.slow   # a local Ray
 def test_ray_pipeline_matches_in_process_run_byte_for_byte(ray_local, tmp_path):
     run(ToyConfig("energyflow", 600, str(tmp_path / "a.npz"), seed=1))
     run(ToyConfig("cms", 20, str(tmp_path / "b.parquet"), seed=2))
@@ -46,6 +47,7 @@ def test_ray_pipeline_matches_in_process_run_byte_for_byte(ray_local, tmp_path):
         assert read_manifest(f"file://{tmp_path}/ray_{source}").shards == by_ray.shards
 
 
+@pytest.mark.slow   # a local Ray
 def test_a_deflated_file_spreads_over_the_tasks_like_a_stored_one_with_the_same_shards(ray_local, tmp_path,
                                                                                         monkeypatch):
     """A deflated npz is cut into units like a stored one (no --rows-per-task: 16,384 rows a unit); one streaming
@@ -71,6 +73,7 @@ def test_a_deflated_file_spreads_over_the_tasks_like_a_stored_one_with_the_same_
         assert by_ray.stats == other.stats
 
 
+@pytest.mark.slow   # a local Ray
 def test_ray_pipeline_reports_bad_rows(ray_local, tmp_path):
     import numpy as np
 

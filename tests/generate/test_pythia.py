@@ -22,6 +22,7 @@ from qgdist.generate.pythia import run_pythia
 
 pytest.importorskip("pythia8mc")
 pytest.importorskip("fastjet")
+pytestmark = pytest.mark.slow   # Pythia itself: ~50 s for the file; the quick loop leaves it out
 
 #: Masses (GeV) of the stable visible particles Pythia leaves with default decays.
 MASS = {11: 0.000511, 13: 0.10566, 22: 0.0, 130: 0.49761, 211: 0.13957, 321: 0.49368, 2112: 0.93957, 2212: 0.93827}

@@ -265,6 +265,7 @@ def test_pyg_path_builds_no_host_tensors_and_uses_the_native_batch_norm() -> Non
     assert ops.seen.get("aten.native_batch_norm.default", 0) == norms
 
 
+@pytest.mark.slow   # torch.compile / a fresh interpreter: 5-12 s
 @pytest.mark.parametrize("layout,max_graphs", [("padded", 2), ("packed", 11)])
 def test_compiled_model_does_not_recompile_per_particle_count(layout: str, max_graphs: int) -> None:
     # bench step alternates two batches, which hid one graph per particle count (torch gives up after 8).
@@ -321,6 +322,7 @@ def test_a_few_training_steps_lower_the_loss(name: str) -> None:
     assert min(losses[-3:]) < losses[0] * 0.85, losses
 
 
+@pytest.mark.slow   # torch.compile / a fresh interpreter: 5-12 s
 def test_models_step_and_benchmarks_import_without_ray() -> None:
     code = (
         "import sys; sys.modules['ray'] = None\n"  # any `import ray` now raises ImportError

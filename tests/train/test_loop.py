@@ -63,6 +63,7 @@ def test_plain_loop_trains_both_families(model, cloud_dir, image_dir, tmp_path):
     assert state["fingerprint"]["hash"] == _cfg(data, model, tmp_path).fingerprint()["hash"]
 
 
+@pytest.mark.slow   # several whole training runs, 8-13 s
 def test_interrupted_and_resumed_run_is_bit_identical(cloud_dir, tmp_path, capsys):
     """Stop mid-epoch (max_steps), re-run the same config: same weights, bit for bit, as never stopping."""
     kw = dict(epochs=2, batch_size=16, loader_workers=2, checkpoint_every=3, track=True)
@@ -110,6 +111,7 @@ def test_resume_from_path_and_config_refusal(cloud_dir, tmp_path, capsys):
     assert more.epoch == 2 and more.global_step > out.global_step
 
 
+@pytest.mark.slow   # several whole training runs, 8-13 s
 @pytest.mark.parametrize("scheme", ["file", "memory"])
 def test_run_directory_may_be_a_url(scheme, cloud_dir, tmp_path, capsys, monkeypatch):
     """--storage s3://... works like a path: checkpoints, pointer, run id and artifacts go through fsspec.

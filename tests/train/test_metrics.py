@@ -91,6 +91,7 @@ def _ddp_worker(rank: int, world: int, port: int, queue: mp.Queue, empty_rank: i
         dist.destroy_process_group()
 
 
+@pytest.mark.slow   # two spawned gloo ranks, 6-7 s each
 @pytest.mark.parametrize("empty_rank", [None, 1])
 def test_ddp_sync_two_gloo_ranks_equals_whole_dataset(empty_rank: int | None) -> None:
     ctx = mp.get_context("spawn")

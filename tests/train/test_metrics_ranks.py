@@ -55,6 +55,7 @@ def _rank_1(port: int, queue) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow   # a spawned gloo rank, 7 s
 def test_two_ranks_with_unequal_or_no_jets_get_the_whole_datasets_metrics() -> None:
     ctx = mp.get_context("spawn")
     queue, port = ctx.Queue(), free_port()
