@@ -186,7 +186,7 @@ def placeholder(word: str) -> bool:
     return word in PLACEHOLDERS or "<" in word or re.fullmatch(r"[A-Z][A-Z0-9_]*(\.\.\.)?", word) is not None
 
 
-MISSING = ("is required", "arguments are required", "expected one argument")
+MISSING = ("is required", ": required", "expected one argument")
 
 
 def check(words: list[str], fragment: bool = False) -> None:
@@ -213,7 +213,7 @@ def check(words: list[str], fragment: bool = False) -> None:
             with redirect_stderr(stderr):
                 args = parser().parse_args([*path, *rest])
         except SystemExit:
-            raise AssertionError(stderr.getvalue().strip().splitlines()[-1]) from None
+            raise AssertionError(stderr.getvalue().strip().splitlines()[0]) from None   # the refusal, not the hint
         cls = getattr(args, "config_cls", None)
         if cls is not None and path != ["submit"]:
             from_args(cls, args)   # required settings, types and ranges

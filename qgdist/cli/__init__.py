@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import qgdist
 from qgdist.core.errors import QgdistError
 from qgdist.cli import bench, cluster, data, evaluate, generate, pipelines, track, train
+from qgdist.cli.parser import Parser
 
 #: Command groups in pipeline order (``qgdist --help`` lists them so).
 GROUPS = (generate, data, train, evaluate, track, cluster, pipelines, bench)
@@ -21,7 +22,7 @@ GROUPS = (generate, data, train, evaluate, track, cluster, pipelines, bench)
 
 def build_parser() -> argparse.ArgumentParser:
     """The whole ``qgdist`` parser (also used by ``qgdist submit`` to check a job's arguments before sending)."""
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="qgdist", description="Distributed streaming quark/gluon jet tagging (Ray, PyTorch, MLflow).")
     parser.add_argument("--version", action="version", version=f"qgdist {qgdist.__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)

@@ -7,6 +7,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from qgdist.bench import convert, knn, loader, physics, predict, scale, step, train
+from qgdist.cli.parser import Parser
 from qgdist.core.config import add_arguments, from_args
 
 #: kind -> (bench module, its config class, the function that runs a config, one-line help), in --help order.
@@ -48,7 +49,7 @@ def run_bench(args: argparse.Namespace) -> int:
 def run_kind(kind: str, argv: Sequence[str] | None = None) -> int:
     """``qgdist bench KIND ARGV...`` without building the rest of the command line (scripts, tests)."""
     module, cls, _, _ = KINDS[kind]
-    parser = argparse.ArgumentParser(prog=f"qgdist bench {kind}", description=module.__doc__,
+    parser = Parser(prog=f"qgdist bench {kind}", description=module.__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser, cls)
     args = parser.parse_args(argv)

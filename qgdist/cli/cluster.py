@@ -9,10 +9,11 @@ from typing import Any
 
 from qgdist.cluster.jobs_client import ListConfig, LogsConfig, StatusConfig, StopConfig
 from qgdist.cluster.submit import SubmitConfig
+from qgdist.cli.parser import Parser
 from qgdist.core.config import add_arguments, from_args
 
 
-class _ArgsAfterDoubleDash(argparse.ArgumentParser):
+class _ArgsAfterDoubleDash(Parser):
     """Takes everything after the first ``--`` as the job's ARGS, so submit's own options may follow COMMAND.
 
     (A plain ``nargs="*"`` positional would be matched, empty, right after COMMAND and reject the rest.)

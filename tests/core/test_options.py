@@ -240,7 +240,22 @@ def test_yaml_settings_are_held_to_the_same_ranges_and_types(capsys, tmp_path) -
 
 def test_predict_label_quark_value_takes_only_zero_or_one(capsys) -> None:
     code, err = run(["predict", "--checkpoint", "c", "--data", "d", "--out", "o", "--label-quark-value", "5"], capsys)
-    assert code == 2 and "--label-quark-value: invalid choice: 5 (choose from 0, 1)" in err
+    assert code == 2 and err.splitlines()[0] == "qgdist predict: label_quark_value: invalid choice: 5 (choose from 0, 1)"
+
+
+@pytest.mark.parametrize("argv,line", [
+    (["train", "--data", "d", "--epochs", "abc"], "qgdist train: epochs: invalid int value: 'abc'"),
+    (["train", "--data", "d", "--precision", "fp8"], "qgdist train: precision: invalid choice: 'fp8'"),
+    (["convert", "--source", "nosuch", "--out", "o", "in"], "qgdist convert: source: invalid choice: 'nosuch'"),
+    (["nosuch"], "qgdist: COMMAND: invalid choice: 'nosuch'"),
+    (["bench", "knn", "--repeats", "x"], "qgdist bench knn: repeats: invalid int value: 'x'"),
+])
+def test_argparses_own_refusals_are_one_line_naming_the_field(argv, line, capsys) -> None:
+    """A value argparse itself refuses (not a number, not a choice) reads like every other refusal of a setting:
+    ``qgdist CMD: field: reason``, a hint to --help, exit 2, no usage block."""
+    code, err = run(argv, capsys)
+    assert code == 2 and err.splitlines()[0].startswith(line), err
+    assert "usage:" not in err and "error:" not in err and len(err.splitlines()) == 2, err
 
 
 def test_a_renamed_flag_is_named_too(capsys) -> None:
