@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 import qgdist
 from qgdist.core.errors import QgdistError
+from qgdist.core.secrets import redact
 from qgdist.cli import bench, cluster, data, evaluate, generate, pipelines, track, train
 from qgdist.cli.parser import Parser
 
@@ -37,8 +38,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         code = args.func(args)
     except QgdistError as err:   # one clear line, not a traceback: the user's settings or data are wrong
-        print(f"{getattr(args, 'command_name', 'qgdist')}: {err}" + (f"\n({err.hint})" if err.hint else ""),
-              file=sys.stderr)
+        message = f"{getattr(args, 'command_name', 'qgdist')}: {err}" + (f"\n({err.hint})" if err.hint else "")
+        print(redact(message), file=sys.stderr)   # an error may name an input or server URL with credentials
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -37,6 +37,7 @@ while the manifest itself stays one line per shard however many chunks there are
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import posixpath
 from dataclasses import asdict, dataclass, field
@@ -46,6 +47,7 @@ import fsspec
 
 from qgdist.core.atomic import write_text
 from qgdist.core.errors import InputError
+from qgdist.core.secrets import redact, redact_config
 from qgdist.core.storage import join
 from qgdist.data.shards.schema import CHUNK_JETS, SCHEMA_VERSION, SchemaError
 
@@ -121,7 +123,10 @@ class Manifest:
 def write_manifest(manifest: Manifest, directory: str) -> str:
     """Write ``directory/manifest.json`` atomically (``qgdist.core.atomic``); returns its path or URL."""
     path = join(directory, MANIFEST_NAME)
-    write_text(path, manifest.to_json())
+    # The file outlives the process and is shared with the dataset: input URLs keep no credentials in it.
+    shared = dataclasses.replace(manifest, inputs=[redact(i) for i in manifest.inputs],
+                                 quarantine=redact_config(manifest.quarantine))
+    write_text(path, shared.to_json())
     return path
 
 

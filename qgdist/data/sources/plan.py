@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 import fsspec
 
+from qgdist.core.errors import InputError
 from qgdist.data.sources import cms, columnar, energyflow
 from qgdist.data.sources.base import Plan, Unit, file_name
 from qgdist.data.sources.errors import BadRowError, Rejected
@@ -30,12 +31,15 @@ def expand_inputs(inputs: list[str], source: str) -> list[str]:
     for item in inputs:
         fs, path = fsspec.core.url_to_fs(item)
         protocol = item.split("://")[0] + "://" if "://" in item else ""
-        if any(ch in path for ch in "*?["):
-            found = sorted(fs.glob(path))
-        elif fs.isdir(path):
-            found = sorted(p for p in fs.ls(path, detail=False) if p.endswith(EXTENSIONS[source]))
-        else:
-            found = [path]
+        try:
+            if any(ch in path for ch in "*?["):
+                found = sorted(fs.glob(path))
+            elif fs.isdir(path):
+                found = sorted(p for p in fs.ls(path, detail=False) if p.endswith(EXTENSIONS[source]))
+            else:
+                found = [path]
+        except OSError as err:   # a server that does not answer, refused credentials (aiohttp's are OSErrors too)
+            raise InputError(f"{item}: cannot be listed ({type(err).__name__}: {err})", file=item) from None
         out += [protocol + p if protocol else p for p in found]
     names = [file_name(p) for p in out]
     if len(set(names)) != len(names):
