@@ -32,6 +32,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from qgdist.core.config import build
+from qgdist.core.errors import QgdistError
 from qgdist.train.config import TrainConfig
 from qgdist.train.state import TrainResult
 
@@ -137,6 +138,13 @@ def fit(cfg: TrainConfig, worker_fn: Callable[[dict[str, Any]], None] = worker_l
     with relay, NodeWatch(on_lost=narrator.on_node_lost, on_joined=narrator.on_node_joined):
         try:
             result = trainer.fit()
+        except ray.train.WorkerGroupError as err:
+            # A worker refused the user's data or settings (a damaged shard, say): that one line, as the plain
+            # loop gives it, not Ray's wrapper with every rank's traceback.
+            user = _user_error(err)
+            if user is None:
+                raise
+            raise user.with_traceback(None) from None
         finally:
             _record(cfg, narrator, relay)
     latest = checkpointer.latest()
@@ -145,6 +153,20 @@ def fit(cfg: TrainConfig, worker_fn: Callable[[dict[str, Any]], None] = worker_l
     started = (result.metrics or {}).get("started_unix")
     return dataclasses.replace(TrainResult.of(str(cfg.run), str(latest), load_checkpoint(latest)),
                                started_unix=started)
+
+
+def _user_error(err: BaseException) -> QgdistError | None:
+    """The first ``QgdistError`` (lowest rank) behind Ray Train's ``WorkerGroupError``, or None."""
+    for rank in sorted(getattr(err, "worker_failures", {}) or {}):
+        failure: BaseException | None = err.worker_failures[rank]
+        while failure is not None:
+            cause = getattr(failure, "cause", None)   # a RayTaskError holds the worker's own exception
+            if isinstance(cause, QgdistError):
+                return cause
+            if isinstance(failure, QgdistError) and cause is None:
+                return failure
+            failure = cause if isinstance(cause, BaseException) else failure.__cause__
+    return None
 
 
 def _record(cfg: TrainConfig, narrator: Any, relay: Any) -> None:

@@ -178,3 +178,17 @@ def test_a_tracker_outage_costs_no_worker_group_restart(ray_local, data, tmp_pat
     assert skipped == 0 and "create" in records[0]
     assert sorted(r["step"] for r in records if r.get("key") == "train/loss") == list(range(1, 9))  # from step 1
     assert any(r.get("key") == "val/auc" for r in records) and records[-1].get("status") == "FINISHED"
+
+
+def test_a_damaged_shard_met_by_a_worker_is_the_one_line_the_plain_loop_gives(ray_local, tmp_path):
+    """A worker's InputError reaches the caller as itself (naming the shard), not inside Ray's WorkerGroupError."""
+    from qgdist.core.errors import InputError
+    from qgdist.data.shards.manifest import read_manifest
+
+    data = write_dataset(str(tmp_path / "cloud"), "cloud", {"train": [32] * 4, "val": [16, 16]}, seed=7)
+    shard = next(s for s in read_manifest(data).shards if s.name.startswith("train-"))
+    with open(Path(data) / shard.name, "r+b") as f:
+        f.truncate(shard.bytes // 2)
+    with pytest.raises(InputError, match=rf"{shard.name}: truncated") as err:
+        fit(ray_cfg(data, "particlenet-lite", tmp_path / "runs", epochs=1))
+    assert type(err.value) is InputError and "Traceback" not in str(err.value), str(err.value)[:2000]
