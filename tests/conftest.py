@@ -26,12 +26,3 @@ def _no_ray_left_behind():
         if ray.is_initialized():
             ray.shutdown()
 
-
-@pytest.hookimpl(tryfirst=True)
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Under ``pytest -n 2 --dist loadgroup`` (pytest-xdist) each test file runs whole in one worker, so its
-    module-scoped fixtures (a Ray instance, a trained model) are built once; files that name an ``xdist_group``
-    share one worker. Without xdist the marker does nothing."""
-    for item in items:
-        if item.get_closest_marker("xdist_group") is None:
-            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))

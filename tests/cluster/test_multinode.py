@@ -26,8 +26,7 @@ from qgdist.train.config import TrainConfig, resolve
 from qgdist.train.ray_trainer import fit, worker_loop
 from tests.cluster.raykit import VENV_BIN, RayNode, wait_for_nodes
 
-# One worker for both multi-node files under xdist: two clusters at once would crowd the 1 s health checks.
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray-clusters")]
+pytestmark = pytest.mark.slow
 NODE = {"qgdist_node": 1}
 # A lost node is declared dead after ~3 missed 1 s health checks instead of Ray's default ~5 x 3 s, and Ray Train
 # gives up starting a worker group that cannot be placed after 15 s instead of 60 s (an elastic run first retries

@@ -25,8 +25,7 @@ import pytest
 from tests.cluster.raykit import VENV_BIN, RayNode, wait_for_nodes
 from tests.trainkit import write_dataset
 
-# One worker for both multi-node files under xdist: two clusters at once would crowd the 1 s health checks.
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray-clusters")]
+pytestmark = pytest.mark.slow
 NODE = {"qgdist_node": 1}
 # Lost nodes declared dead after ~3 missed 1 s health checks; a worker group that cannot be placed is given up
 # after 15 s (tests/cluster/test_multinode.py explains both).
