@@ -1,7 +1,17 @@
 """Shared fixtures."""
 
+import os
+
 import pytest
 import torch
+
+# Every Ray a test starts in this process runs without token authentication. Ray fixes a process's auth mode at
+# its first ray.init, so one file's private token-mode Ray (qgdist.core.ray's default) would leave the process
+# unable to serve objects to the auth-disabled multi-node clusters of a later file (OwnerDiedError: found when
+# `pytest -n 2 --dist loadfile` ran tests/infer/test_predict.py before tests/cluster/test_multinode.py in one
+# worker). Token authentication itself is tested in fresh processes (tests/core/test_ray.py, the job head of
+# tests/cluster/test_job_submission.py).
+os.environ["RAY_AUTH_MODE"] = "disabled"
 
 
 @pytest.fixture(scope="module")

@@ -50,7 +50,7 @@ def run_kind(kind: str, argv: Sequence[str] | None = None) -> int:
     """``qgdist bench KIND ARGV...`` without building the rest of the command line (scripts, tests)."""
     module, cls, _, _ = KINDS[kind]
     parser = Parser(prog=f"qgdist bench {kind}", description=module.__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser, cls)
     args = parser.parse_args(argv)
     args.bench = kind

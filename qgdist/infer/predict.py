@@ -248,7 +248,8 @@ class Scorer:
         return {"index": unit["index"], "jets": len(rows), "rows_in": counts["rows_in"] or len(rows),
                 "rejected": rejected, "part": name}
 
-    def _samples(self, unit: dict[str, Any], rejected: list, counts: dict[str, int], raw: Any = None) -> Iterator[Any]:
+    def _samples(self, unit: dict[str, Any], rejected: list, counts: dict[str, int],
+                 raw: Any = None) -> Iterator[Any]:
         """Chunks of jets: raw (tar-member dicts) from a shard, or decoded blocks read from a source file's rows by
         the same readers as ``qgdist convert`` (what it would write); ``Collate`` takes both."""
         if unit["type"] == "shard":
@@ -423,7 +424,8 @@ def _run_ray(cfg: PredictConfig, checkpoint: str, units: list[dict[str, Any]], c
     # a deflated file's rows are inflated once by a streaming read task and scored by every actor
     ds = unit_dataset(units, [_source_unit(u) for u in units], consumers=workers, inflaters=1 + cpus // 8)
     ds = ds.map_batches(
-        Scorer, batch_size=1, batch_format="pyarrow", concurrency=workers, num_cpus=0 if gpus_per_worker else 1, num_gpus=gpus_per_worker,
+        Scorer, batch_size=1, batch_format="pyarrow", concurrency=workers, num_cpus=0 if gpus_per_worker else 1,
+        num_gpus=gpus_per_worker,
         fn_constructor_kwargs={"checkpoint": checkpoint, "out": cfg.out, "batch_size": cfg.batch_size,
                                "on_bad_row": cfg.on_bad_row, "label_quark_value": cfg.label_quark_value,
                                "prefix": prefix})
