@@ -143,3 +143,36 @@ def wait_for_nodes(count: int, timeout: float = 120) -> None:
             return
         time.sleep(0.5)
     raise TimeoutError(f"the cluster did not reach {count} alive nodes in {timeout} s")
+
+
+#: The resource each worker node offers and each training worker asks for, so two workers land on two nodes.
+NODE = {"qgdist_node": 1}
+# A lost node is declared dead after ~3 missed 1 s health checks instead of Ray's default ~5 x 3 s, and Ray Train
+# gives up starting a worker group that cannot be placed after 15 s instead of 60 s (an elastic run first retries
+# its old size: Ray's autoscaling coordinator notices a lost node only at its next 20 s tick). With the defaults
+# the elastic test went on with one worker ~80 s after the kill; docs/operations.md has both figures.
+FAST_NODE_DEATH = {"health_check_period_ms": "1000", "health_check_timeout_ms": "1000",
+                   "health_check_failure_threshold": "3", "TRAIN_WORKER_GROUP_START_TIMEOUT_S": "15"}
+
+
+def two_node_cluster():
+    """A module fixture's body: a head without CPUs and two one-CPU worker nodes offering ``NODE``, with this
+    process attached as the driver; yields ``{"head", "nodes"}`` and stops every node after."""
+    import pytest
+    import ray
+
+    if not (VENV_BIN / "ray").exists():
+        pytest.skip(f"no `ray` executable next to {VENV_BIN}")
+    head = RayNode(num_cpus=0, ray_settings=FAST_NODE_DEATH)
+    nodes = []
+    try:
+        nodes = [RayNode(head, num_cpus=1, resources=NODE, ray_settings=FAST_NODE_DEATH) for _ in range(2)]
+        os.environ["RAY_AUTH_MODE"] = "disabled"
+        ray.init(address=head.gcs_address, log_to_driver=False)
+        wait_for_nodes(3)
+        yield {"head": head, "nodes": nodes}
+    finally:
+        ray.shutdown()
+        for node in nodes:
+            node.stop()
+        head.stop(remove_temp_dir=True)

@@ -12,7 +12,6 @@ printed (``-s``).
 from __future__ import annotations
 
 import json
-import os
 import threading
 import time
 from pathlib import Path
@@ -24,38 +23,15 @@ from qgdist.pipelines.toy_data import toy_file
 from qgdist.train.checkpointer import Checkpointer, load_checkpoint
 from qgdist.train.config import TrainConfig, resolve
 from qgdist.train.ray_trainer import fit, worker_loop
-from tests.cluster.raykit import VENV_BIN, RayNode, wait_for_nodes
+from tests.cluster.raykit import FAST_NODE_DEATH, NODE, RayNode, two_node_cluster
 
 pytestmark = pytest.mark.slow
-NODE = {"qgdist_node": 1}
-# A lost node is declared dead after ~3 missed 1 s health checks instead of Ray's default ~5 x 3 s, and Ray Train
-# gives up starting a worker group that cannot be placed after 15 s instead of 60 s (an elastic run first retries
-# its old size: Ray's autoscaling coordinator notices a lost node only at its next 20 s tick). With the defaults
-# the elastic test here went on with one worker ~80 s after the kill; docs/operations.md has both figures.
-FAST_NODE_DEATH = {"health_check_period_ms": "1000", "health_check_timeout_ms": "1000",
-                   "health_check_failure_threshold": "3", "TRAIN_WORKER_GROUP_START_TIMEOUT_S": "15"}
 TINY = {"conv_params": [[4, [8, 8]]], "fc_params": [[16, 0.1]]}
 
 
 @pytest.fixture(scope="module")
 def cluster():
-    import ray
-
-    if not (VENV_BIN / "ray").exists():
-        pytest.skip(f"no `ray` executable next to {VENV_BIN}")
-    head = RayNode(num_cpus=0, ray_settings=FAST_NODE_DEATH)
-    nodes = []
-    try:
-        nodes = [RayNode(head, num_cpus=1, resources=NODE, ray_settings=FAST_NODE_DEATH) for _ in range(2)]
-        os.environ["RAY_AUTH_MODE"] = "disabled"
-        ray.init(address=head.gcs_address, log_to_driver=False)
-        wait_for_nodes(3)
-        yield {"head": head, "nodes": nodes}
-    finally:
-        ray.shutdown()
-        for node in nodes:
-            node.stop()
-        head.stop(remove_temp_dir=True)
+    yield from two_node_cluster()
 
 
 def _record_node(config: dict) -> None:

@@ -22,15 +22,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.cluster.raykit import VENV_BIN, RayNode, wait_for_nodes
+from tests.cluster.raykit import RayNode, two_node_cluster
 from tests.trainkit import write_dataset
 
 pytestmark = pytest.mark.slow
-NODE = {"qgdist_node": 1}
-# Lost nodes declared dead after ~3 missed 1 s health checks; a worker group that cannot be placed is given up
-# after 15 s (tests/cluster/test_multinode.py explains both).
-FAST_NODE_DEATH = {"health_check_period_ms": "1000", "health_check_timeout_ms": "1000",
-                   "health_check_failure_threshold": "3", "TRAIN_WORKER_GROUP_START_TIMEOUT_S": "15"}
 HANG_S = 900   # only catches a hang: every wait below is on an event
 EVENT = re.compile(r"(node \S+ (lost|joined)|waiting for workers|could not place|restarted with|room for"
                    r"|worker failed)")
@@ -69,23 +64,7 @@ class Terminal:
 
 @pytest.fixture(scope="module")
 def cluster():
-    import ray
-
-    if not (VENV_BIN / "ray").exists():
-        pytest.skip(f"no `ray` executable next to {VENV_BIN}")
-    head = RayNode(num_cpus=0, ray_settings=FAST_NODE_DEATH)
-    nodes = []
-    try:
-        nodes = [RayNode(head, num_cpus=1, resources=NODE, ray_settings=FAST_NODE_DEATH) for _ in range(2)]
-        os.environ["RAY_AUTH_MODE"] = "disabled"
-        ray.init(address=head.gcs_address, log_to_driver=False)
-        wait_for_nodes(3)
-        yield {"head": head, "nodes": nodes}
-    finally:
-        ray.shutdown()
-        for node in nodes:
-            node.stop()
-        head.stop(remove_temp_dir=True)
+    yield from two_node_cluster()
 
 
 def _relay(head: RayNode):
