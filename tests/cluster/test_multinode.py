@@ -35,17 +35,37 @@ def cluster():
 
 
 def _record_node(config: dict) -> None:
-    """The normal worker loop, after noting which node this rank runs on (and when)."""
+    """The normal worker loop, after noting which node this rank runs on (and when); the note then counts the
+    steps this process trains, the proof of a resume that does not rest on what the run says of itself."""
+    import os
+
     import ray
     import ray.train
+
+    from qgdist.train import loop
 
     run = config["train"]["checkpoint"]
     rank = ray.train.get_context().get_world_rank()
     out = Path(run["storage"]) / run["run_name"] / "placement"
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{time.time():.3f}-rank{rank}.json").write_text(json.dumps(
-        {"rank": rank, "world": ray.train.get_context().get_world_size(),
-         "node": ray.get_runtime_context().get_node_id(), "time": time.time()}))
+    path = out / f"{time.time():.3f}-rank{rank}.json"
+    record = {"rank": rank, "world": ray.train.get_context().get_world_size(),
+              "node": ray.get_runtime_context().get_node_id(), "time": time.time(), "steps": 0}
+
+    def note() -> None:   # whole or not at all: the node may be killed mid-write
+        path.with_suffix(".tmp").write_text(json.dumps(record))
+        os.replace(path.with_suffix(".tmp"), path)
+
+    real_step = loop.train_step
+
+    def counted_step(*args, **kwargs):
+        loss = real_step(*args, **kwargs)
+        record["steps"] += 1
+        note()
+        return loss
+
+    note()
+    loop.train_step = counted_step
     worker_loop(config)
 
 
@@ -101,10 +121,15 @@ def test_a_lost_node_is_regained_and_training_finishes(cluster, tmp_path):
     state = load_checkpoint(Checkpointer(out.run_dir).latest())
     steps_per_epoch = state.global_step // 2
     assert state.epoch == 2 and state.step == 0 and steps_per_epoch > 5
-    placements = [json.loads(p.read_text()) for p in sorted((Path(out.run_dir) / "placement").iterdir())]
+    placements = [json.loads(p.read_text()) for p in sorted((Path(out.run_dir) / "placement").glob("*.json"))]
     first, after = placements[:2], [p for p in placements if p["time"] > events["killed"]]
     assert {p["rank"] for p in first} == {0, 1} and len({p["node"] for p in first}) == 2   # one worker per node
     assert {p["rank"] for p in after} >= {0, 1} and len({p["node"] for p in after[-2:]}) == 2
+    # Resumed, not started over: the ranks that finished trained only the steps after a checkpoint at or past
+    # the one written before the kill.
+    finishers = after[-2:]
+    assert all(0 < p["steps"] <= state.global_step - events["checkpoint_step"] for p in finishers), \
+        (finishers, state.global_step, events)
     back = min(p["time"] for p in after)
     print(f"\nnode lost at global step >= {events['checkpoint_step']} (latest checkpoint); node restarted "
           f"{events['restarted'] - events['killed']:.1f} s after the kill; workers running again "
@@ -129,7 +154,7 @@ def test_an_elastic_run_goes_on_with_one_node_and_grows_back(cluster, tmp_path):
     events: dict[str, float] = {}
 
     def worlds_since(t: float) -> set[int]:
-        return {json.loads(p.read_text())["world"] for p in placement.iterdir()
+        return {json.loads(p.read_text())["world"] for p in placement.glob("*.json")
                 if json.loads(p.read_text())["time"] > t} if placement.exists() else set()
 
     def lose_a_node_then_regain_it() -> None:
@@ -157,7 +182,7 @@ def test_an_elastic_run_goes_on_with_one_node_and_grows_back(cluster, tmp_path):
 
     state = load_checkpoint(Checkpointer(out.run_dir).latest())
     assert state.epoch == 3 and state.step == 0
-    records = sorted((json.loads(p.read_text()) for p in placement.iterdir()), key=lambda r: r["time"])
+    records = sorted((json.loads(p.read_text()) for p in placement.glob("*.json")), key=lambda r: r["time"])
     worlds = [r["world"] for r in records if r["rank"] == 0]
     assert worlds[0] == 2 and 1 in worlds and worlds[-1] == 2, worlds     # 2 -> 1 -> 2
     client = MlflowClient(tracking_uri=local_store_uri(out.run_dir))

@@ -82,7 +82,8 @@ def test_ddp_trains_cloud_model(reference):
 def _dying_worker(at_step: int, wipe_checkpoints: bool = False):
     """A worker loop in which rank 1 kills its own process (SIGKILL) during global step ``at_step``, once --
     after rank 0 deleted the run's own checkpoints, with ``wipe_checkpoints`` (a lost volume: only Ray's copies
-    of the epoch-end checkpoints are left)."""
+    of the epoch-end checkpoints are left). The restarted ranks write how many steps they trained to
+    ``steps-after-restart-rankR``: the proof of a resume that does not rest on what the run says of itself."""
     def worker(config: dict) -> None:
         import shutil
 
@@ -92,26 +93,32 @@ def _dying_worker(at_step: int, wipe_checkpoints: bool = False):
 
         run = Path(config["train"]["checkpoint"]["storage"]) / config["train"]["checkpoint"]["run_name"]
         marker, rank = run / "killed-once", ray.train.get_context().get_world_rank()
-        if not marker.exists():
-            real_step, calls = loop.train_step, [0]
+        real_step, calls = loop.train_step, [0]
+        restarted = marker.exists()
 
-            def step(*args, **kwargs):
-                calls[0] += 1
-                if calls[0] == at_step:
-                    if rank == 0 and wipe_checkpoints:
-                        shutil.rmtree(run / "checkpoints")
-                        marker.touch()
-                    elif rank == 1:
-                        while wipe_checkpoints and not marker.exists():   # rank 0 wipes first
-                            time.sleep(0.01)
-                        marker.touch()
-                        os.kill(os.getpid(), signal.SIGKILL)
-                return real_step(*args, **kwargs)
+        def step(*args, **kwargs):
+            calls[0] += 1
+            if not restarted and calls[0] == at_step:
+                if rank == 0 and wipe_checkpoints:
+                    shutil.rmtree(run / "checkpoints")
+                    marker.touch()
+                elif rank == 1:
+                    while wipe_checkpoints and not marker.exists():   # rank 0 wipes first
+                        time.sleep(0.01)
+                    marker.touch()
+                    os.kill(os.getpid(), signal.SIGKILL)
+            return real_step(*args, **kwargs)
 
-            loop.train_step = step
+        loop.train_step = step
         worker_loop(config)
+        if restarted:
+            (run / f"steps-after-restart-rank{rank}").write_text(str(calls[0]))
 
     return worker
+
+
+def _steps_after_restart(run_dir: str | Path, rank: int) -> int:
+    return int((Path(run_dir) / f"steps-after-restart-rank{rank}").read_text())
 
 
 def _resumed_at(printed: str) -> tuple[str, int]:
@@ -131,6 +138,8 @@ def test_worker_killed_mid_epoch_resumes_from_its_last_checkpoint_bit_identicall
     # Resumed, not restarted from scratch: from the checkpoint at step 4 (every 2 steps), one step redone.
     where, step = _resumed_at(capsys.readouterr().out)
     assert step == 4 and where.endswith("checkpoints/step-000000004") and 6 - 1 - step <= cfg.checkpoint.checkpoint_every
+    # ... and the restarted ranks trained only the 12 steps after it (16 had they started over).
+    assert [_steps_after_restart(out.run_dir, r) for r in (0, 1)] == [16 - step] * 2
     assert Checkpointer(out.run_dir).pointer()["global_step"] == 16
     a, b = final_weights(reference.run_dir), final_weights(out.run_dir)
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -143,6 +152,7 @@ def test_with_its_checkpoints_lost_a_run_resumes_from_rays_copy(reference, data,
     out = fit(cfg, worker_fn=_dying_worker(11, wipe_checkpoints=True))
     where, step = _resumed_at(capsys.readouterr().out)
     assert step == 8 and "/checkpoints/" not in where   # Ray's copy, at the end of epoch 0
+    assert [_steps_after_restart(out.run_dir, r) for r in (0, 1)] == [16 - step] * 2   # not 16: not from scratch
     a, b = final_weights(reference.run_dir), final_weights(out.run_dir)
     assert all(torch.equal(a[k], b[k]) for k in a)
 
