@@ -29,12 +29,14 @@ def _write_tar(path, samples):
 
 
 def _chunks(rng):
-    images = np.where(rng.random((2, 3, 10, 12)) > 0.9, rng.random((2, 3, 10, 12)), 0.0).astype(np.float32)
-    flat = images.reshape(2, -1)
+    # Three images: with two, a jet's offset subtracted instead of added lands on the same pixels (numpy wraps).
+    images = np.where(rng.random((3, 3, 10, 12)) > 0.9, rng.random((3, 3, 10, 12)), 0.0).astype(np.float32)
+    flat = images.reshape(3, -1)
     img, pix = np.nonzero(flat)
-    ijets = np.zeros(2, IMAGE_JET)
-    ijets["row"], ijets["is_quark"], ijets["pt"], ijets["mass"] = [3, 8], [1, 0], [100.0, 90.0], [10.0, 9.0]
-    ijets["n"] = np.bincount(img, minlength=2)
+    ijets = np.zeros(3, IMAGE_JET)
+    ijets["row"], ijets["is_quark"], ijets["pt"], ijets["mass"] = [3, 8, 11], [1, 0, 1], [100.0, 90.0, 80.0], \
+        [10.0, 9.0, 8.0]
+    ijets["n"] = np.bincount(img, minlength=3)
     image = ImageChunk(file="a.b.parquet", source="cms", jets=ijets, pix=pix.astype(np.uint16), val=flat[img, pix],
                        image_shape=(3, 10, 12))
     n = np.array([17, 5, 9], np.int32)
@@ -43,6 +45,7 @@ def _chunks(rng):
     kin, pid = sort_particles(kin, pid, n)
     cjets = np.zeros(3, CLOUD_JET)
     cjets["row"], cjets["is_quark"], cjets["pt"], cjets["n"] = [9, 10, 12], [0, 1, 1], [500.0, 510.0, 520.0], n
+    cjets["jet_y"], cjets["jet_phi"] = [0.5, -1.25, 2.0], [0.75, 3.0, -2.5]
     cloud = CloudChunk(file="x.npz", source="energyflow", jets=cjets, kin=kin, pid=pid)
     return images, image, cloud
 
@@ -54,15 +57,20 @@ def test_image_and_cloud_chunks_round_trip_through_stock_webdataset(tmp_path):
     _write_tar(tmp_path / "s.tar", [image.encode(), cloud.encode()])
     got = list(wds.WebDataset(str(tmp_path / "s.tar"), shardshuffle=False).decode())
     assert [g["__key__"] for g in got] == keys
-    assert got[0]["meta.json"]["jets"] == 2 and got[1]["jets.npy"]["n"].tolist() == [17, 5, 9]
+    assert got[0]["meta.json"]["jets"] == 3 and got[1]["jets.npy"]["n"].tolist() == [17, 5, 9]
     back_img, back_cloud = decode_chunk(got[0]), decode_chunk(got[1])
     np.testing.assert_array_equal(back_img.dense(), images)
+    assert back_img.dense().dtype == np.float32   # what the models take; float64 would double the batch
     np.testing.assert_array_equal(back_img.jet(1).dense(), images[1])
     assert back_img.jet(0).meta["row"] == 3 and back_img.jet(0).meta["image_shape"] == [3, 10, 12]
     np.testing.assert_array_equal(back_cloud.kin, cloud.kin)
     np.testing.assert_array_equal(back_cloud.pid, cloud.pid)
     assert back_cloud.jets.tobytes() == cloud.jets.tobytes()
     assert np.all(np.diff(back_cloud.jet(0).kin[:, 0]) <= 0)   # hardest first
+    one = back_cloud.jet(1)   # a per-jet view carries the jet's axis and true multiplicity (predict writes them)
+    assert {k: one.meta[k] for k in ("jet_y", "jet_phi", "n", "row")} == \
+        {"jet_y": float(cloud.jets["jet_y"][1]), "jet_phi": float(cloud.jets["jet_phi"][1]), "n": 5, "row": 10}
+    assert len(one.kin) == len(one.pid) == 5
     # raw bytes (no webdataset decoder) decode the same, through the fast npy path
     raw = list(wds.WebDataset(str(tmp_path / "s.tar"), shardshuffle=False))
     np.testing.assert_array_equal(decode_chunk(raw[1]).kin, cloud.kin)

@@ -101,6 +101,10 @@ def test_trim_padding_cuts_after_the_last_real_column() -> None:
     assert m.shape == (3, 7) and f.shape == (3, 7, 4)
     assert torch.equal(f, feats[:, :7]) and int(m.sum()) == int(mask.sum())
 
+    # A batch of empty jets keeps one (padding) column: downstream shapes stay valid, nothing real is invented.
+    m, f = trim_padding(torch.zeros(2, 10, dtype=torch.bool), feats[:2])
+    assert m.shape == (2, 1) and f.shape == (2, 1, 4) and not m.any()
+
 
 def _tie_heavy_cloud(seed: int):
     g = torch.Generator().manual_seed(seed)

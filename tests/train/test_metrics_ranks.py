@@ -55,7 +55,8 @@ def _rank_1(port: int, queue) -> None:
         dist.destroy_process_group()
 
 
-@pytest.mark.slow   # a spawned gloo rank, 7 s
+# Not slow (7 s, one spawned process, no Ray or server): the quick loop and the mutation run keep it, and it is
+# the one test of metrics.py's gathers that mutmut can see (rank 0 runs here).
 def test_two_ranks_with_unequal_or_no_jets_get_the_whole_datasets_metrics() -> None:
     ctx = mp.get_context("spawn")
     queue, port = ctx.Queue(), free_port()

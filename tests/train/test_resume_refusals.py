@@ -63,7 +63,8 @@ def test_a_resume_on_another_dataset_is_refused_naming_both() -> None:
         check_dataset(_checkpoint(TRAINED_ON), _manifest("bbbb"), "shards/new", WHERE)
     assert str(err.value).startswith(f"{WHERE} was trained on dataset aaaa (shards/old), but --data is dataset "
                                      "bbbb (shards/new): a resumed run would mix the two.")
-    assert "--allow-config-change" in str(err.value)
+    assert str(err.value).endswith(   # the two ways out, as the user types them
+        " Use another --run-name to train on this dataset, or --allow-config-change to continue anyway.")
     assert (err.value.file, err.value.field, err.value.expected, err.value.got) == (WHERE, "data", "aaaa", "bbbb")
 
 
