@@ -78,3 +78,39 @@ def test_required_field_is_named_and_names_must_be_unique():
 
     with pytest.raises(TypeError, match="'rate' appears in two sections"):
         add_arguments(argparse.ArgumentParser(), Twice)
+
+
+def test_option_declares_a_flags_whole_contract_in_one_place():
+    """Every argument of ``option`` reaches the flag and the checks. The config is declared inside the test, so
+    ``option`` runs here (a class declared at import has its fields made before any test runs)."""
+    def even(value: int) -> str | None:
+        return None if value % 2 == 0 else "must be even"
+
+    @dataclass(frozen=True)
+    class Local:
+        files: list[str] = option([], "input files", positional=True)
+        batch: int = option(8, "jets per batch", flag="--bs", metavar="N", min=1, max=64, check=even)
+        frac: float = option(0.5, "a fraction", gt=0, lt=1)
+        size: int = option(1024, "bytes", parse=_size)
+        progress: bool = option(True, "bars", aliases={"--quiet": False})
+        secret: str = option("hidden", "not a flag", cli=False)
+
+    parser = argparse.ArgumentParser(exit_on_error=False)
+    add_arguments(parser, Local)
+    text = parser.format_help()
+    assert "--bs N" in text and "jets per batch (default: 8; >= 1 and <= 64)" in text
+    assert "a fraction (default: 0.5; > 0 and < 1)" in text and "same as setting progress to False" in text
+    assert "--secret" not in text and "--batch" not in text
+    cfg = from_args(Local, parser.parse_args(["a", "b", "--bs", "4", "--size", "2KiB", "--quiet", "--frac", "0.25"]))
+    assert cfg == Local(files=["a", "b"], batch=4, frac=0.25, size=2048, progress=False, secret="hidden")
+    for flags, refusal in ((["--bs", "0"], "batch (--bs): must be >= 1 and <= 64, got 0"),
+                           (["--bs", "66"], "batch (--bs): must be >= 1 and <= 64, got 66"),
+                           (["--bs", "3"], "batch (--bs): must be even, got 3"),
+                           (["--frac", "1"], "frac: must be > 0 and < 1, got 1.0"),
+                           (["--frac", "0"], "frac: must be > 0 and < 1, got 0.0")):
+        with pytest.raises(ValueError) as err:
+            from_args(Local, parser.parse_args(["a", *flags]))
+        assert str(err.value) == refusal
+    one, two = Local(), Local()
+    one.files.append("x")   # a mutable default is each instance's own
+    assert two.files == [] and Local().files == []
