@@ -256,10 +256,15 @@ def table(res: dict[str, Any]) -> str:
              f"{'format/size/method':26s} {'rows':>7s} {'start-up s':>10s} {'loop s':>7s} {'loop CPU s':>10s} "
              f"{'loop rows/s':>11s} "
              f"{'KB/jet':>7s} {'peak PSS MB':>11s} {'peak RSS MB':>11s} {'sum HWM MB':>10s}"]
+
+    def maybe(value: float | None, spec: str) -> str:   # "-": not measured (Ray workers' CPU, a reader's output)
+        return format(value, spec) if value is not None else "-".rjust(int(spec.split(".")[0]))
+
     for name, r in res["methods"].items():
+        kb = r["bytes_per_jet"] / 1e3 if "bytes_per_jet" in r else None
         lines.append(f"{name:26s} {r['rows']:7.0f} {r['startup_s']:10.1f} {r['loop_s']:7.2f} "
-                     f"{r.get('loop_cpu_s', float('nan')):10.2f} "
-                     f"{r['loop_rows_per_s']:11.0f} {r.get('bytes_per_jet', float('nan')) / 1e3:7.2f} "
+                     f"{maybe(r.get('loop_cpu_s'), '10.2f')} "
+                     f"{r['loop_rows_per_s']:11.0f} {maybe(kb, '7.2f')} "
                      f"{r['peak_pss_mb']:11.0f} {r['peak_rss_mb']:11.0f} {r['sum_hwm_mb']:10.0f}")
     big = f"{cfg['scale']}x"
     for fmt, s in res["summary"].items():
@@ -267,7 +272,7 @@ def table(res: dict[str, Any]) -> str:
             t = s[size]
             lines.append(f"{fmt} {size}: read ceiling {t['read_ceiling_rows_per_s']:.0f} rows/s (one core); local "
                          f"(one process) {t['local_vs_read']:.2f}x of it ({t['local_vs_read_cpu']:.2f}x per "
-                         f"CPU-second), ray ({res['cpus']} CPUs) "
+                         f"CPU-second), ray ({cfg['num_cpus'] or res['cpus']} CPUs) "
                          f"{t['ray_vs_read']:.2f}x = {t['ray_rows_per_s']:.0f} rows/s (target >= 0.7x); "
                          f"{t['bytes_per_jet'] / 1e3:.2f} KB/jet out vs {t['input_bytes_per_jet'] / 1e3:.2f} in")
         for executor in ("ray", "local"):

@@ -310,9 +310,11 @@ def table(res: dict) -> str:
             extra = checked["jets"] / checked["jets_per_cpu_s"] - plain["jets"] / plain["jets_per_cpu_s"]
             lines.append(f"{kind:6} verify {checked['jets_per_cpu_s']:11.0f} {checked['jets_per_wall_s']:12.0f} "
                          f"{checked['peak_rss_mb']:12.0f} {checked['rss_before_mb']:11.0f} {'':>10}  "
-                         f"--verify-shards: +{extra:.2f} CPU-s over {res['config']['epochs']} epochs "
+                         f"--verify-shards: {extra:+.2f} CPU-s over {res['config']['epochs']} epochs "
                          f"({extra / (plain['jets'] / plain['jets_per_cpu_s']):+.1%}), every train shard hashed once "
-                         f"({e['train_mb']:.1f} MB, {e['train_mb'] / max(extra, 1e-9):.0f} MB per extra CPU-s)")
+                         f"({e['train_mb']:.1f} MB, "
+                         + (f"{e['train_mb'] / extra:.0f}" if extra > 0 else "n/a")   # lost in the noise
+                         + " MB per extra CPU-s)")
         b = e["bytes_per_jet"]
         lines.append(f"{kind:6} source {'':>11} {'':>12} {'':>12} {'':>11} {b['source']:10.0f}  "
                      f"v2 <= source: {'met' if b['v2'] <= b['source'] else 'NOT met'} ({', '.join(b['source_files'])})")
