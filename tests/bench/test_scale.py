@@ -4,11 +4,13 @@ reported failure (an out-of-memory kill), not a crash of the bench."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
 from qgdist.bench.memcap import MemoryCap
 from qgdist.bench.scale import BenchScaleConfig, run, table
+from tests.commands import assert_finite, markdown_rows, number, qgdist
 
 
 @pytest.fixture(scope="module")
@@ -23,18 +25,36 @@ def cgroup():
 
 @pytest.mark.slow
 def test_capped_stages_complete_and_record_their_peaks(cgroup, tmp_path):
-    cfg = BenchScaleConfig(jets=(600,), images=(), mem_cap=3.0, until="convert", workers=1,
-                           jets_per_file=300, workdir=str(tmp_path))
-    results = run(cfg)
+    """``qgdist bench scale`` run as a command: its table and bench_scale.json."""
+    out = qgdist("bench", "scale", "--jets", 600, "--images", 0, "--mem-cap", 3.0, "--until", "convert",
+                 "--workers", 1, "--jets-per-file", 300, "--workdir", tmp_path).stdout
+    results = json.loads((tmp_path / "bench_scale.json").read_text())
     assert results["failed"] == []
     gen, conv = results["rows"]
     assert (gen["stage"], conv["stage"]) == ("generate clouds", "convert clouds")
     assert gen["rows"] == conv["rows"] == conv["written"] == 600
+    assert conv["rejected"] == 0 and 0 < conv["train_rows"] < 600 and conv["shards"] >= 1
+    assert assert_finite(results["rows"], "bench_scale.json") > 20
     for r in (gen, conv):
         assert r["cap_method"] == cgroup and r["cap_mb"] == 3000 and r["oom_kills"] == 0
         assert 0 < r["peak_anon_shmem_mb"] < 3000
+        for key in ("loop_s", "wall_s", "peak_pss_mb", "max_hwm_mb", "bytes_out"):
+            assert r[key] > 0, (r["stage"], key)
     assert conv["peak_anon_shmem_mb"] > 150   # Ray's processes were inside the cgroup too
-    assert json.loads((tmp_path / "bench_scale.json").read_text())["rows"][1]["written"] == 600
+    assert conv["ray_start_s"] > 0 and conv["bytes_in"] == gen["bytes_out"]
+
+    header = ["stage", "rows", "rows/s", "wall s", "peak PSS MB", "max proc HWM MB", "peak anon+shm MB", "cap MB",
+              "OOM kills", "load before / after"]
+    table = markdown_rows(out, header)
+    assert [(t["stage"], t["rows"], t["cap MB"], t["OOM kills"]) for t in table] == [
+        ("generate clouds", "600", "3,000", "0"), ("convert clouds", "600", "3,000", "0")]
+    for t, r in zip(table, (gen, conv)):
+        assert number(t["rows/s"]) == round(r["rows"] / r["loop_s"]) > 0
+        assert number(t["peak anon+shm MB"]) == round(r["peak_anon_shmem_mb"])
+        assert all(number(t[c]) >= 0 for c in ("wall s", "peak PSS MB", "max proc HWM MB"))
+        assert re.fullmatch(r"[\d.]+ / [\d.]+", t["load before / after"])
+    assert markdown_rows(out, ["stage", "scales", "rows/s ratio", "peak PSS ratio", "max proc HWM ratio",
+                               "anon+shm ratio"]) == []   # one scale: no ratios
 
 
 def test_a_stage_over_the_cap_is_a_reported_out_of_memory_failure(cgroup, tmp_path):

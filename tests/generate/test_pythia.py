@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -19,6 +20,7 @@ from qgdist.data.labels import LabelConvention
 from qgdist.data.sources import cms, energyflow
 from qgdist.generate.mc_settings import PythiaConfig, task_seeds
 from qgdist.generate.pythia import run_pythia
+from tests.commands import assert_finite, qgdist
 
 pytest.importorskip("pythia8mc")
 pytest.importorskip("fastjet")
@@ -30,10 +32,35 @@ JETS, PER_TASK = 80, 40
 
 
 @pytest.fixture(scope="module")
-def local_run(tmp_path_factory):
+def local_command(tmp_path_factory):
+    """``qgdist generate pythia`` run as a command: its config, the summary.json it wrote, the line it printed."""
     out = str(tmp_path_factory.mktemp("pythia_local"))
     cfg = PythiaConfig(out=out, jets=JETS, jets_per_task=PER_TASK, seed=11, use_ray=False)
-    return cfg, run_pythia(cfg)
+    printed = qgdist("generate", "pythia", "--out", out, "--jets", JETS, "--jets-per-task", PER_TASK, "--seed", 11,
+                     "--no-ray").stdout
+    with open(os.path.join(out, "summary.json")) as f:
+        return cfg, json.load(f), printed
+
+
+@pytest.fixture(scope="module")
+def local_run(local_command):
+    cfg, summary, _ = local_command
+    return cfg, summary
+
+
+def test_generate_pythia_prints_the_summary_it_wrote(local_command):
+    cfg, s, printed = local_command
+    assert assert_finite({k: v for k, v in s.items() if k != "config"}, "summary.json") > 5
+    line = re.fullmatch(r"(\d+) jets \((\d+) quark, (\d+) gluon\) in (\d+) tasks -> (\S+); acceptance quark ([\d.]+) "
+                        r"gluon ([\d.]+); mean multiplicity quark ([\d.]+) gluon ([\d.]+); ([\d.]+) s", printed.strip())
+    assert line and line[5] == cfg.out, printed
+    assert [int(v) for v in line.groups()[:4]] == [JETS, JETS // 2, JETS // 2, JETS // PER_TASK] == [
+        s["jets"], s["quark_jets"], s["gluon_jets"], s["tasks"]]
+    assert 0 < float(line[6]) == pytest.approx(s["acceptance"]["quark"], abs=5e-4) and float(line[6]) <= 1
+    assert 0 < float(line[7]) == pytest.approx(s["acceptance"]["gluon"], abs=5e-4) and float(line[7]) <= 1
+    assert 0 < float(line[8]) == pytest.approx(s["mean_multiplicity"]["quark"], abs=0.05)
+    assert 0 < float(line[9]) == pytest.approx(s["mean_multiplicity"]["gluon"], abs=0.05)
+    assert float(line[10]) == s["wall_seconds"] > 0
 
 
 def _npz(cfg: PythiaConfig, task: int):
@@ -241,17 +268,28 @@ def _parquet_path(cfg: PythiaConfig, task: int) -> str:
 def test_physics_bench_smoke(local_run, tmp_path):
     """The bench wires generation -> convert -> train -> test metrics; two steps per model, not a physics check."""
     cfg, _ = local_run
-    from qgdist.bench.physics import PhysicsBenchConfig, format_table, run_physics
-
-    results = run_physics(PhysicsBenchConfig(jets=JETS, out=str(tmp_path), pythia_dir=cfg.out, epochs=1,
-                                             batch_size=16, max_steps=2, models=["particlenet-lite", "resnet15"]))
+    out = qgdist("bench", "physics", "--jets", JETS, "--out", tmp_path, "--pythia-dir", cfg.out, "--epochs", 1,
+                 "--batch-size", 16, "--max-steps", 2, "--models", "particlenet-lite", "resnet15").stdout
+    results = json.loads((tmp_path / "physics.json").read_text())
     from qgdist.infer.evaluate import EvalConfig, evaluate_checkpoint
 
     rows = {r["model"]: r for r in results["rows"]}
     assert set(rows) == {"particlenet-lite", "resnet15"} and results["generated_jets"] == JETS
-    table = format_table(results).splitlines()
+    assert (tmp_path / "physics_roc.png").stat().st_size > 0
+    lines = out.splitlines()
+    title = f"Pythia 8 quark/gluon jets (EnergyFlow recipe): {JETS} generated; the paper trained on 1.6M jets."
+    assert title in lines, out
+    table = lines[lines.index(title):]   # what came before: one progress line per model
     for model, r in rows.items():
-        assert 0 < r["train_jets"] < JETS and r["steps"] == 2
+        # 1/eps_B is null where no background passed (a handful of test jets): the table prints a dash
+        rejection = {k: r["test"].pop(k) for k in list(r["test"]) if k.startswith("rej")}
+        assert rejection and all(v is None or v >= 1 for v in rejection.values()), rejection
+        assert assert_finite(r, f"physics.json {model}") > 5
+        assert 0 < r["train_jets"] < JETS and r["steps"] == 2 and r["parameters"] > 0
+        assert r["epochs_run"] == 0   # whole epochs: --max-steps stopped it inside the first
+        assert r["train_seconds"] > 0 and 0 <= r["test"]["acc"] <= 1 and 0 <= r["test"]["auc"] <= 1
+        manifest = json.loads((tmp_path / f"shards-{r['source']}" / "manifest.json").read_text())
+        assert manifest["rows"]["in"] == manifest["rows"]["written"] == JETS   # rows in = rows written
         # The reported test metrics are those of the checkpoint the bench names, scored again by qgdist evaluate.
         again = evaluate_checkpoint(EvalConfig(checkpoint=r["checkpoint"], data=str(tmp_path / f"shards-{r['source']}"),
                                                out=str(tmp_path / f"eval-{model}"), progress=False))

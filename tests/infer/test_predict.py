@@ -8,6 +8,7 @@ converted on its own with every jet in the test split (so that dataset has no tr
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -22,6 +23,7 @@ from qgdist.train.config import TrainConfig, resolve
 from qgdist.infer.evaluate import EvalConfig, evaluate_checkpoint
 from qgdist.train.loop import train
 from qgdist.infer.predict import PredictConfig, predict
+from tests.commands import qgdist
 from tests.trainkit import strict_json, write_dataset
 
 TINY = {"conv_params": [[8, [16, 16]]], "fc_params": [[32, 0.1]]}
@@ -75,20 +77,24 @@ def test_unseen_data_scores_like_the_training_sets_own_test_split(scenario):
 
 
 @pytest.mark.slow
-def test_predict_on_raw_files_and_shards_equals_evaluate(scenario, tmp_path, capfd):
-    import ray
-
+def test_predict_on_raw_files_and_shards_equals_evaluate(scenario, tmp_path):
     reference = _scores(scenario["other"]["paths"]["scores"])
-    try:
-        raw = predict(PredictConfig(checkpoint=scenario["run"], data=[scenario["raw_b"]], out=str(tmp_path / "raw"),
-                                    workers=2, num_cpus=2, rows_per_task=250, progress=False))
-    finally:
-        ray.shutdown()
+    # `qgdist predict` on Ray as a user runs it: a command, its own Ray, its closing line on stderr
+    done = qgdist("predict", "--checkpoint", scenario["run"], "--data", scenario["raw_b"], "--out", tmp_path / "raw",
+                  "--workers", 2, "--num-cpus", 2, "--rows-per-task", 250)
+    raw = strict_json((tmp_path / "raw" / "summary.json").read_text())
     # A quiet terminal: Ray's C++ warning about the actor pool's constructor arguments (ray-project/ray#57733)
-    # goes to the output's ray.log, not to the user (captured at the file-descriptor level, where Ray writes it).
-    err = capfd.readouterr().err
+    # goes to the output's ray.log, not to the user.
+    err = done.stderr
     assert "core_worker" not in err and "(raylet)" not in err, err[-2000:]
     assert "constructor arguments in the object store" in (tmp_path / "raw" / "ray.log").read_text()
+    closing = re.search(r"^scored (\d+) jets \((\d+) rejected\) in ([\d.]+) s, (\d+) jets/s; auc ([\d.]+) acc ([\d.]+) "
+                        r"1/eps_B@50% ([\d.]+|inf)\n(.*)$", err, re.M)
+    assert closing, err[-2000:]
+    assert (int(closing[1]), int(closing[2])) == (raw["jets"], raw["rejected"]) and float(closing[3]) > 0
+    assert int(closing[4]) == round(raw["jets_per_s"]) > 0
+    assert float(closing[5]) == pytest.approx(raw["metrics"]["auc"], abs=5e-5)
+    assert closing[8] == str(tmp_path / "raw" / "summary.json")
     shards = predict(PredictConfig(checkpoint=scenario["run"], data=[scenario["shards_b"]],
                                    out=str(tmp_path / "shards"), executor="local", progress=False))
     # the deflated file's units, inflated once by one streaming reader, scored in this process

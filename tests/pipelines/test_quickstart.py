@@ -8,19 +8,28 @@ import re
 
 import pytest
 
-from qgdist.pipelines.quickstart import QuickstartConfig, quickstart
+from tests.commands import qgdist
 
 pytestmark = pytest.mark.slow
 
 
-def test_quickstart_leaves_its_report(tmp_path, capsys):
+def test_quickstart_leaves_its_report(tmp_path):
+    """``qgdist quickstart`` run as a command; the tiny models' settings come from a --config file."""
     tiny = {"particlenet-lite": {"conv_params": [[8, [16, 16]]], "fc_params": [[32, 0.1]]},
             "resnet15": {"fmaps": [4, 8], "nblocks": 1}}
-    report = quickstart(QuickstartConfig(out=str(tmp_path / "qs"), jets=600, epochs=2, model_kwargs=tiny,
-                                         cloud_batch=16, image_batch=8))
-    printed = capsys.readouterr().out
-    assert printed.rstrip().endswith(f"report written to {report}")
-    assert "(RayTrainWorker" not in printed and "\x1b[" not in printed   # Ray's own lines stay in the logs
+    config = tmp_path / "tiny.yaml"
+    config.write_text(json.dumps({"model_kwargs": tiny}))   # JSON is YAML
+    done = qgdist("quickstart", "--config", config, "--out", tmp_path / "qs", "--jets", 600, "--epochs", 2,
+                  "--cloud-batch", 16, "--image-batch", 8)
+    report = tmp_path / "qs" / "report.md"
+    printed = done.stdout
+    last = printed.rstrip().splitlines()[-2:]
+    assert re.fullmatch(rf"\[quickstart\s+[\d.]+ s\] report written to {re.escape(str(report))}", last[0]), last
+    assert last[1] == f"report: {report}"   # the command's closing line
+    stages = [float(t) for t in re.findall(r"^\[quickstart\s+([\d.]+) s\] \S", printed, re.M)]
+    assert len(stages) >= 3 and stages == sorted(stages) and stages[-1] > 0, printed   # elapsed time per stage
+    for stream in (done.stdout, done.stderr):   # Ray's own lines stay in the logs
+        assert "(RayTrainWorker" not in stream and "\x1b[" not in stream, stream[-2000:]
     text = report.read_text()
     for name in ("particlenet-lite-test-roc.png", "resnet15-curves.png"):
         assert (report.parent / "figures" / name).stat().st_size > 1000

@@ -1,0 +1,67 @@
+"""Run a ``qgdist`` command as a user does (a subprocess) and read back what it printed or wrote.
+
+Used by the tests that keep every command and every bench from rotting (issue 20): each runs the real command at a
+tiny size and parses its table or JSON (expected columns, finite numbers).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+
+def qgdist(*args: object, timeout: float = 600) -> subprocess.CompletedProcess:
+    """``python -m qgdist ARGS...`` in a fresh process (no inherited Ray address); it must exit 0."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    done = subprocess.run([sys.executable, "-m", "qgdist", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+    assert done.returncode == 0, (f"qgdist {' '.join(map(str, args))} exited {done.returncode}:\n"
+                                  f"{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
+    return done
+
+
+def leaves(doc: Any, path: str = "") -> Iterator[tuple[str, Any]]:
+    """(path, value) of every scalar in a JSON document (``a/b/0``); ``null`` is a leaf (NaN is written as null)."""
+    if isinstance(doc, dict):
+        for k, v in doc.items():
+            yield from leaves(v, f"{path}/{k}")
+    elif isinstance(doc, list):
+        for i, v in enumerate(doc):
+            yield from leaves(v, f"{path}/{i}")
+    else:
+        yield path, doc
+
+
+def assert_finite(doc: Any, what: str = "") -> int:
+    """Every number in ``doc`` is finite and nothing is ``null`` (the project writes NaN and inf as null);
+    returns how many numbers there were."""
+    bad = [(p, v) for p, v in leaves(doc) if v is None or (isinstance(v, float) and not math.isfinite(v))]
+    assert not bad, f"{what}: not finite: {bad[:10]}"
+    return sum(isinstance(v, (int, float)) and not isinstance(v, bool) for _, v in leaves(doc))
+
+
+def number(cell: str) -> float:
+    """A printed figure (``1,234``, ``0.45x``, ``+3.0%``) as a float that must be finite."""
+    text = cell.strip().replace(",", "").rstrip("x%")
+    value = float(text)
+    assert math.isfinite(value), f"{cell!r} is not a finite number"
+    return value
+
+
+def markdown_rows(text: str, header: list[str]) -> list[dict[str, str]]:
+    """The rows of the markdown table in ``text`` whose header row is ``header`` (cells stripped), as dicts."""
+    lines = [ln.strip() for ln in text.splitlines()]
+    want = "| " + " | ".join(header) + " |"
+    assert want in lines, f"no table with header {want!r} in:\n{text[-3000:]}"
+    rows = []
+    for ln in lines[lines.index(want) + 2:]:
+        if not ln.startswith("|"):
+            break
+        cells = [c.strip() for c in ln.strip("|").split("|")]
+        assert len(cells) == len(header), f"{len(cells)} cells, {len(header)} columns: {ln}"
+        rows.append(dict(zip(header, cells)))
+    return rows
