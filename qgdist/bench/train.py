@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from qgdist.core.config import option
+from qgdist.core.errors import QgdistError
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,29 @@ def _order(repeats: int, workers: int) -> list[int]:
     return [w for pair in pairs for w in pair]
 
 
+def steady_rate(history: dict[str, list[list[float]]], run: str) -> float:
+    """The run's steady-state jets/s (the training loop times the steps after its warm-up ones); an epoch too short
+    to have any is a ``QgdistError`` saying so, not a ``KeyError``."""
+    rates = history.get("train/jets_per_s")
+    if not rates:
+        raise QgdistError(f"jets: an epoch over {run} is too short to time past its warm-up steps; "
+                          "give more --jets or a smaller --batch-size")
+    return rates[-1][1]
+
+
+def _check_long_enough(data: str, cfg: TrainBenchConfig) -> None:
+    """Refuse, before any run, an epoch too short for the loop to time past its warm-up steps."""
+    from qgdist.data.shards.manifest import read_manifest
+    from qgdist.train.loop import WARMUP_STEPS
+
+    jets = read_manifest(data).splits["train"]["samples"]
+    steps = jets // (cfg.batch_size * cfg.workers)
+    if steps <= WARMUP_STEPS:
+        raise QgdistError(f"jets: {jets} train jets give {steps} steps per epoch on {cfg.workers} "
+                          f"workers x {cfg.batch_size} jets; the first {WARMUP_STEPS} are warm-up, not timed: give "
+                          "more --jets or a smaller --batch-size")
+
+
 def _plain(data: str, model: str, batch_size: int, threads: int, epochs: int, storage: str, name: str,
            model_kwargs: str) -> dict[str, float]:
     """The plain loop (no Ray, no DDP) in this process, ``threads`` torch threads: its steady-state jets/s."""
@@ -90,7 +114,7 @@ def _plain(data: str, model: str, batch_size: int, threads: int, epochs: int, st
     cfg = resolve(TrainConfig.of(data=data, model=model, model_kwargs=json.loads(model_kwargs), epochs=epochs,
                                  storage=storage, run_name=name, workers=0, batch_size=batch_size, track=False,
                                  progress=False, checkpoint_every=0))
-    return {"jets_per_s": train(cfg).history["train/jets_per_s"][-1][1]}
+    return {"jets_per_s": steady_rate(train(cfg).history, f"{data} ({batch_size} jets per step)")}
 
 
 def _plain_at_once(cfg: TrainBenchConfig, data: str, storage: str, processes: int, tag: str) -> list[float]:
@@ -125,6 +149,7 @@ def run(cfg: TrainBenchConfig) -> dict[str, Any]:
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="qgdist-bench-train-") as tmp:
         data = cfg.data or toy_dataset("cloud", cfg.jets, tmp)
+        _check_long_enough(data, cfg)
         t = time.time()
         ensure_ray()
         ray_init = time.time() - t
@@ -147,7 +172,8 @@ def run(cfg: TrainBenchConfig) -> dict[str, Any]:
             t = time.time()
             out = fit(tcfg, worker_fn=_worker_with_threads(cfg.threads))
             total = time.time() - t
-            runs.append({"workers": workers, "jets_per_s": out.history["train/jets_per_s"][-1][1],
+            runs.append({"workers": workers,
+                         "jets_per_s": steady_rate(out.history, f"{data} ({workers} workers x {cfg.batch_size} jets)"),
                          "fit_to_first_step_s": (out.started_unix or float("nan")) - t, "fit_total_s": total})
         ray.shutdown()
     load_after = os.getloadavg()

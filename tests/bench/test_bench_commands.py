@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 
 import pytest
 
@@ -226,3 +228,13 @@ def test_bench_train_reports_both_configurations_and_the_ceiling():
     assert fixed and all(number(v) > 0 for v in fixed.groups()), out
     assert number(fixed[4]) >= number(fixed[2]) and number(fixed[5]) >= number(fixed[3])
     assert re.search(r"^  load average \(1/5/15 min\) before [\d./]+, after [\d./]+; \d+ CPUs$", out, re.M)
+
+
+def test_bench_train_refuses_an_epoch_too_short_to_time_before_starting_ray():
+    """Three steps per epoch are warm-up, left out of the rate: fewer would leave no figure (once a KeyError)."""
+    done = subprocess.run([sys.executable, "-m", "qgdist", "bench", "train", "--jets", "100", "--workers", "2",
+                           "--batch-size", "16", *TINY], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert done.stderr.splitlines()[0] == ("qgdist bench train: jets: 79 train jets give 2 steps per epoch on 2 "
+                                           "workers x 16 jets; the first 3 are warm-up, not timed: give more --jets "
+                                           "or a smaller --batch-size")
