@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from upath import UPath
 
 from qgdist.core.atomic import fsync, write_bytes, write_text
-from qgdist.core.errors import InputError
+from qgdist.core.errors import InputError, QgdistError
 from qgdist.core.run import BEST, CHECKPOINT_PREFIX, INDEX_FILE, LATEST, STATE_FILE, Run, checkpoint_name
 from qgdist.core.storage import list_dirs, local_file, move, read_bytes, remove_tree, renames, run_path
 from qgdist.train.checkpoint import Checkpoint
@@ -184,9 +184,9 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
         _verify(file, data)
         try:
             return Checkpoint.from_bytes(data, str(file))
+        except QgdistError:   # read, and refused as it is (a newer layout, a model it cannot rebuild): not damage
+            raise
         except (RuntimeError, EOFError, OSError, KeyError, ValueError) as err:
-            if isinstance(err, InputError):
-                raise
             raise DamagedCheckpoint(f"{file}: unreadable ({type(err).__name__}: {str(err)[:200]})",
                                     file=str(file)) from None
     raise DamagedCheckpoint(f"{path}: no {STATE_FILE} (not a qgdist checkpoint, or an incomplete one)",

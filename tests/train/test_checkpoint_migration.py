@@ -4,6 +4,7 @@ on load, or refused with the way out when they lack what the model would be rebu
 from __future__ import annotations
 
 import io
+import json
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from qgdist.core.errors import IncompatibleCheckpoint
 from qgdist.data.preprocessing import Preprocessing
 from qgdist.models import get_model, model_config
 from qgdist.train.checkpoint import SCHEMA_VERSION, Checkpoint
+from qgdist.train.checkpointer import load_checkpoint
 
 KWARGS = {"conv_params": ((3, (8, 8)),), "fc_params": ((12, 0.1),)}   # in_features comes from the preset
 
@@ -29,7 +31,7 @@ def _model() -> torch.nn.Module:
 
 def _layout_1(**changes) -> dict:
     """A model-only layout-1 dict (what ``artifacts/model.pt`` held), with ``changes`` applied."""
-    old = {"model": _model().state_dict(), "epoch": 3, "step": 0, "global_step": 90,
+    old = {"model": _model().state_dict(), "epoch": 3, "step": 7, "global_step": 97,
            "fingerprint": {"model": "particlenet-lite", "model_kwargs": KWARGS, "lr": 0.01},
            "preprocessing": _pre()}
     return old | changes
@@ -44,7 +46,7 @@ def _load(doc: dict) -> Checkpoint:
 def test_a_layout_1_model_file_becomes_a_checkpoint_without_training_state() -> None:
     back = _load(_layout_1())
     assert back.schema == SCHEMA_VERSION and back.training is None
-    assert (back.model_name, back.epoch, back.step, back.global_step) == ("particlenet-lite", 3, 0, 90)
+    assert (back.model_name, back.epoch, back.step, back.global_step) == ("particlenet-lite", 3, 7, 97)
     assert back.model_config == model_config(_model())   # in_features from the preset's 5 features
     assert back.fingerprint["lr"] == 0.01 and back.preprocessing == Preprocessing.from_dict(_pre())
     assert (back.config, back.metrics, back.history, back.mlflow_run_id) == ({}, {}, {}, "")
@@ -111,3 +113,26 @@ def test_something_else_than_a_qgdist_checkpoint_is_refused_as_such(doc) -> None
     with pytest.raises(IncompatibleCheckpoint, match="is not one this qgdist reads .*not a qgdist checkpoint") as err:
         _load(doc)
     assert (err.value.file, err.value.field, err.value.expected) == ("old/model.pt", "schema", SCHEMA_VERSION)
+
+
+def test_the_model_card_describes_the_model_as_exported_metadata() -> None:
+    """The ONNX file's metadata_props: enough to rebuild the model and its inputs, and how far it trained."""
+    history = {"val/auc": [[60, 0.8]], "val/rej30": [[60, float("inf")]], "val/loss": [[60, float("nan")]]}
+    back = _load(_layout_1(history=history))
+    card = back.model_card()
+    assert set(card) == {"qgdist.checkpoint_schema", "qgdist.model", "qgdist.model_config", "qgdist.preprocessing",
+                         "qgdist.trained_steps", "qgdist.val_metrics"}
+    assert all(isinstance(v, str) for v in card.values())
+    assert (card["qgdist.checkpoint_schema"], card["qgdist.model"], card["qgdist.trained_steps"]) == \
+        (str(SCHEMA_VERSION), "particlenet-lite", "97")
+    assert json.loads(card["qgdist.model_config"]) == json.loads(json.dumps(model_config(_model())))
+    assert Preprocessing.from_dict(json.loads(card["qgdist.preprocessing"])) == back.preprocessing
+    assert json.loads(card["qgdist.val_metrics"]) == {"auc": 0.8}   # not-finite values left out: strict JSON
+
+
+def test_loading_a_file_it_cannot_read_names_the_file(tmp_path) -> None:
+    path = tmp_path / "model.pt"
+    torch.save({"schema": 99}, path)
+    with pytest.raises(IncompatibleCheckpoint) as err:
+        load_checkpoint(path)
+    assert err.value.file == str(path) and str(err.value).startswith(f"{path}: ")
