@@ -35,6 +35,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 from dataclasses import dataclass, field
 
 from upath import UPath
@@ -186,7 +187,7 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
             return Checkpoint.from_bytes(data, str(file))
         except QgdistError:   # read, and refused as it is (a newer layout, a model it cannot rebuild): not damage
             raise
-        except (RuntimeError, EOFError, OSError, KeyError, ValueError) as err:
+        except (RuntimeError, EOFError, OSError, KeyError, ValueError, pickle.UnpicklingError) as err:
             raise DamagedCheckpoint(f"{file}: unreadable ({type(err).__name__}: {str(err)[:200]})",
                                     file=str(file)) from None
     raise DamagedCheckpoint(f"{path}: no {STATE_FILE} (not a qgdist checkpoint, or an incomplete one)",

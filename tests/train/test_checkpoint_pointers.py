@@ -135,3 +135,34 @@ def test_checkpoint_refuses_a_folder_that_is_neither_run_nor_checkpoint(tmp_path
     with pytest.raises(InputError, match="empty: neither a checkpoint .no state.pt. nor a run directory") as err:
         find_checkpoint(tmp_path / "empty")
     assert err.value.field == "checkpoint" and err.value.file == str(tmp_path / "empty")
+
+
+def test_each_kind_of_damage_names_the_file_to_look_at(tmp_path):
+    """The error's ``file`` (and, for altered bytes, the hashes) say which file failed, as well as its message."""
+    import hashlib
+
+    path = Checkpointer(tmp_path / "run").save(_checkpoint(10))
+    state, index = path / STATE_FILE, path / INDEX_FILE
+    good = state.read_bytes()
+    want = hashlib.sha256(good).hexdigest()
+    state.write_bytes(good[:-1] + bytes([good[-1] ^ 1]))   # one bit flipped
+    got = hashlib.sha256(state.read_bytes()).hexdigest()
+    with pytest.raises(DamagedCheckpoint) as err:
+        load_checkpoint(path)
+    assert str(err.value) == (f"{state}: {len(good)} bytes, sha256 {got[:12]}... (its index says {len(good)} "
+                              f"bytes, {want[:12]}...)")
+    assert (err.value.file, err.value.expected, err.value.got) == (str(state), want, got)
+    for text, reason in (("{torn", "unreadable index"), (json.dumps({"files": {}}), f"lists no {STATE_FILE}")):
+        index.write_text(text)
+        with pytest.raises(DamagedCheckpoint) as err:
+            load_checkpoint(path)
+        assert str(err.value).startswith(f"{index}: {reason}") and err.value.file == str(index)
+    index.unlink()   # no index: the file is checked by loading it
+    state.write_bytes(b"not a torch file")
+    with pytest.raises(DamagedCheckpoint) as err:
+        load_checkpoint(path)
+    assert str(err.value).startswith(f"{state}: unreadable (UnpicklingError: ") and err.value.file == str(state)
+    state.unlink()
+    with pytest.raises(DamagedCheckpoint) as err:
+        load_checkpoint(path)
+    assert str(err.value).startswith(f"{path}: no {STATE_FILE}") and err.value.file == str(path)
