@@ -54,7 +54,17 @@ def test_a_best_pointer_without_an_auc_is_replaced_by_the_first_checkpoint_with_
     assert ckpt.best().name == "step-000000020"
 
 
+def test_an_equal_auc_keeps_the_earlier_best(tmp_path):
+    """The best is the first checkpoint to reach the highest AUC: a later tie is no better, and keeping the
+    earlier one keeps what pruning must spare unchanged."""
+    ckpt = Checkpointer(tmp_path / "run")
+    ckpt.save(_checkpoint(10), auc=0.8)
+    ckpt.save(_checkpoint(20), auc=0.8)
+    assert ckpt.best().name == "step-000000010"
+
+
 def test_pruning_keeps_the_last_k_and_the_best(tmp_path):
+    assert Checkpointer(tmp_path / "default").keep_last == 2   # --keep-last's default too (TrainConfig)
     ckpt = Checkpointer(tmp_path / "run", keep_last=2)
     ckpt.save(_checkpoint(10), auc=0.9)
     for step in (20, 30, 40):
@@ -166,3 +176,17 @@ def test_each_kind_of_damage_names_the_file_to_look_at(tmp_path):
     with pytest.raises(DamagedCheckpoint) as err:
         load_checkpoint(path)
     assert str(err.value).startswith(f"{path}: no {STATE_FILE}") and err.value.file == str(path)
+
+
+def test_on_object_storage_each_file_lands_under_its_final_name_and_the_pointer_commits(tmp_path):
+    """No atomic rename there (fsspec's memory:// stands in for S3 here; tests/train/test_s3.py runs moto's S3):
+    the files are written in place, the index last, and the latest pointer makes the checkpoint the run's."""
+    import hashlib
+
+    ckpt = Checkpointer(f"memory://{tmp_path.name}/run")
+    path = ckpt.save(_checkpoint(10))
+    data = (path / STATE_FILE).read_bytes()
+    assert json.loads((path / INDEX_FILE).read_text())["files"][STATE_FILE] == {
+        "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    assert str(ckpt.latest()) == str(path) and load_checkpoint(path).global_step == 10
+    assert torch.equal(load_checkpoint(ckpt.latest()).weights["w"], torch.full((4,), 10.0))

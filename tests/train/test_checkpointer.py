@@ -75,7 +75,28 @@ def test_when_every_checkpoint_is_damaged_the_run_refuses_to_start_afresh(run):
         (run.root / name / STATE_FILE).write_bytes(b"not a checkpoint")
     with pytest.raises(DamagedCheckpoint, match="every checkpoint is damaged") as err:
         run.resume_point()
-    assert str(err.value).count("skipped") == 3
+    lines = str(err.value).splitlines()
+    assert lines[0] == f"{run.root}: every checkpoint is damaged, so the run cannot continue:"
+    assert [line.split("/")[-2] for line in lines[1:4]] == ["step-000000006", "step-000000004", "step-000000002"]
+    assert all(line.startswith("  checkpoint ") and line.endswith(": skipped") for line in lines[1:4])
+    assert lines[4:] == ["Move the run directory aside (or use another --run-name) to start afresh."]
+    assert err.value.file == str(run.root)
+
+
+def test_a_checkpoint_beyond_the_latest_pointer_is_never_resumed_from(run, tmp_path):
+    """A save killed before its pointer moved (object storage has no atomic rename) left an intact step 8 behind:
+    it was never committed, so the run continues from step 6."""
+    import shutil
+
+    orphan = Checkpointer(tmp_path / "elsewhere").save(_checkpoint(8))
+    shutil.copytree(orphan, run.root / orphan.name)
+    assert _resumed_step(run) == (6, [])
+
+
+def test_a_named_checkpoint_is_the_resume_point_as_named(run):
+    named = run.root / "step-000000004"
+    point = run.resume_point(str(named))
+    assert str(point.path) == str(named) and point.checkpoint.global_step == 4 and point.skipped == []
 
 
 def test_an_explicitly_named_damaged_checkpoint_is_an_error_naming_the_file(run, tmp_path):
