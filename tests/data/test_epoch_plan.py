@@ -86,3 +86,32 @@ def test_without_a_resize_the_plan_is_the_fixed_size_one(cloud_dir):
     assert _run(cloud_dir, 2, 3, None) == _run(cloud_dir, 2, 3, None, ())
     state = loader.state_dict()
     assert state["earlier"] == []
+
+
+def test_a_resize_deals_the_largest_pieces_first_so_slots_end_even():
+    """Greedy dealing to the least-loaded slot is as even as it can be only largest piece first: smallest first,
+    six 1-jet pieces and one 6-jet piece over two slots end 9 and 3 instead of 6 and 6."""
+    from qgdist.data.epoch_plan import deal
+    from qgdist.data.shards.read import ChunkRef
+
+    pieces = [ChunkRef(f"s{i}.tar", 0, 1, 1) for i in range(6)] + [ChunkRef("big.tar", 0, 1, 6)]
+    for seed in range(5):
+        plan = deal(pieces, 2, seed, epoch=0, layout=1)
+        assert sorted(sum(p.jets for p in slot) for slot in plan) == [6, 6], seed
+        assert sorted(p.path for slot in plan for p in slot) == sorted(p.path for p in pieces)   # each once
+
+
+def test_a_pool_whose_chunks_were_read_has_no_remainder_to_re_deal(cloud_dir):
+    """remainder() hands back chunk references to re-deal; a pool fed chunks already read cannot, and says why."""
+    import glob
+
+    import numpy as np
+
+    from qgdist.data.epoch_plan import Pool
+    from qgdist.data.shards.read import read_shard
+
+    pool = Pool(read_shard(sorted(glob.glob(f"{cloud_dir}/train-*.tar"))[0]), BATCH, 16, np.random.default_rng(0))
+    next(iter(pool))
+    with pytest.raises(RuntimeError, match=r"^remainder\(\) of a pool whose chunks were read: replay draws "
+                                           r"without decoding$"):
+        pool.remainder()
