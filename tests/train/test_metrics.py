@@ -61,6 +61,17 @@ def test_metrics_match_brute_force(ties: bool) -> None:
     assert got["loss"] == pytest.approx(weighted)
 
 
+def test_a_tie_at_the_top_score_is_interpolated_through() -> None:
+    """All quarks share the top score with half the gluons: the ROC's first step goes from (0, 0) straight to
+    eps_S = 1, eps_B = 0.5, and eps_B at eps_S = 0.3 lies on it (0.15), not at either end."""
+    probs = torch.tensor([0.9] * 4 + [0.9, 0.9, 0.1, 0.1], dtype=torch.float64)
+    labels = torch.tensor([1] * 4 + [0] * 4)
+    got = compute_metrics(probs, labels, logits=False)
+    assert got["rej30"] == pytest.approx(1 / 0.15) and got["rej50"] == pytest.approx(1 / 0.25)
+    assert got["rej30"] == pytest.approx(brute_force(probs.tolist(), labels.tolist())["rej30"])
+    assert got["auc"] == pytest.approx(0.75)   # the tied pairs count one half
+
+
 def test_perfect_separation_and_rejection_grows_with_separation() -> None:
     labels = torch.tensor([0, 0, 0, 1, 1, 1])
     perfect = compute_metrics(torch.tensor([-3.0, -2, -1, 1, 2, 3]), labels, logits=True)
