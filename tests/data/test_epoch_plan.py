@@ -88,6 +88,24 @@ def test_without_a_resize_the_plan_is_the_fixed_size_one(cloud_dir):
     assert state["earlier"] == []
 
 
+def test_an_epoch_deals_whole_shards_largest_first_and_skips_empty_ones():
+    """Six 1-jet shards and a 6-jet one over two slots end 6 and 6 (smallest first: 9 and 3); an empty shard is in
+    no slot; a split without shards is refused naming the dataset and the split."""
+    from qgdist.data.epoch_plan import plan_epoch
+    from qgdist.data.shards.manifest import Manifest, ShardInfo
+
+    sizes = {f"train-{i:06d}.tar": n for i, n in enumerate([1, 1, 1, 1, 1, 1, 6, 0])}
+    manifest = Manifest(source="energyflow", kind="cloud", dtype="float32", label_convention="toy", inputs=[],
+                        split_fractions={"train": 1.0}, rows={},
+                        shards=[ShardInfo(name, "train", n, 100, "0" * 64, 1, [0, 1]) for name, n in sizes.items()])
+    for seed in range(5):
+        plan = plan_epoch(manifest, "data", "train", seed, 0, 2)
+        assert sorted(sum(u.samples for u in slot) for slot in plan) == [6, 6], seed
+        assert sorted(u.path for slot in plan for u in slot) == [f"data/{n}" for n in sorted(sizes) if sizes[n]]
+    with pytest.raises(ValueError, match=r"^data: manifest lists no 'val' shards$"):
+        plan_epoch(manifest, "data", "val", 0, 0, 2)
+
+
 def test_a_resize_deals_the_largest_pieces_first_so_slots_end_even():
     """Greedy dealing to the least-loaded slot is as even as it can be only largest piece first: smallest first,
     six 1-jet pieces and one 6-jet piece over two slots end 9 and 3 instead of 6 and 6."""
@@ -115,3 +133,32 @@ def test_a_pool_whose_chunks_were_read_has_no_remainder_to_re_deal(cloud_dir):
     with pytest.raises(RuntimeError, match=r"^remainder\(\) of a pool whose chunks were read: replay draws "
                                            r"without decoding$"):
         pool.remainder()
+
+
+def test_a_pool_holds_only_what_its_buffer_needs_and_frees_each_chunk_once_drawn(cloud_dir):
+    """The shuffle pool reads chunks only until it holds buffer + batch jets, and lets a chunk go as soon as its
+    last jet is drawn: memory stays flat however long the stream (an epoch over shards larger than memory)."""
+    import glob
+
+    import numpy as np
+
+    from qgdist.data.epoch_plan import JET_BITS, Pool
+    from qgdist.data.shards.read import read_shard
+
+    chunks = [c for path in sorted(glob.glob(f"{cloud_dir}/train-*.tar")) for c in read_shard(path)]
+    read = [0]
+
+    def stream():
+        for c in chunks:
+            read[0] += 1
+            yield c
+
+    pool = Pool(stream(), BATCH, 16, np.random.default_rng(0))
+    drawn = 0
+    for take, entries in pool:
+        drawn += len(take)
+        assert read[0] <= drawn // CHUNK + (16 + BATCH) // CHUNK + 1   # never more read than the buffer needs
+        undrawn = pool.ids >> JET_BITS
+        assert set(entries) == set(np.unique(undrawn).tolist()) | set(np.unique(take >> JET_BITS).tolist())
+    assert drawn == sum(len(decode_chunk(c)) for c in chunks) and read[0] == len(chunks)
+    assert pool.entries == {}   # every chunk let go
