@@ -158,3 +158,52 @@ def test_schema_1_is_refused_with_the_way_out(tmp_path):
            "pid.npy": npy_bytes(np.zeros(2, np.int32))}
     with pytest.raises(SchemaError, match=r"schema 1.*re-run `qgdist convert`"):
         decode_chunk(old)
+
+
+def test_a_decoded_chunk_keeps_where_its_jets_came_from(tmp_path):
+    """file, source and dtype survive the round trip: predict writes them beside every score."""
+    _, image, cloud = _chunks(np.random.default_rng(4))
+    for chunk in (image, cloud):
+        back = decode_chunk(chunk.encode())
+        assert (back.file, back.source, back.dtype) == (chunk.file, chunk.source, chunk.dtype)
+        assert back.files().tolist() == [chunk.file] * len(chunk)
+
+
+def test_gathering_across_chunks_keeps_each_jets_file_and_the_particle_limit():
+    _, _, cloud = _chunks(np.random.default_rng(5))
+    other = CloudChunk(file="y.npz", source="energyflow", jets=cloud.jets[:2].copy(), kin=cloud.kin[:22],
+                       pid=cloud.pid[:22])
+    got = CloudChunk.gather([cloud, other], np.array([1, 0, 1]), np.array([0, 2, 1]), limit=6)
+    assert got.files().tolist() == ["y.npz", "x.npz", "y.npz"] and got.jets["n"].tolist() == [6, 6, 5]
+    np.testing.assert_array_equal(got.jet(1).kin, cloud.jet(2).kin[:6])
+    same = CloudChunk.gather([cloud, cloud.take(np.array([0, 1, 2]))], np.array([0, 1]), np.array([0, 1]))
+    assert same.file == "x.npz"   # one file behind every jet: kept as one name, not one per jet
+    alone = CloudChunk.gather([cloud], np.array([0, 0]), np.array([0, 2]), limit=4)
+    assert alone.jets["n"].tolist() == [4, 4] and alone.jets["row"].tolist() == [9, 12]
+
+
+def test_the_chunks_own_arrays_take_the_fast_npy_path(monkeypatch):
+    """The particle and pixel arrays' plain headers are parsed here, without numpy's reader: the loader's hot path
+    (a structured dtype, as jets.npy's, goes to np.load)."""
+    monkeypatch.setattr(np, "load", lambda *a, **k: pytest.fail("np.load called for a plain header"))
+    _, image, cloud = _chunks(np.random.default_rng(6))
+    for chunk in (image, cloud):
+        for name, data in chunk.encode(compress=False).items():
+            if name in ("kin.npy", "pid.npy", "pix.npy", "val.npy"):
+                assert load_npy(memoryview(data)).tobytes() == getattr(chunk, name[:3]).tobytes()
+
+
+def test_a_sample_of_another_schema_is_named_by_shard_and_key():
+    old = {"__key__": "x_npz-r000000001", "__url__": "shards/train-000000.tar", "meta.json": b'{"is_quark": 1}',
+           "kin.npy": npy_bytes(np.zeros((2, 3))), "pid.npy": npy_bytes(np.zeros(2, np.int32))}
+    with pytest.raises(SchemaError) as err:
+        decode_chunk(old)
+    assert str(err.value).startswith("shards/train-000000.tar: sample 'x_npz-r000000001' is not a schema-2 chunk")
+    assert str(err.value).endswith("it was written by an older qgdist (schema 1, one jet per sample); re-run "
+                                   "`qgdist convert` on the source files")
+    _, _, cloud = _chunks(np.random.default_rng(7))
+    newer = cloud.encode() | {"__url__": "shards/train-000001.tar"}
+    newer["meta.json"] = json.dumps(json.loads(newer["meta.json"]) | {"schema_version": 9}).encode()
+    with pytest.raises(SchemaError) as err:
+        decode_chunk(newer)
+    assert str(err.value).startswith("shards/train-000001.tar: schema_version 9, this qgdist reads ")
