@@ -22,7 +22,8 @@ def _cloud(b: int = 5, p: int = 24, c: int = 3, seed: int = 0, offset: float = 0
 @pytest.mark.parametrize("k", [1, 4, 7])
 def test_knn_equals_brute_force(k: int) -> None:
     x, mask = _cloud()
-    assert torch.equal(knn(x, k, mask), knn_reference(x, k, mask))
+    got, expected = knn(x, k, mask), knn_reference(x, k, mask)
+    assert got.dtype == expected.dtype == torch.int64 and torch.equal(got, expected)   # indices, to gather with
 
 
 def test_knn_never_selects_padding_or_self() -> None:
@@ -177,8 +178,11 @@ def test_packed_knn_equals_the_padded_knn(groups: int) -> None:
     x = torch.randn(b, p, c, generator=g)
     mask = torch.rand(b, p, generator=g) < torch.linspace(0.05, 0.9, b).unsqueeze(1)  # lengths 0 .. ~27
     mask[0] = False  # an empty jet
+    mask[1] = False
+    mask[1, 3] = True  # a one-particle jet: its own only neighbour, like the padded kNN says
     packing = pack(mask, knn_groups=groups)
     packed_x = x.reshape(b * p, c)[packing.rows]
+    assert torch.equal(packing.batch, torch.nonzero(mask)[:, 0]) and packing.batch.dtype == torch.int64
     for k in (1, 4, 7):
         dense = knn(x, k, mask)
         got = knn_packed(packed_x, k, packing)
