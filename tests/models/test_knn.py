@@ -199,3 +199,16 @@ def test_direct_distances_the_compiled_cuda_path_uses_agree_with_the_gemm_form()
         assert torch.equal(knn(x, k, mask, distance="direct", method="keys"), knn(x, k, mask))
     ties, full = _tie_heavy_cloud(3)[0], None
     assert torch.equal(knn(ties, 5, full, distance="direct"), knn(ties, 5, full))
+
+
+@pytest.mark.parametrize(("call", "message"), [
+    (lambda x: knn(x[0], 3), "knn expects x of shape (B, P, C), got (24, 3)"),
+    (lambda x: knn(x, 0), "k must be >= 1, got 0"),
+    (lambda x: knn(x, 3, method="topk"), "method must be 'auto', 'keys' or 'float', got 'topk'"),
+    (lambda x: knn(x, 3, distance="cdist"), "distance must be 'auto', 'gemm' or 'direct', got 'cdist'"),
+])
+def test_a_wrong_argument_is_refused_naming_it(call, message: str) -> None:
+    x, _ = _cloud()
+    with pytest.raises(ValueError) as err:
+        call(x)
+    assert str(err.value) == message
