@@ -14,12 +14,12 @@ from collections.abc import Iterator
 from typing import Any
 
 
-def qgdist(*args: object, timeout: float = 600) -> subprocess.CompletedProcess:
-    """``python -m qgdist ARGS...`` in a fresh process (no inherited Ray address); it must exit 0."""
+def qgdist(*args: object, timeout: float = 600, expect: int = 0) -> subprocess.CompletedProcess:
+    """``python -m qgdist ARGS...`` in a fresh process (no inherited Ray address); it must exit ``expect``."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     done = subprocess.run([sys.executable, "-m", "qgdist", *map(str, args)], capture_output=True, text=True,
                           timeout=timeout, env=env)
-    assert done.returncode == 0, (f"qgdist {' '.join(map(str, args))} exited {done.returncode}:\n"
+    assert done.returncode == expect, (f"qgdist {' '.join(map(str, args))} exited {done.returncode}:\n"
                                   f"{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
     return done
 

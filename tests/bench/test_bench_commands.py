@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 
 import pytest
 
@@ -232,9 +230,7 @@ def test_bench_train_reports_both_configurations_and_the_ceiling():
 
 def test_bench_train_refuses_an_epoch_too_short_to_time_before_starting_ray():
     """Three steps per epoch are warm-up, left out of the rate: fewer would leave no figure (once a KeyError)."""
-    done = subprocess.run([sys.executable, "-m", "qgdist", "bench", "train", "--jets", "100", "--workers", "2",
-                           "--batch-size", "16", *TINY], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 2, done.stderr[-3000:]
+    done = qgdist("bench", "train", "--jets", 100, "--workers", 2, "--batch-size", 16, *TINY, timeout=300, expect=2)
     assert done.stderr.splitlines()[0] == ("qgdist bench train: jets: 79 train jets give 2 steps per epoch on 2 "
                                            "workers x 16 jets; the first 3 are warm-up, not timed: give more --jets "
                                            "or a smaller --batch-size")
