@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import webdataset as wds
 
+from qgdist.core.errors import InputError
 from qgdist.data.shards.manifest import Manifest, ShardInfo, read_manifest, write_manifest
 from qgdist.data.shards.schema import (CLOUD_JET, IMAGE_JET, CloudChunk, ImageChunk, SchemaError, decode_chunk,
                                        load_npy, npy_bytes, sample_key, sort_particles)
@@ -207,3 +208,123 @@ def test_a_sample_of_another_schema_is_named_by_shard_and_key():
     with pytest.raises(SchemaError) as err:
         decode_chunk(newer)
     assert str(err.value).startswith("shards/train-000001.tar: schema_version 9, this qgdist reads ")
+
+
+def test_a_sample_without_url_or_key_is_named_by_question_marks():
+    """Readers that bypass webdataset (a bare dict) still get the message's shape, with '?' where they gave no name."""
+    with pytest.raises(SchemaError) as err:
+        decode_chunk({"meta.json": b"{}"})
+    assert str(err.value).startswith("?: sample '?' is not a schema-2 chunk (members ['meta.json'])")
+    _, _, cloud = _chunks(np.random.default_rng(8))
+    newer = cloud.encode()
+    newer["meta.json"] = json.dumps(json.loads(newer["meta.json"]) | {"schema_version": 9}).encode()
+    with pytest.raises(SchemaError, match=r"^\?: schema_version 9, this qgdist reads 2: re-run `qgdist convert`$"):
+        decode_chunk(newer)
+
+
+@pytest.mark.parametrize("member", ["kin.npy", "pix.npy.gz"])
+def test_damaged_member_bytes_name_the_shard_the_chunk_and_the_way_out(member):
+    _, image, cloud = _chunks(np.random.default_rng(9))
+    members = (cloud if member.startswith("kin") else image).encode() | {"__url__": "shards/train-000003.tar"}
+    members[member] = members[member][:40]   # a shard cut short on disk
+    with pytest.raises(InputError) as err:
+        decode_chunk(members)
+    key = members["__key__"]
+    assert re.fullmatch(rf"shards/train-000003\.tar: chunk {key}: cannot be decoded \((ValueError|EOFError|error): "
+                        r".+\)", str(err.value)), str(err.value)
+    assert err.value.file == "shards/train-000003.tar"
+    assert err.value.hint == ("re-run `qgdist convert` to rewrite the dataset (`qgdist inspect DIR --verify` lists "
+                              "every shard whose sha256 no longer matches the manifest)")
+    del members["__url__"], members["__key__"]
+    with pytest.raises(InputError, match=r"^\?: chunk \?: cannot be decoded") as err:
+        decode_chunk(members)
+    assert err.value.file == "?"
+
+
+def test_the_value_dtype_travels_with_the_chunk_and_old_chunks_read_as_float32():
+    """A float16 dataset stays float16 through decoding, take, slice, concat and gather (the loader's precision
+    check reads it); a chunk written before meta.json had "dtype" is float32, the only dtype then."""
+    _, image, cloud = _chunks(np.random.default_rng(10))
+    half = CloudChunk(file="h.npz", source="energyflow", jets=cloud.jets, kin=cloud.kin.astype(np.float16),
+                      pid=cloud.pid, dtype="float16")
+    back = decode_chunk(half.encode())
+    assert back.dtype == "float16" and back.kin.dtype == np.float16
+    two = CloudChunk.concat([back, back])
+    for derived in (back.take(np.array([2, 0])), back.slice(1, 3), two,
+                    CloudChunk.gather([back, two], np.array([1, 0]), np.array([4, 1]))):
+        assert (derived.dtype, derived.source) == ("float16", "energyflow")
+    for chunk in (image, cloud):
+        old = chunk.encode()
+        meta = json.loads(old["meta.json"])
+        del meta["dtype"]
+        old["meta.json"] = json.dumps(meta).encode()
+        assert decode_chunk(old).dtype == "float32"
+
+
+def test_the_same_chunk_always_encodes_to_the_same_bytes():
+    """Shard checksums in the manifest are reproducible: meta.json's keys sorted, gzip members without a timestamp
+    (and at gzip's fastest level, the one flag the header records), jets.npy always in the schema's record layout."""
+    _, image, cloud = _chunks(np.random.default_rng(11))
+    out = image.encode()
+    meta = json.loads(out["meta.json"])
+    assert list(meta) == sorted(meta) and out["meta.json"] == json.dumps(meta, sort_keys=True).encode()
+    for name in ("pix.npy.gz", "val.npy.gz"):
+        header = out[name][:10]
+        assert header[:3] == b"\x1f\x8b\x08" and header[4:8] == b"\0\0\0\0", "mtime must be 0"
+        assert header[8] == 4, "XFL 4: compressed at the fastest level"
+    wide = np.zeros(3, [(name, "<i8" if name in ("is_quark", "n") else CLOUD_JET[name].str)
+                        for name in CLOUD_JET.names])   # a caller's wider ints
+    for name in CLOUD_JET.names:
+        wide[name] = cloud.jets[name]
+    odd = CloudChunk(file=cloud.file, source=cloud.source, jets=wide, kin=cloud.kin, pid=cloud.pid)
+    written = np.load(io.BytesIO(odd.encode()["jets.npy"]))
+    assert written.dtype == CLOUD_JET and written.tolist() == cloud.jets.tolist()
+
+
+def test_a_chunk_is_keyed_by_its_file_and_first_row_unless_told():
+    _, _, cloud = _chunks(np.random.default_rng(12))
+    assert cloud.encode()["__key__"] == "x_npz-r000000009"
+    assert cloud.encode(key="mine")["__key__"] == "mine"
+    empty = cloud.take(np.array([], np.int64))
+    assert empty.encode()["__key__"] == "x_npz-r000000000"
+    mixed = CloudChunk.concat([cloud, CloudChunk(file="y.npz", source="energyflow", jets=cloud.jets, kin=cloud.kin,
+                                                 pid=cloud.pid)])
+    with pytest.raises(ValueError, match="^a stored chunk holds jets of one source file$"):
+        mixed.encode()
+
+
+def test_per_jet_files_follow_their_jets_through_take_slice_gather_and_views():
+    """A batch gathered from two files keeps one name per jet: predict writes it beside each score."""
+    _, _, cloud = _chunks(np.random.default_rng(13))
+    other = CloudChunk(file="y.npz", source="energyflow", jets=cloud.jets.copy(), kin=cloud.kin, pid=cloud.pid)
+    mixed = CloudChunk.concat([cloud, other])                  # files x x x y y y
+    assert mixed.files().tolist() == ["x.npz"] * 3 + ["y.npz"] * 3
+    assert mixed.take(np.array([4, 0])).files().tolist() == ["y.npz", "x.npz"]
+    assert mixed.slice(2, 5).files().tolist() == ["x.npz", "y.npz", "y.npz"]
+    assert mixed.slice(1, 6).files().tolist() == ["x.npz", "x.npz", "y.npz", "y.npz", "y.npz"]
+    assert [mixed.jet(i).meta["file"] for i in (0, 5)] == ["x.npz", "y.npz"]
+    got = CloudChunk.gather([cloud, mixed], np.array([1, 0, 1]), np.array([5, 1, 3]))
+    assert got.files().tolist() == ["y.npz", "x.npz", "y.npz"]
+    np.testing.assert_array_equal(got.jet(0).kin, other.jet(2).kin)
+
+
+def test_a_jets_view_carries_its_record():
+    images, image, cloud = _chunks(np.random.default_rng(14))
+    meta = cloud.jet(1).meta
+    assert meta == {"is_quark": 1, "pt": 510.0, "mass": float(cloud.jets["mass"][1]), "file": "x.npz", "row": 10,
+                    "source": "energyflow", "jet_y": -1.25, "jet_phi": 3.0, "n": 5}
+    view = image.jet(2)
+    assert view.meta["mass"] == 8.0 and view.meta["source"] == "cms" and view.meta["pt"] == 80.0
+    dense = view.dense()
+    assert dense.dtype == np.float32 and dense.shape == (3, 10, 12)
+    np.testing.assert_array_equal(dense, images[2])
+
+
+def test_only_the_jets_that_are_out_of_order_are_sorted_each_within_itself():
+    kin = np.zeros((6, 3), np.float32)
+    kin[:, 0] = [5, 4, 3, 1, 5, 3]    # jet 0 hardest first already; jet 1 not (its second particle is the hardest)
+    kin[:, 1] = np.arange(6)
+    pid = np.arange(6, dtype=np.int32)
+    out_kin, out_pid = sort_particles(kin, pid, np.array([3, 3]))
+    assert out_kin[:, 0].tolist() == [5, 4, 3, 5, 3, 1] and out_pid.tolist() == [0, 1, 2, 4, 5, 3]
+    np.testing.assert_array_equal(out_kin[:, 1], out_pid)   # rows move whole
