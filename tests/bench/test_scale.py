@@ -64,3 +64,18 @@ def test_a_stage_over_the_cap_is_a_reported_out_of_memory_failure(cgroup, tmp_pa
     (row,) = results["rows"]
     assert row["oom_kills"] >= 1 and "out-of-memory" in row["failed"]
     assert "| generate clouds | 20,000 | FAILED |" in table(results)
+
+
+def test_every_larger_scale_is_compared_with_the_smallest():
+    """Three scales give two ratio rows per stage (10x and 20x against 1x), not only the largest against 1x."""
+    def row(scale: int, pss: float, rate: float) -> dict:
+        return {"stage": "convert clouds", "scale": scale, "rows": scale, "rows_per_s": rate, "wall_s": 1.0,
+                "peak_pss_mb": pss, "max_hwm_mb": pss / 2, "peak_anon_shmem_mb": pss * 0.9, "cap_mb": 4500,
+                "oom_kills": 0, "load_before": "1.0 1.0 1.0", "load_after": "1.0 1.0 1.0"}
+
+    results = {"rows": [row(100_000, 1000.0, 10.0), row(1_000_000, 1050.0, 12.0), row(2_000_000, 1200.0, 9.0)],
+               "failed": []}
+    ratios = markdown_rows(table(results), ["stage", "scales", "rows/s ratio", "peak PSS ratio", "max proc HWM ratio",
+                                            "anon+shm ratio"])
+    assert [(r["scales"], r["rows/s ratio"], r["peak PSS ratio"], r["anon+shm ratio"]) for r in ratios] == [
+        ("1,000,000 / 100,000", "1.20", "1.05", "1.05"), ("2,000,000 / 100,000", "0.90", "1.20", "1.20")]
