@@ -11,7 +11,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
 import warnings
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ from mlflow import MlflowClient
 
 from qgdist.track.server import free_port
 from qgdist.track.tracker import UNSENT_FILE, Tracker, flatten_config
+from tests.commands import qgdist
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
@@ -194,14 +194,13 @@ def test_outage_buffers_then_delivers_without_duplicates(server: TrackerCommand,
     assert client.get_run(ending_id).info.status == "RUNNING"
 
     # Once the tracker is back, `qgdist tracker --replay RUN_DIR` delivers the spilled file and removes it.
-    replay = [sys.executable, "-m", "qgdist", "tracker", "--replay", str(tmp_path / "b"), "--tracking-uri", server.url]
-    done = subprocess.run(replay, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0 and "replayed 2 records" in done.stdout, done.stdout + done.stderr
+    replay = ["tracker", "--replay", tmp_path / "b", "--tracking-uri", server.url]
+    done = qgdist(*replay, timeout=120)
+    assert "replayed 2 records" in done.stdout, done.stdout + done.stderr
     assert history(client, ending_id, "loss") == [(3, 0.5)]
     assert client.get_run(ending_id).info.status == "FINISHED"
     assert not (tmp_path / "b" / UNSENT_FILE).exists()
-    again = subprocess.run(replay, capture_output=True, text=True, timeout=120)
-    assert again.returncode == 0 and "nothing to replay" in again.stdout
+    assert "nothing to replay" in qgdist(*replay, timeout=120).stdout
 
     # A run resumed in the same run directory sends what its last attempt spilled before it goes on.
     resumed = Tracker(tmp_path / "c", tracking_uri=server.url)
@@ -267,9 +266,8 @@ def test_a_server_away_at_start_costs_no_metric(tmp_path: Path) -> None:
             assert len(client.search_runs([experiment], "attributes.run_name = 'late'")) == 1
 
             # The run killed during the outage: its create record and three steps wait in its run directory.
-            replay = [sys.executable, "-m", "qgdist", "tracker", "--replay", str(killed_dir), "--tracking-uri", late.url]
-            done = subprocess.run(replay, capture_output=True, text=True, timeout=120)
-            assert done.returncode == 0 and "replayed 4 records" in done.stdout, done.stdout + done.stderr
+            done = qgdist("tracker", "--replay", killed_dir, "--tracking-uri", late.url, timeout=120)
+            assert "replayed 4 records" in done.stdout, done.stdout + done.stderr
             created = json.loads((killed_dir / "mlflow_run_ids.json").read_text())[killed.stdout.strip()]
             assert [s for s, _ in history(client, created, "train/loss")] == [0, 1, 2]
             assert client.get_run(created).data.params == {"lr": "0.1"}
