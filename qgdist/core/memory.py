@@ -92,6 +92,20 @@ def object_store_bytes() -> int | None:
     return int(limit * OBJECT_STORE_SHARE)
 
 
+#: Batches between heap trims in a loop over batches (``trim_every``): milliseconds each, against seconds of batches.
+TRIM_EVERY = 50
+
+
+def trim_every(batches: int, every: int = TRIM_EVERY) -> None:
+    """``release_free_memory`` once every ``every`` batches (``batches``: how many a loop has done so far).
+
+    Training, validation and evaluation loops call it: their batches are padded to their longest jet, so without
+    it glibc's heap grows with the number of batches run, not with what the loop holds.
+    """
+    if batches % every == 0:
+        release_free_memory()
+
+
 def release_free_memory() -> None:
     """Hand the C heap's free pages back to the system (glibc ``malloc_trim``; nothing elsewhere).
 

@@ -28,6 +28,7 @@ from qgdist.core.atomic import atomic_path, write_json
 from qgdist.core.config import option
 from qgdist.core.device import Device
 from qgdist.core.errors import InputError
+from qgdist.core.memory import trim_every
 from qgdist.core.output import Output
 from qgdist.core.run import Run
 
@@ -107,7 +108,7 @@ def score_split(model: torch.nn.Module, pre: Preprocessing, cfg: EvalConfig, dev
     logits, labels = [], []
     bar = tqdm(total=total, unit="jet", unit_scale=True,
                desc=f"evaluate {cfg.split}", disable=not cfg.progress, mininterval=1.0)
-    for batch in loader.collated(0):
+    for batches, batch in enumerate(loader.collated(0), 1):
         inputs, label = to_device(batch, device)
         with torch.no_grad():
             logits.append(model(**inputs).float())
@@ -116,6 +117,7 @@ def score_split(model: torch.nn.Module, pre: Preprocessing, cfg: EvalConfig, dev
         files += batch_files
         rows += batch_rows
         bar.update(len(batch_rows))
+        trim_every(batches)
     bar.close()
     if not logits:
         raise ValueError(f"{cfg.data}: the {cfg.split!r} split has no jets")

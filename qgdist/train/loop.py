@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from qgdist.core.memory import release_free_memory
+from qgdist.core.memory import trim_every
 from qgdist.data.loader import ShardLoader
 from qgdist.track.tracker import Tracker
 from qgdist.train import parallel
@@ -41,7 +41,6 @@ from qgdist.train.state import TrainResult, TrainState
 from qgdist.train.step import forward_logits, train_step
 
 WARMUP_STEPS = 3  # steps left out of the steady-state throughput (first batches, allocator, DDP buckets)
-TRIM_EVERY = 50   # steps between handing freed heap back to the system (milliseconds each)
 
 
 def train(cfg: TrainConfig, device: torch.device | str | None = None, report: Report | None = None,
@@ -114,8 +113,7 @@ def train_epoch(cfg: TrainConfig, model: torch.nn.Module, optim: Optimisation, d
         state.started_unix = state.started_unix or time.time()
         if warm is None and state.step >= WARMUP_STEPS:
             warm = (time.perf_counter(), state.step)
-        if state.global_step % TRIM_EVERY == 0:
-            release_free_memory()   # batches are padded to their longest jet: glibc's heap would grow with the steps
+        trim_every(state.global_step)
         if state.global_step % t.log_every == 0:
             mean = torch.stack(running).mean().item()   # the one host sync, every log_every steps
             running = []
@@ -156,9 +154,10 @@ def evaluate(model: torch.nn.Module, loader: ShardLoader, device: torch.device,
     """Loss, accuracy, AUC and rejections on ``loader``'s split, gathered over all ranks; and the ROC (fpr, tpr)."""
     model.eval()
     metrics = JetMetrics(device)
-    for inputs, label in loader.epoch(0):
+    for batches, (inputs, label) in enumerate(loader.epoch(0), 1):
         logits = forward_logits(model, inputs, precision)
         loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, label)
         metrics.update(logits, label, loss)
+        trim_every(batches)
     model.train()
     return metrics.compute(), metrics.roc_curve()
