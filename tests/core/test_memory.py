@@ -15,4 +15,3 @@ def test_loops_trim_the_heap_once_every_so_many_batches(monkeypatch):
     for batches in range(1, 8):
         memory.trim_every(batches, every=3)
     assert len(calls) == 2
-

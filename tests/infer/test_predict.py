@@ -170,14 +170,17 @@ def test_a_scoring_actor_lost_mid_run_is_one_line_and_a_count(scenario, tmp_path
     finished = threading.Event()   # predict returned: stop looking
 
     def scorer_pids() -> list[int]:
-        # Ray titles an actor's process "ray::<actor class>[.<method>]"; Ray Data's scoring actors are
-        # "MapWorker(MapBatches(Scorer))" (or "MapWorker(ReadUnits->MapBatches(Scorer))" with the read fused). The
-        # process table answers at once, where the State API is an RPC that took seconds on a busy machine, long
-        # enough for the run to end first.
+        # Ray titles an actor's process after its class: Ray Data's scoring actors are "MapWorker(MapBatches(Scorer))"
+        # (or "MapWorker(ReadUnits->MapBatches(Scorer))" with the read fused). Only this test's own processes (its
+        # private Ray is started from here), and from the process table, which answers at once, where the State API
+        # is an RPC that took seconds on a busy machine, long enough for the run to end first.
         pids = []
-        for proc in psutil.process_iter(["cmdline"]):
-            if "MapBatches(Scorer)" in " ".join(proc.info["cmdline"] or ()):
-                pids.append(proc.pid)
+        for proc in psutil.Process().children(recursive=True):
+            try:
+                if "MapBatches(Scorer)" in " ".join(proc.cmdline()):
+                    pids.append(proc.pid)
+            except psutil.Error:   # gone meanwhile
+                pass
         return pids
 
     def kill_one_scorer() -> None:
