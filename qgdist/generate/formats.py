@@ -12,6 +12,8 @@ it into place, so a reader never sees half a file. Paths may be local or fsspec 
 
 from __future__ import annotations
 
+import tempfile
+import zipfile
 from contextlib import ExitStack
 
 import numpy as np
@@ -87,6 +89,76 @@ def write_energyflow_npz(path: str, X: np.ndarray, y: np.ndarray, compress: bool
     save = np.savez_compressed if compress else np.savez
     with atomic_path(path) as tmp, open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a name
         save(f, X=np.asarray(X, dtype=np.float64), y=np.asarray(y, dtype=np.float64))
+
+
+class EnergyFlowNpzWriter:
+    """Appends jets to an EnergyFlow npz without holding the file in memory; renames it into place on close.
+
+    The file's M (its largest multiplicity) is known only after the last jet, and ``X`` is padded to it: so the
+    jets are spooled unpadded (their particles and counts) to temporary files, and ``close()`` writes the npz
+    member by member, padding one written chunk at a time. Memory: one chunk; disk: the particles once more.
+    The members are what ``np.savez`` / ``np.savez_compressed`` write (``X.npy``, then ``y.npy``, npy format 1.0,
+    stored or deflated at zlib's default level), so readers cannot tell the two apart.
+    """
+
+    def __init__(self, path: str, compress: bool = True):
+        self.path, self.compress = path, compress
+        self._particles = tempfile.TemporaryFile(prefix="qgdist-ef-")   # (n_i, 4) float64 rows, jet after jet
+        self._labels = tempfile.TemporaryFile(prefix="qgdist-ef-")      # y float64
+        self._chunks: list[np.ndarray] = []                              # per written chunk: its multiplicities
+        self.rows, self.max_particles = 0, 0
+
+    def write(self, clouds: list[np.ndarray], y: np.ndarray) -> None:
+        """Add one chunk: per jet a (n_i, 4) array of (pt, rapidity, phi, pdgid), and its raw label."""
+        if len(clouds) != len(y):
+            raise ValueError(f"{self.path}: {len(clouds)} clouds but {len(y)} labels")
+        counts = np.array([len(c) for c in clouds], np.int64)
+        if len(clouds):
+            np.ascontiguousarray(np.concatenate(clouds), dtype=np.float64).tofile(self._particles)
+        np.asarray(y, dtype=np.float64).tofile(self._labels)
+        self._chunks.append(counts)
+        self.rows += len(clouds)
+        self.max_particles = max(self.max_particles, int(counts.max(initial=0)))
+
+    def close(self) -> None:
+        """Write the npz (atomically: a temporary file renamed or uploaded into place) and drop the spool."""
+        method = zipfile.ZIP_DEFLATED if self.compress else zipfile.ZIP_STORED
+        try:
+            with atomic_path(self.path) as tmp, zipfile.ZipFile(tmp, "w", method, allowZip64=True) as npz:
+                with npz.open("X.npy", "w", force_zip64=True) as member:
+                    _npy_header(member, (self.rows, self.max_particles, 4))
+                    self._particles.seek(0)
+                    for counts in self._chunks:
+                        flat = np.fromfile(self._particles, np.float64, int(counts.sum()) * 4).reshape(-1, 4)
+                        padded = np.zeros((len(counts), self.max_particles, 4), np.float64)
+                        padded[np.arange(self.max_particles)[None, :] < counts[:, None]] = flat
+                        member.write(padded.tobytes())
+                with npz.open("y.npy", "w", force_zip64=True) as member:
+                    _npy_header(member, (self.rows,))
+                    self._labels.seek(0)
+                    for counts in self._chunks:
+                        member.write(self._labels.read(8 * len(counts)))
+        finally:
+            self.discard()
+
+    def discard(self) -> None:
+        """Drop the spooled jets without writing anything."""
+        self._particles.close()
+        self._labels.close()
+
+    def __enter__(self) -> EnergyFlowNpzWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.discard()
+
+
+def _npy_header(member, shape: tuple[int, ...]) -> None:
+    """The npy header ``np.save`` writes for a C-ordered little-endian float64 array of ``shape``."""
+    np.lib.format.write_array_header_1_0(member, {"descr": "<f8", "fortran_order": False, "shape": shape})
 
 
 def pad_clouds(clouds: list[np.ndarray]) -> np.ndarray:

@@ -92,3 +92,58 @@ def test_an_existing_file_is_replaced_only_when_asked(tmp_path, capsys):
     assert main(args) == 2 and "--overwrite" in capsys.readouterr().err
     assert path.read_bytes() == b"a file the user had"
     assert main(args + ["--overwrite"]) == 0 and len(np.load(path)["y"]) == 20
+
+
+def test_an_energyflow_file_is_generated_and_written_chunk_by_chunk(tmp_path, monkeypatch):
+    """A file of any size takes one chunk's memory: jets are drawn ``chunk`` at a time and spooled; the npz is
+    still one (N, M, 4) array padded to the whole file's M, balanced over the whole file."""
+    from qgdist.generate import toy
+
+    drawn: list[int] = []
+    real_generate = toy.generate
+    monkeypatch.setattr(toy, "generate", lambda q, *a: drawn.append(len(q)) or real_generate(q, *a))
+    cfg = ToyConfig("energyflow", 1001, str(tmp_path / "ef.npz"), seed=9)
+    toy.write_energyflow(cfg, chunk=300)
+    assert drawn == [300, 300, 300, 101]
+
+    npz = np.load(tmp_path / "ef.npz")
+    X, y = npz["X"], npz["y"]
+    drawn.clear()
+    chunks = list(toy.cloud_chunks(cfg, 300))
+    clouds = [c for cs, _ in chunks for c in cs]
+    counts = np.array([len(c) for c in clouds])
+    assert X.shape == (1001, counts.max(), 4) and X.dtype == y.dtype == np.float64
+    assert len({len(max(cs, key=len)) for cs, _ in chunks}) > 1   # the chunks' own Ms differ: padding is the file's
+    for i, c in enumerate(clouds):
+        assert np.array_equal(X[i, : len(c)], c) and not X[i, len(c):].any()
+    assert np.array_equal(y, np.concatenate([q for _, q in chunks])) and y.sum() == 501
+
+
+def test_a_one_chunk_energyflow_file_has_the_members_np_savez_writes(tmp_path):
+    from qgdist.generate.formats import pad_clouds, write_energyflow_npz
+    from qgdist.generate.toy import cloud_jets
+
+    for compress in (True, False):
+        cfg = ToyConfig("energyflow", 200, str(tmp_path / f"streamed-{compress}.npz"), seed=4, compress=compress)
+        run(cfg)
+        clouds, is_quark = cloud_jets(cfg)
+        write_energyflow_npz(str(tmp_path / "whole.npz"), pad_clouds(clouds), is_quark.astype(np.float64), compress)
+        streamed, whole = zipfile.ZipFile(cfg.out), zipfile.ZipFile(tmp_path / "whole.npz")
+        assert streamed.namelist() == whole.namelist() == ["X.npy", "y.npy"]
+        for a, b in zip(streamed.infolist(), whole.infolist()):
+            assert (a.compress_type, a.file_size, a.compress_size) == (b.compress_type, b.file_size, b.compress_size)
+            assert streamed.read(a) == whole.read(b)
+
+
+def test_a_failed_energyflow_write_leaves_the_previous_file_whole(tmp_path):
+    from qgdist.generate.formats import EnergyFlowNpzWriter
+
+    path = tmp_path / "ef.npz"
+    run(ToyConfig("energyflow", 20, str(path), seed=1))
+    before = path.read_bytes()
+    with pytest.raises(RuntimeError, match="interrupted"), EnergyFlowNpzWriter(str(path)) as writer:
+        writer.write([np.ones((3, 4))], np.ones(1))
+        raise RuntimeError("interrupted")
+    assert path.read_bytes() == before and list(tmp_path.iterdir()) == [path]
+    with pytest.raises(ValueError, match="ef.npz: 1 clouds but 2 labels"):
+        EnergyFlowNpzWriter(str(path)).write([np.ones((3, 4))], np.ones(2))
