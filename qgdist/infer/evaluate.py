@@ -28,7 +28,7 @@ from qgdist.core.atomic import atomic_path, write_json
 from qgdist.core.config import option
 from qgdist.core.device import Device
 from qgdist.core.errors import InputError
-from qgdist.core.memory import trim_every
+from qgdist.core.memory import SCORING_TRIM_EVERY, trim_every
 from qgdist.core.output import Output
 from qgdist.core.run import Run
 
@@ -117,7 +117,7 @@ def score_split(model: torch.nn.Module, pre: Preprocessing, cfg: EvalConfig, dev
         files += batch_files
         rows += batch_rows
         bar.update(len(batch_rows))
-        trim_every(batches)
+        trim_every(batches, SCORING_TRIM_EVERY)
     bar.close()
     if not logits:
         raise ValueError(f"{cfg.data}: the {cfg.split!r} split has no jets")

@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from qgdist.core.memory import trim_every
+from qgdist.core.memory import SCORING_TRIM_EVERY, trim_every
 from qgdist.data.loader import ShardLoader
 from qgdist.track.tracker import Tracker
 from qgdist.train import parallel
@@ -158,6 +158,6 @@ def evaluate(model: torch.nn.Module, loader: ShardLoader, device: torch.device,
         logits = forward_logits(model, inputs, precision)
         loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, label)
         metrics.update(logits, label, loss)
-        trim_every(batches)
+        trim_every(batches, SCORING_TRIM_EVERY)
     model.train()
     return metrics.compute(), metrics.roc_curve()

@@ -168,3 +168,22 @@ def test_a_damaged_latest_checkpoint_costs_only_the_steps_since_the_previous_one
     assert resumed.global_step == whole.global_step
     a, b = _weights(tmp_path / "whole"), _weights(tmp_path / "cut")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_validation_trims_the_heap_every_few_batches(tmp_path, monkeypatch):
+    """A scoring loop has no backward pass: the freed heap piling up between trims sets its peak, so it trims
+    every ``SCORING_TRIM_EVERY`` batches, not every ``TRIM_EVERY`` as training does."""
+    from qgdist.core import memory
+    from qgdist.data.config import DataConfig
+    from qgdist.data.loader import ShardLoader
+    from qgdist.train.loop import evaluate
+
+    class Constant(torch.nn.Module):
+        def forward(self, features: torch.Tensor, **_: torch.Tensor) -> torch.Tensor:
+            return features.sum(dim=(1, 2)) * 0.0
+
+    data = write_dataset(str(tmp_path / "clouds"), "cloud", {"train": [8], "val": [24]})
+    trims: list[int] = []
+    monkeypatch.setattr(memory, "release_free_memory", lambda: trims.append(1))
+    metrics, _ = evaluate(Constant(), ShardLoader(DataConfig(data, batch_size=1), "val", training=False), "cpu", None)
+    assert metrics["acc"] == 0.5 and len(trims) == 24 // memory.SCORING_TRIM_EVERY == 2
