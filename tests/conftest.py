@@ -37,7 +37,6 @@ def _no_ray_left_behind():
             ray.shutdown()
 
 
-
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Under pytest-xdist (``-n 2``; ``--dist loadfile --no-loadscope-reorder`` in pyproject.toml) the files with
     the most slow tests go first.
@@ -49,6 +48,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     """
     if not hasattr(config, "workerinput"):   # set in xdist's workers only, which all sort the same way
         return
+
     def file(item: pytest.Item) -> str:
         return item.nodeid.split("::")[0]
 
