@@ -96,7 +96,7 @@ def object_store_bytes() -> int | None:
 TRIM_EVERY = 50
 #: ... in a loop that only scores (validation, ``qgdist evaluate``). Without a backward pass a batch's own working set
 #: is small, and the freed heap piling up between trims sets the peak: in a 2-rank validation of 90k jets, every
-#: 10 batches kept each rank's peak RSS 150-220 MB lower than every 50, at the same wall time (docs/operations.md).
+#: 10 batches kept each rank's peak RSS 130-220 MB lower than every 50, at the same wall time (docs/operations.md).
 #: In training every 10 changed nothing: there the step's own working set sets the peak.
 SCORING_TRIM_EVERY = 10
 
