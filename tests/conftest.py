@@ -55,5 +55,4 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     slow: dict[str, int] = {}   # file -> its slow tests, in collection order
     for item in items:
         slow[file(item)] = slow.get(file(item), 0) + (item.get_closest_marker("slow") is not None)
-    first = {f: i for i, f in enumerate(slow)}
-    items.sort(key=lambda item: (-slow[file(item)], first[file(item)]))
+    items.sort(key=lambda item: -slow[file(item)])   # stable: ties keep their order, a file's tests stay together
