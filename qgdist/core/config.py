@@ -182,9 +182,11 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, config_file: bool 
 def _default_text(f: dataclasses.Field) -> str:
     bounds = f.metadata.get("bounds")
     allowed = f"; {range_text(bounds)}" if bounds else ""
-    if f.default is dataclasses.MISSING or f.default is None:
+    # A list or dict default lives in a default_factory (option() copies it per instance): shown all the same.
+    default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+    if default is dataclasses.MISSING or default is None or default in ((), [], {}):
         return f" ({range_text(bounds)})" if bounds else ""
-    value = ",".join(map(str, f.default)) if isinstance(f.default, (tuple, list)) else f.default
+    value = ",".join(map(str, default)) if isinstance(default, (tuple, list)) else default
     return f" (default: {value}{allowed})"
 
 
