@@ -123,8 +123,9 @@ def test_cloud_inputs_are_padded_to_the_longest_jet_with_float32_features_and_fl
 
 
 def test_the_jet_inputs_are_log_pt_and_mass_standardised_by_the_training_statistics(clouds):
-    _, loader, collate = clouds
+    _, loader, _ = clouds
     pre = loader.preprocessing
+    collate = Collate(pre)
     batch = collate([_cloud_chunk([2, 2, 2], pt=[500.0, 0.5, 0.0])])   # a soft jet, and a degenerate one
     assert batch["jet"].dtype == torch.float32 and batch["row"].dtype == torch.int64
     jets = _cloud_chunk([2, 2, 2], pt=[500.0, 0.5, 0.0]).jets

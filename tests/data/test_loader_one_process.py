@@ -97,6 +97,10 @@ def test_a_loader_knows_its_position_from_the_start_and_after_a_resumed_start(cl
     for _ in range(3):
         next(batches)
     assert {k: loader.state_dict()[k] for k in ("epoch", "step")} == {"epoch": 1, "step": 5}
+    # Resumed exactly at the end of an epoch: no batch comes, and the position is that end.
+    end = loader.steps_in_epoch(1)
+    assert list(loader.collated(1, start_step=end)) == []
+    assert {k: loader.state_dict()[k] for k in ("epoch", "step")} == {"epoch": 1, "step": end}
 
 
 def test_iterating_an_epoch_leaves_the_global_torch_rng_alone(cloud_dir):
