@@ -1,6 +1,7 @@
 """Collate outside the training loader (predict and export use it on chunks read straight from shards or source
-files), and the CPU image buffers it densifies into: images come out as they were stored, batches cover every
-jet once in order, and a re-used buffer never shows the pixels of an earlier batch."""
+files), and the CPU image buffers it densifies into: images come out as they were stored, clouds padded to the
+longest jet with the inputs each model takes, batches cover every jet once in order, and a re-used buffer never
+shows the pixels of an earlier batch."""
 
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
 """The loader's epoch plan in one process (no DataLoader workers, so each test takes a second): ranks disjoint and
-balanced with equal steps, a new deal every epoch that the seed reproduces, evaluation reading every jet once, and
-shards split into parts when there are fewer than slots."""
+balanced with equal steps, a new deal every epoch that the seed reproduces, evaluation reading every jet once,
+shards split into parts when there are fewer than slots; the position a checkpoint saves, an epoch continued under
+another layout, and the refusals of what cannot run, word for word."""
 
 from __future__ import annotations
 
