@@ -101,8 +101,8 @@ def test_flags_and_a_config_file_build_every_kind_of_field(tmp_path):
     demo = _declare()
     parser = _parser(demo)
     cfg = from_args(demo, parser.parse_args(
-        ["a.npz", "b.npz", "--to", "o", "--workers", "2", "--kinds", "b", "a", "--widths", "4", "--env", "PATH=/x=y", "--env", "L=[1]",
-         "--resources", "GPU=0.5",
+        ["a.npz", "b.npz", "--to", "o", "--workers", "2", "--kinds", "b", "a", "--widths", "4",
+         "--env", "PATH=/x=y", "--env", "L=[1]", "--resources", "GPU=0.5",
          "--model-arg", "k=[1, 2]", "--model-arg", "plain=text", "--size", "2KiB", "--quiet"]))
     assert cfg.inputs == ["a.npz", "b.npz"] and cfg.out == Path("o") and cfg.size == 2048 and not cfg.progress
     assert cfg.optim.kinds == ["b", "a"] and cfg.optim.widths == (4,)
@@ -136,8 +136,8 @@ def test_flags_and_a_config_file_build_every_kind_of_field(tmp_path):
 def test_describe_prints_the_resolved_config_as_yaml_in_declaration_order():
     demo = _declare()
     files = [f"file-{i:02d}.npz" for i in range(12)]
-    cfg = build(demo, {"inputs": files, "out": "out", "workers": 2, "name": "s3://key:secret@bucket/run", "widths": [3, 4],
-                       "env": {"K": "v"}})
+    cfg = build(demo, {"inputs": files, "out": "out", "workers": 2, "name": "s3://key:secret@bucket/run",
+                       "widths": [3, 4], "env": {"K": "v"}})
     assert describe(cfg) == (
         "inputs: [file-00.npz, file-01.npz, file-02.npz, file-03.npz, file-04.npz, file-05.npz, file-06.npz, "
         "file-07.npz,\n"
