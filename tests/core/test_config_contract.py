@@ -142,7 +142,8 @@ def test_describe_prints_the_resolved_config_as_yaml_in_declaration_order():
         "inputs: [file-00.npz, file-01.npz, file-02.npz, file-03.npz, file-04.npz, file-05.npz, file-06.npz, "
         "file-07.npz,\n"
         "  file-08.npz, file-09.npz, file-10.npz, file-11.npz]\n"
-        "out: out\nworkers: 2\nresources: {}\nplain: 3\nname: s3://key:***@bucket/run\nseed: null\nsize: 1024\nmode: exact\nprogress: true\n"
+        "out: out\nworkers: 2\nresources: {}\nplain: 3\nname: s3://key:***@bucket/run\n"
+        "seed: null\nsize: 1024\nmode: exact\nprogress: true\n"
         "optim:\n  lr: 0.001\n  kinds: [a]\n  widths: [3, 4]\n  env: {K: v}\n  model_arg: {}")
 
 
@@ -174,7 +175,8 @@ def test_a_value_of_the_wrong_type_or_range_is_refused_naming_its_field(field, v
 
 def test_values_are_coerced_to_their_fields_types():
     demo = _declare()
-    cfg = build(demo, {"inputs": ("a",), "out": "o", "workers": 1, "name": 2024, "lr": 1, "widths": [5], "size": "1KiB"})
+    cfg = build(demo, {"inputs": ("a",), "out": "o", "workers": 1, "name": 2024, "lr": 1, "widths": [5],
+                       "size": "1KiB"})
     assert cfg.inputs == ["a"] and isinstance(cfg.out, Path) and cfg.name == "2024" and cfg.optim.widths == (5,)
     assert cfg.optim.lr == 1.0 and isinstance(cfg.optim.lr, float) and cfg.size == 1024
     assert build(demo, {"inputs": ["a"], "out": "o", "workers": 1, "seed": None}).seed is None
