@@ -127,9 +127,10 @@ def test_the_jet_inputs_are_log_pt_and_mass_standardised_by_the_training_statist
     _, loader, _ = clouds
     pre = loader.preprocessing
     collate = Collate(pre)
-    batch = collate([_cloud_chunk([2, 2, 2], pt=[500.0, 0.5, 0.0])])   # a soft jet, and a degenerate one
+    chunk = _cloud_chunk([2, 2, 2], pt=[500.0, 0.5, 0.0])   # a soft jet, and a degenerate one
+    batch = collate([chunk])
     assert batch["jet"].dtype == torch.float32 and batch["row"].dtype == torch.int64
-    jets = _cloud_chunk([2, 2, 2], pt=[500.0, 0.5, 0.0]).jets
+    jets = chunk.jets
     raw = np.stack([np.log([500.0, 0.5, 1e-9]), jets["mass"]], axis=1)
     np.testing.assert_allclose(batch["jet"].numpy(), (raw - pre.jet_mean) / pre.jet_std, rtol=1e-5)
 
