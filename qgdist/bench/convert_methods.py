@@ -146,7 +146,7 @@ def ours(fmt: str, src: str, out: str, executor: str, num_cpus: str) -> dict[str
 
         from qgdist.core.ray import ensure_ray
 
-        ensure_ray(None, int(num_cpus) if num_cpus != "None" else None)
+        ensure_ray(None, int(num_cpus) if num_cpus != "None" else None, dashboard=False)
         # Start-up, not conversion: one worker process per CPU started and its imports done (Ray Data's tasks then
         # run in these workers), as a long-lived cluster has them.
         warm = ray.remote(num_cpus=1)(_warm_worker)

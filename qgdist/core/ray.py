@@ -29,8 +29,8 @@ _COLOUR = re.compile(r"\x1b\[[0-9;]*m")
 _REPEAT_S = 10.0   # the same published error again within this many seconds is logged once
 
 
-def ensure_ray(address: str | None = None, num_cpus: int | None = None, *, log_dir: str | os.PathLike[str] | None = None,
-               verbose: bool = False) -> None:
+def ensure_ray(address: str | None = None, num_cpus: int | None = None, *,
+               log_dir: str | os.PathLike[str] | None = None, verbose: bool = False, dashboard: bool = True) -> None:
     """Join the Ray cluster at ``address``, or start a private local instance.
 
     A private instance (``address`` None) cannot be bound to loopback: Ray 2.60 turns a loopback node address into
@@ -41,9 +41,12 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, *, log_d
     processes; no ``~/.ray/auth_token`` is written), so another user or host reaching those ports is refused.
     ``RAY_AUTH_MODE=disabled`` opts out, as with plain Ray. It keeps its dashboard, on 127.0.0.1: Ray Train V2
     polls the State API that the dashboard serves, and without it floods the log with "State API may be
-    temporarily unavailable". ``address="auto"`` joins a cluster started with ``ray start --head`` on this
-    machine; inside ``ray job submit`` Ray sets ``RAY_ADDRESS``. The first call in a process decides ``verbose``;
-    later calls reuse the running instance.
+    temporarily unavailable". Stages that only run Ray Data or tasks (convert, predict, Pythia generation) pass
+    ``dashboard=False``: nothing of theirs reads it, and a private instance then starts ~1 s sooner for ~4 CPU-s
+    less (the dashboard and its ten module processes; docs/operations.md). ``address="auto"`` joins a cluster
+    started with ``ray start --head`` on this machine; inside ``ray job submit`` Ray sets ``RAY_ADDRESS``. The
+    first call in a process decides ``verbose`` and ``dashboard``; later calls reuse the running instance (the
+    quickstart starts one with the dashboard for all its stages).
     """
     import ray
 
@@ -70,7 +73,7 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, *, log_d
 
             # Ray sizes its object store from the host's memory even inside a smaller cgroup limit
             # (qgdist.core.memory).
-            ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1",
                      log_to_driver=verbose, configure_logging=False, object_store_memory=object_store_bytes())
     finally:
         logging.lastResort = last_resort

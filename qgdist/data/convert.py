@@ -242,7 +242,7 @@ def convert(cfg: ConvertConfig) -> Manifest:
         from qgdist.core.ray import ensure_ray
 
         own_ray_log = not ray.is_initialized() and not cfg.verbose and "://" not in cfg.out
-        ensure_ray(cfg.address, cfg.num_cpus, verbose=cfg.verbose)
+        ensure_ray(cfg.address, cfg.num_cpus, verbose=cfg.verbose, dashboard=False)
         cpus = int(ray.cluster_resources().get("CPU", 1))
     start = time.perf_counter()
     ray_seconds = start - ray_seconds

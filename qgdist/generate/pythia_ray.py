@@ -43,7 +43,7 @@ def run_tasks_on_ray(cfg: PythiaConfig, tasks: list[tuple[int, int]], bar, task_
     from qgdist.core.ray import ensure_ray
 
     started = not ray.is_initialized()
-    ensure_ray(cfg.address, None if cfg.address else cfg.workers)
+    ensure_ray(cfg.address, None if cfg.address else cfg.workers, dashboard=False)
     try:
         counter = ray.remote(num_cpus=0)(_Counter).remote()
         remote = ray.remote(num_cpus=1, max_retries=2)(_task)

@@ -313,7 +313,7 @@ def predict(cfg: PredictConfig) -> dict[str, Any]:
 
         from qgdist.core.ray import ensure_ray
 
-        ensure_ray(cfg.address, cfg.num_cpus, log_dir=_local_dir(cfg.out), verbose=cfg.verbose)
+        ensure_ray(cfg.address, cfg.num_cpus, log_dir=_local_dir(cfg.out), verbose=cfg.verbose, dashboard=False)
         resources = ray.cluster_resources()
         cpus, gpus = int(resources.get("CPU", 1)), int(resources.get("GPU", 0))
         ray_seconds = time.perf_counter() - start
