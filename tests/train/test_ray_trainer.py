@@ -1,16 +1,18 @@
-"""Ray Train DDP on a real local Ray (2 one-CPU workers, gloo), and a worker killed mid-epoch.
+"""Ray Train DDP on a real local Ray (2 one-CPU workers, gloo), and a worker killed mid-epoch, twice.
 
-The uninterrupted cloud run here is also the reference that the worker-killed run must match bit for bit. The
+The uninterrupted cloud run here is also the reference that the twice-killed run must match bit for bit. The
 image family's 2-worker DDP run is in tests/pipelines/test_quickstart.py (quickstart trains both families).
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import re
 import signal
-import time
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -79,11 +81,12 @@ def test_ddp_trains_cloud_model(reference):
     assert latest["global_step"] == 16
 
 
-def _dying_worker(at_step: int, wipe_checkpoints: bool = False):
-    """A worker loop in which rank 1 kills its own process (SIGKILL) during global step ``at_step``, once --
-    after rank 0 deleted the run's own checkpoints, with ``wipe_checkpoints`` (a lost volume: only Ray's copies
-    of the epoch-end checkpoints are left). The restarted ranks write how many steps they trained to
-    ``steps-after-restart-rankR``: the proof of a resume that does not rest on what the run says of itself."""
+def _dying_worker(kills: dict[int, bool]):
+    """A worker loop in which rank 1 kills its own process (SIGKILL) when the run reaches each global step of
+    ``kills``, once each; for a step mapped to True, rank 0 first deletes the run's own checkpoints (a lost
+    volume: only Ray's copies of the epoch-end checkpoints are left). Each process notes the global step it
+    starts training from (AdamW's step count, restored with the checkpoint) in ``started-rankR``: the proof of a
+    resume that does not rest on what the run says of itself."""
     def worker(config: dict) -> None:
         import shutil
 
@@ -92,67 +95,76 @@ def _dying_worker(at_step: int, wipe_checkpoints: bool = False):
         import qgdist.train.loop as loop
 
         run = Path(config["train"]["checkpoint"]["storage"]) / config["train"]["checkpoint"]["run_name"]
-        marker, rank = run / "killed-once", ray.train.get_context().get_world_rank()
-        real_step, calls = loop.train_step, [0]
-        restarted = marker.exists()
+        rank = ray.train.get_context().get_world_rank()
+        real_step, at = loop.train_step, [None]
 
-        def step(*args, **kwargs):
-            calls[0] += 1
-            if not restarted and calls[0] == at_step:
-                if rank == 0 and wipe_checkpoints:
+        def step(model, inputs, label, optimizer, **kwargs):
+            if at[0] is None:
+                adam = next(iter(optimizer.state.values()), {})
+                at[0] = int(adam["step"]) if "step" in adam else 0
+                with open(run / f"started-rank{rank}", "a") as f:
+                    f.write(f"{at[0]}\n")
+            at[0] += 1   # the global step this call trains
+            wipe, killed = kills.get(at[0]), run / f"killed-at-{at[0]}"
+            if wipe is not None and not killed.exists():
+                if rank == 0 and wipe:
                     shutil.rmtree(run / "checkpoints")
-                    marker.touch()
+                    (run / f"wiped-at-{at[0]}").touch()
                 elif rank == 1:
-                    while wipe_checkpoints and not marker.exists():   # rank 0 wipes first
+                    while wipe and not (run / f"wiped-at-{at[0]}").exists():   # rank 0 wipes first
                         time.sleep(0.01)
-                    marker.touch()
+                    killed.touch()
                     os.kill(os.getpid(), signal.SIGKILL)
-            return real_step(*args, **kwargs)
+            return real_step(model, inputs, label, optimizer, **kwargs)
 
         loop.train_step = step
         worker_loop(config)
-        if restarted:
-            (run / f"steps-after-restart-rank{rank}").write_text(str(calls[0]))
 
     return worker
 
 
-def _steps_after_restart(run_dir: str | Path, rank: int) -> int:
-    return int((Path(run_dir) / f"steps-after-restart-rank{rank}").read_text())
-
-
-def _resumed_at(printed: str) -> tuple[str, int]:
-    """The checkpoint and global step of the one "resumed from" line a run printed."""
+def _resumed_at(printed: str) -> list[tuple[str, int]]:
+    """The checkpoint and global step of each "resumed from" line a run printed."""
     lines = [line for line in printed.splitlines() if line.startswith("resumed from")]
-    assert len(lines) == 1, printed[-3000:]
-    found = re.fullmatch(r"resumed from (\S+) at epoch \d+ step \d+ \(global step (\d+)\)", lines[0])
-    assert found, lines[0]
-    return found[1], int(found[2])
+    found = [re.fullmatch(r"resumed from (\S+) at epoch \d+ step \d+ \(global step (\d+)\)", line) for line in lines]
+    assert all(found), lines
+    return [(m[1], int(m[2])) for m in found]
 
 
-def test_worker_killed_mid_epoch_resumes_from_its_last_checkpoint_bit_identically(reference, data, tmp_path,
-                                                                                 capsys):
-    cfg = ray_cfg(data["cloud"], "particlenet-lite", tmp_path, run_name="killed", max_failures=1)
-    out = fit(cfg, worker_fn=_dying_worker(6))
-    assert (Path(out.run_dir) / "killed-once").exists()
-    # Resumed, not restarted from scratch: from the checkpoint at step 4 (every 2 steps), one step redone.
-    where, step = _resumed_at(capsys.readouterr().out)
+@pytest.fixture(scope="module")
+def killed_twice(reference, data, tmp_path_factory):
+    """One run killed twice: rank 1 dies during global step 6 (the latest checkpoint is step 4, every 2 steps),
+    and again during step 11 after rank 0 deleted the run's checkpoints (Ray's copy of the epoch-0 end, step 8,
+    is all that is left). What it printed, and where each rank's processes started training."""
+    cfg = ray_cfg(data["cloud"], "particlenet-lite", tmp_path_factory.mktemp("killed"), run_name="killed",
+                  max_failures=2)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        out = fit(cfg, worker_fn=_dying_worker({6: False, 11: True}))
+    starts = [[int(v) for v in (Path(out.run_dir) / f"started-rank{r}").read_text().split()] for r in (0, 1)]
+    return {"cfg": cfg, "out": out, "resumed": _resumed_at(printed.getvalue()), "starts": starts}
+
+
+def test_worker_killed_mid_epoch_resumes_from_its_last_checkpoint(killed_twice):
+    cfg, resumed, starts = killed_twice["cfg"], killed_twice["resumed"], killed_twice["starts"]
+    assert (Path(killed_twice["out"].run_dir) / "killed-at-6").exists()
+    # Resumed, not restarted from scratch: from the checkpoint at step 4, one step redone ...
+    where, step = resumed[0]
     assert step == 4 and where.endswith("checkpoints/step-000000004") and 6 - 1 - step <= cfg.checkpoint.checkpoint_every
-    # ... and the restarted ranks trained only the 12 steps after it (16 had they started over).
-    assert [_steps_after_restart(out.run_dir, r) for r in (0, 1)] == [16 - step] * 2
-    assert Checkpointer(out.run_dir).pointer()["global_step"] == 16
-    a, b = final_weights(reference.run_dir), final_weights(out.run_dir)
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    # ... and the restarted processes of both ranks started training there (0 had they started over).
+    assert [s[:2] for s in starts] == [[0, 4]] * 2
 
 
-def test_with_its_checkpoints_lost_a_run_resumes_from_rays_copy(reference, data, tmp_path, capsys):
+def test_with_its_checkpoints_lost_a_run_resumes_from_rays_copy_bit_identically(killed_twice, reference):
     """Our checkpoints directory is gone (a lost volume) when a worker dies in epoch 1: the restarted workers
-    find Ray's copy of the epoch-0 checkpoint (ray.train.get_checkpoint) and still end bit-identical."""
-    cfg = ray_cfg(data["cloud"], "particlenet-lite", tmp_path, run_name="wiped", max_failures=1)
-    out = fit(cfg, worker_fn=_dying_worker(11, wipe_checkpoints=True))
-    where, step = _resumed_at(capsys.readouterr().out)
+    find Ray's copy of the epoch-0 checkpoint (ray.train.get_checkpoint); the run, killed twice, still ends
+    bit-identical to an uninterrupted one."""
+    out, resumed, starts = killed_twice["out"], killed_twice["resumed"], killed_twice["starts"]
+    assert len(resumed) == 2
+    where, step = resumed[1]
     assert step == 8 and "/checkpoints/" not in where   # Ray's copy, at the end of epoch 0
-    assert [_steps_after_restart(out.run_dir, r) for r in (0, 1)] == [16 - step] * 2   # not 16: not from scratch
+    assert starts == [[0, 4, 8]] * 2                     # not 0: not from scratch
+    assert Checkpointer(out.run_dir).pointer()["global_step"] == 16
     a, b = final_weights(reference.run_dir), final_weights(out.run_dir)
     assert all(torch.equal(a[k], b[k]) for k in a)
 
