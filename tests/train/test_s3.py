@@ -245,8 +245,10 @@ def _kill_session(sid: int) -> None:
 
 def test_ray_train_killed_mid_epoch_resumes_and_evaluates_on_s3(s3, shards, tmp_path):
     """``qgdist train --data s3://... --storage s3://...`` with 2 Ray workers, SIGKILLed (driver, Ray and workers)
-    after its first mid-epoch checkpoint, then re-run: it resumes from the pointer and finishes; ``evaluate``
-    takes the run's URL."""
+    after its first mid-epoch checkpoint, then re-run: it resumes from the pointer, finishes and continues the one
+    MLflow run (local store in the scratch directory); ``evaluate`` takes the run's URL. (Until 2026-12-06
+    tests/train/test_resume_driver.py ran the same kill and re-run with a ``file://`` run directory; the plain
+    loop's ``file://`` run directories are in tests/train/test_loop.py.)"""
     from qgdist.data.shards.manifest import read_manifest
     from qgdist.infer.evaluate import EvalConfig, evaluate_checkpoint
 
@@ -254,7 +256,7 @@ def test_ray_train_killed_mid_epoch_resumes_and_evaluates_on_s3(s3, shards, tmp_
     run_dir = f"{storage_url}/ray"
     cmd = [sys.executable, "-m", "qgdist", "train", "--data", shards, "--storage", storage_url, "--run-name", "ray",
            "--workers", "2", "--max-failures", "0", "--model", "particlenet-lite", *TINY_ARGS, "--epochs", "1",
-           "--batch-size", "16", "--checkpoint-every", "5", "--no-track", "--no-progress"]
+           "--batch-size", "16", "--checkpoint-every", "5", "--log-every", "1", "--no-progress"]
     # ~2400 train jets / (2 ranks x 16) = ~75 steps in its one epoch: the kill comes a few steps after step 5.
     log = tmp_path / "killed.log"
     proc = subprocess.Popen(cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
@@ -282,6 +284,20 @@ def test_ray_train_killed_mid_epoch_resumes_and_evaluates_on_s3(s3, shards, tmp_
     keys = [k for k in s3.find(f"{BUCKET}/runs/ray") if "/checkpoints/" in k]
     assert not [k for k in keys if ".tmp" in k]
     assert {k.rsplit("/", 1)[-1] for k in s3.find(f"{BUCKET}/runs/ray/artifacts")} >= {"model.pt", "metrics.json"}
+
+    # One MLflow run, continued by the re-run, each train/loss step logged once. sqlite cannot live on object
+    # storage: the local store is in the scratch directory ($QGDIST_SCRATCH, set by the s3 fixture).
+    from mlflow.tracking import MlflowClient
+
+    from qgdist.core.storage import scratch_dir
+    from qgdist.track.tracker import local_store_uri
+
+    assert not s3.exists(f"{BUCKET}/runs/ray/mlflow")
+    client = MlflowClient(local_store_uri(scratch_dir(run_dir)))
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    steps = [m.step for m in client.get_metric_history(runs[0].info.run_id, "train/loss")]
+    assert steps == list(range(1, latest["global_step"] + 1)), steps
 
     out = evaluate_checkpoint(EvalConfig(checkpoint=run_dir, data=shards, split="test", progress=False,
                                          device="cpu"))
