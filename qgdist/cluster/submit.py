@@ -1,8 +1,10 @@
 """``qgdist submit``: run one qgdist command as a Ray job on a cluster, optionally waiting for it.
 
-The job's entrypoint is ``python -m qgdist COMMAND ARGS`` run by the cluster's shell in the job's working
+The job's entrypoint is ``exec python -m qgdist COMMAND ARGS`` run by the cluster's shell in the job's working
 directory, so with ``working_dir: .`` in the runtime_env the cluster runs the code you have checked out (``-m``
-puts the working directory first on ``sys.path``). ``$NAME`` / ``${NAME}`` inside ARGS are left for that shell to
+puts the working directory first on ``sys.path``). ``exec``: the shell becomes the qgdist process, so ``qgdist
+jobs stop`` signals qgdist itself; a shell that forks it can be stopped between its start and the fork (Ray
+lists the job's processes once), and the command then ran on, orphaned. ``$NAME`` / ``${NAME}`` inside ARGS are left for that shell to
 expand from the runtime_env's ``env_vars`` (write them in single quotes locally); nothing else is interpreted.
 """
 
@@ -67,7 +69,7 @@ def shell_word(arg: str) -> str:
 
 def build_entrypoint(command: str, args: list[str]) -> str:
     """The shell command line a Ray job runs for ``qgdist COMMAND ARGS``."""
-    return " ".join(["python", "-m", "qgdist", shell_word(command), *map(shell_word, args)])
+    return " ".join(["exec", "python", "-m", "qgdist", shell_word(command), *map(shell_word, args)])
 
 
 def load_runtime_env(path: str | None, env: dict[str, str] | None = None, drop_pip: bool = False) -> dict[str, Any]:

@@ -14,8 +14,10 @@ import secrets
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 
@@ -166,5 +168,13 @@ def test_stop_ends_a_running_job(head, cli, tmp_path):
     job_id = out.strip()
     code, out, err = cli("jobs", "stop", job_id, "--wait")
     assert code == 0 and f"{job_id} STOPPED" in out, out + err
+    # ... and nothing of it goes on: once, Ray stopped the entrypoint's shell before it had forked qgdist, and the
+    # generation ran on, orphaned, for the rest of the CI run (the entrypoint now execs qgdist).
+    out_file = str(tmp_path / "big.npz")
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and (left := [p for p in psutil.process_iter(["cmdline"])
+                                                    if out_file in " ".join(p.info["cmdline"] or [])]):
+        time.sleep(0.5)
+    assert not left, [p.info["cmdline"] for p in left]
     code, _, err = cli("jobs", "status", "no-such-job")
     assert code == 2 and "no-such-job" in err
