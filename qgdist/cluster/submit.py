@@ -4,8 +4,9 @@ The job's entrypoint is ``exec python -m qgdist COMMAND ARGS`` run by the cluste
 directory, so with ``working_dir: .`` in the runtime_env the cluster runs the code you have checked out (``-m``
 puts the working directory first on ``sys.path``). ``exec``: the shell becomes the qgdist process, so ``qgdist
 jobs stop`` signals qgdist itself; a shell that forks it can be stopped between its start and the fork (Ray
-lists the job's processes once), and the command then ran on, orphaned. ``$NAME`` / ``${NAME}`` inside ARGS are left for that shell to
-expand from the runtime_env's ``env_vars`` (write them in single quotes locally); nothing else is interpreted.
+lists the job's processes once), and the command then runs on, orphaned. ``$NAME`` / ``${NAME}`` inside ARGS
+are left for that shell to expand from the runtime_env's ``env_vars`` (write them in single quotes locally);
+nothing else is interpreted.
 """
 
 from __future__ import annotations
