@@ -13,7 +13,7 @@ The comparison is shown to fail on what a broken DDP would leave: from the same 
 recorded batches, this process computes the ranks' weights had DDP not synchronised (``no-ddp``: each rank steps
 on its own gradient, so the ranks drift apart) and had it summed the gradients instead of averaging them
 (``summed``: the ranks agree with each other, but not with the single process). Both are computed here rather
-than trained under Ray with the product's DDP swapped out (two more 2-worker runs, ~40 CPU-s each on the CI
+than trained under Ray with the product's DDP swapped out (two more 2-worker runs, ~40 CPU-s each on the 2-core
 machine); the breaks were once planted in the workers as well, with the same verdicts (docs/testing.md).
 
 Tolerance: weights agree to ``atol=1e-6, rtol=1e-5`` (float32). The Ray workers run torch with 1 thread and this

@@ -132,7 +132,7 @@ def _resumed_at(printed: str) -> list[tuple[str, int]]:
 
 
 @pytest.fixture(scope="module")
-def killed_twice(reference, data, tmp_path_factory):
+def killed_twice(ray_local, data, tmp_path_factory):
     """One run killed twice: rank 1 dies during global step 6 (the latest checkpoint is step 4, every 2 steps),
     and again during step 11 after rank 0 deleted the run's checkpoints (Ray's copy of the epoch-0 end, step 8,
     is all that is left). What it printed, and where each rank's processes started training."""
