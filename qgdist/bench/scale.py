@@ -92,7 +92,7 @@ def _convert(source: str, out: str, cpus: str, *inputs: str) -> dict[str, Any]:
     from qgdist.data.convert import ConvertConfig, convert
 
     t = time.perf_counter()
-    ensure_ray(None, int(cpus))
+    ensure_ray(None, int(cpus), dashboard=False)   # as `qgdist convert` starts it
     warm = ray.remote(num_cpus=1)(_warm_worker)
     ray.get([warm.remote() for _ in range(int(cpus))])
     ray_s = time.perf_counter() - t

@@ -170,36 +170,33 @@ def test_with_its_checkpoints_lost_a_run_resumes_from_rays_copy_bit_identically(
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_seed_recipe_run_resumes_under_ray(data, ray_local, tmp_path, capfd):
-    """The seed recipe is resolved in the driver, before the fingerprint: a stopped run resumes (it was refused
-    before, because workers applied the recipe after the driver had fingerprinted the config)."""
-    cfg = ray_cfg(data["cloud"], "particlenet-lite", tmp_path, run_name="seed", recipe="seed", epochs=1)
+def test_a_seed_recipe_run_stopped_in_a_tracker_outage_resumes_and_keeps_every_metric(ray_local, data, tmp_path,
+                                                                                   capfd):
+    """The MLflow server is unreachable from the start and no worker-group restart is allowed: the run trains
+    anyway, and every metric waits in the run's spill file for `qgdist tracker --replay`, once each, across a
+    stop and a resume. The run uses the seed recipe, which is resolved in the driver before the fingerprint: a
+    stopped run resumes (it was refused before, because workers applied the recipe after the driver had
+    fingerprinted the config)."""
+    from qgdist.track.delivery import read
+    from qgdist.track.server import free_port
+
+    cfg = ray_cfg(data["cloud"], "particlenet-lite", tmp_path, run_name="outage", recipe="seed", epochs=1,
+                  track=True, log_every=1, tracking_uri=f"http://127.0.0.1:{free_port()}", max_failures=0)
     assert (cfg.optim.optimizer, cfg.optim.lr, cfg.optim.schedule) == ("adam", 1e-3, "step")
     first = fit(cfg.replace(max_steps=3))
     assert Checkpointer(first.run_dir).pointer()["global_step"] == 3
     capfd.readouterr()
-    fit(cfg)
+    out = fit(cfg)
     relayed = capfd.readouterr().out
     assert "resumed from" in relayed and "at epoch 0 step 3" in relayed   # rank 0's line reached the driver
     assert "epoch 0: " in relayed and "auc=" in relayed
-    state = load_checkpoint(Checkpointer(first.run_dir).latest())
+    state = load_checkpoint(out.checkpoint)
     assert state.global_step == 8 and state.fingerprint["optimizer"] == "adam"
     assert state.training.optimizer["param_groups"][0]["initial_lr"] == pytest.approx(1e-3)
-
-
-def test_a_tracker_outage_costs_no_worker_group_restart(ray_local, data, tmp_path):
-    """The MLflow server is unreachable from the start and no worker-group restart is allowed: the run trains to
-    its end anyway, and every metric waits in the run's spill file for `qgdist tracker --replay`."""
-    from qgdist.track.delivery import read
-    from qgdist.track.server import free_port
-
-    cfg = ray_cfg(data["cloud"], "particlenet-lite", tmp_path, run_name="outage", epochs=1, track=True, log_every=1,
-                  tracking_uri=f"http://127.0.0.1:{free_port()}", max_failures=0)
-    out = fit(cfg)
-    assert load_checkpoint(out.checkpoint).mlflow_run_id.startswith("pending-")
+    assert state.mlflow_run_id.startswith("pending-")
     records, skipped = read(cfg.run.scratch)
     assert skipped == 0 and "create" in records[0]
-    assert sorted(r["step"] for r in records if r.get("key") == "train/loss") == list(range(1, 9))  # from step 1
+    assert sorted(r["step"] for r in records if r.get("key") == "train/loss") == list(range(1, 9))  # once each
     assert any(r.get("key") == "val/auc" for r in records) and records[-1].get("status") == "FINISHED"
 
 
