@@ -39,7 +39,7 @@ class MemoryCap:
         self.cap = int(cap_bytes)
         self.dir: Path | None = None
         self.method = "watchdog"
-        self.peak_anon_shmem = self.peak_shmem = 0
+        self.peak_anon_shmem = self.peak_shmem = self.last_anon_shmem = 0
         for method in ("cgroup-v1", "cgroup-v2"):
             if prefer not in (None, method):
                 continue
@@ -105,6 +105,7 @@ class MemoryCap:
     def sample(self, tree_pss: int) -> bool:
         """Record one sample; True when the watchdog's cap is exceeded (the caller kills the command)."""
         if self.dir is None:
+            self.last_anon_shmem = tree_pss
             self.peak_anon_shmem = max(self.peak_anon_shmem, tree_pss)
             return tree_pss > self.cap
         stat = self._stat()
@@ -112,6 +113,7 @@ class MemoryCap:
             anon, shmem = stat.get("total_rss", stat.get("rss", 0)), stat.get("total_shmem", stat.get("shmem", 0))
         else:
             anon, shmem = stat.get("anon", 0), stat.get("shmem", 0)
+        self.last_anon_shmem = anon + shmem
         self.peak_anon_shmem = max(self.peak_anon_shmem, anon + shmem)
         self.peak_shmem = max(self.peak_shmem, shmem)
         return False

@@ -6,7 +6,9 @@ benchmark's own process does), sampling every ``interval`` seconds:
 * ``peak_pss_mb`` / ``peak_rss_mb``: the largest sum over the tree (PSS counts shared pages once, split among
   the processes sharing them; RSS counts them in each);
 * ``max_hwm_mb``: the largest single process's kernel peak mark (VmHWM), which catches peaks between samples;
-  ``sum_hwm_mb`` sums every process's mark; ``hwm_mb_by_process``: name -> [summed marks, processes].
+  ``sum_hwm_mb`` sums every process's mark; ``hwm_mb_by_process``: name -> [summed marks, processes];
+* ``timeline``: the summed PSS (and, under a cap, the capped memory) over time, at most ``TIMELINE_POINTS``
+  points, each the largest sample of its stretch: where in a run its peak came.
 
 With ``mem_cap`` (bytes) the command runs inside a memory limit (``qgdist.bench.memcap``: a cgroup of its own, or
 a PSS watchdog where no cgroup controller is writable) and the result adds the cap's report: method, cap, the
@@ -22,6 +24,9 @@ import threading
 import time
 from collections.abc import Callable
 from typing import Any
+
+#: Points kept of a run's memory over time (each the largest of the samples it stands for).
+TIMELINE_POINTS = 400
 
 
 def _hwm(pid: int) -> int:
@@ -92,6 +97,7 @@ def _measure(cmd: list[str], env: dict[str, str] | None, interval: float, kill_w
                             env={**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled"),
                                  **(env or {})})
     root, peak, hwm, names, killed, over_cap = psutil.Process(proc.pid), [0, 0], {}, {}, False, False
+    samples: list[tuple[float, float, float | None]] = []   # (s since start, tree PSS MB, capped memory MB)
     out: dict[str, str] = {}
     readers = [threading.Thread(target=lambda k=k, f=f: out.__setitem__(k, f.read()))
                for k, f in (("stdout", proc.stdout), ("stderr", proc.stderr))]
@@ -102,6 +108,7 @@ def _measure(cmd: list[str], env: dict[str, str] | None, interval: float, kill_w
         peak = [max(peak[0], pss), max(peak[1], rss)]
         if cap is not None and not killed and cap.sample(pss):
             over_cap = True   # the watchdog's out-of-memory kill
+        samples.append((time.perf_counter() - start, pss / 1e6, cap.last_anon_shmem / 1e6 if cap else None))
         if not killed and (over_cap or (kill_when is not None and kill_when())):
             os.killpg(proc.pid, signal.SIGKILL)
             killed = True
@@ -122,4 +129,20 @@ def _measure(cmd: list[str], env: dict[str, str] | None, interval: float, kill_w
             "stdout": out.get("stdout", ""), "stderr": out.get("stderr", ""),
             "peak_pss_mb": peak[0] / 1e6, "peak_rss_mb": peak[1] / 1e6,
             "max_hwm_mb": max(hwm.values(), default=0) / 1e6, "sum_hwm_mb": sum(hwm.values()) / 1e6,
-            "hwm_mb_by_process": by_name}
+            "hwm_mb_by_process": by_name, "timeline": timeline(samples)}
+
+
+def timeline(samples: list[tuple[float, float, float | None]],
+             points: int = TIMELINE_POINTS) -> dict[str, list[float | None]]:
+    """``samples`` (seconds, PSS MB, capped MB or None) cut into at most ``points`` equal runs of samples, each
+    kept as its last time and its largest values, so that no peak is averaged away: ``{"s", "pss_mb",
+    "capped_mb"}`` (``capped_mb``: the cgroup's anonymous + shared memory, or the watchdog's PSS; None uncapped)."""
+    step = max(1, -(-len(samples) // points))
+    out: dict[str, list[float | None]] = {"s": [], "pss_mb": [], "capped_mb": []}
+    for i in range(0, len(samples), step):
+        part = samples[i:i + step]
+        capped = [c for _, _, c in part if c is not None]
+        out["s"].append(round(part[-1][0], 2))
+        out["pss_mb"].append(round(max(p for _, p, _ in part), 1))
+        out["capped_mb"].append(round(max(capped), 1) if capped else None)
+    return out

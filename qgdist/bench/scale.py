@@ -129,7 +129,7 @@ def _measure(cfg: BenchScaleConfig, cmd: list[str], **kw: Any) -> dict[str, Any]
 
 def _memory(run: dict[str, Any]) -> dict[str, Any]:
     keys = ("wall_s", "peak_pss_mb", "max_hwm_mb", "sum_hwm_mb", "hwm_mb_by_process", "cap_mb", "cap_method",
-            "peak_anon_shmem_mb", "peak_shmem_mb", "peak_cgroup_mb", "oom_kills")
+            "peak_anon_shmem_mb", "peak_shmem_mb", "peak_cgroup_mb", "oom_kills", "timeline")
     return {k: run[k] for k in keys if k in run}
 
 
@@ -196,9 +196,17 @@ def _train(cfg: BenchScaleConfig, data: str, root: Path, model: str, steps: int,
 
 
 def _combined(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """The figures of a stage run as several commands: wall times add up, peaks are the largest."""
+    """The figures of a stage run as several commands: wall times add up, peaks are the largest, timelines
+    follow one another (each command's seconds after the wall time of those before it)."""
     out = _memory(runs[-1])
     out["wall_s"] = sum(r["wall_s"] for r in runs)
+    if all("timeline" in r for r in runs):
+        out["timeline"] = {k: [] for k in runs[-1]["timeline"]}
+        offset = 0.0
+        for r in runs:
+            for k, values in r["timeline"].items():
+                out["timeline"][k] += [round(v + offset, 2) for v in values] if k == "s" else values
+            offset += r["wall_s"]
     for k in ("peak_pss_mb", "max_hwm_mb", "sum_hwm_mb", "peak_anon_shmem_mb", "peak_cgroup_mb", "oom_kills"):
         if k in out:
             out[k] = max(r.get(k, 0) for r in runs)
@@ -297,13 +305,15 @@ def run(cfg: BenchScaleConfig) -> dict[str, Any]:
                     results["rows"].append({"stage": name, "scale": n, "failed": str(err)[:300], **err.result})
                     results["failed"].append(f"{name} at {n:,}")
                     write_json(work / "bench_scale.json", results)
+                    plot_memory(results, work / MEMORY_PLOT)
                     raise
                 results["rows"].append({"stage": name, "scale": n, "load_before": load, "load_after": load_average(),
-                                        **{k: v for k, v in result.items() if k != "hwm_mb_by_process"},
-                                        "hwm_mb_by_process": result.get("hwm_mb_by_process")})
+                                        **{k: v for k, v in result.items() if k not in BULKY},
+                                        **{k: result.get(k) for k in BULKY}})
                 write_json(work / "bench_scale.json", results)
+                plot_memory(results, work / MEMORY_PLOT)
                 print(f"  {name}: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                                for k, v in result.items() if k not in ("run_dir", "hwm_mb_by_process")),
+                                                for k, v in result.items() if k not in ("run_dir", *BULKY)),
                       flush=True)
                 return result
 
@@ -315,6 +325,32 @@ def run(cfg: BenchScaleConfig) -> dict[str, Any]:
     write_json(work / "bench_scale.json", results)
     print(table(results))
     return results
+
+
+#: Per-stage results too long to print: per-process peaks and the memory timeline (kept in bench_scale.json).
+BULKY = ("hwm_mb_by_process", "timeline")
+#: The plot of every stage's memory over time, beside bench_scale.json.
+MEMORY_PLOT = "bench_scale_memory.png"
+
+
+def plot_memory(results: dict[str, Any], path: Path) -> Path:
+    """One panel per stage: its memory over its run at each scale (the capped memory where there was a cap,
+    else the tree's summed PSS), the cap dashed: where in a stage its peak came, and how close to the cap."""
+    from qgdist.train.plots import plot_panels
+
+    panels: dict[str, dict[str, tuple[list[float], list[float]]]] = {}
+    caps: dict[str, float] = {}
+    for r in results["rows"]:
+        line = r.get("timeline")
+        if not line:
+            continue
+        capped = all(v is not None for v in line["capped_mb"])
+        label = f"{r['scale']:,}" + (" (FAILED)" if "failed" in r else "")
+        panels.setdefault(r["stage"], {})[label] = (line["s"], line["capped_mb"] if capped else line["pss_mb"])
+        if r.get("cap_mb"):
+            caps[r["stage"]] = r["cap_mb"]
+    return plot_panels(panels, path, xlabel="seconds into the stage", ylabel="MB (capped memory, else PSS)",
+                       limits=caps)
 
 
 def _rate(r: dict[str, Any]) -> float:

@@ -82,6 +82,23 @@ def plot_roc(curves: Mapping[str, Curve], path: str | Path, title: str = "quark 
     return _save(fig, path)
 
 
+def plot_panels(panels: Mapping[str, Mapping[str, Curve]], path: str | Path, xlabel: str, ylabel: str,
+                limits: Mapping[str, float] | None = None) -> Path:
+    """One panel per key of ``panels``, each a mapping of line label -> (x, y); ``limits`` draws a dashed
+    horizontal line in the panels it names (a memory cap, a target)."""
+    fig, axes = _figure(max(len(panels), 1), width=4.5)
+    for ax, (title, lines) in zip(axes[0], panels.items()):
+        for label, (x, y) in lines.items():
+            ax.plot(x, y, label=label)
+        if limits and title in limits:
+            ax.axhline(limits[title], ls="--", lw=0.8, color="grey", label="limit")
+        ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
 def plot_curves(history: Mapping[str, Curve], path: str | Path, xlabel: str = "step") -> Path:
     """One panel per metric family: keys ``"train/loss"`` and ``"val/loss"`` share the ``loss`` panel.
 

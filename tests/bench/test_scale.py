@@ -42,6 +42,16 @@ def test_capped_stages_complete_and_record_their_peaks(cgroup, tmp_path):
             assert r[key] > 0, (r["stage"], key)
     assert conv["peak_anon_shmem_mb"] > 150   # Ray's processes were inside the cgroup too
     assert conv["ray_start_s"] > 0 and conv["bytes_in"] == gen["bytes_out"]
+    for r in (gen, conv):   # each stage's memory over time: its samples, the peaks among them, within the cap
+        line = r["timeline"]
+        assert len(line["s"]) == len(line["pss_mb"]) == len(line["capped_mb"]) >= 2, r["stage"]
+        assert line["s"] == sorted(line["s"]) and 0 < line["s"][-1] <= r["wall_s"]
+        assert max(line["pss_mb"]) == pytest.approx(r["peak_pss_mb"], abs=0.1)
+        assert max(line["capped_mb"]) == pytest.approx(r["peak_anon_shmem_mb"], abs=0.1)
+    from PIL import Image   # the plot of those timelines, read back with a stock reader
+
+    with Image.open(tmp_path / "bench_scale_memory.png") as png:
+        assert png.format == "PNG" and png.size[0] > 2 * png.size[1]   # two panels side by side
 
     header = ["stage", "rows", "rows/s", "wall s", "peak PSS MB", "max proc HWM MB", "peak anon+shm MB", "cap MB",
               "OOM kills", "load before / after"]
