@@ -291,6 +291,10 @@ def run(cfg: BenchScaleConfig) -> dict[str, Any]:
     work.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {"config": asdict(cfg), "rows": [], "failed": [], "load": [load_average()]}
 
+    def save() -> None:   # after every stage, so that a bench stopped midway leaves what it measured
+        write_json(work / "bench_scale.json", results)
+        plot_memory(results, work / MEMORY_PLOT)
+
     for kind, scales, body in (("clouds", cfg.jets, _clouds), ("images", cfg.images, _images)):
         for n in sorted(s for s in scales if s > 0):
             root = work / f"{kind}-{n}"
@@ -304,14 +308,12 @@ def run(cfg: BenchScaleConfig) -> dict[str, Any]:
                 except StageFailed as err:
                     results["rows"].append({"stage": name, "scale": n, "failed": str(err)[:300], **err.result})
                     results["failed"].append(f"{name} at {n:,}")
-                    write_json(work / "bench_scale.json", results)
-                    plot_memory(results, work / MEMORY_PLOT)
+                    save()
                     raise
                 results["rows"].append({"stage": name, "scale": n, "load_before": load, "load_after": load_average(),
                                         **{k: v for k, v in result.items() if k not in BULKY},
                                         **{k: result.get(k) for k in BULKY}})
-                write_json(work / "bench_scale.json", results)
-                plot_memory(results, work / MEMORY_PLOT)
+                save()
                 print(f"  {name}: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                                 for k, v in result.items() if k not in ("run_dir", *BULKY)),
                       flush=True)
