@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import math
 import os
+import re
+import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -22,6 +25,44 @@ def qgdist(*args: object, timeout: float = 600, expect: int = 0) -> subprocess.C
     assert done.returncode == expect, (f"qgdist {' '.join(map(str, args))} exited {done.returncode}:\n"
                                   f"{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
     return done
+
+
+class Terminal:
+    """A running command's terminal: its merged stdout and stderr (not a TTY), read in a thread as it comes."""
+
+    def __init__(self, cmd: list[str], env: dict[str, str]) -> None:
+        self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        self.raw = bytearray()
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        while chunk := self.proc.stdout.read1(65536):
+            self.raw += chunk
+
+    @property
+    def text(self) -> str:
+        return bytes(self.raw).decode(errors="replace")
+
+    def lines(self) -> list[str]:
+        """The non-blank lines so far; tqdm's carriage returns split lines too."""
+        return [line.strip() for line in re.split(r"[\r\n]+", self.text) if line.strip()]
+
+    def finish(self, timeout: float) -> int:
+        """The exit code, once the command ends; killed (its whole session) if it outlasts ``timeout``."""
+        try:
+            rc = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            raise
+        self._thread.join(timeout=10)
+        return rc
+
+    def kill(self) -> None:
+        """SIGKILL the command and every process of its session, unless it has ended."""
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
 
 
 def leaves(doc: Any, path: str = "") -> Iterator[tuple[str, Any]]:

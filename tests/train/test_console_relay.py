@@ -1,7 +1,7 @@
 """The console relay on a real local Ray: rank 0's lines reach the driver in order, and keep reaching it after
 the relay's actor process dies (Ray restarts it; the driver goes on collecting).
 
-tests/cluster/test_node_loss.py checks, on several nodes, that the relay lives on the driver's node and that a
+tests/cluster/test_multinode.py checks, on several nodes, that the relay lives on the driver's node and that a
 whole training run keeps its terminal through a lost relay process and a lost node.
 """
 

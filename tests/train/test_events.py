@@ -3,7 +3,7 @@ Train's controller callback sends for them (qgdist.train.controller_events), and
 
 In-process and fast: the narrator is fed the messages the callback would send and a node table as
 ``ray.nodes()`` would give it; the callback is fed Ray Train's own state and error objects.
-tests/cluster/test_node_loss.py runs the whole chain on several Ray nodes.
+tests/cluster/test_multinode.py runs the whole chain on several Ray nodes.
 """
 
 from __future__ import annotations

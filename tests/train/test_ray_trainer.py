@@ -1,7 +1,7 @@
 """Ray Train DDP on a real local Ray (2 one-CPU workers, gloo), and a worker killed mid-epoch, twice.
 
-The uninterrupted cloud run here is also the reference that the twice-killed run must match bit for bit. The
-image family's 2-worker DDP run is in tests/pipelines/test_quickstart.py (quickstart trains both families).
+One seed-recipe run, its tracker unreachable, stopped at step 3 and resumed, is also the reference that the
+twice-killed run (the same training) must match bit for bit. The image family's 2-worker DDP run is in tests/pipelines/test_quickstart.py (quickstart trains both families).
 """
 
 from __future__ import annotations
@@ -60,20 +60,29 @@ def final_weights(run_dir: str | Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def reference(ray_local, data, tmp_path_factory):
-    """An uninterrupted 2-worker run of the cloud model."""
-    storage = tmp_path_factory.mktemp("ref")
-    out = fit(ray_cfg(data["cloud"], "particlenet-lite", storage))
-    return out
+def outage(ray_local, data, tmp_path_factory):
+    """The module's reference run: 2 workers, the seed recipe, its MLflow server unreachable from the start and no
+    worker-group restart allowed, stopped at step 3 and resumed; what the resumed run printed."""
+    from qgdist.track.server import free_port
+
+    cfg = ray_cfg(data["cloud"], "particlenet-lite", tmp_path_factory.mktemp("outage"), run_name="outage",
+                  recipe="seed", track=True, log_every=1, tracking_uri=f"http://127.0.0.1:{free_port()}")
+    first = fit(cfg.replace(max_steps=3))
+    stopped_at = Checkpointer(first.run_dir).pointer()["global_step"]
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        out = fit(cfg)
+    return {"cfg": cfg, "stopped_at": stopped_at, "out": out, "printed": printed.getvalue()}
 
 
-def test_ddp_trains_cloud_model(reference):
-    latest = Checkpointer(reference.run_dir).pointer()
+def test_ddp_trains_cloud_model(outage):
+    out = outage["out"]
+    latest = Checkpointer(out.run_dir).pointer()
     assert latest["epoch"] == 2 and latest["step"] == 0
     # It learned: the synthetic jets separate easily (quarks narrower, fewer particles); chance is 0.5 and the
     # 32 validation jets put a statistical error of about 0.1 on the AUC, so 0.75 is a clear margin.
-    assert reference.epoch == 2 and reference.val["auc"] > 0.75
-    state = load_checkpoint(reference.checkpoint)
+    assert out.epoch == 2 and out.val["auc"] > 0.75
+    state = load_checkpoint(out.checkpoint)
     assert state.fingerprint["world_size"] == 2
     assert [p["rank"] for p in state.training.loader] == [0, 1]       # every rank's loader position is kept
     assert len(state.training.rng) == 2
@@ -133,11 +142,11 @@ def _resumed_at(printed: str) -> list[tuple[str, int]]:
 
 @pytest.fixture(scope="module")
 def killed_twice(ray_local, data, tmp_path_factory):
-    """One run killed twice: rank 1 dies during global step 6 (the latest checkpoint is step 4, every 2 steps),
+    """One run killed twice (the outage run's training): rank 1 dies during global step 6 (the latest checkpoint is step 4, every 2 steps),
     and again during step 11 after rank 0 deleted the run's checkpoints (Ray's copy of the epoch-0 end, step 8,
     is all that is left). What it printed, and where each rank's processes started training."""
     cfg = ray_cfg(data["cloud"], "particlenet-lite", tmp_path_factory.mktemp("killed"), run_name="killed",
-                  max_failures=2)
+                  recipe="seed", max_failures=2)   # the outage run's training, without its tracker
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         out = fit(cfg, worker_fn=_dying_worker({6: False, 11: True}))
@@ -156,47 +165,41 @@ def test_worker_killed_mid_epoch_resumes_from_its_last_checkpoint(killed_twice):
     assert [s[:2] for s in starts] == [[0, 4]] * 2
 
 
-def test_with_its_checkpoints_lost_a_run_resumes_from_rays_copy_bit_identically(killed_twice, reference):
+def test_with_its_checkpoints_lost_a_run_resumes_from_rays_copy_bit_identically(killed_twice, outage):
     """Our checkpoints directory is gone (a lost volume) when a worker dies in epoch 1: the restarted workers
     find Ray's copy of the epoch-0 checkpoint (ray.train.get_checkpoint); the run, killed twice, still ends
-    bit-identical to an uninterrupted one."""
+    bit-identical to the outage run, which was stopped once elsewhere (tests/train/test_loop.py shows a stopped
+    and resumed run bit-identical to an uninterrupted one)."""
     out, resumed, starts = killed_twice["out"], killed_twice["resumed"], killed_twice["starts"]
     assert len(resumed) == 2
     where, step = resumed[1]
     assert step == 8 and "/checkpoints/" not in where   # Ray's copy, at the end of epoch 0
     assert starts == [[0, 4, 8]] * 2                     # not 0: not from scratch
     assert Checkpointer(out.run_dir).pointer()["global_step"] == 16
-    a, b = final_weights(reference.run_dir), final_weights(out.run_dir)
+    a, b = final_weights(outage["out"].run_dir), final_weights(out.run_dir)
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_a_seed_recipe_run_stopped_in_a_tracker_outage_resumes_and_keeps_every_metric(ray_local, data, tmp_path,
-                                                                                   capfd):
+def test_a_seed_recipe_run_stopped_in_a_tracker_outage_resumes_and_keeps_every_metric(outage):
     """The MLflow server is unreachable from the start and no worker-group restart is allowed: the run trains
     anyway, and every metric waits in the run's spill file for `qgdist tracker --replay`, once each, across a
     stop and a resume. The run uses the seed recipe, which is resolved in the driver before the fingerprint: a
     stopped run resumes (it was refused before, because workers applied the recipe after the driver had
     fingerprinted the config)."""
     from qgdist.track.delivery import read
-    from qgdist.track.server import free_port
 
-    cfg = ray_cfg(data["cloud"], "particlenet-lite", tmp_path, run_name="outage", recipe="seed", epochs=1,
-                  track=True, log_every=1, tracking_uri=f"http://127.0.0.1:{free_port()}", max_failures=0)
+    cfg, relayed = outage["cfg"], outage["printed"]
     assert (cfg.optim.optimizer, cfg.optim.lr, cfg.optim.schedule) == ("adam", 1e-3, "step")
-    first = fit(cfg.replace(max_steps=3))
-    assert Checkpointer(first.run_dir).pointer()["global_step"] == 3
-    capfd.readouterr()
-    out = fit(cfg)
-    relayed = capfd.readouterr().out
+    assert outage["stopped_at"] == 3
     assert "resumed from" in relayed and "at epoch 0 step 3" in relayed   # rank 0's line reached the driver
     assert "epoch 0: " in relayed and "auc=" in relayed
-    state = load_checkpoint(out.checkpoint)
-    assert state.global_step == 8 and state.fingerprint["optimizer"] == "adam"
+    state = load_checkpoint(outage["out"].checkpoint)
+    assert state.global_step == 16 and state.fingerprint["optimizer"] == "adam"
     assert state.training.optimizer["param_groups"][0]["initial_lr"] == pytest.approx(1e-3)
     assert state.mlflow_run_id.startswith("pending-")
     records, skipped = read(cfg.run.scratch)
     assert skipped == 0 and "create" in records[0]
-    assert sorted(r["step"] for r in records if r.get("key") == "train/loss") == list(range(1, 9))  # once each
+    assert sorted(r["step"] for r in records if r.get("key") == "train/loss") == list(range(1, 17))  # once each
     assert any(r.get("key") == "val/auc" for r in records) and records[-1].get("status") == "FINISHED"
 
 
