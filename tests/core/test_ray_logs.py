@@ -26,7 +26,7 @@ DRIVER = textwrap.dedent("""
     from qgdist.core.ray import ensure_ray
 
     log_dir, verbose = Path(sys.argv[1]), sys.argv[2] == "verbose"
-    ensure_ray(num_cpus=1, log_dir=log_dir, verbose=verbose)
+    ensure_ray(num_cpus=1, log_dir=log_dir, verbose=verbose, dashboard=False)   # nothing here reads it
     message = "\\x1b[33mThe node with node id: 0123abcd has been marked dead because the detector has missed " \\
               "too many heartbeats from it.\\x1b[0m"
     push_error_to_driver(ray._private.worker.global_worker, "node_removed", message)   # to every driver

@@ -213,5 +213,5 @@ def test_a_damaged_shard_met_by_a_worker_is_the_one_line_the_plain_loop_gives(ra
     with open(Path(data) / shard.name, "r+b") as f:
         f.truncate(shard.bytes // 2)
     with pytest.raises(InputError, match=rf"{shard.name}: truncated") as err:
-        fit(ray_cfg(data, "particlenet-lite", tmp_path / "runs", epochs=1))
+        fit(ray_cfg(data, "particlenet-lite", tmp_path / "runs", epochs=1, workers=1))   # one worker meets it
     assert type(err.value) is InputError and "Traceback" not in str(err.value), str(err.value)[:2000]
