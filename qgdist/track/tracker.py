@@ -288,9 +288,25 @@ class Tracker:
                                   "tags": {"qgdist.run_name": run_name}}}
         self.spilled += delivery.append(self.run_dir, [{"run_id": self.run_id, "attempt": self.attempt, **opening}])
         self._in_spill = True
+        if run_id:
+            self._steps_from_spill()
         warnings.warn(f"tracker: MLflow at {redact(self.tracking_uri)} unreachable at start ({type(err).__name__}: "
                       f"{redact(str(err))[:200]}); training goes on: metrics go to {self.run_dir / UNSENT_FILE} "
                       f"and are sent when it is back (or `qgdist tracker --replay {self.run_dir}`)", stacklevel=3)
+
+    def _steps_from_spill(self) -> None:
+        """A run resumed while its server is away: the steps it spilled before count as logged, as the server's
+        do for a run resumed online, so the steps a restart redoes are not recorded twice (the spill holds each
+        step once). Steps delivered before the outage are on the server, out of reach until it is back."""
+        for record in delivery.read(self.run_dir)[0]:
+            key, step = record.get("key"), record.get("step")
+            if record.get("run_id") != self.run_id or key is None or step is None:
+                continue
+            if step > self._last_step.get(key, -1):
+                self._last_step[key] = int(step)
+                steps, values = self.history.setdefault(key, ([], []))
+                steps.append(int(step))
+                values.append(float("nan") if record.get("value") is None else float(record["value"]))
 
     def _sender(self) -> None:
         """The background thread: send the queue every ``flush_s`` (when woken: now); while the tracker is away,

@@ -281,9 +281,8 @@ def test_an_elastic_run_goes_on_with_one_node_and_grows_back(cluster, tmp_path):
 
     from qgdist.track.tracker import local_store_uri
 
-    raw = toy_file("energyflow", 1200, tmp_path / "toy.npz", seed=5)
-    data = str(tmp_path / "shards")
-    convert(ConvertConfig(source="energyflow", inputs=[raw], out=data, progress=False))
+    # Shards written directly: conversion on the cluster is the first test's (a Ray Data job here costs ~20 CPU-s).
+    data = write_dataset(str(tmp_path / "cloud"), "cloud", {"train": [64] * 15, "val": [32, 32]}, seed=5)
     cfg = resolve(TrainConfig.of(
         data=data, model="particlenet-lite", model_kwargs=TINY, workers="1-2", resize_check_s=2.0,
         worker_resources=NODE, epochs=2, batch_size=16, shuffle_buffer=64, checkpoint_every=5, max_failures=3,

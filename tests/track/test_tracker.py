@@ -275,6 +275,30 @@ def test_a_server_away_at_start_costs_no_metric(tmp_path: Path) -> None:
             late.stop()
 
 
+def test_a_run_restarted_during_an_outage_spills_each_step_once(tmp_path: Path) -> None:
+    """A worker group restarted while the server is away resumes from its checkpoint and redoes the steps since:
+    those the run already spilled are not spilled again, as a server's are not sent again online (found by the
+    twice-killed Ray Train run of tests/train/test_ray_trainer.py, whose spill held steps 5 and 9-10 twice)."""
+    from qgdist.track.delivery import read
+
+    uri = f"http://127.0.0.1:{free_port()}"   # nothing listens there
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")       # "unreachable at start", said twice
+        killed = Tracker(tmp_path, tracking_uri=uri, flush_s=0.05, retry_s=3600)
+        pending = killed.start("restarted", Config())
+        for step in range(1, 7):
+            killed.log_metrics({"train/loss": 1.0 / step}, step=step)
+        assert killed.sync(timeout_s=30)     # spilled; then the process is gone (no finish)
+        restarted = Tracker(tmp_path, tracking_uri=uri, flush_s=0.05, retry_s=3600)
+        assert restarted.start("restarted", Config(), run_id=pending) == pending
+    for step in range(5, 9):                  # resumed from the checkpoint of step 4: 5 and 6 again
+        restarted.log_metrics({"train/loss": 0.5 / step}, step=step)
+    assert restarted.sync(timeout_s=30)
+    records, _ = read(tmp_path)
+    assert sorted(r["step"] for r in records if r.get("key") == "train/loss") == list(range(1, 9))
+    assert restarted.history["train/loss"][0] == list(range(1, 9))   # the curves keep the steps before
+
+
 def test_a_tracker_that_answers_no_at_start_fails_loudly(server: TrackerCommand, tmp_path: Path) -> None:
     """Unreachable is an outage; a server that answers with a refusal (here: no such run to resume) is an error."""
     from mlflow.exceptions import RestException
