@@ -1,5 +1,5 @@
 """Several Ray nodes on one machine: a head (no CPUs, the driver's node) and two worker nodes started with
-``ray start``, shared by every test here (a cluster's start costs ~30 s of this machine's two cores).
+``ray start``, shared by every test here (a cluster took 34-42 s to start in the suite, 2026-12-07).
 
 Each worker node has one logical CPU and a ``qgdist_node`` resource, and training asks for one of those per
 worker (``--worker-resource qgdist_node=1``), so Ray Train must place its two workers on the two nodes and

@@ -1,7 +1,8 @@
 """Ray Train DDP on a real local Ray (2 one-CPU workers, gloo), and a worker killed mid-epoch, twice.
 
 The uninterrupted cloud run here (the seed recipe) is also the reference that the twice-killed run (the same
-training, its tracker unreachable) must match bit for bit. The image family's 2-worker DDP run is in tests/pipelines/test_quickstart.py (quickstart trains both families).
+training, its tracker unreachable) must match bit for bit. The image family's 2-worker DDP run is in
+tests/pipelines/test_quickstart.py (quickstart trains both families).
 """
 
 from __future__ import annotations
@@ -66,13 +67,12 @@ def reference(ray_local, data, tmp_path_factory):
 
 
 def test_ddp_trains_cloud_model(reference):
-    out = reference
-    latest = Checkpointer(out.run_dir).pointer()
+    latest = Checkpointer(reference.run_dir).pointer()
     assert latest["epoch"] == 2 and latest["step"] == 0
     # It learned: the synthetic jets separate easily (quarks narrower, fewer particles); chance is 0.5 and the
     # 32 validation jets put a statistical error of about 0.1 on the AUC, so 0.75 is a clear margin.
-    assert out.epoch == 2 and out.val["auc"] > 0.75
-    state = load_checkpoint(out.checkpoint)
+    assert reference.epoch == 2 and reference.val["auc"] > 0.75
+    state = load_checkpoint(reference.checkpoint)
     assert state.fingerprint["world_size"] == 2
     assert [p["rank"] for p in state.training.loader] == [0, 1]       # every rank's loader position is kept
     assert len(state.training.rng) == 2
@@ -132,9 +132,10 @@ def _resumed_at(printed: str) -> list[tuple[str, int]]:
 
 @pytest.fixture(scope="module")
 def killed_twice(ray_local, data, tmp_path_factory):
-    """One run killed twice (the reference's training, its tracker unreachable throughout): rank 1 dies during global step 6 (the latest checkpoint is step 4, every 2 steps),
-    and again during step 11 after rank 0 deleted the run's checkpoints (Ray's copy of the epoch-0 end, step 8,
-    is all that is left). What it printed, and where each rank's processes started training."""
+    """One run killed twice (the reference's training, its tracker unreachable throughout): rank 1 dies during
+    global step 6 (the latest checkpoint is step 4, every 2 steps), and again during step 11 after rank 0 deleted
+    the run's checkpoints (Ray's copy of the epoch-0 end, step 8, is all that is left). What it printed, and where
+    each rank's processes started training."""
     from qgdist.track.server import free_port
 
     cfg = ray_cfg(data["cloud"], "particlenet-lite", tmp_path_factory.mktemp("killed"), run_name="killed",
