@@ -278,7 +278,8 @@ def test_a_server_away_at_start_costs_no_metric(tmp_path: Path) -> None:
 def test_a_run_restarted_during_an_outage_spills_each_step_once(tmp_path: Path) -> None:
     """A worker group restarted while the server is away resumes from its checkpoint and redoes the steps since:
     those the run already spilled are not spilled again, as a server's are not sent again online (found by the
-    twice-killed Ray Train run of tests/train/test_ray_trainer.py, whose spill held steps 5 and 9-10 twice)."""
+    twice-killed Ray Train run of tests/train/test_ray_trainer.py, whose spill held 19 train/loss records for its
+    16 steps, step 5 twice)."""
     from qgdist.track.delivery import read
 
     uri = f"http://127.0.0.1:{free_port()}"   # nothing listens there
