@@ -13,7 +13,8 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 
@@ -49,12 +50,20 @@ class Terminal:
         """The non-blank lines so far; tqdm's carriage returns split lines too."""
         return [line.strip() for line in re.split(r"[\r\n]+", self.text) if line.strip()]
 
+    def wait_for(self, done: Callable[[Terminal], bool], timeout: float) -> None:
+        """Block until ``done(self)``; the command must still be running meanwhile (its output's tail says why not)."""
+        deadline = time.monotonic() + timeout
+        while not done(self):
+            assert self.proc.poll() is None, self.text[-4000:]
+            assert time.monotonic() < deadline, f"not seen within {timeout} s:\n{self.text[-4000:]}"
+            time.sleep(0.2)
+
     def finish(self, timeout: float) -> int:
         """The exit code, once the command ends; killed (its whole session) if it outlasts ``timeout``."""
         try:
             rc = self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.kill()
             raise
         self._thread.join(timeout=10)
         return rc
