@@ -1,6 +1,7 @@
 """Shared fixtures."""
 
 import os
+import tempfile
 
 import pytest
 import torch
@@ -12,6 +13,11 @@ import torch
 # worker). Token authentication itself is tested in fresh processes (tests/core/test_ray.py, the job head of
 # tests/cluster/test_job_submission.py).
 os.environ["RAY_AUTH_MODE"] = "disabled"
+
+# qgdist's cache (the empty MLflow store every new run directory's store is copied from, qgdist.track.store) lives
+# beside the tests' other temporary files, not in the user's ~/.cache; the test processes and their subprocesses
+# share it.
+os.environ.setdefault("QGDIST_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"qgdist-test-cache-{os.getuid()}"))
 
 
 @pytest.fixture(scope="module")

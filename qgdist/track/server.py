@@ -18,6 +18,7 @@ from pathlib import Path
 
 from qgdist.core.config import option
 from qgdist.core.run import local_store_artifacts, local_store_uri
+from qgdist.track.store import seed_local_store
 
 
 def free_port() -> int:
@@ -71,6 +72,7 @@ class MlflowServer:
     def start(self, log_path: Path | None = None) -> "MlflowServer":
         """Start the server and wait until ``/health`` answers; raises with the server's log if it does not."""
         self.config.store.mkdir(parents=True, exist_ok=True)
+        seed_local_store(local_store_uri(self.config.store))
         log_path = log_path or self.config.store / "server.log"
         env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
         with open(log_path, "ab") as log:

@@ -53,6 +53,7 @@ from qgdist.core.secrets import redact
 from qgdist.track import delivery
 from qgdist.track.delivery import (PENDING_PREFIX, UNSENT_FILE, local_store_uri, replay_unsent,  # noqa: F401 (API)
                                    resolve_run_id)
+from qgdist.track.store import seed_local_store
 
 #: Short HTTP timeouts so an unreachable server costs seconds, not minutes (MLflow's defaults: 120 s, 7 retries).
 #: Set only where the user has not set them already.
@@ -139,6 +140,7 @@ class Tracker:
             os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
         if self.tracking_uri.startswith("sqlite:"):
             (self.run_dir / MLFLOW_DIR).mkdir(parents=True, exist_ok=True)
+            seed_local_store(self.tracking_uri)
         try:
             self._client = MlflowClient(tracking_uri=self.tracking_uri)
         except Exception as err:  # noqa: BLE001 -- mlflow raises several types for an unusable URI
