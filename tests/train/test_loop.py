@@ -42,6 +42,15 @@ def _weights(run_dir) -> dict[str, torch.Tensor]:
     return load_checkpoint(Checkpointer(run_dir).latest()).weights
 
 
+@pytest.fixture(scope="module")
+def one_epoch(cloud_dir, tmp_path_factory) -> dict:
+    """The reference that stopped and resumed runs of one epoch must match bit for bit: one uninterrupted epoch.
+    (Checkpoints, their retention and tracking do not change what is trained.)"""
+    run_dir = tmp_path_factory.mktemp("one_epoch") / "whole"
+    out = train(_cfg(cloud_dir, "particlenet-lite", run_dir, epochs=1, checkpoint_every=2))
+    return {"global_step": out.global_step, "weights": _weights(run_dir)}
+
+
 @pytest.mark.parametrize("model", ["particlenet-lite", "resnet15"])
 def test_plain_loop_trains_both_families(model, cloud_dir, image_dir, tmp_path):
     data = cloud_dir if model == "particlenet-lite" else image_dir
@@ -113,7 +122,7 @@ def test_resume_from_path_and_config_refusal(cloud_dir, tmp_path, capsys):
 
 @pytest.mark.slow   # several whole training runs, 8-13 s
 @pytest.mark.parametrize("scheme", ["file", "memory"])
-def test_run_directory_may_be_a_url(scheme, cloud_dir, tmp_path, capsys, monkeypatch):
+def test_run_directory_may_be_a_url(scheme, cloud_dir, one_epoch, tmp_path, capsys, monkeypatch):
     """--storage s3://... works like a path: checkpoints, pointer, run id and artifacts go through fsspec.
 
     ``file://`` and fsspec's in-memory filesystem stand in for object storage here; both are read back with
@@ -141,9 +150,8 @@ def test_run_directory_may_be_a_url(scheme, cloud_dir, tmp_path, capsys, monkeyp
     assert not [n for n in names if n.endswith(".tmp")]   # every temporary name was moved into place
     with fs.open(f"{root}/checkpoints/{latest['name']}/state.pt", "rb") as f:
         remote = torch.load(f, weights_only=True)["weights"]
-    train(_cfg(cloud_dir, "particlenet-lite", tmp_path / "local", **kw))
-    local = _weights(tmp_path / "local")
-    assert all(torch.equal(remote[k], local[k]) for k in local)
+    local = one_epoch["weights"]
+    assert remote.keys() == local.keys() and all(torch.equal(remote[k], local[k]) for k in local)
 
     # evaluate takes the URL of the run and copies its outputs next to the checkpoints.
     out = evaluate_checkpoint(EvalConfig(checkpoint=url, data=cloud_dir, split="val", progress=False))
@@ -152,11 +160,11 @@ def test_run_directory_may_be_a_url(scheme, cloud_dir, tmp_path, capsys, monkeyp
     assert fs.exists(f"{root}/eval/val/scores.parquet")
 
 
-def test_a_damaged_latest_checkpoint_costs_only_the_steps_since_the_previous_one(cloud_dir, tmp_path, capsys):
+def test_a_damaged_latest_checkpoint_costs_only_the_steps_since_the_previous_one(cloud_dir, one_epoch, tmp_path,
+                                                                                   capsys):
     """A truncated latest state.pt (a disk filling up, a node dying mid-copy): the re-run says so in one line,
     resumes from the previous checkpoint and ends bit-identical to a run that was never interrupted."""
     kw = dict(epochs=1, checkpoint_every=2, keep_last=3)
-    whole = train(_cfg(cloud_dir, "particlenet-lite", tmp_path / "whole", **kw))
     train(_cfg(cloud_dir, "particlenet-lite", tmp_path / "cut", max_steps=5, **kw))   # checkpoints at 2, 4, 5
     state = Checkpointer(tmp_path / "cut").latest() / "state.pt"
     state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
@@ -165,9 +173,9 @@ def test_a_damaged_latest_checkpoint_costs_only_the_steps_since_the_previous_one
     printed = capsys.readouterr().out.splitlines()
     assert "step-000000005/state.pt" in printed[0] and printed[0].endswith("skipped"), printed[:2]
     assert printed[1].startswith("resumed from") and "(global step 4)" in printed[1], printed[:2]
-    assert resumed.global_step == whole.global_step
-    a, b = _weights(tmp_path / "whole"), _weights(tmp_path / "cut")
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed.global_step == one_epoch["global_step"]
+    a, b = one_epoch["weights"], _weights(tmp_path / "cut")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_validation_trims_the_heap_every_few_batches(tmp_path, monkeypatch):
