@@ -1,5 +1,17 @@
+"""``python -m qgdist`` and the ``qgdist`` console script."""
+
 import sys
 
-from qgdist.cli import main
 
-sys.exit(main())
+def console() -> int:
+    """Run the command line as a command: first under the chosen allocator (qgdist.core.allocator)."""
+    from qgdist.core.allocator import run_with_chosen_allocator
+
+    run_with_chosen_allocator()   # before the heavy imports: it may exec this command again
+    from qgdist.cli import main
+
+    return main()
+
+
+if __name__ == "__main__":
+    sys.exit(console())
