@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from qgdist.core.allocator import MALLOC_ENV, mimalloc_library
+from qgdist.core.allocator import MALLOC_ENV, mimalloc_library, preloaded
 
 pytestmark = pytest.mark.skipif(mimalloc_library() is None, reason="cmeel-mimalloc is not installed (not x86-64 Linux)")
 
@@ -35,10 +35,12 @@ print(json.dumps(report))
 """
 
 
-def probe(malloc: str | None, *args: str) -> tuple[subprocess.CompletedProcess, dict]:
+def probe(malloc: str | None, *args: str, preload: str | None = None) -> tuple[subprocess.CompletedProcess, dict]:
     env = {k: v for k, v in os.environ.items() if k not in (MALLOC_ENV, "LD_PRELOAD")}
     if malloc is not None:
         env[MALLOC_ENV] = malloc
+    if preload is not None:
+        env["LD_PRELOAD"] = preload
     proc = subprocess.Popen([sys.executable, "-c", PROBE, *args], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     out, err = proc.communicate(timeout=300)
@@ -53,12 +55,25 @@ def test_the_command_reexecutes_itself_under_mimalloc_in_the_same_process():
     assert report["pid"] == report["launched_pid"]   # exec, not a child: signals and exit codes reach the command
 
 
-def test_glibc_opts_out_and_a_bad_choice_is_one_line_and_exit_2():
+def test_glibc_opts_out_and_a_bad_choice_is_one_line_and_exit_2(tmp_path):
     done, report = probe("glibc")
     assert done.returncode == 0 and report["mimalloc"] is False, done.stderr
+    link = tmp_path / "libmimalloc.so"   # as the image preloads it for every process: through a link
+    link.symlink_to(mimalloc_library())
+    done, report = probe("glibc", preload=str(link))
+    assert done.returncode == 0 and report["mimalloc"] is False, done.stderr   # taken out again
+    assert report["pid"] == report["launched_pid"]
     done, _ = probe("jemalloc")
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == ["qgdist: QGDIST_MALLOC: must be mimalloc or glibc, not 'jemalloc'"]
+
+
+def test_a_library_preloaded_through_a_link_counts_as_preloaded(tmp_path):
+    link = tmp_path / "libmimalloc.so"
+    link.symlink_to(mimalloc_library())
+    assert preloaded(mimalloc_library(), {"LD_PRELOAD": f"/opt/other.so:{link}"})
+    assert not preloaded(mimalloc_library(), {"LD_PRELOAD": "/opt/other.so"})
+    assert not preloaded(mimalloc_library(), {})
 
 
 @pytest.mark.slow   # a private Ray (~10 s)
