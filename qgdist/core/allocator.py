@@ -1,18 +1,21 @@
-"""The ``qgdist`` command runs under mimalloc (from the ``cmeel-mimalloc`` wheel) where it is installed.
+"""``qgdist evaluate`` runs under mimalloc (from the ``cmeel-mimalloc`` wheel) where it is installed; any command
+can, with ``QGDIST_MALLOC=mimalloc``.
 
-Why: scoring and training allocate a working set per batch whose size follows the batch's particle count. glibc's
-malloc raises its mmap threshold as large blocks are freed, so those blocks land in its heap, which grows with the
-number of batches between ``malloc_trim`` calls: ``qgdist evaluate`` of 80k jets peaked 13-30% above 10k jets,
-and flattening it inside glibc (a trim after every batch, a fixed mmap threshold) cost 20-30% of the scoring
-speed (docs/operations.md). mimalloc reuses freed pages per size class: measured on the same 10k and 80k jets, a
-flat peak (530 and 520 MB) and 20-35% less time, with ~50x fewer page faults.
+Why evaluate: its scoring loop allocates a working set per batch whose size follows the batch's particle count.
+glibc's malloc raises its mmap threshold as large blocks are freed, so those blocks land in its heap, which grows
+with the number of batches between ``malloc_trim`` calls: ``qgdist evaluate`` of 80k jets peaked 13-20% above 10k
+jets, and flattening it inside glibc (a trim after every batch, a fixed mmap threshold) cost 20-30% of the scoring
+speed. Under mimalloc the same two runs peaked alike (0.99x) and the 80k run took 17-19% less time
+(docs/operations.md, "What changed", item 5).
 
-An allocator has to be chosen before a process starts, so the command re-executes itself once with
-``LD_PRELOAD`` naming the library, before torch is imported. Everything the command starts inherits it: a private
-Ray (its daemons and its workers), training and scoring workers, subprocesses. Workers of a Ray cluster do not:
-there the image or the runtime environment sets ``LD_PRELOAD`` (``k8s/image/Dockerfile`` does).
-``QGDIST_MALLOC=glibc`` keeps glibc's malloc, taking the library out of ``LD_PRELOAD`` if the image put it there
-(the library missing, or not Linux, also means glibc).
+Why not every command: a command that starts Ray passes the allocator to all of Ray's processes, and the bench's
+2-worker training then peaked ~660 MB higher under mimalloc than under glibc (100k jets under a 4.5 GB cap), a bit
+slower too. So the default is per command (``DEFAULTS``) and ``QGDIST_MALLOC`` (``mimalloc`` or ``glibc``)
+overrides it.
+
+An allocator has to be chosen before a process starts, so the command re-executes itself once (same pid) with
+``LD_PRELOAD`` naming the library, before torch is imported; what it starts inherits it. The library missing, or
+not Linux, means glibc.
 """
 
 from __future__ import annotations
@@ -22,8 +25,10 @@ import sys
 from collections.abc import Mapping
 from importlib import metadata
 
-#: ``mimalloc`` (the default, where installed) or ``glibc``.
+#: ``mimalloc`` or ``glibc``, for any command (default: ``DEFAULTS``).
 MALLOC_ENV = "QGDIST_MALLOC"
+#: Commands that run under mimalloc unless told otherwise (measured: in-process scoring); the others use glibc.
+DEFAULTS = {"evaluate": "mimalloc"}
 
 
 def mimalloc_library() -> str | None:
@@ -41,9 +46,9 @@ def mimalloc_library() -> str | None:
     return None
 
 
-def wanted_library(environ: Mapping[str, str] = os.environ) -> str | None:
-    """The allocator library this process should run with, or None for glibc's malloc."""
-    choice = environ.get(MALLOC_ENV) or "mimalloc"
+def wanted_library(command: str | None, environ: Mapping[str, str] = os.environ) -> str | None:
+    """The allocator library ``qgdist COMMAND`` should run with, or None for glibc's malloc."""
+    choice = environ.get(MALLOC_ENV) or DEFAULTS.get(command or "", "glibc")
     if choice not in ("mimalloc", "glibc"):
         print(f"qgdist: {MALLOC_ENV}: must be mimalloc or glibc, not {choice!r}", file=sys.stderr)
         raise SystemExit(2)
@@ -60,15 +65,15 @@ def preloaded(library: str, environ: Mapping[str, str] = os.environ) -> bool:
     return any(os.path.realpath(p) == real for p in _preload_list(environ))
 
 
-def run_with_chosen_allocator() -> None:
-    """Re-execute this command with mimalloc preloaded, or without it under ``QGDIST_MALLOC=glibc`` (an image may
-    preload it for every process), unless it already runs so.
+def run_with_chosen_allocator(command: str | None) -> None:
+    """Re-execute ``qgdist COMMAND`` with mimalloc preloaded, or without it where glibc is chosen and a parent
+    preloaded it, unless it already runs so.
 
     Call it first thing in the entry point, before heavy imports: ``exec`` replaces the process (same pid, argv,
     and environment but ``LD_PRELOAD``), so nothing done before it survives.
     """
     library = mimalloc_library()
-    want = wanted_library()
+    want = wanted_library(command)
     if library is None or (want is not None) == preloaded(library):
         return
     real = os.path.realpath(library)

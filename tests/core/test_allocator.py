@@ -1,5 +1,6 @@
-"""The ``qgdist`` command runs under mimalloc where it is installed (qgdist.core.allocator), and so does a private
-Ray it starts; ``QGDIST_MALLOC=glibc`` opts out; a bad value is one line and exit 2.
+"""``qgdist evaluate`` runs under mimalloc where it is installed, other commands under glibc unless
+``QGDIST_MALLOC=mimalloc`` (qgdist.core.allocator), and a private Ray a command starts inherits its allocator;
+``QGDIST_MALLOC=glibc`` opts out; a bad value is one line and exit 2.
 
 Each case runs in a fresh interpreter (an allocator is chosen before a process starts) and reads the process's own
 memory map, where a preloaded library shows."""
@@ -13,7 +14,12 @@ import sys
 
 import pytest
 
-from qgdist.core.allocator import MALLOC_ENV, mimalloc_library, preloaded
+from qgdist.core.allocator import (
+    MALLOC_ENV,
+    mimalloc_library,
+    preloaded,
+    wanted_library,
+)
 
 pytestmark = pytest.mark.skipif(mimalloc_library() is None, reason="cmeel-mimalloc is not installed (not x86-64 Linux)")
 
@@ -21,7 +27,7 @@ pytestmark = pytest.mark.skipif(mimalloc_library() is None, reason="cmeel-mimall
 PROBE = """
 import json, os, sys
 from qgdist.core.allocator import run_with_chosen_allocator
-run_with_chosen_allocator()
+run_with_chosen_allocator(sys.argv[1])
 def mapped():
     return any("libmimalloc" in line for line in open("/proc/self/maps"))
 report = {"pid": os.getpid(), "mimalloc": mapped()}
@@ -35,37 +41,45 @@ print(json.dumps(report))
 """
 
 
-def probe(malloc: str | None, *args: str, preload: str | None = None) -> tuple[subprocess.CompletedProcess, dict]:
+def probe(malloc: str | None, command: str, *args: str, preload: str | None = None) -> tuple[subprocess.CompletedProcess, dict]:
     env = {k: v for k, v in os.environ.items() if k not in (MALLOC_ENV, "LD_PRELOAD")}
     if malloc is not None:
         env[MALLOC_ENV] = malloc
     if preload is not None:
         env["LD_PRELOAD"] = preload
-    proc = subprocess.Popen([sys.executable, "-c", PROBE, *args], env=env, stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-c", PROBE, command, *args], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     out, err = proc.communicate(timeout=300)
     done = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
     return done, (json.loads(out.splitlines()[-1]) | {"launched_pid": proc.pid} if proc.returncode == 0 else {})
 
 
-def test_the_command_reexecutes_itself_under_mimalloc_in_the_same_process():
-    done, report = probe(None)
+def test_evaluate_reexecutes_itself_under_mimalloc_in_the_same_process():
+    done, report = probe(None, "evaluate")
     assert done.returncode == 0, done.stderr
     assert report["mimalloc"] is True
     assert report["pid"] == report["launched_pid"]   # exec, not a child: signals and exit codes reach the command
 
 
 def test_glibc_opts_out_and_a_bad_choice_is_one_line_and_exit_2(tmp_path):
-    done, report = probe("glibc")
+    done, report = probe("glibc", "evaluate")
     assert done.returncode == 0 and report["mimalloc"] is False, done.stderr
     link = tmp_path / "libmimalloc.so"   # as the image preloads it for every process: through a link
     link.symlink_to(mimalloc_library())
-    done, report = probe("glibc", preload=str(link))
+    done, report = probe("glibc", "evaluate", preload=str(link))
     assert done.returncode == 0 and report["mimalloc"] is False, done.stderr   # taken out again
     assert report["pid"] == report["launched_pid"]
-    done, _ = probe("jemalloc")
+    done, _ = probe("jemalloc", "evaluate")
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == ["qgdist: QGDIST_MALLOC: must be mimalloc or glibc, not 'jemalloc'"]
+
+
+def test_evaluate_defaults_to_mimalloc_other_commands_to_glibc_and_the_variable_overrides_both():
+    library = mimalloc_library()
+    assert wanted_library("evaluate", {}) == library
+    assert wanted_library("train", {}) is None and wanted_library(None, {}) is None
+    assert wanted_library("train", {MALLOC_ENV: "mimalloc"}) == library
+    assert wanted_library("evaluate", {MALLOC_ENV: "glibc"}) is None
 
 
 def test_a_library_preloaded_through_a_link_counts_as_preloaded(tmp_path):
@@ -77,7 +91,7 @@ def test_a_library_preloaded_through_a_link_counts_as_preloaded(tmp_path):
 
 
 @pytest.mark.slow   # a private Ray (~10 s)
-def test_a_private_ray_started_by_the_command_runs_its_workers_under_mimalloc():
-    done, report = probe(None, "--ray")
+def test_a_private_ray_started_by_a_command_under_mimalloc_runs_its_workers_under_it():
+    done, report = probe("mimalloc", "train", "--ray")
     assert done.returncode == 0, done.stderr[-3000:]
     assert report["mimalloc"] is True and report["ray_worker_mimalloc"] is True
