@@ -60,7 +60,7 @@ def _preload_list(environ: Mapping[str, str]) -> list[str]:
 
 
 def preloaded(library: str, environ: Mapping[str, str] = os.environ) -> bool:
-    """Whether ``library`` is already in ``LD_PRELOAD`` (by any path to the same file: the image's link)."""
+    """Whether ``library`` is already in ``LD_PRELOAD`` (by any path to the same file, a link included)."""
     real = os.path.realpath(library)
     return any(os.path.realpath(p) == real for p in _preload_list(environ))
 

@@ -64,7 +64,7 @@ def test_evaluate_reexecutes_itself_under_mimalloc_in_the_same_process():
 def test_glibc_opts_out_and_a_bad_choice_is_one_line_and_exit_2(tmp_path):
     done, report = probe("glibc", "evaluate")
     assert done.returncode == 0 and report["mimalloc"] is False, done.stderr
-    link = tmp_path / "libmimalloc.so"   # as the image preloads it for every process: through a link
+    link = tmp_path / "libmimalloc.so"   # a parent (an image, a wrapper) preloaded it, through a link
     link.symlink_to(mimalloc_library())
     done, report = probe("glibc", "evaluate", preload=str(link))
     assert done.returncode == 0 and report["mimalloc"] is False, done.stderr   # taken out again
