@@ -72,8 +72,10 @@ def run_with_chosen_allocator(command: str | None) -> None:
     Call it first thing in the entry point, before heavy imports: ``exec`` replaces the process (same pid, argv,
     and environment but ``LD_PRELOAD``), so nothing done before it survives.
     """
-    library = mimalloc_library()
     want = wanted_library(command)
+    if want is None and not os.environ.get("LD_PRELOAD"):
+        return   # glibc, and nothing preloaded: no need to look for the library (most commands)
+    library = want or mimalloc_library()
     if library is None or (want is not None) == preloaded(library):
         return
     real = os.path.realpath(library)

@@ -18,7 +18,10 @@ import shutil
 import sqlite3
 import tempfile
 from contextlib import closing
+from importlib import metadata
 from pathlib import Path
+
+from qgdist.core.atomic import fsync
 
 #: Where the empty store is kept (default ``$XDG_CACHE_HOME/qgdist``, else ``~/.cache/qgdist``).
 CACHE_ENV = "QGDIST_CACHE_DIR"
@@ -33,17 +36,8 @@ def cache_dir() -> Path:
 
 def template_path() -> Path:
     """The cached empty store of the installed MLflow version (it may not exist yet)."""
-    import mlflow
-
-    return cache_dir() / f"mlflow-{mlflow.__version__}-empty.db"
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    # The version from the package's metadata: importing mlflow here would cost `qgdist tracker` ~2 s.
+    return cache_dir() / f"mlflow-{metadata.version('mlflow')}-empty.db"
 
 
 def _template() -> Path:
@@ -61,7 +55,7 @@ def _template() -> Path:
         with closing(sqlite3.connect(db)) as con:   # the one per-store row: MLflow re-adds it on first open
             con.execute("DELETE FROM experiments WHERE experiment_id = 0")
             con.commit()
-        _fsync(db)
+        fsync(db)
         os.replace(db, path)
     return path
 
@@ -79,7 +73,7 @@ def seed_local_store(uri: str) -> None:
         template = _template()
         seed = path.with_name(f".{path.name}.{os.getpid()}.seed")
         shutil.copyfile(template, seed)
-        _fsync(seed)
+        fsync(seed)
         try:
             os.link(seed, path)   # create-if-absent: a store another process made meanwhile is kept
         except FileExistsError:
