@@ -46,11 +46,22 @@ PROBE = textwrap.dedent("""
     try:
         url = ray._private.worker._global_node.address_info["webui_url"]
         assert url.startswith("127.0.0.1:"), url
-        urllib.request.urlopen(f"http://{url}/api/jobs/", timeout=10)
+        urllib.request.urlopen(f"http://{url}/api/v0/actors", timeout=10)
         dashboard = 200
     except urllib.error.HTTPError as err:
         dashboard = err.code
-    print(json.dumps({"listening": listening, "joins": joins, "dashboard": dashboard}))
+    from ray.util.state import list_actors
+
+    @ray.remote
+    class Probe:
+        pass
+
+    probe = Probe.remote()
+    state_api = [a.class_name for a in list_actors(filters=[("state", "=", "ALIVE")])]   # with the token
+    modules = sorted(line.split()[0] for line in subprocess.run(["ps", "-o", "args=", "-g", str(os.getpgrp())],
+                     capture_output=True, text=True).stdout.splitlines() if line.startswith("ray-dashboard-"))
+    print(json.dumps({"listening": listening, "joins": joins, "dashboard": dashboard, "state_api": state_api,
+                      "modules": modules}))
     ray.shutdown()
 """)
 
@@ -68,6 +79,9 @@ def test_private_ray_listens_widely_but_only_with_its_token(tmp_path: Path) -> N
     # ... and only the token opens it.
     assert seen["joins"] == {"no token": False, "wrong token": False, "the token": True}, seen
     assert seen["dashboard"] == 401, seen
+    # Its dashboard runs the State API (Ray Train polls it) and no other module process.
+    assert seen["state_api"] == ["Probe"], seen
+    assert seen["modules"] == ["ray-dashboard-StateHead-0"], seen
     assert not (tmp_path / ".ray" / "auth_token").exists()   # the token was never written to the user's home
     assert "Token authentication" not in done.stderr   # Ray's start-up warning stays in ray.log, off the terminal
     assert "Token authentication is enabled" in (tmp_path / "ray.log").read_text()
