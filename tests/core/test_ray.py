@@ -54,9 +54,11 @@ PROBE = textwrap.dedent("""
 
     @ray.remote
     class Probe:
-        pass
+        def ready(self):
+            return True
 
     probe = Probe.remote()
+    ray.get(probe.ready.remote())   # alive before the State API is asked
     state_api = [a.class_name for a in list_actors(filters=[("state", "=", "ALIVE")])]   # with the token
     modules = sorted(line.split()[0] for line in subprocess.run(["ps", "-o", "args=", "-g", str(os.getpgrp())],
                      capture_output=True, text=True).stdout.splitlines() if line.startswith("ray-dashboard-"))
