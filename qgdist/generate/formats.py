@@ -22,6 +22,9 @@ import pyarrow.parquet as pq
 
 from qgdist.core.atomic import atomic_path
 
+#: The most bytes of padded particles the EnergyFlow writer holds at once while it writes ``X``.
+PAD_BYTES = 8 << 20
+
 
 def _nested_list(values: np.ndarray, item_name: str) -> pa.Array:
     """(n, C, H, W) float64 -> list<list<list<double>>> with list items named ``item_name``."""
@@ -96,7 +99,8 @@ class EnergyFlowNpzWriter:
 
     The file's M (its largest multiplicity) is known only after the last jet, and ``X`` is padded to it: so the
     jets are spooled unpadded (their particles and counts) to temporary files, and ``close()`` writes the npz
-    member by member, padding one written chunk at a time. Memory: one chunk; disk: the particles once more.
+    member by member, padding at most ``PAD_BYTES`` of jets at a time. Memory: one written chunk while jets
+    come, one padded slice while ``X`` is written, whatever the file's M; disk: the particles once more.
     The members are what ``np.savez`` / ``np.savez_compressed`` write (``X.npy``, then ``y.npy``, npy format 1.0,
     stored or deflated at zlib's default level), so readers cannot tell the two apart.
     """
@@ -128,11 +132,15 @@ class EnergyFlowNpzWriter:
                 with npz.open("X.npy", "w", force_zip64=True) as member:
                     _npy_header(member, (self.rows, self.max_particles, 4))
                     self._particles.seek(0)
-                    for counts in self._chunks:
-                        flat = np.fromfile(self._particles, np.float64, int(counts.sum()) * 4).reshape(-1, 4)
-                        padded = np.zeros((len(counts), self.max_particles, 4), np.float64)
-                        padded[np.arange(self.max_particles)[None, :] < counts[:, None]] = flat
-                        member.write(padded.tobytes())
+                    counts = np.concatenate(self._chunks) if self._chunks else np.zeros(0, np.int64)
+                    # A slice of at most PAD_BYTES padded: memory does not follow the file's padded width.
+                    step = max(1, PAD_BYTES // (max(1, self.max_particles) * 4 * 8))
+                    for lo in range(0, len(counts), step):
+                        part = counts[lo:lo + step]
+                        flat = np.fromfile(self._particles, np.float64, int(part.sum()) * 4).reshape(-1, 4)
+                        padded = np.zeros((len(part), self.max_particles, 4), np.float64)
+                        padded[np.arange(self.max_particles)[None, :] < part[:, None]] = flat
+                        member.write(memoryview(padded).cast("B"))   # the array's own bytes: no copy
                 with npz.open("y.npy", "w", force_zip64=True) as member:
                     _npy_header(member, (self.rows,))
                     self._labels.seek(0)

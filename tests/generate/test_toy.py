@@ -96,9 +96,11 @@ def test_an_existing_file_is_replaced_only_when_asked(tmp_path, capsys):
 
 def test_an_energyflow_file_is_generated_and_written_chunk_by_chunk(tmp_path, monkeypatch):
     """A file of any size takes one chunk's memory: jets are drawn ``chunk`` at a time and spooled; the npz is
-    still one (N, M, 4) array padded to the whole file's M, balanced over the whole file."""
-    from qgdist.generate import toy
+    still one (N, M, 4) array padded to the whole file's M, balanced over the whole file. ``X`` is padded and
+    written in slices of at most ``PAD_BYTES``, here a few jets each, across the drawn chunks' boundaries."""
+    from qgdist.generate import formats, toy
 
+    monkeypatch.setattr(formats, "PAD_BYTES", 40_000)
     drawn: list[int] = []
     real_generate = toy.generate
     monkeypatch.setattr(toy, "generate", lambda q, *a: drawn.append(len(q)) or real_generate(q, *a))
@@ -117,6 +119,30 @@ def test_an_energyflow_file_is_generated_and_written_chunk_by_chunk(tmp_path, mo
     for i, c in enumerate(clouds):
         assert np.array_equal(X[i, : len(c)], c) and not X[i, len(c):].any()
     assert np.array_equal(y, np.concatenate([q for _, q in chunks])) and y.sum() == 501
+
+
+def test_the_energyflow_writer_pads_at_most_pad_bytes_at_once(tmp_path, monkeypatch):
+    """Writing ``X`` holds one padded slice of ``PAD_BYTES``, not a whole written chunk (numpy's allocations are
+    traced by tracemalloc)."""
+    import tracemalloc
+
+    from qgdist.generate import formats
+
+    rng = np.random.default_rng(0)
+    clouds = [rng.normal(size=(n, 4)) for n in rng.integers(1, 100, size=4000)]
+    whole_chunk = len(clouds) * max(map(len, clouds)) * 4 * 8   # ~12.7 MB padded
+    monkeypatch.setattr(formats, "PAD_BYTES", 1 << 20)
+    writer = formats.EnergyFlowNpzWriter(str(tmp_path / "ef.npz"), compress=False)
+    writer.write(clouds, np.zeros(len(clouds)))
+    tracemalloc.start()
+    try:
+        writer.close()
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 3 << 20 < whole_chunk, (peak, whole_chunk)
+    X = np.load(tmp_path / "ef.npz")["X"]
+    assert all(np.array_equal(X[i, :len(c)], c) and not X[i, len(c):].any() for i, c in enumerate(clouds))
 
 
 def test_a_one_chunk_energyflow_file_has_the_members_np_savez_writes(tmp_path):
