@@ -49,30 +49,22 @@ class RayNode:
                            "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
         self.env |= {f"RAY_{k}": v for k, v in (ray_settings or {}).items()}   # Ray's system config, by env
         common = ["--node-ip-address", "127.0.0.1", "--num-cpus", str(num_cpus), "--disable-usage-stats",
-                  "--resources", json.dumps(resources or {}), *_agent_ports()]
+                  "--resources", json.dumps(resources or {})]
         if head is None:
-            # A short temp dir: Ray's unix sockets live below it and paths are limited to 107 bytes.
-            self.temp_dir = tempfile.mkdtemp(prefix="qgray-", dir="/tmp")
-            self.dashboard_port, port = free_port(), free_port()
-            self.gcs_address = f"127.0.0.1:{port}"
-            self.address = f"http://127.0.0.1:{self.dashboard_port}"
-            cmd = [str(VENV_BIN / "ray"), "start", "--head", "--port", str(port), "--dashboard-host", "127.0.0.1",
-                   "--dashboard-port", str(self.dashboard_port), "--ray-client-server-port", str(free_port()),
-                   "--temp-dir", self.temp_dir, *common]
-            block = False
-        else:
-            self.temp_dir, self.gcs_address, self.address = head.temp_dir, head.gcs_address, head.address
-            cmd = [str(VENV_BIN / "ray"), "start", "--address", head.gcs_address, "--block", *common]
-            block = True
+            # Ray gives a new head's raylet a fixed 30 s to register with its GCS (ray/_private/node.py), which a
+            # loaded 2-core machine can miss ("The current node timed out during startup"): one more try.
+            for attempt in (1, 2):
+                try:
+                    self._start_head([*common, *_agent_ports()])
+                    return
+                except RuntimeError:
+                    if attempt == 2:
+                        raise
+        self.temp_dir, self.gcs_address, self.address = head.temp_dir, head.gcs_address, head.address
+        cmd = [str(VENV_BIN / "ray"), "start", "--address", head.gcs_address, "--block", *common, *_agent_ports()]
         # A new session: every daemon `ray start` launches inherits its process group, our handle for stop().
         self.starter = subprocess.Popen(cmd, env=self.env, start_new_session=True, stdout=subprocess.PIPE,
                                         stderr=subprocess.STDOUT, text=True)
-        if not block:
-            output, _ = self.starter.communicate(timeout=120)
-            if self.starter.returncode != 0:
-                self.stop()
-                raise RuntimeError(f"ray start --head failed:\n{output[-3000:]}")
-            return
         # Wait until the node runs before another starts: worker nodes started at the same instant on one
         # machine race for the session's socket names and one of them never registers.
         self.output: list[str] = []
@@ -88,6 +80,23 @@ class RayNode:
         if not started.wait(timeout=120):
             self.stop()
             raise RuntimeError("ray start (worker node) did not start:\n" + "".join(self.output[-40:]))
+
+    def _start_head(self, common: list[str]) -> None:
+        # A short temp dir: Ray's unix sockets live below it and paths are limited to 107 bytes.
+        self.temp_dir = tempfile.mkdtemp(prefix="qgray-", dir="/tmp")
+        self.dashboard_port, port = free_port(), free_port()
+        self.gcs_address = f"127.0.0.1:{port}"
+        self.address = f"http://127.0.0.1:{self.dashboard_port}"
+        cmd = [str(VENV_BIN / "ray"), "start", "--head", "--port", str(port), "--dashboard-host", "127.0.0.1",
+               "--dashboard-port", str(self.dashboard_port), "--ray-client-server-port", str(free_port()),
+               "--temp-dir", self.temp_dir, *common]
+        # A new session: every daemon `ray start` launches inherits its process group, our handle for stop().
+        self.starter = subprocess.Popen(cmd, env=self.env, start_new_session=True, stdout=subprocess.PIPE,
+                                        stderr=subprocess.STDOUT, text=True)
+        output, _ = self.starter.communicate(timeout=120)
+        if self.starter.returncode != 0:
+            self.stop()
+            raise RuntimeError(f"ray start --head failed:\n{output[-3000:]}")
 
     def processes(self) -> list[psutil.Process]:
         """Every process of this node: its process group and all their children."""

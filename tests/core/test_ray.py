@@ -59,7 +59,8 @@ PROBE = textwrap.dedent("""
 
     probe = Probe.remote()
     ray.get(probe.ready.remote())   # alive before the State API is asked
-    state_api = [a.class_name for a in list_actors(filters=[("state", "=", "ALIVE")])]   # with the token
+    # with the token; this instance's address: another test's Ray may run beside it
+    state_api = [a.class_name for a in list_actors(address=gcs, filters=[("state", "=", "ALIVE")])]
     modules = sorted(line.split()[0] for line in subprocess.run(["ps", "-o", "args=", "-g", str(os.getpgrp())],
                      capture_output=True, text=True).stdout.splitlines() if line.startswith("ray-dashboard-"))
     print(json.dumps({"listening": listening, "joins": joins, "dashboard": dashboard, "state_api": state_api,
