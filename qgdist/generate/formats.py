@@ -144,8 +144,8 @@ class EnergyFlowNpzWriter:
                 with npz.open("y.npy", "w", force_zip64=True) as member:
                     _npy_header(member, (self.rows,))
                     self._labels.seek(0)
-                    for counts in self._chunks:
-                        member.write(self._labels.read(8 * len(counts)))
+                    for chunk in self._chunks:
+                        member.write(self._labels.read(8 * len(chunk)))
         finally:
             self.discard()
 

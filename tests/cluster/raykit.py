@@ -53,18 +53,14 @@ class RayNode:
         if head is None:
             # Ray gives a new head's raylet a fixed 30 s to register with its GCS (ray/_private/node.py), which a
             # loaded 2-core machine can miss ("The current node timed out during startup"): one more try.
-            for attempt in (1, 2):
-                try:
-                    self._start_head([*common, *_agent_ports()])
-                    return
-                except RuntimeError:
-                    if attempt == 2:
-                        raise
+            try:
+                self._start_head([*common, *_agent_ports()])
+            except RuntimeError:
+                self._start_head([*common, *_agent_ports()])
+            return
         self.temp_dir, self.gcs_address, self.address = head.temp_dir, head.gcs_address, head.address
-        cmd = [str(VENV_BIN / "ray"), "start", "--address", head.gcs_address, "--block", *common, *_agent_ports()]
-        # A new session: every daemon `ray start` launches inherits its process group, our handle for stop().
-        self.starter = subprocess.Popen(cmd, env=self.env, start_new_session=True, stdout=subprocess.PIPE,
-                                        stderr=subprocess.STDOUT, text=True)
+        self._launch([str(VENV_BIN / "ray"), "start", "--address", head.gcs_address, "--block", *common,
+                      *_agent_ports()])
         # Wait until the node runs before another starts: worker nodes started at the same instant on one
         # machine race for the session's socket names and one of them never registers.
         self.output: list[str] = []
@@ -90,13 +86,16 @@ class RayNode:
         cmd = [str(VENV_BIN / "ray"), "start", "--head", "--port", str(port), "--dashboard-host", "127.0.0.1",
                "--dashboard-port", str(self.dashboard_port), "--ray-client-server-port", str(free_port()),
                "--temp-dir", self.temp_dir, *common]
-        # A new session: every daemon `ray start` launches inherits its process group, our handle for stop().
-        self.starter = subprocess.Popen(cmd, env=self.env, start_new_session=True, stdout=subprocess.PIPE,
-                                        stderr=subprocess.STDOUT, text=True)
+        self._launch(cmd)
         output, _ = self.starter.communicate(timeout=120)
         if self.starter.returncode != 0:
             self.stop()
             raise RuntimeError(f"ray start --head failed:\n{output[-3000:]}")
+
+    def _launch(self, cmd: list[str]) -> None:
+        # A new session: every daemon `ray start` launches inherits its process group, our handle for stop().
+        self.starter = subprocess.Popen(cmd, env=self.env, start_new_session=True, stdout=subprocess.PIPE,
+                                        stderr=subprocess.STDOUT, text=True)
 
     def processes(self) -> list[psutil.Process]:
         """Every process of this node: its process group and all their children."""
