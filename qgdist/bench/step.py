@@ -131,6 +131,7 @@ def build_runner(name: str, cfg: StepBenchConfig, device: Any, batch_size: int, 
     import torch
 
     from qgdist.models import count_parameters, extra_inputs, get_model, model_kind
+    from qgdist.models.compiling import compile_model as compiled
 
     torch.manual_seed(cfg.seed)
     kind = model_kind(name)
@@ -141,11 +142,11 @@ def build_runner(name: str, cfg: StepBenchConfig, device: Any, batch_size: int, 
         kwargs["image_size"] = cfg.image_size
     model = get_model(name, **kwargs).to(device).train()
     batches = _batches(kind, cfg, batch_size, device, vectors="vectors" in extra_inputs(name))
-    compiled = cfg.compile if compile_model is None else compile_model
+    use_compile = cfg.compile if compile_model is None else compile_model
     # dynamic=True: B, P (and the packed row count) symbolic from the first call: no recompile per batch.
-    step_model = torch.compile(model, dynamic=True) if compiled else model
+    step_model = compiled(model, dynamic=True) if use_compile else model
     shape = tuple(batches[0][0]["points" if kind == "cloud" else "image"].shape)
-    return Runner(name, "qgdist compiled" if compiled else "qgdist", model, count_parameters(model), shape,
+    return Runner(name, "qgdist compiled" if use_compile else "qgdist", model, count_parameters(model), shape,
                   _stepper(step_model, batches, cfg, device))
 
 

@@ -41,6 +41,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from qgdist.models.compiling import eager_only
 from qgdist.models.edgeconv import MaskedBatchNorm
 
 _EPS = 1e-8
@@ -395,7 +396,7 @@ class ParticleTransformer(nn.Module):
 
 
 #: The plan reads jet lengths on the host: never compiled (``torch.compile`` breaks the graph there).
-_packed_plan = torch.compiler.disable(packed_plan)
+_packed_plan = eager_only(packed_plan)
 
 
 def particle_transformer(**cfg) -> ParticleTransformer:

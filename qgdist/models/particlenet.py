@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from qgdist.models.compiling import eager_only
 from qgdist.models.edgeconv import EdgeConvBlock, MaskedBatchNorm
 from qgdist.models.knn import DEFAULT_MAX_ELEMENTS, Packing, knn_packed, pack, trim_padding
 
@@ -102,7 +103,7 @@ class ParticleNetBase(nn.Module):
         dense = x.new_zeros(b * p, x.shape[-1]).index_copy_(0, packing.rows, x).view(b, p, -1)
         return self._pool(dense, packing.counts if self.config.pooling == "real" else None)
 
-    @torch.compiler.disable
+    @eager_only
     def _packed_graph(self, block: int, points: torch.Tensor, x: torch.Tensor, mask: torch.Tensor,
                       packing: Packing) -> torch.Tensor:
         """(N, k) packed neighbour rows for block ``block``: in (deta, dphi) for the first, else in features x.
@@ -165,7 +166,7 @@ class ParticleNet(ParticleNetBase):
 
 
 #: Packing reads jet lengths on the host: never compiled (``torch.compile`` breaks the graph there).
-_pack = torch.compiler.disable(pack)
+_pack = eager_only(pack)
 
 
 def particlenet_lite(**cfg) -> ParticleNet:

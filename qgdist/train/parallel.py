@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from qgdist.core.device import resolve_device
+from qgdist.models.compiling import compile_model
 
 
 def is_distributed() -> bool:
@@ -59,7 +60,7 @@ def prepare(model: torch.nn.Module, place: Placement, buffers: list[dict[str, to
     if buffers and place.rank < len(buffers):
         load_buffers(raw, buffers[place.rank])
     if compile:
-        model = torch.compile(model)
+        model = compile_model(model)
     return model, raw
 
 

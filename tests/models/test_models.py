@@ -276,11 +276,13 @@ def test_compiled_model_does_not_recompile_per_particle_count(layout: str, max_g
     import torch._dynamo
     from torch._dynamo.utils import counters
 
+    from qgdist.models.compiling import compile_model
+
     torch._dynamo.reset()
     counters.clear()
     torch.manual_seed(0)
     model = get_model("particlenet-lite", fc_params=((16, 0.0),), layout=layout).train()
-    compiled = torch.compile(model, backend="eager")
+    compiled = compile_model(model, backend="eager")
     g = torch.Generator().manual_seed(0)
     shapes, graphs = set(), []
     for i in range(20):
@@ -323,12 +325,13 @@ def test_a_few_training_steps_lower_the_loss(name: str) -> None:
 
 
 @pytest.mark.slow   # torch.compile / a fresh interpreter: 5-12 s
-def test_models_step_and_benchmarks_import_without_ray() -> None:
+def test_models_step_and_benchmarks_import_without_ray_or_torchdynamo() -> None:
     code = (
         "import sys; sys.modules['ray'] = None\n"  # any `import ray` now raises ImportError
         "import torch; torch.set_num_threads(1)\n"
-        "import qgdist.models, qgdist.models.cnn, qgdist.models.particlenet, qgdist.models.particlenet_pyg\n"
+        "import qgdist.models, qgdist.models.cnn, qgdist.models.particlenet, qgdist.models.particlenet_pyg, qgdist.models.part\n"
         "import qgdist.train.step, qgdist.bench.knn, qgdist.bench.step\n"
+        "assert 'torch._dynamo' not in sys.modules, 'TorchDynamo imported before any compile'\n"
         "from qgdist.cli.bench import run_kind\n"
         "run_kind('step', ['--model', 'particlenet-lite', '--batch-size', '8', '--steps', '1', '--warmup', '0'])\n"
     )
