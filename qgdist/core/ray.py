@@ -30,6 +30,11 @@ _REPEAT_S = 10.0   # the same published error again within this many seconds is 
 #: The dashboard modules a private Ray runs: the State API, which Ray Train V2 polls. The others (jobs, metrics,
 #: nodes, events, Serve, Data, Train pages, ...) serve the web UI, each in a process of its own.
 PRIVATE_DASHBOARD_MODULES = ("StateHead",)
+#: Environment of a private Ray's own processes (this process keeps its own, so a cluster joined later is not
+#: affected; a value the user set wins). One machine without an autoscaler never drains a node, so Ray Train's
+#: preemption watcher (an actor per run polling Ray Core's drain state) only costs a process: a tiny 2-worker
+#: fit took 51-52 CPU-s without it against 59-66 with it (two runs each, docs/testing.md).
+PRIVATE_RAY_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 
 
 def ensure_ray(address: str | None = None, num_cpus: int | None = None, *,
@@ -77,13 +82,26 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, *,
 
             # Ray sizes its object store from the host's memory even inside a smaller cgroup limit
             # (qgdist.core.memory).
-            with only_dashboard_modules(PRIVATE_DASHBOARD_MODULES):
+            with only_dashboard_modules(PRIVATE_DASHBOARD_MODULES), inherited_environ(PRIVATE_RAY_ENV):
                 ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1",
                          log_to_driver=verbose, configure_logging=False, object_store_memory=object_store_bytes())
     finally:
         logging.lastResort = last_resort
     if not verbose:
         quiet_ray_loggers(log_dir)
+
+
+@contextlib.contextmanager
+def inherited_environ(values: dict[str, str]) -> Iterator[None]:
+    """Within the block, ``values`` are in ``os.environ`` (those not set already), for the processes it starts to
+    inherit; afterwards this process's environment is as it was."""
+    added = {k: v for k, v in values.items() if k not in os.environ}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for key in added:
+            os.environ.pop(key, None)
 
 
 @contextlib.contextmanager
