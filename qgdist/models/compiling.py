@@ -1,10 +1,11 @@
 """Where ``torch.compile`` stops tracing, without importing TorchDynamo until a model is compiled.
 
 ``torch.compiler.disable`` imports ``torch._dynamo`` when it is applied. Applied in the models' modules, it cost
-every process that imports a model ~1.5 s of CPU (``import torch`` 2.5 s, with TorchDynamo 4.0 s on the 2-core
-development machine): every Ray Train worker, scoring actor and evaluation, where only ``--compile`` needs it.
-So :func:`eager_only` only marks a function, and :func:`compile_model` hands every marked one of qgdist to
-``torch.compiler.disable`` before it compiles.
+every process that imports a model 1.5-2 s of CPU (``import torch`` took 2.5 CPU-s, with TorchDynamo 4.5 on the
+2-core development machine): every scoring actor and evaluation, where only ``--compile`` needs it (a training
+process imports it anyway: ``torch.optim`` does, at its first parameter group). So :func:`eager_only` only marks
+a function, and :func:`compile_model` hands every marked one of qgdist to ``torch.compiler.disable`` before it
+compiles.
 """
 
 from __future__ import annotations

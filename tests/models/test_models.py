@@ -329,7 +329,8 @@ def test_models_step_and_benchmarks_import_without_ray_or_torchdynamo() -> None:
     code = (
         "import sys; sys.modules['ray'] = None\n"  # any `import ray` now raises ImportError
         "import torch; torch.set_num_threads(1)\n"
-        "import qgdist.models, qgdist.models.cnn, qgdist.models.particlenet, qgdist.models.particlenet_pyg, qgdist.models.part\n"
+        "import qgdist.models, qgdist.models.cnn, qgdist.models.particlenet, qgdist.models.particlenet_pyg\n"
+        "import qgdist.models.part\n"
         "import qgdist.train.step, qgdist.bench.knn, qgdist.bench.step\n"
         "assert 'torch._dynamo' not in sys.modules, 'TorchDynamo imported before any compile'\n"
         "from qgdist.cli.bench import run_kind\n"

@@ -80,7 +80,6 @@ def test_ddp_trains_cloud_model(reference):
     assert latest["global_step"] == 16
 
 
-
 def test_a_private_rays_run_starts_no_preemption_watcher(reference):
     """On one machine nothing drains a node: the private Ray's processes run Ray Train without its preemption
     watcher (qgdist.core.ray.PRIVATE_RAY_ENV), and this process's environment is left as it was."""
@@ -93,6 +92,7 @@ def test_a_private_rays_run_starts_no_preemption_watcher(reference):
     classes = {a.class_name for a in list_actors(address=address, limit=1000)}   # the run's, finished included
     assert "TrainController" in classes and "PreemptionWatcher" not in classes, classes
     assert not set(PRIVATE_RAY_ENV) & set(os.environ)
+
 
 def _dying_worker(kills: dict[int, bool]):
     """A worker loop in which rank 1 kills its own process (SIGKILL) when the run reaches each global step of
