@@ -89,7 +89,7 @@ class RayNode:
         self._launch(cmd)
         output, _ = self.starter.communicate(timeout=120)
         if self.starter.returncode != 0:
-            self.stop()
+            self.stop(remove_temp_dir=True)   # this attempt's own directory: a second try makes a new one
             raise RuntimeError(f"ray start --head failed:\n{output[-3000:]}")
 
     def _launch(self, cmd: list[str]) -> None:
