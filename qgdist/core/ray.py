@@ -52,8 +52,9 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, *,
     and without it floods the log with "State API may be temporarily unavailable"; for Ray's whole web UI, start
     Ray yourself (``ray start --head``) and pass its address. Stages that only run Ray Data or tasks (convert,
     predict, Pythia generation) pass ``dashboard=False``: nothing of theirs reads it, so they start no dashboard
-    at all (docs/operations.md). ``address="auto"`` joins a cluster
-    started with ``ray start --head`` on this machine; inside ``ray job submit`` Ray sets ``RAY_ADDRESS``. The
+    at all (docs/operations.md). Its dashboard agent listens on a port the OS picks, not Ray's fixed 52365, so
+    another Ray on the machine does not slow its start (``agent_port_chosen_by_the_os``). ``address="auto"``
+    joins a cluster started with ``ray start --head`` on this machine; inside ``ray job submit`` Ray sets ``RAY_ADDRESS``. The
     first call in a process decides ``verbose`` and ``dashboard``; later calls reuse the running instance (the
     quickstart starts one with the dashboard for all its stages).
     """
@@ -82,7 +83,8 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, *,
 
             # Ray sizes its object store from the host's memory even inside a smaller cgroup limit
             # (qgdist.core.memory).
-            with only_dashboard_modules(PRIVATE_DASHBOARD_MODULES), inherited_environ(PRIVATE_RAY_ENV):
+            with only_dashboard_modules(PRIVATE_DASHBOARD_MODULES), agent_port_chosen_by_the_os(), \
+                    inherited_environ(PRIVATE_RAY_ENV):
                 ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1",
                          log_to_driver=verbose, configure_logging=False, object_store_memory=object_store_bytes())
     finally:
@@ -128,6 +130,40 @@ def only_dashboard_modules(names: tuple[str, ...]) -> Iterator[None]:
         return start(command, process_type, *args, **kwargs)
 
     services.start_ray_process = start_with_modules
+    try:
+        yield
+    finally:
+        services.start_ray_process = start
+
+
+@contextlib.contextmanager
+def agent_port_chosen_by_the_os() -> Iterator[None]:
+    """Within the block, the dashboard agent of a node that ``ray.init`` starts listens on a port the OS picks.
+
+    ``ray.init`` always gives it Ray's fixed default, 52365, and cannot be told otherwise. With another Ray on the
+    machine already holding that port (a second qgdist command, a test beside it, a user's own cluster), the agent
+    retried the bind for ~3.5 s, gave up its HTTP server, and the raylet waited for it: ``ray.init`` took 7.6-7.7 s
+    instead of 4.7-5.6 s here (docs/operations.md). Ray's agent takes port 0 and records the port it bound, as a
+    ``ray start --dashboard-agent-listen-port 0`` node does; the raylet's command for the agent is changed to ask
+    for it. Where Ray's internals differ from 2.60's, the agent keeps Ray's default.
+    """
+    try:
+        from ray._private import ray_constants, services
+
+        start = services.start_ray_process
+        kind = ray_constants.PROCESS_TYPE_RAYLET
+    except (ImportError, AttributeError):
+        yield
+        return
+    prefix = "--dashboard_agent_command="
+
+    def start_with_any_port(command: list[str], process_type: str, *args: Any, **kwargs: Any) -> Any:
+        if process_type == kind:
+            command = [re.sub(r"--listen-port=\d+", "--listen-port=0", arg) if arg.startswith(prefix) else arg
+                       for arg in command]
+        return start(command, process_type, *args, **kwargs)
+
+    services.start_ray_process = start_with_any_port
     try:
         yield
     finally:
