@@ -18,9 +18,11 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 
-def qgdist(*args: object, timeout: float = 600, expect: int = 0) -> subprocess.CompletedProcess:
-    """``python -m qgdist ARGS...`` in a fresh process (no inherited Ray address); it must exit ``expect``."""
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+def qgdist(*args: object, timeout: float = 600, expect: int = 0,
+           env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """``python -m qgdist ARGS...`` in a fresh process (no inherited Ray address; ``env`` added to the
+    environment); it must exit ``expect``."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | (env or {})
     done = subprocess.run([sys.executable, "-m", "qgdist", *map(str, args)], capture_output=True, text=True,
                           timeout=timeout, env=env)
     assert done.returncode == expect, (f"qgdist {' '.join(map(str, args))} exited {done.returncode}:\n"

@@ -21,3 +21,15 @@ def load_average() -> str:
     """The 1, 5 and 15 minute load averages, as benchmarks record them next to their figures."""
     with open("/proc/loadavg") as f:
         return " ".join(f.read().split()[:3])
+
+
+def joined_ray() -> str | None:
+    """The line a Ray bench prints when ``$RAY_ADDRESS`` names a cluster its runs join instead of starting a
+    private Ray each; None when they start their own."""
+    import os
+
+    address = os.environ.get("RAY_ADDRESS")
+    if not address:
+        return None
+    return (f"Ray: every run joins the cluster at RAY_ADDRESS={address} instead of starting a private Ray: Ray's "
+            "start-up is the join, and the cluster's own processes are outside the memory figures")

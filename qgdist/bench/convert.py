@@ -13,7 +13,8 @@ are Pythia's, repeated as needed; otherwise toy jets. Each method runs in its ow
 * EF  ``numpy``       the straightforward single process: the same reads, padding dropped with a boolean mask,
                       the same chunk shards;
 * ``local``           ``qgdist convert --executor local`` (our task code in one process, one core);
-* ``ray``             ``qgdist convert`` (Ray Data on a private local Ray with ``--num-cpus``, default all CPUs).
+* ``ray``             ``qgdist convert`` (Ray Data on a private local Ray with ``--num-cpus``, default all CPUs;
+                      with ``$RAY_ADDRESS`` set, on that cluster, joined).
 
 Same rows: every method reads the same input file. Same output: every method that writes writes schema-2 chunk
 shards through the same writer (the baselines without validation, splits and statistics, which only makes them
@@ -36,7 +37,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from qgdist.bench import comma_names, load_average
+from qgdist.bench import comma_names, joined_ray, load_average
 from qgdist.core.config import option
 
 @dataclass(frozen=True)
@@ -218,7 +219,7 @@ def run(cfg: BenchConvertConfig) -> dict[str, Any]:
         med["runs"] = len(rs)
         med["hwm_mb_by_process"] = sorted(rs, key=lambda r: r["sum_hwm_mb"])[len(rs) // 2]["hwm_mb_by_process"]
         methods[f"{fmt}/{size}/{method}"] = med
-    res = {"config": asdict(cfg), "cpus": os.cpu_count(), "load": load, "inputs":
+    res = {"config": asdict(cfg), "cpus": os.cpu_count(), "load": load, "joined_ray": joined_ray(), "inputs":
            {f"{k[0]}/{k[1]}": v for k, v in inputs.items()}, "methods": methods}
     res["summary"] = summarise(cfg, res)
     return res
@@ -267,12 +268,13 @@ def table(res: dict[str, Any]) -> str:
                      f"{r['loop_rows_per_s']:11.0f} {maybe(kb, '7.2f')} "
                      f"{r['peak_pss_mb']:11.0f} {r['peak_rss_mb']:11.0f} {r['sum_hwm_mb']:10.0f}")
     big = f"{cfg['scale']}x"
+    m = res["methods"]
     for fmt, s in res["summary"].items():
         for size in ("1x", big):
             t = s[size]
             lines.append(f"{fmt} {size}: read ceiling {t['read_ceiling_rows_per_s']:.0f} rows/s (one core); local "
                          f"(one process) {t['local_vs_read']:.2f}x of it ({t['local_vs_read_cpu']:.2f}x per "
-                         f"CPU-second), ray ({cfg['num_cpus'] or res['cpus']} CPUs) "
+                         f"CPU-second), ray ({m[f'{fmt}/{size}/ray']['ray_cpus']:.0f} CPUs) "
                          f"{t['ray_vs_read']:.2f}x = {t['ray_rows_per_s']:.0f} rows/s (target >= 0.7x); "
                          f"{t['bytes_per_jet'] / 1e3:.2f} KB/jet out vs {t['input_bytes_per_jet'] / 1e3:.2f} in")
         for executor in ("ray", "local"):
@@ -281,6 +283,8 @@ def table(res: dict[str, Any]) -> str:
                          f"{100 * g['sum_hwm']:+.1f}% summed per-process peak RSS (target <= +10%)")
         if "local_vs_seed_1x" in s:
             lines.append(f"cms 1x: local (one core) {s['local_vs_seed_1x']:.1f}x the seed path's loop")
+    if res.get("joined_ray"):
+        lines.append(res["joined_ray"])
     return "\n".join(lines)
 
 

@@ -157,7 +157,9 @@ def ours(fmt: str, src: str, out: str, executor: str, num_cpus: str) -> dict[str
                               num_cpus=int(num_cpus) if num_cpus != "None" else None))
     loop, cpu = time.perf_counter() - t, time.process_time() - cpu
     record = {"rows": m.rows["written"], "loop_s": loop, "ray_start_s": ray_s}
-    return record if executor == "ray" else record | {"loop_cpu_s": cpu}   # Ray's CPU is in its workers
+    if executor == "ray":   # its CPU is in Ray's workers; their number is the cluster's (--num-cpus, or joined)
+        return record | {"ray_cpus": ray.cluster_resources().get("CPU", 0)}
+    return record | {"loop_cpu_s": cpu}
 
 
 #: method entry point -> (function, modules it imports: imported before its loop is timed, as start-up)

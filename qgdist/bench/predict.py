@@ -6,7 +6,7 @@ throughput does not depend on the weights), then runs ``qgdist predict`` as a su
 the raw ``scale``x file and the 1x shards. Each run reports jets/s of the scoring loop (Ray start-up excluded,
 reported apart), wall seconds, and the peak memory of its whole process tree (Ray's processes included): summed
 PSS and RSS sampled every 0.2 s, and the sum of each process's kernel peak mark. Streaming means the ``scale``x
-run's memory stays within ~10% of the 1x run's.
+run's memory stays within ~10% of the 1x run's. With ``$RAY_ADDRESS`` set, each run joins that cluster instead.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from qgdist.bench import comma_names
+from qgdist.bench import comma_names, joined_ray
 from qgdist.core.config import option
 
 #: model -> (source format, toy jets relative to --jets: images cost ~20x more to score)
@@ -92,7 +92,9 @@ def run(cfg: BenchPredictConfig) -> dict[str, Any]:
             f"raw {cfg.scale}x": _predict(checkpoint, large, root / model / "out_rawN", cfg),
             "shards 1x": _predict(checkpoint, shards, root / model / "out_shards", cfg)}
         print(table({model: results[model]}), flush=True)
-    write_json(root / "bench_predict.json", {"config": cfg.__dict__, "results": results})
+    if joined_ray():
+        print(joined_ray())
+    write_json(root / "bench_predict.json", {"config": cfg.__dict__, "joined_ray": joined_ray(), "results": results})
     return results
 
 

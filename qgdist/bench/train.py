@@ -17,8 +17,9 @@ and start-up excluded. Reported:
   rate). A data-parallel run does this work plus its synchronisation, so it should not beat the ceiling (shared
   caches, memory bandwidth, the hypervisor set it);
   DDP's own cost is the rest, efficiency / ceiling;
-* Ray's fixed start-up cost, separately: ``ray.init`` (once), and per run the time from ``fit()`` to the first
-  training step (workers, process group, dataset open), with ``fit()``'s total for scale;
+* Ray's fixed start-up cost, separately: ``ray.init`` (once; with ``$RAY_ADDRESS`` set, the join of that cluster),
+  and per run the time from ``fit()`` to the first training step (workers, process group, dataset open), with
+  ``fit()``'s total for scale;
 * the load average before and after, since the figures mean little on a busy machine without it.
 
 Workers need ``threads`` CPUs each: N x threads must not exceed the CPUs Ray sees, or the N-worker runs queue.
@@ -37,6 +38,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from qgdist.bench import joined_ray
 from qgdist.core.config import option
 from qgdist.core.errors import QgdistError
 
@@ -203,6 +205,8 @@ def run(cfg: TrainBenchConfig) -> dict[str, Any]:
         print(f"  machine ceiling (plain loop, no Ray, no DDP): 1 process {_spread(alone)}, {n} at once "
               f"{_spread(together)} in all -> {row['ceiling']:.2f}; DDP keeps {row['efficiency_over_ceiling']:.2f} "
               "of it")
+    if joined_ray():
+        print(f"  {joined_ray()}")
     print(f"  Ray fixed cost: ray.init {ray_init:.1f} s; fit() to first step {row['fit_to_first_step_s'][1]:.1f} s "
           f"(1 worker) / {row['fit_to_first_step_s'][n]:.1f} s ({n}); fit() total {row['fit_total_s'][1]:.1f} / "
           f"{row['fit_total_s'][n]:.1f} s")

@@ -3,6 +3,10 @@ table and its JSON are parsed: the expected rows and columns are there, every fi
 it is a time, a rate or a size) and the rows counted are the rows asked for. None of these is a timing test.
 
 ``bench scale`` is in test_scale.py, ``bench physics`` in tests/generate/test_pythia.py (both as commands too).
+
+The benches that use Ray (convert, predict, train) join one Ray cluster started for this file (``$RAY_ADDRESS``)
+instead of each run starting a private Ray: eight Ray starts fewer (bench predict alone took 46 s instead of
+88). A private Ray's start is what every other command test runs; here it is the benches' parsing that counts.
 """
 
 from __future__ import annotations
@@ -12,9 +16,25 @@ import re
 
 import pytest
 
+from tests.cluster.raykit import RayNode
 from tests.commands import assert_finite, markdown_rows, number, qgdist
 
 TINY = ["--model-arg", "conv_params=[[4, [8, 8]]]", "--model-arg", "fc_params=[[16, 0.1]]"]
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """``{"RAY_ADDRESS": ...}`` of a 2-CPU Ray head started for this file's Ray benches, stopped after them."""
+    head = RayNode(num_cpus=2)
+    try:
+        yield {"RAY_ADDRESS": head.gcs_address}
+    finally:
+        head.stop(remove_temp_dir=True)
+
+
+def joined_line(printed: str, address: str) -> bool:
+    """Whether the bench said its runs joined the cluster at ``address`` (so the figures are read as such)."""
+    return f"Ray: every run joins the cluster at RAY_ADDRESS={address} instead of starting a private Ray" in printed
 
 
 def test_bench_knn_prints_one_timed_row_per_method_width_and_k():
@@ -65,11 +85,11 @@ def test_bench_step_prints_one_row_per_model_of_both_kinds():
     assert out[2 + len(models)].startswith("cpu ms/step: process CPU time")
 
 
-@pytest.mark.slow   # Ray: four private Rays (the ray method at 1x and 2x of both formats), ~80 s
-def test_bench_convert_measures_every_method_on_the_rows_it_made(tmp_path):
+@pytest.mark.slow   # Ray: the ray method at 1x and 2x of both formats, on the file's cluster; ~45 s
+def test_bench_convert_measures_every_method_on_the_rows_it_made(tmp_path, ray_cluster):
     jets, ef_jets, scale = 4, 5, 2
     done = qgdist("bench", "convert", "--jets", jets, "--ef-jets", ef_jets, "--scale", scale, "--repeat", 1,
-                  "--num-cpus", 1, "--workdir", tmp_path)
+                  "--workdir", tmp_path, env=ray_cluster)
     res = json.loads((tmp_path / "bench_convert.json").read_text())
     assert assert_finite({k: res[k] for k in ("inputs", "methods", "summary")}, "bench_convert.json") > 100
     sizes = {"1x": 1, f"{scale}x": scale}
@@ -87,6 +107,7 @@ def test_bench_convert_measures_every_method_on_the_rows_it_made(tmp_path):
         assert ("bytes_per_jet" in r) == (not method.endswith("_read")), name   # the readers write nothing
         assert r.get("bytes_per_jet", 1) > 0
         assert ("loop_cpu_s" in r) == (method != "ray"), name   # Ray's workers' CPU is not the method's own
+        assert r.get("ray_cpus", 2) == 2, name   # the joined cluster's CPUs
     for fmt, s in res["summary"].items():
         assert s["1x"]["ray_rows_per_s"] == res["methods"][f"{fmt}/1x/ray"]["loop_rows_per_s"]
     assert "local_vs_seed_1x" in res["summary"]["cms"]
@@ -112,10 +133,11 @@ def test_bench_convert_measures_every_method_on_the_rows_it_made(tmp_path):
     summary = "\n".join(lines[2 + len(expected):])
     for fmt in ("cms", "energyflow"):
         for size in sizes:
-            assert re.search(rf"^{fmt} {size}: read ceiling \d+ rows/s .* ray \(1 CPUs\) [\d.]+x = \d+ rows/s", summary,
+            assert re.search(rf"^{fmt} {size}: read ceiling \d+ rows/s .* ray \(2 CPUs\) [\d.]+x = \d+ rows/s", summary,
                              re.M), summary
         assert summary.count(f"{fmt} peak memory {scale}x vs 1x") == 2
     assert "cms 1x: local (one core)" in summary
+    assert joined_line(summary, ray_cluster["RAY_ADDRESS"]) and res["joined_ray"] in summary
     assert json.loads(done.stdout[done.stdout.index("\n{") + 1:])["methods"] == res["methods"]
 
 
@@ -172,11 +194,12 @@ def test_bench_loader_reads_every_train_jet_in_both_layouts(tmp_path):
         assert re.search(r"[\d.]+ \| [+-][\d.]+ \| [\d.]+ vs [\d.]+  \(\d+ batches\)$", ln), ln
 
 
-@pytest.mark.slow   # Ray: three `qgdist predict` runs, each with its own Ray, ~50 s
-def test_bench_predict_scores_every_row_of_each_input(tmp_path):
+@pytest.mark.slow   # Ray: three `qgdist predict` runs on the file's cluster, ~45 s
+def test_bench_predict_scores_every_row_of_each_input(tmp_path, ray_cluster):
     jets, scale = 50, 2   # 50 is the least the bench makes
     out = qgdist("bench", "predict", "--model", "particlenet-lite", "--jets", jets, "--scale", scale, "--workers", 1,
-                 "--batch-size", 16, "--workdir", tmp_path).stdout
+                 "--batch-size", 16, "--workdir", tmp_path, env=ray_cluster).stdout
+    assert joined_line(out, ray_cluster["RAY_ADDRESS"]), out
     res = json.loads((tmp_path / "bench_predict.json").read_text())
     assert res["config"]["models"] == ["particlenet-lite"]
     rows = res["results"]["particlenet-lite"]
@@ -203,8 +226,10 @@ def test_bench_predict_scores_every_row_of_each_input(tmp_path):
 
 
 @pytest.mark.slow   # Ray Train: a 1-worker and a 2-worker fit, and the plain-loop ceiling beside them
-def test_bench_train_reports_both_configurations_and_the_ceiling():
-    out = qgdist("bench", "train", "--jets", 400, "--workers", 2, "--batch-size", 16, "--repeats", 1, *TINY).stdout
+def test_bench_train_reports_both_configurations_and_the_ceiling(ray_cluster):
+    out = qgdist("bench", "train", "--jets", 400, "--workers", 2, "--batch-size", 16, "--repeats", 1, *TINY,
+                 env=ray_cluster).stdout
+    assert joined_line(out, ray_cluster["RAY_ADDRESS"]), out
     assert ("model particlenet-lite, batch 16 per worker, 1 thread(s) per worker, 1 epoch(s), 1 interleaved repeats"
             in out.splitlines()), out
     rate = r"\s*(\d+) jets/s \(range (\d+)-(\d+)\)"
