@@ -1,7 +1,10 @@
 """Run a command and measure its whole process tree: wall time, peak memory (summed and per process).
 
 Benchmarks run what they measure as a child process (its imports and start-up then count, and nothing of the
-benchmark's own process does), sampling every ``interval`` seconds:
+benchmark's own process does), sampling every ``interval`` seconds, or less often where a sample costs more than
+``SAMPLER_SHARE`` of a core: reading a process's PSS walks its page tables in the kernel, ~2.7 ms per process of a
+private Ray here (27 ms for ten, every 0.2 s: 13% of a core taken from what is measured, more with more
+processes, so a bench of many processes was handicapped against one of few):
 
 * ``peak_pss_mb`` / ``peak_rss_mb``: the largest sum over the tree (PSS counts shared pages once, split among
   the processes sharing them; RSS counts them in each);
@@ -27,6 +30,14 @@ from typing import Any
 
 #: Points kept of a run's memory over time (each the largest of the samples it stands for).
 TIMELINE_POINTS = 400
+#: At most this share of one core goes to sampling: a sample that takes longer stretches the pause after it.
+SAMPLER_SHARE = 0.05
+
+
+def sampler_pause(interval: float, sample_s: float) -> float:
+    """Seconds to wait after a sample that took ``sample_s``: ``interval``, or longer so that sampling takes at
+    most ``SAMPLER_SHARE`` of the time."""
+    return max(interval, sample_s / SAMPLER_SHARE - sample_s)
 
 
 def _hwm(pid: int) -> int:
@@ -104,7 +115,9 @@ def _measure(cmd: list[str], env: dict[str, str] | None, interval: float, kill_w
     for t in readers:
         t.start()
     while proc.poll() is None:
+        sampled = time.perf_counter()
         pss, rss = tree_memory(root, hwm, names)
+        sampled = time.perf_counter() - sampled
         peak = [max(peak[0], pss), max(peak[1], rss)]
         if cap is not None and not killed and cap.sample(pss):
             over_cap = True   # the watchdog's out-of-memory kill
@@ -112,7 +125,7 @@ def _measure(cmd: list[str], env: dict[str, str] | None, interval: float, kill_w
         if not killed and (over_cap or (kill_when is not None and kill_when())):
             os.killpg(proc.pid, signal.SIGKILL)
             killed = True
-        time.sleep(interval)
+        time.sleep(sampler_pause(interval, sampled))
     for t in readers:
         t.join()
     by_name: dict[str, list[float]] = {}

@@ -5,7 +5,9 @@ from __future__ import annotations
 import sys
 import time
 
-from qgdist.bench.memory import measure_tree
+import pytest
+
+from qgdist.bench.memory import SAMPLER_SHARE, measure_tree, sampler_pause
 
 # A parent that starts a child holding ~200 MB, then both sleep; the child writes its pid first.
 TREE = """
@@ -29,3 +31,9 @@ def test_a_childs_memory_counts_and_a_kill_ends_the_whole_tree():
 def test_a_normal_exit_is_measured_and_not_killed():
     run = measure_tree([sys.executable, "-c", "print('hi')"])
     assert run["returncode"] == 0 and not run["killed"] and run["stdout"].strip() == "hi"
+
+
+def test_a_costly_sample_stretches_the_pause_so_sampling_stays_within_its_share():
+    assert sampler_pause(0.2, 0.001) == 0.2                       # a cheap sample: the interval
+    pause = sampler_pause(0.2, 0.05)                              # ten Ray processes' PSS took ~27 ms here
+    assert pause > 0.2 and 0.05 / (0.05 + pause) == pytest.approx(SAMPLER_SHARE)   # sampling's share, at most
