@@ -23,7 +23,8 @@ the last shard written), and start-up (interpreter, imports, Ray start) is the r
 apart. Each method runs ``--repeat`` times, all methods interleaved in every round; medians are quoted.
 
 Memory: the peak over time of the process tree's summed PSS (shared pages counted once) and RSS, sampled every
-0.2 s, and the sum of every process's own kernel peak mark (VmHWM, an upper bound a sampler cannot miss).
+0.2 s (``qgdist.bench.memory``), and the sum of every process's own kernel peak mark (VmHWM, an upper bound a
+sampler cannot miss).
 """
 
 from __future__ import annotations

@@ -5,8 +5,9 @@ generates a 1x and a ``scale``x toy input, converts the 1x one to shards, writes
 throughput does not depend on the weights), then runs ``qgdist predict`` as a subprocess on the raw 1x file,
 the raw ``scale``x file and the 1x shards. Each run reports jets/s of the scoring loop (Ray start-up excluded,
 reported apart), wall seconds, and the peak memory of its whole process tree (Ray's processes included): summed
-PSS and RSS sampled every 0.2 s, and the sum of each process's kernel peak mark. Streaming means the ``scale``x
-run's memory stays within ~10% of the 1x run's. With ``$RAY_ADDRESS`` set, each run joins that cluster instead.
+PSS and RSS sampled every 0.2 s (``qgdist.bench.memory``), and the sum of each process's kernel peak mark.
+Streaming means the ``scale``x run's memory stays within ~10% of the 1x run's. With ``$RAY_ADDRESS`` set, each run
+joins that cluster instead.
 """
 
 from __future__ import annotations

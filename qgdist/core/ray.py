@@ -54,9 +54,9 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, *,
     predict, Pythia generation) pass ``dashboard=False``: nothing of theirs reads it, so they start no dashboard
     at all (docs/operations.md). Its dashboard agent listens on a port the OS picks, not Ray's fixed 52365, so
     another Ray on the machine does not slow its start (``agent_port_chosen_by_the_os``). ``address="auto"``
-    joins a cluster started with ``ray start --head`` on this machine; inside ``ray job submit`` Ray sets ``RAY_ADDRESS``. The
-    first call in a process decides ``verbose`` and ``dashboard``; later calls reuse the running instance (the
-    quickstart starts one with the dashboard for all its stages).
+    joins a cluster started with ``ray start --head`` on this machine; inside ``ray job submit`` Ray sets
+    ``RAY_ADDRESS``. The first call in a process decides ``verbose`` and ``dashboard``; later calls reuse the
+    running instance (the quickstart starts one with the dashboard for all its stages).
     """
     import ray
 
