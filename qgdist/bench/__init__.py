@@ -31,5 +31,5 @@ def joined_ray() -> str | None:
     address = os.environ.get("RAY_ADDRESS")
     if not address:
         return None
-    return (f"Ray: every run joins the cluster at RAY_ADDRESS={address} instead of starting a private Ray: Ray's "
+    return (f"Ray: every Ray run joins the cluster at RAY_ADDRESS={address} instead of starting a private Ray: Ray's "
             "start-up is the join, and the cluster's own processes are outside the memory figures")

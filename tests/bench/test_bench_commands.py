@@ -34,7 +34,7 @@ def ray_cluster():
 
 def joined_line(printed: str, address: str) -> bool:
     """Whether the bench said its runs joined the cluster at ``address`` (so the figures are read as such)."""
-    return f"Ray: every run joins the cluster at RAY_ADDRESS={address} instead of starting a private Ray" in printed
+    return f"Ray: every Ray run joins the cluster at RAY_ADDRESS={address} instead of starting a private Ray" in printed
 
 
 def test_bench_knn_prints_one_timed_row_per_method_width_and_k():
