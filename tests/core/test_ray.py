@@ -80,7 +80,7 @@ def test_private_ray_listens_widely_but_only_with_its_token(tmp_path: Path) -> N
         "PYTHONPATH": str(REPO), "HOME": str(tmp_path), "RAY_USAGE_STATS_ENABLED": "0"}
     with socket.socket() as held:   # Ray's fixed default port for the dashboard agent, taken as another Ray would
         try:
-            held.bind(("0.0.0.0", DEFAULT_AGENT_PORT))
+            held.bind(("127.0.0.1", DEFAULT_AGENT_PORT))   # loopback: the agent binds it too, after its own IP
             held.listen()
         except OSError:   # already taken by something else: as good
             pass
