@@ -93,9 +93,10 @@ def run(cfg: BenchPredictConfig) -> dict[str, Any]:
             f"raw {cfg.scale}x": _predict(checkpoint, large, root / model / "out_rawN", cfg),
             "shards 1x": _predict(checkpoint, shards, root / model / "out_shards", cfg)}
         print(table({model: results[model]}), flush=True)
-    if joined_ray():
-        print(joined_ray())
-    write_json(root / "bench_predict.json", {"config": cfg.__dict__, "joined_ray": joined_ray(), "results": results})
+    joined = joined_ray()
+    if joined:
+        print(joined)
+    write_json(root / "bench_predict.json", {"config": cfg.__dict__, "joined_ray": joined, "results": results})
     return results
 
 

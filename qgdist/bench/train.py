@@ -205,8 +205,9 @@ def run(cfg: TrainBenchConfig) -> dict[str, Any]:
         print(f"  machine ceiling (plain loop, no Ray, no DDP): 1 process {_spread(alone)}, {n} at once "
               f"{_spread(together)} in all -> {row['ceiling']:.2f}; DDP keeps {row['efficiency_over_ceiling']:.2f} "
               "of it")
-    if joined_ray():
-        print(f"  {joined_ray()}")
+    joined = joined_ray()
+    if joined:
+        print(f"  {joined}")
     print(f"  Ray fixed cost: ray.init {ray_init:.1f} s; fit() to first step {row['fit_to_first_step_s'][1]:.1f} s "
           f"(1 worker) / {row['fit_to_first_step_s'][n]:.1f} s ({n}); fit() total {row['fit_total_s'][1]:.1f} / "
           f"{row['fit_total_s'][n]:.1f} s")
