@@ -33,8 +33,11 @@ PRIVATE_DASHBOARD_MODULES = ("StateHead",)
 #: Environment of a private Ray's own processes (this process keeps its own, so a cluster joined later is not
 #: affected; a value the user set wins). One machine without an autoscaler never drains a node, so Ray Train's
 #: preemption watcher (an actor per run polling Ray Core's drain state) only costs a process: a tiny 2-worker
-#: fit took 51-52 CPU-s without it against 59-66 with it (two runs each, docs/testing.md).
-PRIVATE_RAY_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+#: fit took 51-52 CPU-s without it against 59-66 with it (two runs each, docs/testing.md). Ray Train's controller
+#: polls its workers every 0.25 s instead of every 2 s: it notices a finished run, and takes each report, at its
+#: next poll, which cost a tiny fit 1-3 s at its end; the faster polls cost no CPU that could be measured
+#: (docs/operations.md).
+PRIVATE_RAY_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25"}
 
 
 def ensure_ray(address: str | None = None, num_cpus: int | None = None, *,

@@ -123,7 +123,7 @@ def train_epoch(cfg: TrainConfig, model: torch.nn.Module, optim: Optimisation, d
         stop = o.max_steps is not None and state.global_step >= o.max_steps
         every = cfg.checkpoint.checkpoint_every
         if state.step < steps and (stop or (every and state.global_step % every == 0)):
-            saver.save()
+            saver.save(last=stop)
         if stop:
             break
     bar.close()

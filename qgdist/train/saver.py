@@ -2,7 +2,8 @@
 
 What differs between ranks (RNG states, loader positions, BatchNorm statistics) is gathered with collectives, so
 every rank calls ``save`` at the same step; rank 0 composes the ``Checkpoint`` and commits it through the
-``Checkpointer``. Under Ray Train every rank then reports to Ray (``report`` is a barrier there).
+``Checkpointer``. Under Ray Train every rank then reports to Ray (``report`` is a barrier there) at epoch ends and
+at the run's last checkpoint.
 """
 
 from __future__ import annotations
@@ -63,8 +64,12 @@ class Saver:
             metrics=dict(s.val), history=s.history, mlflow_run_id=s.mlflow_run_id or "", training=training,
             dataset=self.trained_on.to_dict() if self.trained_on else None)
 
-    def save(self, epoch_end: bool = False) -> UPath | None:
-        """Checkpoint the run at its current step (every rank calls this); returns the directory on rank 0."""
+    def save(self, epoch_end: bool = False, last: bool = False) -> UPath | None:
+        """Checkpoint the run at its current step (every rank calls this); returns the directory on rank 0.
+
+        Ray is told at epoch ends (it keeps a copy of those checkpoints) and at a run's ``last`` checkpoint, not
+        at the others: each ``ray.train.report`` waits until Ray Train's controller has taken the one before,
+        which it looks for every 2 s, so frequent mid-epoch reports held every rank up to 2 s each."""
         rngs = parallel.gather(rng_state())                  # collectives: every rank takes part
         positions = parallel.gather(self.data.train.state_dict())
         buffers = parallel.gather(parallel.buffers_state(self.model))
@@ -80,7 +85,7 @@ class Saver:
                                      schedule_steps=o["schedule_steps"], rng=rngs, loader=positions, buffers=buffers)
             auc = self.state.val.get("auc") if epoch_end else None
             path = self.last = self.checkpointer.save(self.model_checkpoint(training), auc=auc)
-        if self.report is not None:
+        if self.report is not None and (epoch_end or last):
             s = self.state
             self.report({"epoch": s.epoch, "step": s.step, "global_step": s.global_step, "jets_per_s": s.jets_per_s,
                          "started_unix": s.started_unix or float("nan"), **(s.val if epoch_end else {})}, path)

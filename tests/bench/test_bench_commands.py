@@ -24,8 +24,11 @@ TINY = ["--model-arg", "conv_params=[[4, [8, 8]]]", "--model-arg", "fc_params=[[
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    """``{"RAY_ADDRESS": ...}`` of a 2-CPU Ray head started for this file's Ray benches, stopped after them."""
-    head = RayNode(num_cpus=2)
+    """``{"RAY_ADDRESS": ...}`` of a 2-CPU Ray head started for this file's Ray benches, stopped after them; its
+    processes have the environment of a private Ray's (``PRIVATE_RAY_ENV``)."""
+    from qgdist.core.ray import PRIVATE_RAY_ENV
+
+    head = RayNode(num_cpus=2, ray_settings={k.removeprefix("RAY_"): v for k, v in PRIVATE_RAY_ENV.items()})
     try:
         yield {"RAY_ADDRESS": head.gcs_address}
     finally:

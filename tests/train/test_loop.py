@@ -195,3 +195,16 @@ def test_validation_trims_the_heap_every_few_batches(tmp_path, monkeypatch):
     monkeypatch.setattr(memory, "release_free_memory", lambda: trims.append(1))
     metrics, _ = evaluate(Constant(), ShardLoader(DataConfig(data, batch_size=1), "val", training=False), "cpu", None)
     assert metrics["acc"] == 0.5 and len(trims) == 24 // memory.SCORING_TRIM_EVERY == 2
+
+
+def test_ray_is_told_of_epoch_ends_and_the_last_checkpoint_only(cloud_dir, tmp_path):
+    """Each ``ray.train.report`` waits until Ray Train's controller has taken the one before (it looks every
+    poll interval), so the loop reports the checkpoints Ray keeps (epoch ends) and the run's last one, not the
+    others: a run checkpointing every 2 steps and stopped by ``max_steps`` mid-epoch reports twice."""
+    reports: list[tuple[dict, str | None]] = []
+    cfg = _cfg(cloud_dir, "particlenet-lite", tmp_path / "run", checkpoint_every=2, max_steps=13)   # 8 per epoch
+    train(cfg, report=lambda metrics, path: reports.append((metrics, path and path.name)))
+    told = [(m["epoch"], m["step"], m["global_step"], name) for m, name in reports]
+    assert told == [(1, 0, 8, "step-000000008"), (1, 5, 13, "step-000000013")], told
+    assert "auc" in reports[0][0] and "auc" not in reports[1][0]   # an epoch end's validation goes with it
+    assert Checkpointer(tmp_path / "run").pointer()["global_step"] == 13

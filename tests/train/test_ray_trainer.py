@@ -82,7 +82,8 @@ def test_ddp_trains_cloud_model(reference):
 
 def test_a_private_rays_run_starts_no_preemption_watcher(reference):
     """On one machine nothing drains a node: the private Ray's processes run Ray Train without its preemption
-    watcher (qgdist.core.ray.PRIVATE_RAY_ENV), and this process's environment is left as it was."""
+    watcher, and with its controller's faster polls (qgdist.core.ray.PRIVATE_RAY_ENV); this process's
+    environment is left as it was."""
     import ray
     from ray.util.state import list_actors
 
@@ -91,6 +92,8 @@ def test_a_private_rays_run_starts_no_preemption_watcher(reference):
     address = ray.get_runtime_context().gcs_address
     classes = {a.class_name for a in list_actors(address=address, limit=1000)}   # the run's, finished included
     assert "TrainController" in classes and "PreemptionWatcher" not in classes, classes
+    seen = ray.get(ray.remote(num_cpus=0)(lambda: {k: os.environ.get(k) for k in PRIVATE_RAY_ENV}).remote())
+    assert seen == PRIVATE_RAY_ENV
     assert not set(PRIVATE_RAY_ENV) & set(os.environ)
 
 
