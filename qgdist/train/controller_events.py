@@ -17,6 +17,7 @@ controller's loop must never block on the driver.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from ray.train.v2._internal.execution.callback import ControllerCallback, WorkerGroupCallback
@@ -29,14 +30,26 @@ def state_name(state: Any) -> str:
     return type(state).__name__.removesuffix("State").upper()
 
 
+#: What a rank's collective raises when the process at the other end of its connection is gone: gloo's TCP
+#: transport ("[.../gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:55192: Connection reset by peer") and
+#: NCCL's ("remote process exited or there was a network error").
+PEER_GONE = re.compile(r"gloo/transport/.*(Connection (reset|closed) by peer|Read error|Socket closed)"
+                       r"|NCCL.*remote process exited")
+
+
 def lost_process(error: Any) -> bool:
     """Whether a training failure is a worker process that vanished (its actor died or cannot be reached, as when
-    its node is lost) rather than an exception raised by the training code."""
+    its node is lost) rather than an exception raised by the training code. A rank whose collective failed
+    because its peer's connection went is the same event seen from the other side: Ray Train's controller often
+    sees it first (seconds before the GCS declares the peer's node dead)."""
     from ray.exceptions import RayActorError
 
+    def vanished(exc: BaseException) -> bool:
+        exc = getattr(exc, "health_check_failure", None) or exc
+        return isinstance(exc, RayActorError) or (isinstance(exc, RuntimeError) and bool(PEER_GONE.search(str(exc))))
+
     failures = getattr(error, "worker_failures", None) or {}
-    return bool(failures) and all(
-        isinstance(getattr(e, "health_check_failure", None) or e, RayActorError) for e in failures.values())
+    return bool(failures) and all(vanished(e) for e in failures.values())
 
 
 def error_summary(error: Any) -> str:

@@ -203,7 +203,7 @@ def test_controller_events_sends_state_changes_once_with_their_details():
     ]
 
 
-def test_only_vanished_processes_count_as_lost():
+def test_only_vanished_processes_and_their_peers_count_as_lost():
     from ray.exceptions import ActorUnavailableError
     from ray.train.v2.api.exceptions import WorkerGroupError
 
@@ -214,6 +214,12 @@ def test_only_vanished_processes_count_as_lost():
     assert error_summary(raised) == ("rank 0 ValueError (bad batch); rank 1 ActorUnavailableError (The actor None is "
                                      "unavailable: gone. The task may or may not have been executed on the actor.)")
     assert not lost_process(RuntimeError("controller")) and error_summary(RuntimeError("a\nb")) == "a"
+    # A rank whose collective lost its peer: the peer's process vanished (the controller may see this first).
+    reset = RuntimeError("[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:537] Read error "
+                         "[127.0.0.1]:55192: Connection reset by peer")
+    assert lost_process(WorkerGroupError("x", {0: reset}))
+    assert lost_process(WorkerGroupError("x", {0: reset, 1: ActorUnavailableError("gone", None)}))
+    assert not lost_process(WorkerGroupError("x", {0: reset, 1: ValueError("bad batch")}))
 
 
 @pytest.mark.slow
