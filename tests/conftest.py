@@ -19,6 +19,14 @@ os.environ["RAY_AUTH_MODE"] = "disabled"
 # share it.
 os.environ.setdefault("QGDIST_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"qgdist-test-cache-{os.getuid()}"))
 
+# Under pytest-xdist (the CI's `-n 2`) two test processes share the two cores: each computes with one intra-op
+# thread, and so do the commands and Ray workers it starts (they inherit OMP_NUM_THREADS), instead of each
+# oversubscribing both cores. Measured: tests/train/test_part_columnar.py and test_loop.py beside one busy core took
+# 63.9 s with torch's default 2 threads and 49.6 s with 1.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
 
 @pytest.fixture(scope="module")
 def one_torch_thread():
