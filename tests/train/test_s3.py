@@ -246,7 +246,9 @@ def _kill_session(sid: int) -> None:
 def test_ray_train_killed_mid_epoch_resumes_and_evaluates_on_s3(s3, shards, tmp_path):
     """``qgdist train --data s3://... --storage s3://...`` with 2 Ray workers, SIGKILLed (driver, Ray and workers)
     after its first mid-epoch checkpoint, then re-run: it resumes from the pointer, finishes and continues the one
-    MLflow run (local store in the scratch directory); ``evaluate`` takes the run's URL. (Until 2026-12-06
+    MLflow run (local store in the scratch directory); ``evaluate`` takes the run's URL. The run uses the seed
+    recipe, which the driver resolves before it fingerprints the config, so the re-run resumes (a stopped
+    seed-recipe run was refused before, because its workers applied the recipe after that). (Until 2026-12-06
     tests/train/test_resume_driver.py ran the same kill and re-run with a ``file://`` run directory; the plain
     loop's ``file://`` run directories are in tests/train/test_loop.py.)"""
     from qgdist.data.shards.manifest import read_manifest
@@ -256,7 +258,7 @@ def test_ray_train_killed_mid_epoch_resumes_and_evaluates_on_s3(s3, shards, tmp_
     run_dir = f"{storage_url}/ray"
     cmd = [sys.executable, "-m", "qgdist", "train", "--data", shards, "--storage", storage_url, "--run-name", "ray",
            "--workers", "2", "--max-failures", "0", "--model", "particlenet-lite", *TINY_ARGS, "--epochs", "1",
-           "--batch-size", "16", "--checkpoint-every", "5", "--log-every", "1", "--no-progress"]
+           "--recipe", "seed", "--batch-size", "16", "--checkpoint-every", "5", "--log-every", "1", "--no-progress"]
     # ~2400 train jets / (2 ranks x 16) = ~75 steps in its one epoch: the kill comes a few steps after step 5.
     log = tmp_path / "killed.log"
     proc = subprocess.Popen(cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
@@ -281,6 +283,8 @@ def test_ray_train_killed_mid_epoch_resumes_and_evaluates_on_s3(s3, shards, tmp_
     assert latest["epoch"] == 1 and latest["step"] == 0 and latest["global_step"] > killed_at["global_step"]
     state = load_checkpoint(Checkpointer(run_dir).latest())
     assert state.fingerprint["world_size"] == 2 and [p["rank"] for p in state.training.loader] == [0, 1]
+    assert state.fingerprint["optimizer"] == "adam"                       # the seed recipe's, as resolved
+    assert state.training.optimizer["param_groups"][0]["initial_lr"] == pytest.approx(1e-3)
     keys = [k for k in s3.find(f"{BUCKET}/runs/ray") if "/checkpoints/" in k]
     assert not [k for k in keys if ".tmp" in k]
     assert {k.rsplit("/", 1)[-1] for k in s3.find(f"{BUCKET}/runs/ray/artifacts")} >= {"model.pt", "metrics.json"}
