@@ -68,8 +68,9 @@ class Saver:
         """Checkpoint the run at its current step (every rank calls this); returns the directory on rank 0.
 
         Ray is told at epoch ends (it keeps a copy of those checkpoints) and at a run's ``last`` checkpoint, not
-        at the others: each ``ray.train.report`` waits until Ray Train's controller has taken the one before,
-        which it looks for every 2 s, so frequent mid-epoch reports held every rank up to 2 s each."""
+        at the others: each ``ray.train.report`` waits until Ray Train's controller has taken the one before, at
+        its next poll of the workers (every 2 s by Ray's default), so frequent mid-epoch reports held every rank up
+        to a poll's time each."""
         rngs = parallel.gather(rng_state())                  # collectives: every rank takes part
         positions = parallel.gather(self.data.train.state_dict())
         buffers = parallel.gather(parallel.buffers_state(self.model))

@@ -156,13 +156,13 @@ def wait_for_nodes(count: int, timeout: float = 120) -> None:
 #: The resource each worker node offers and each training worker asks for, so two workers land on two nodes.
 NODE = {"qgdist_node": 1}
 # A lost node is declared dead after ~3 missed 1 s health checks instead of Ray's default ~5 x 3 s, and Ray Train
-# gives up starting a worker group that cannot be placed after 3 s instead of 60 s (an elastic run first retries
+# gives up starting a worker group that cannot be placed after 6 s instead of 60 s (an elastic run first retries
 # its old size: Ray's autoscaling coordinator notices a lost node only at its next 20 s tick). The timeout bounds
 # only the wait for the group's placement group, which forms at once once the nodes have room. With the defaults
 # the elastic test went on with one worker ~80 s after the kill; docs/operations.md has the figures. Ray Train's
 # controller polls its workers as often as on a private Ray (qgdist.core.ray.PRIVATE_RAY_ENV).
 FAST_NODE_DEATH = {"health_check_period_ms": "1000", "health_check_timeout_ms": "1000",
-                   "health_check_failure_threshold": "3", "TRAIN_WORKER_GROUP_START_TIMEOUT_S": "3",
+                   "health_check_failure_threshold": "3", "TRAIN_WORKER_GROUP_START_TIMEOUT_S": "6",
                    "TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25"}
 
 
