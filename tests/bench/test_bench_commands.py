@@ -16,7 +16,7 @@ import re
 
 import pytest
 
-from tests.cluster.raykit import RayNode
+from tests.cluster.raykit import PRIVATE_RAY_SETTINGS, RayNode
 from tests.commands import assert_finite, markdown_rows, number, qgdist
 
 TINY = ["--model-arg", "conv_params=[[4, [8, 8]]]", "--model-arg", "fc_params=[[16, 0.1]]"]
@@ -25,10 +25,8 @@ TINY = ["--model-arg", "conv_params=[[4, [8, 8]]]", "--model-arg", "fc_params=[[
 @pytest.fixture(scope="module")
 def ray_cluster():
     """``{"RAY_ADDRESS": ...}`` of a 2-CPU Ray head started for this file's Ray benches, stopped after them; its
-    processes have the environment of a private Ray's (``PRIVATE_RAY_ENV``)."""
-    from qgdist.core.ray import PRIVATE_RAY_ENV
-
-    head = RayNode(num_cpus=2, ray_settings={k.removeprefix("RAY_"): v for k, v in PRIVATE_RAY_ENV.items()})
+    processes have the environment of a private Ray's."""
+    head = RayNode(num_cpus=2, ray_settings=PRIVATE_RAY_SETTINGS)
     try:
         yield {"RAY_ADDRESS": head.gcs_address}
     finally:

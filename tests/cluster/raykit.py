@@ -21,6 +21,8 @@ from pathlib import Path
 
 import psutil
 
+from qgdist.core.ray import PRIVATE_RAY_ENV
+
 VENV_BIN = Path(sys.executable).parent
 
 
@@ -153,6 +155,8 @@ def wait_for_nodes(count: int, timeout: float = 120) -> None:
     raise TimeoutError(f"the cluster did not reach {count} alive nodes in {timeout} s")
 
 
+#: A private Ray's environment (``qgdist.core.ray.PRIVATE_RAY_ENV``) as ``RayNode``'s ``ray_settings``.
+PRIVATE_RAY_SETTINGS = {k.removeprefix("RAY_"): v for k, v in PRIVATE_RAY_ENV.items()}
 #: The resource each worker node offers and each training worker asks for, so two workers land on two nodes.
 NODE = {"qgdist_node": 1}
 # A lost node is declared dead after ~3 missed 1 s health checks instead of Ray's default ~5 x 3 s, and Ray Train
@@ -160,10 +164,10 @@ NODE = {"qgdist_node": 1}
 # its old size: Ray's autoscaling coordinator notices a lost node only at its next 20 s tick). The timeout bounds
 # only the wait for the group's placement group, which forms at once once the nodes have room. With the defaults
 # the elastic test went on with one worker ~80 s after the kill; docs/operations.md has the figures. Ray Train's
-# controller polls its workers as often as on a private Ray (qgdist.core.ray.PRIVATE_RAY_ENV).
+# controller polls its workers as often as on a private Ray.
 FAST_NODE_DEATH = {"health_check_period_ms": "1000", "health_check_timeout_ms": "1000",
                    "health_check_failure_threshold": "3", "TRAIN_WORKER_GROUP_START_TIMEOUT_S": "6",
-                   "TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25"}
+                   "TRAIN_HEALTH_CHECK_INTERVAL_S": PRIVATE_RAY_SETTINGS["TRAIN_HEALTH_CHECK_INTERVAL_S"]}
 
 
 def two_node_cluster():
