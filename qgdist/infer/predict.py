@@ -3,7 +3,8 @@
 Inputs are qgdist shard directories or the raw source files themselves (CMS parquet, EnergyFlow npz, columnar ROOT
 / jagged parquet / HDF5), read by the same readers as ``qgdist convert``, so nothing needs converting first. The driver plans **units** (a shard
 file, or a row range of a source file, as ``convert`` plans them) and never reads jets itself;
-``ray.data.from_items(units).map_batches(Scorer, concurrency=N)`` hands each unit to one of N scoring actors.
+``ray.data.from_items(units).map_batches(Scorer, concurrency=N)`` hands each unit to one of N scoring actors
+(``qgdist.infer.scorer``).
 An actor holds the model (on its GPU when the cluster has GPUs), reads its unit's jets, turns them into inputs
 with the *checkpoint's* preprocessing (``qgdist.data.preprocessing``) through the loader's own ``Collate`` (shard
 chunks and blocks decoded from source rows alike), scores them in batches and writes ``part-<unit>.parquet``
@@ -46,8 +47,8 @@ from qgdist.core.output import Output
 if TYPE_CHECKING:
     from qgdist.data.identity import TrainedOn
 from qgdist.core.nodes import NodeWatch
+from qgdist.infer.scorer import Scorer, source_unit
 
-PART = "part-{index:06d}.parquet"
 ROC = "roc.png"
 _OUR_FILES = re.compile(r"^\.?(?:part-\d{6}\.parquet|roc\.png)(?:\.tmp)?$")
 SUMMARY = "summary.json"
@@ -174,119 +175,6 @@ def plan_units(cfg: PredictConfig, kind: str, pre: Any, cpus: int,
     return units, rows, rejected, seen
 
 
-# -- scoring (actors) -----------------------------------------------------------------------------------------------
-class Scorer:
-    """Holds the model; scores whole units and writes one parquet part per unit (``map_batches`` actor class)."""
-
-    def __init__(self, checkpoint: str, out: str, batch_size: int, on_bad_row: str,
-                 label_quark_value: int | None, device: str = "auto", prefix: str = "") -> None:
-        from qgdist.core.device import resolve_device
-        from qgdist.data.loader import Collate
-        from qgdist.infer.evaluate import load_model
-
-        self.device = resolve_device(device)
-        self.model, loaded, _ = load_model(checkpoint)
-        self.model.to(self.device)
-        self.pre = loaded.preprocessing
-        self.collate = Collate(self.pre)
-        self.out, self.prefix, self.batch_size, self.on_bad_row = out, prefix, batch_size, on_bad_row
-        self.label_quark_value = label_quark_value
-        self.restarted = _restarted_actor()   # told once, in this actor's first record
-
-    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        import numpy as np
-
-        from qgdist.data.sources.ray_units import rows_of
-
-        records = []
-        for item, raw in rows_of(batch):
-            record = self.score(item, raw)
-            if self.restarted:
-                record["restarted"], self.restarted = True, False
-            records.append(json.dumps(record))
-        return {"record": np.array(records, dtype=object)}
-
-    def score(self, unit: dict[str, Any], raw: Any = None) -> dict[str, Any]:
-        """Score one unit; returns its record (jets, rows in, rejected rows, part file) or an ``error``.
-        ``raw``: its raw rows when its file's streaming reader inflated them (``qgdist.data.sources.stream``)."""
-        import numpy as np
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-        import torch
-
-        from qgdist.core.atomic import atomic_path
-        from qgdist.core.memory import release_free_memory
-        from qgdist.core.storage import join
-        from qgdist.data.loader import to_device
-
-        rejected: list[dict[str, Any]] = []
-        counts = {"rows_in": 0}
-        files: list[str] = []
-        rows: list[int] = []
-        labels, logits = [], []
-        for collated in self.collate.batches(self._samples(unit, rejected, counts, raw), self.batch_size):
-            if rejected and self.on_bad_row == "error":
-                return {"index": unit["index"], "error": rejected[0]}
-            inputs, label = to_device(collated, self.device)
-            with torch.no_grad():
-                logits.append(self.model(**inputs).float())
-            labels.append(label)
-            files += list(collated["file"])
-            rows += collated["row"].tolist()
-        if rejected and self.on_bad_row == "error":
-            return {"index": unit["index"], "error": rejected[0]}
-        logit = torch.cat(logits).cpu().numpy() if logits else np.zeros(0, np.float32)
-        label = torch.cat(labels).cpu().numpy().astype(np.uint8) if labels else np.zeros(0, np.uint8)
-        table = pa.table({"file": pa.array(files, pa.string()), "row": pa.array(rows, pa.int64()),
-                          "is_quark": pa.array(label, pa.uint8()),
-                          "score": pa.array(1.0 / (1.0 + np.exp(-logit.astype(np.float64))), pa.float32()),
-                          "logit": pa.array(logit, pa.float32())})
-        name = self.prefix + PART.format(index=unit["index"])   # relative to out, as summary.json names it
-        with atomic_path(join(self.out, name)) as tmp:
-            pq.write_table(table, tmp)
-        release_free_memory()   # the unit's batches freed: give their heap back (flat memory over many units)
-        return {"index": unit["index"], "jets": len(rows), "rows_in": counts["rows_in"] or len(rows),
-                "rejected": rejected, "part": name}
-
-    def _samples(self, unit: dict[str, Any], rejected: list, counts: dict[str, int],
-                 raw: Any = None) -> Iterator[Any]:
-        """Chunks of jets: raw (tar-member dicts) from a shard, or decoded blocks read from a source file's rows by
-        the same readers as ``qgdist convert`` (what it would write); ``Collate`` takes both."""
-        if unit["type"] == "shard":
-            from qgdist.data.loader import read_shard
-
-            yield from read_shard(unit["path"])
-            return
-        from qgdist.data.sources.plan import READERS
-        from qgdist.data.labels import LabelConvention
-        from qgdist.data.sources import columnar
-        from qgdist.data.sources.base import Unit
-
-        source = unit["type"]
-        u = Unit(**{**unit["unit"], "row_groups": tuple(unit["unit"]["row_groups"])})
-        labels = (LabelConvention.default(source) if self.label_quark_value is None
-                  else LabelConvention(source, self.label_quark_value))
-        options = {"branches": columnar.Branches.of(unit["branches"])} if source == "columnar" else {}
-        read = READERS[source].read
-        for chunk in read(u, labels, "float32", rows=raw, **options) if raw is not None else \
-                read(u, labels, "float32", **options):
-            counts["rows_in"] += len(chunk) + len(chunk.rejected)
-            rejected += [r.to_dict() for r in chunk.rejected]
-            if len(chunk):
-                yield chunk.block
-
-
-def _restarted_actor() -> bool:
-    """Whether this process is a Ray actor that Ray restarted (after its process or node was lost)."""
-    try:
-        import ray
-
-        context = ray.get_runtime_context() if ray.is_initialized() else None
-        return bool(context and context.get_actor_id() and context.was_current_actor_reconstructed)
-    except Exception:  # noqa: BLE001 -- not an actor, or the GCS did not answer: nothing to tell
-        return False
-
-
 # -- the driver -----------------------------------------------------------------------------------------------------
 def predict(cfg: PredictConfig) -> dict[str, Any]:
     """Score ``cfg.data`` with ``cfg.checkpoint``; writes parts, ``summary.json`` (and ``roc.png``) to ``cfg.out``.
@@ -394,7 +282,7 @@ def _run_local(cfg: PredictConfig, checkpoint: str, units: list[dict[str, Any]],
     from qgdist.data.sources.stream import with_rows
 
     scorer = Scorer(checkpoint, cfg.out, cfg.batch_size, cfg.on_bad_row, cfg.label_quark_value, prefix=prefix)
-    sources = [_source_unit(u) for u in units]
+    sources = [source_unit(u) for u in units]
     streamed = [s for s in sources if s is not None and s.stream]
     for item, source in zip(units, sources):
         if source is None or not source.stream:
@@ -422,7 +310,7 @@ def _run_ray(cfg: PredictConfig, checkpoint: str, units: list[dict[str, Any]], c
     from qgdist.data.sources.ray_units import unit_dataset
 
     # a deflated file's rows are inflated once by a streaming read task and scored by every actor
-    ds = unit_dataset(units, [_source_unit(u) for u in units], consumers=workers, inflaters=1 + cpus // 8)
+    ds = unit_dataset(units, [source_unit(u) for u in units], consumers=workers, inflaters=1 + cpus // 8)
     ds = ds.map_batches(
         Scorer, batch_size=1, batch_format="pyarrow", concurrency=workers, num_cpus=0 if gpus_per_worker else 1,
         num_gpus=gpus_per_worker,
@@ -431,15 +319,6 @@ def _run_ray(cfg: PredictConfig, checkpoint: str, units: list[dict[str, Any]], c
                                "prefix": prefix})
     for row in ds.iter_rows():
         yield json.loads(row["record"])
-
-
-def _source_unit(item: dict[str, Any]) -> Any:
-    """The source-file unit an item scores (None for a shard)."""
-    if item["type"] == "shard":
-        return None
-    from qgdist.data.sources.base import Unit
-
-    return Unit(**{**item["unit"], "row_groups": tuple(item["unit"]["row_groups"])})
 
 
 def _metrics(output: Output, parts: list[str], pre: Any) -> dict[str, Any]:
