@@ -91,7 +91,8 @@ class ConvertConfig:
         flag="--branch", metavar="KEY=BRANCH")
     address: str | None = option(None, "Ray cluster to join (default: start a private local Ray)")
     num_cpus: int | None = option(None, "CPUs of the private local Ray (default: all)", min=1)
-    rows_per_task: int | None = option(None, "rows per read task (default: cms 1024, energyflow 16384)", min=1)
+    rows_per_task: int | None = option(None, "rows per read task (default: cms 1024; energyflow 16384, fewer "
+                                                "in files padded wider than 128 particles: 64 MiB of X)", min=1)
     executor: Literal["ray", "local"] = option(
         "ray", "ray: Ray Data tasks; local: the same task code in this process, without Ray",
         aliases={"--no-ray": "local"})

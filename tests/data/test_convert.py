@@ -50,8 +50,8 @@ def test_ray_pipeline_matches_in_process_run_byte_for_byte(ray_local, tmp_path):
 @pytest.mark.slow   # a local Ray
 def test_a_deflated_file_spreads_over_the_tasks_like_a_stored_one_with_the_same_shards(ray_local, tmp_path,
                                                                                         monkeypatch):
-    """A deflated npz is cut into units like a stored one (no --rows-per-task: 16,384 rows a unit); one streaming
-    reader inflates it once and every unit is decoded and written by its own task. The shards equal, byte for
+    """A deflated npz is cut into units like a stored one (no --rows-per-task: at most 64 MiB of X a unit); one
+    streaming reader inflates it once and every unit is decoded and written by its own task. The shards equal, byte for
     byte, those of the same jets in a stored npz of the same name (whose units read their own rows)."""
     import qgdist.data.sources.stream as stream
 
@@ -66,7 +66,7 @@ def test_a_deflated_file_spreads_over_the_tasks_like_a_stored_one_with_the_same_
     assert len(opened) == 1   # two units, one inflation of the file
     stored = convert(ConvertConfig("energyflow", [str(tmp_path / "stored" / "jets.npz")], str(tmp_path / "stored_out"),
                                    executor="local", progress=False))
-    assert len({s.name.split("-")[1] for s in by_ray.shards}) == 2   # ceil(20000 / 16384) units
+    assert len({s.name.split("-")[1] for s in by_ray.shards}) == 2   # 20000 jets padded to M = 130: 16,131 a unit
     assert by_ray.rows == local.rows == stored.rows == {"in": 20000, "written": 20000, "rejected": 0}
     for other in (local, stored):
         assert [(s.name, s.sha256) for s in by_ray.shards] == [(s.name, s.sha256) for s in other.shards]

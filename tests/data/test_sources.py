@@ -355,3 +355,34 @@ def test_aborted_shard_and_failed_parquet_leave_nothing(tmp_path):
         writer.write(np.zeros((1, 3, 4, 4)), np.ones(1), np.ones(1), np.zeros(1))
         raise RuntimeError("boom")
     assert os.listdir(tmp_path) == []
+
+
+def test_energyflow_units_hold_the_same_bytes_however_wide_the_file_was_padded(tmp_path, monkeypatch):
+    """A deflated file's unit travels and is decoded whole, as padded (rows, M) arrays: units are cut by bytes of
+    ``X``, so a file padded twice as wide gets half the jets per unit; a user's --rows-per-task stays rows."""
+    import qgdist.data.sources.energyflow as energyflow
+    from qgdist.data.sources.plan import plan_inputs
+
+    rng = np.random.default_rng(4)
+    jets = np.zeros((1000, 5, 4))
+    jets[..., 0] = -np.sort(-rng.uniform(1, 50, (1000, 5)), axis=1)   # pt, hardest first
+    jets[..., 1] = rng.uniform(-1, 1, (1000, 5))                      # rapidity
+    jets[..., 2] = rng.uniform(2.5, 3.5, (1000, 5))                   # phi
+    jets[..., 3] = 211
+    labels = rng.integers(0, 2, 1000)
+    for name, width in (("narrow.npz", 20), ("wide.npz", 40)):   # the same jets, the wide file padded further
+        write_energyflow_npz(str(tmp_path / name), np.pad(jets, ((0, 0), (0, width - 5), (0, 0))), labels)
+    monkeypatch.setattr(energyflow, "UNIT_BYTES", 100 * 20 * 4 * 8)   # 100 rows of the narrow file
+    for name, width, rows in (("narrow.npz", 20, 100), ("wide.npz", 40, 50)):
+        units, total, _ = plan_inputs("energyflow", [str(tmp_path / name)])
+        sizes = {u.row_stop - u.row_start for u in units}
+        assert total == 1000 and sizes == {rows} and all(u.stream for u in units), (name, sizes)
+        assert rows * width * 4 * 8 <= energyflow.UNIT_BYTES
+    units, _, _ = plan_inputs("energyflow", [str(tmp_path / "wide.npz")], rows_per_task=300)
+    assert [u.row_stop - u.row_start for u in units] == [300, 300, 300, 100]
+    # Cut either way, the shards hold the same jets.
+    _convert("energyflow", [tmp_path / "wide.npz"], tmp_path / "by_bytes")
+    _convert("energyflow", [tmp_path / "wide.npz"], tmp_path / "by_rows", rows_per_task=300)
+    by_bytes, by_rows = _read_back(tmp_path / "by_bytes"), _read_back(tmp_path / "by_rows")
+    assert len(by_rows) == 1000 and by_bytes.keys() == by_rows.keys()
+    assert all(np.array_equal(by_bytes[k].kin, by_rows[k].kin) and by_bytes[k].meta == by_rows[k].meta for k in by_rows)

@@ -35,6 +35,13 @@ MAX_RAPIDITY = 10.0
 #: Particle azimuths must lie in [-pi, 3 pi]: the format puts the jet axis in [0, 2 pi) and every constituent within
 #: pi of it (files centred on [-pi, pi] fit too). Anything else is a corrupt value, not an angle of this format.
 PHI_RANGE = (-np.pi, 3 * np.pi)
+#: Planned by default, a unit holds at most this many bytes of ``X`` (N x M x 4 values; the public files hold
+#: float64, 32 bytes a particle). A deflated file's unit is handed to its task whole (``qgdist.data.sources.stream``)
+#: and decoded as padded (rows, M) arrays, so in the object store and in the task its memory follows the width M
+#: the file was padded to, and M is the file's own longest jet: among ten 100k-jet toy files the widest had
+#: M = 173 and the first 148. Sized in bytes, a unit costs the same memory whatever the width (16,384 jets up to
+#: M = 128 in float64, 14,169 at M = 148, 12,122 at M = 173).
+UNIT_BYTES = 64 << 20
 
 
 def _npy_header(f: Any) -> tuple[tuple[int, ...], bool, np.dtype]:
@@ -85,23 +92,27 @@ def _labels(zf: zipfile.ZipFile, path: str) -> np.ndarray:
     return y.astype(np.float64)
 
 
-def plan(path: str, rows_per_unit: int, split_deflated: bool = True) -> Plan:
+def plan(path: str, rows_per_unit: int, split_deflated: bool = True, max_unit_bytes: int | None = None) -> Plan:
     """Row-range units from the npy header of ``X``; rows beyond the shorter of X and y are rejected here.
 
-    A deflated ``X`` has no random access: its units are marked ``stream`` and inflated once, in order, by one
-    streaming reader that hands each unit its rows (``qgdist.data.sources.stream``), so the file spreads over
-    every task like a stored one. With ``split_deflated=False`` such a file is one unit.
+    A unit has at most ``rows_per_unit`` rows and, with ``max_unit_bytes``, at most that many bytes of ``X``
+    (``UNIT_BYTES``: what ``plan_inputs`` asks for unless the user gave the rows per unit). A deflated ``X`` has no
+    random access: its units are marked ``stream`` and inflated once, in order, by one streaming reader that hands
+    each unit its rows (``qgdist.data.sources.stream``), so the file spreads over every task like a stored one.
+    With ``split_deflated=False`` such a file is one unit.
     """
     name = file_name(path)
     f, zf = _open_zip(path)
     with f, zf:
         info = _member(zf, "X", path)
-        shape, _, _ = _header(zf, info, path)
+        shape, dtype, _ = _header(zf, info, path)
         deflated = info.compress_type != zipfile.ZIP_STORED
-        if deflated and not split_deflated:
-            rows_per_unit = max(shape[0], 1) if len(shape) else 1
         if len(shape) != 3 or shape[2] != 4:
             raise BadRowError(name, None, "X", f"shape {list(shape)}, expected (N, M, 4)")
+        if max_unit_bytes:
+            rows_per_unit = max(1, min(rows_per_unit, max_unit_bytes // max(1, shape[1] * 4 * dtype.itemsize)))
+        if deflated and not split_deflated:
+            rows_per_unit = max(shape[0], 1)
         n_labels = len(_labels(zf, path))
     n = shape[0]
     if max(n, n_labels) == 0:

@@ -21,7 +21,8 @@ Source = Literal["cms", "energyflow", "columnar"]
 READERS = {"cms": cms, "energyflow": energyflow, "columnar": columnar}
 KINDS = {"cms": "image", "energyflow": "cloud", "columnar": "cloud"}
 EXTENSIONS = {"cms": ".parquet", "energyflow": ".npz", "columnar": columnar.EXTENSIONS}
-#: Rows per task: a CMS unit of 1024 jets is ~5 MB of shards and ~1-2 s of work; clouds are ~10x cheaper.
+#: Rows per task: a CMS unit of 1024 jets is ~5 MB of shards and ~1-2 s of work; clouds are ~10x cheaper (and an
+#: EnergyFlow unit holds at most ``energyflow.UNIT_BYTES`` of padded rows, fewer jets in a file padded wider).
 ROWS_PER_TASK = {"cms": 1024, "energyflow": 16384, "columnar": 16384}
 
 
@@ -60,6 +61,8 @@ def plan_inputs(source: str, inputs: list[str], cpus: int = 1, rows_per_task: in
     """
     per_task = rows_per_task or ROWS_PER_TASK[source]
     options = options or {}
+    if source == "energyflow" and rows_per_task is None:   # the user's rows per unit, else a unit's bytes bound it
+        options = {**options, "max_unit_bytes": energyflow.UNIT_BYTES}
     units, rows, rejected = _plan(source, inputs, per_task, True, on_bad_row, options)
     if rows_per_task is None and 0 < len(units) < cpus and rows > len(units):
         units, rows, rejected = _plan(source, inputs, max(1, -(-rows // cpus)), True, on_bad_row, options)
