@@ -45,7 +45,7 @@ from qgdist.data.sources import columnar
 from qgdist.data.sources.base import Unit, file_name
 from qgdist.data.sources.errors import BadRowError, Rejected
 from qgdist.data.sources.plan import KINDS, READERS, Source, expand_inputs, plan_inputs
-from qgdist.data.sources.ray_units import rows_of, unit_dataset
+from qgdist.data.sources.ray_units import UNIT_BATCHES, rows_of, unit_dataset
 from qgdist.data.sources.stream import Rows, with_rows
 from qgdist.data.split import DEFAULT_FRACTIONS, SPLIT_NAMES, assign_splits, fractions_problem, parse_fractions
 from qgdist.data.stats import StatSums
@@ -185,7 +185,7 @@ def _ray_results(units: list[Unit], cfg: dict[str, Any], prefix: str) -> Iterato
     ds = unit_dataset([dataclasses.asdict(u) for u in units], units, consumers=cpus, inflaters=1 + cpus // 8)
     ds = ds.map_batches(lambda batch: {"record": [json.dumps(convert_unit(item, cfg, prefix, raw))
                                                   for item, raw in rows_of(batch)]},
-                        batch_size=1, batch_format="pyarrow", num_cpus=1)
+                        **UNIT_BATCHES, num_cpus=1)
     for row in ds.iter_rows():
         yield json.loads(row["record"])
 

@@ -307,12 +307,12 @@ def _run_ray(cfg: PredictConfig, checkpoint: str, units: list[dict[str, Any]], c
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False   # our bar counts jets; Ray's operator bars would interleave with it
     logging.getLogger("ray.data").setLevel(logging.WARNING)
-    from qgdist.data.sources.ray_units import unit_dataset
+    from qgdist.data.sources.ray_units import UNIT_BATCHES, unit_dataset
 
     # a deflated file's rows are inflated once by a streaming read task and scored by every actor
     ds = unit_dataset(units, [source_unit(u) for u in units], consumers=workers, inflaters=1 + cpus // 8)
     ds = ds.map_batches(
-        Scorer, batch_size=1, batch_format="pyarrow", concurrency=workers, num_cpus=0 if gpus_per_worker else 1,
+        Scorer, **UNIT_BATCHES, concurrency=workers, num_cpus=0 if gpus_per_worker else 1,
         num_gpus=gpus_per_worker,
         fn_constructor_kwargs={"checkpoint": checkpoint, "out": cfg.out, "batch_size": cfg.batch_size,
                                "on_bad_row": cfg.on_bad_row, "label_quark_value": cfg.label_quark_value,

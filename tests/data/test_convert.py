@@ -74,6 +74,39 @@ def test_a_deflated_file_spreads_over_the_tasks_like_a_stored_one_with_the_same_
 
 
 @pytest.mark.slow   # a local Ray
+def test_a_streamed_units_rows_are_read_where_they_lie_in_the_object_store(ray_local, tmp_path):
+    """``UNIT_BATCHES``: the task decodes a unit's raw rows in Ray's shared-memory object store, not in a copy on
+    its own heap (Ray Data's default copies every batch: a unit's 64 MiB more in every task and scoring actor)."""
+    import dataclasses
+
+    from qgdist.data.sources.plan import plan_inputs
+    from qgdist.data.sources.ray_units import UNIT_BATCHES, rows_of, unit_dataset
+
+    run(ToyConfig("energyflow", 4000, str(tmp_path / "jets.npz"), seed=2))   # deflated: streamed units
+    units, _, _ = plan_inputs("energyflow", [str(tmp_path / "jets.npz")], 2)
+
+    def mapped_from(batch):
+        """Per unit: the file mapped where its raw rows lie ("" for anonymous memory, such as the heap)."""
+        import numpy as np
+
+        out = []
+        for _, raw in rows_of(batch):
+            address = np.frombuffer(raw.x, np.uint8).ctypes.data
+            with open("/proc/self/maps") as maps:
+                for line in maps:
+                    fields = line.split()
+                    lo, hi = (int(v, 16) for v in fields[0].split("-"))
+                    if lo <= address < hi:
+                        out.append(fields[5] if len(fields) > 5 else "")
+        return {"mapped_from": out}
+
+    ds = unit_dataset([dataclasses.asdict(u) for u in units], units, consumers=2)
+    found = [row["mapped_from"] for row in ds.map_batches(mapped_from, **UNIT_BATCHES, num_cpus=1).iter_rows()]
+    assert len(found) == len(units) >= 2 and all(u.stream for u in units)
+    assert all(path and "plasma" in path for path in found), found
+
+
+@pytest.mark.slow   # a local Ray
 def test_ray_pipeline_reports_bad_rows(ray_local, tmp_path):
     import numpy as np
 

@@ -27,6 +27,11 @@ from qgdist.data.sources.stream import Rows, stream_groups
 
 #: Blocks bigger than this are not merged with the next one: far below one unit's rows, so one unit per block.
 BLOCK_BYTES = 1 << 20
+#: How a stage maps over the dataset: ``ds.map_batches(fn, **UNIT_BATCHES)``, one unit a call, as an Arrow table
+#: read in place in the object store. Ray Data's default (``zero_copy_batch=False``) copies every batch into the
+#: worker's heap first, for functions that write into it: a streamed unit's raw rows (up to 64 MiB) once more per
+#: unit in every conversion task and scoring actor. ``rows_of`` only reads.
+UNIT_BATCHES = {"batch_size": 1, "batch_format": "pyarrow", "zero_copy_batch": True}
 
 
 def _binary(data: Any) -> Any:
@@ -64,8 +69,8 @@ def _streamed(items: dict[int, str], group: tuple[Unit, ...]) -> Iterator[Any]:
 
 
 def rows_of(batch: Any) -> list[tuple[dict[str, Any], Rows | None]]:
-    """The items of a ``batch_format="pyarrow"`` batch with their units' raw rows (Arrow buffers in the object
-    store, not copied)."""
+    """The items of a ``UNIT_BATCHES`` batch with their units' raw rows (views of its Arrow buffers, which lie in
+    the object store: not copied)."""
     from qgdist.data.sources.stream import Rows
 
     out = []
@@ -96,7 +101,7 @@ def unit_dataset(items: Sequence[dict[str, Any]], units: Sequence[Unit | None], 
                  inflaters: int = 1) -> Any:
     """A Ray Data dataset of ``items`` (JSON-able work descriptions) with, for each ``stream`` unit among
     ``units`` (``units[i]`` is item i's source unit, or None), its raw rows (see the module docstring); read it
-    with ``map_batches(..., batch_size=1, batch_format="pyarrow")`` and ``rows_of``. ``consumers``: the tasks or
+    with ``map_batches(fn, **UNIT_BATCHES)`` and ``rows_of``. ``consumers``: the tasks or
     actors that will work on it at once (they set the object-store budget)."""
     import ray
     from ray.data import Datasource, ReadTask
